@@ -1,0 +1,483 @@
+//! The catalog: which volumes, snapshots and layers exist and how layers stack. Pure state
+//! plus the events that change it; the store appends each event to `catalog.log` (and syncs)
+//! before acting on it, and rebuilds the state on open by replaying the log.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Magic at the start of `catalog.log`.
+pub const MAGIC: [u8; 8] = *b"CAIRNCAT";
+/// The catalog format version this code writes and reads.
+pub const VERSION: u32 = 1;
+/// Size of the file header.
+pub const HEADER_LEN: usize = 16;
+const FRAME_HEADER_LEN: usize = 8;
+/// Largest frame payload accepted: a guard against reading a garbage length.
+const MAX_FRAME: usize = 256 << 20;
+
+/// Why an event does not apply, or the log cannot be read.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CatalogError {
+    #[error("not a cairn catalog (bad magic)")]
+    BadMagic,
+    #[error("catalog format version {0} is not supported (this build reads version {VERSION})")]
+    UnsupportedVersion(u32),
+    #[error("catalog record at byte {offset} does not decode: {reason}")]
+    BadRecord { offset: u64, reason: String },
+    #[error("catalog event does not apply: {0}")]
+    Inconsistent(String),
+}
+
+/// A layer: one file of blocks stacked on its parent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    /// The layer below, if any.
+    pub parent: Option<u64>,
+    /// Its data was merged into its child; only its change tracking remains.
+    #[serde(default)]
+    pub ghost: bool,
+}
+
+/// A volume: a writable head layer on a chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub name: String,
+    pub size: u64,
+    pub head: u64,
+    pub created_ms: u64,
+}
+
+/// A snapshot: a frozen layer and the size at that instant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub name: String,
+    /// The volume it was taken of (it may since have been deleted).
+    pub volume: u64,
+    pub layer: u64,
+    pub size: u64,
+    pub created_ms: u64,
+    /// Deleted, but kept as a change-tracking checkpoint: its name is free, its data is
+    /// merged away, and changed blocks can still be listed since it.
+    #[serde(default)]
+    pub checkpoint_only: bool,
+}
+
+/// The whole catalog.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Catalog {
+    pub next_id: u64,
+    pub layers: BTreeMap<u64, LayerRecord>,
+    pub volumes: BTreeMap<u64, VolumeRecord>,
+    pub snapshots: BTreeMap<u64, SnapshotRecord>,
+}
+
+/// One volume's part of a (group) snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotEntry {
+    pub volume: u64,
+    pub snapshot: u64,
+    pub name: String,
+    /// The new, empty head; the old head becomes the snapshot's layer.
+    pub new_head: u64,
+}
+
+/// A change to the catalog, as logged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// The full state (first record of a compacted log).
+    State { catalog: Catalog },
+    /// A new volume with an empty head on `parent` (a clone) or on nothing.
+    CreateVolume { volume: u64, name: String, size: u64, head: u64, parent: Option<u64>, created_ms: u64 },
+    /// Several volumes snapshotted at one instant.
+    Snapshot { entries: Vec<SnapshotEntry>, created_ms: u64 },
+    /// The volume's head is dropped; a new empty head sits on the snapshot's layer.
+    Revert { volume: u64, snapshot: u64, new_head: u64 },
+    Grow { volume: u64, size: u64 },
+    DeleteSnapshot { snapshot: u64, keep_checkpoint: bool },
+    DeleteVolume { volume: u64 },
+    /// A checkpoint is no longer needed; its ghost layer can fold into its child.
+    ForgetCheckpoint { snapshot: u64 },
+    /// `layer`'s blocks were copied into its only child `into`; it becomes a ghost if a
+    /// checkpoint still needs its change tracking, else it is gone.
+    Merged { layer: u64, into: u64 },
+}
+
+/// A layer whose data can be merged into its only child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergeTask {
+    pub layer: u64,
+    pub into: u64,
+    /// The layer has data to copy (it is not already a ghost).
+    pub copy_data: bool,
+    /// A checkpoint needs the layer's change tracking kept apart from its child's.
+    pub keep_tracking: bool,
+}
+
+fn inconsistent<T>(msg: impl Into<String>) -> Result<T, CatalogError> {
+    Err(CatalogError::Inconsistent(msg.into()))
+}
+
+impl Catalog {
+    /// Hands out a fresh id (volumes, snapshots and layers share one sequence).
+    pub fn allocate_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn bump_ids(&mut self, ids: &[u64]) {
+        for id in ids {
+            self.next_id = self.next_id.max(*id);
+        }
+    }
+
+    /// Applies an event, then drops layers nothing uses. Returns the ids of dropped layers.
+    pub fn apply(&mut self, event: &Event) -> Result<Vec<u64>, CatalogError> {
+        match event {
+            Event::State { catalog } => *self = catalog.clone(),
+            Event::CreateVolume { volume, name, size, head, parent, created_ms } => {
+                if self.volumes.contains_key(volume) || self.layers.contains_key(head) {
+                    return inconsistent(format!("volume {volume} or layer {head} exists"));
+                }
+                if let Some(p) = parent {
+                    if !self.layers.contains_key(p) {
+                        return inconsistent(format!("parent layer {p} missing"));
+                    }
+                }
+                self.bump_ids(&[*volume, *head]);
+                self.layers.insert(*head, LayerRecord { parent: *parent, ghost: false });
+                self.volumes.insert(
+                    *volume,
+                    VolumeRecord { name: name.clone(), size: *size, head: *head, created_ms: *created_ms },
+                );
+            }
+            Event::Snapshot { entries, created_ms } => {
+                for e in entries {
+                    if !self.volumes.contains_key(&e.volume) || self.layers.contains_key(&e.new_head) {
+                        return inconsistent(format!("volume {} missing or layer {} exists", e.volume, e.new_head));
+                    }
+                }
+                for e in entries {
+                    let Some(vol) = self.volumes.get_mut(&e.volume) else {
+                        return inconsistent(format!("volume {} missing", e.volume));
+                    };
+                    let frozen = vol.head;
+                    vol.head = e.new_head;
+                    let size = vol.size;
+                    self.layers.insert(e.new_head, LayerRecord { parent: Some(frozen), ghost: false });
+                    self.snapshots.insert(
+                        e.snapshot,
+                        SnapshotRecord {
+                            name: e.name.clone(),
+                            volume: e.volume,
+                            layer: frozen,
+                            size,
+                            created_ms: *created_ms,
+                            checkpoint_only: false,
+                        },
+                    );
+                    self.bump_ids(&[e.snapshot, e.new_head]);
+                }
+            }
+            Event::Revert { volume, snapshot, new_head } => {
+                let Some(snap) = self.snapshots.get(snapshot) else {
+                    return inconsistent(format!("snapshot {snapshot} missing"));
+                };
+                let (layer, size) = (snap.layer, snap.size);
+                let Some(vol) = self.volumes.get_mut(volume) else {
+                    return inconsistent(format!("volume {volume} missing"));
+                };
+                vol.head = *new_head;
+                vol.size = size;
+                self.layers.insert(*new_head, LayerRecord { parent: Some(layer), ghost: false });
+                self.bump_ids(&[*new_head]);
+            }
+            Event::Grow { volume, size } => {
+                let Some(vol) = self.volumes.get_mut(volume) else {
+                    return inconsistent(format!("volume {volume} missing"));
+                };
+                vol.size = *size;
+            }
+            Event::DeleteSnapshot { snapshot, keep_checkpoint } => {
+                if *keep_checkpoint {
+                    let Some(snap) = self.snapshots.get_mut(snapshot) else {
+                        return inconsistent(format!("snapshot {snapshot} missing"));
+                    };
+                    snap.checkpoint_only = true;
+                } else if self.snapshots.remove(snapshot).is_none() {
+                    return inconsistent(format!("snapshot {snapshot} missing"));
+                }
+            }
+            Event::ForgetCheckpoint { snapshot } => {
+                if !self.snapshots.get(snapshot).is_some_and(|s| s.checkpoint_only) {
+                    return inconsistent(format!("checkpoint {snapshot} missing"));
+                }
+                self.snapshots.remove(snapshot);
+            }
+            Event::DeleteVolume { volume } => {
+                if self.volumes.remove(volume).is_none() {
+                    return inconsistent(format!("volume {volume} missing"));
+                }
+            }
+            Event::Merged { layer, into } => {
+                let task = self.merge_task_for(*layer);
+                if task.map(|t| t.into) != Some(*into) {
+                    return inconsistent(format!("layer {layer} cannot merge into {into}"));
+                }
+                if self.has_checkpoint(*layer) {
+                    self.layers.get_mut(layer).expect("merge task layer exists").ghost = true;
+                } else {
+                    let parent = self.layers.remove(layer).expect("merge task layer exists").parent;
+                    self.layers.get_mut(into).expect("merge task child exists").parent = parent;
+                }
+            }
+        }
+        Ok(self.collect_garbage())
+    }
+
+    fn children(&self, layer: u64) -> impl Iterator<Item = u64> + '_ {
+        self.layers.iter().filter(move |(_, l)| l.parent == Some(layer)).map(|(id, _)| *id)
+    }
+
+    fn is_head(&self, layer: u64) -> bool {
+        self.volumes.values().any(|v| v.head == layer)
+    }
+
+    fn has_live_snapshot(&self, layer: u64) -> bool {
+        self.snapshots.values().any(|s| s.layer == layer && !s.checkpoint_only)
+    }
+
+    fn has_checkpoint(&self, layer: u64) -> bool {
+        self.snapshots.values().any(|s| s.layer == layer && s.checkpoint_only)
+    }
+
+    /// Drops layers that no volume, snapshot or child uses, repeatedly, and the checkpoints
+    /// that pointed at them.
+    fn collect_garbage(&mut self) -> Vec<u64> {
+        let mut dropped = Vec::new();
+        loop {
+            let unused: Vec<u64> = self
+                .layers
+                .keys()
+                .copied()
+                .filter(|id| !self.is_head(*id) && !self.has_live_snapshot(*id) && self.children(*id).next().is_none())
+                .collect();
+            if unused.is_empty() {
+                return dropped;
+            }
+            for id in unused {
+                self.layers.remove(&id);
+                self.snapshots.retain(|_, s| s.layer != id);
+                dropped.push(id);
+            }
+        }
+    }
+
+    fn merge_task_for(&self, layer: u64) -> Option<MergeTask> {
+        let rec = self.layers.get(&layer)?;
+        if self.is_head(layer) || self.has_live_snapshot(layer) {
+            return None;
+        }
+        let mut children = self.children(layer);
+        let into = children.next()?;
+        if children.next().is_some() {
+            return None; // Clones share it: it stays as it is.
+        }
+        let keep_tracking = self.has_checkpoint(layer);
+        if rec.ghost && keep_tracking {
+            return None; // Nothing to do until its checkpoint is forgotten.
+        }
+        Some(MergeTask { layer, into, copy_data: !rec.ghost, keep_tracking })
+    }
+
+    /// Layers to merge into their child, lowest id first.
+    pub fn merge_tasks(&self) -> Vec<MergeTask> {
+        self.layers.keys().filter_map(|id| self.merge_task_for(*id)).collect()
+    }
+
+    /// Layers from the bottom up to `top` that hold data (ghosts left out).
+    pub fn read_chain(&self, top: u64) -> Vec<u64> {
+        let mut chain: Vec<u64> = self.lineage(top).into_iter().filter(|id| !self.layers[id].ghost).collect();
+        chain.reverse();
+        chain
+    }
+
+    /// `top` and every layer below it, top first, ghosts included.
+    pub fn lineage(&self, top: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        let mut cur = Some(top);
+        while let Some(id) = cur {
+            let Some(rec) = self.layers.get(&id) else { break };
+            out.push(id);
+            cur = rec.parent;
+        }
+        out
+    }
+
+    /// The id of the volume named `name`.
+    pub fn volume_by_name(&self, name: &str) -> Option<u64> {
+        self.volumes.iter().find(|(_, v)| v.name == name).map(|(id, _)| *id)
+    }
+
+    /// The live snapshot named `name` of volume `volume`.
+    pub fn snapshot_by_name(&self, volume: u64, name: &str) -> Option<u64> {
+        self.snapshots
+            .iter()
+            .find(|(_, s)| s.volume == volume && s.name == name && !s.checkpoint_only)
+            .map(|(id, _)| *id)
+    }
+}
+
+/// Encodes the file header.
+pub fn encode_header() -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..8].copy_from_slice(&MAGIC);
+    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h
+}
+
+/// Appends one framed event to `out`.
+pub fn encode_frame(event: &Event, out: &mut Vec<u8>) {
+    let payload = serde_json::to_vec(event).expect("catalog events always serialize");
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+}
+
+/// The result of replaying a catalog log.
+#[derive(Debug)]
+pub struct Replayed {
+    pub catalog: Catalog,
+    /// Bytes that are valid; a torn tail after them is cut off.
+    pub valid_len: u64,
+    pub frames: u64,
+}
+
+/// Replays a whole `catalog.log`. An empty file is an empty catalog.
+pub fn replay(bytes: &[u8]) -> Result<Replayed, CatalogError> {
+    if bytes.len() < HEADER_LEN {
+        return Ok(Replayed { catalog: Catalog::default(), valid_len: 0, frames: 0 });
+    }
+    if bytes[0..8] != MAGIC {
+        return Err(CatalogError::BadMagic);
+    }
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+    if version != VERSION {
+        return Err(CatalogError::UnsupportedVersion(version));
+    }
+    let mut catalog = Catalog::default();
+    let mut pos = HEADER_LEN;
+    let mut frames = 0;
+    while bytes.len() - pos >= FRAME_HEADER_LEN {
+        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into().expect("4 bytes"));
+        let start = pos + FRAME_HEADER_LEN;
+        if len > MAX_FRAME || bytes.len() - start < len || crc32c::crc32c(&bytes[start..start + len]) != crc {
+            break; // A torn tail: the event was never acknowledged.
+        }
+        let bad = |reason: String| CatalogError::BadRecord { offset: pos as u64, reason };
+        let event: Event = serde_json::from_slice(&bytes[start..start + len]).map_err(|e| bad(e.to_string()))?;
+        catalog.apply(&event).map_err(|e| bad(e.to_string()))?;
+        pos = start + len;
+        frames += 1;
+    }
+    Ok(Replayed { catalog, valid_len: pos as u64, frames })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(cat: &mut Catalog, name: &str) -> (u64, u64) {
+        let (volume, head) = (cat.allocate_id(), cat.allocate_id());
+        let ev = Event::CreateVolume { volume, name: name.into(), size: 1 << 20, head, parent: None, created_ms: 0 };
+        cat.apply(&ev).unwrap();
+        (volume, head)
+    }
+
+    fn snapshot(cat: &mut Catalog, volume: u64, name: &str) -> (u64, u64) {
+        let (snapshot, new_head) = (cat.allocate_id(), cat.allocate_id());
+        let entries = vec![SnapshotEntry { volume, snapshot, name: name.into(), new_head }];
+        cat.apply(&Event::Snapshot { entries, created_ms: 0 }).unwrap();
+        (snapshot, new_head)
+    }
+
+    #[test]
+    fn delete_snapshot_makes_its_layer_mergeable_unless_cloned() {
+        let mut cat = Catalog::default();
+        let (vol, first_head) = create(&mut cat, "a");
+        let (s1, head) = snapshot(&mut cat, vol, "s1");
+        assert!(cat.merge_tasks().is_empty());
+        let (clone, clone_head) = (cat.allocate_id(), cat.allocate_id());
+        cat.apply(&Event::CreateVolume {
+            volume: clone,
+            name: "c".into(),
+            size: 1 << 20,
+            head: clone_head,
+            parent: Some(first_head),
+            created_ms: 0,
+        })
+        .unwrap();
+        cat.apply(&Event::DeleteSnapshot { snapshot: s1, keep_checkpoint: false }).unwrap();
+        assert!(cat.merge_tasks().is_empty(), "two children share the layer");
+        cat.apply(&Event::DeleteVolume { volume: clone }).unwrap();
+        let tasks = cat.merge_tasks();
+        assert_eq!(tasks, vec![MergeTask { layer: first_head, into: head, copy_data: true, keep_tracking: false }]);
+        cat.apply(&Event::Merged { layer: first_head, into: head }).unwrap();
+        assert_eq!(cat.read_chain(head), vec![head]);
+        assert_eq!(cat.layers.len(), 1);
+    }
+
+    #[test]
+    fn checkpoint_keeps_a_ghost_until_the_volume_goes() {
+        let mut cat = Catalog::default();
+        let (vol, first_head) = create(&mut cat, "a");
+        let (s1, head) = snapshot(&mut cat, vol, "s1");
+        cat.apply(&Event::DeleteSnapshot { snapshot: s1, keep_checkpoint: true }).unwrap();
+        assert_eq!(cat.snapshot_by_name(vol, "s1"), None, "the name is free");
+        cat.apply(&Event::Merged { layer: first_head, into: head }).unwrap();
+        assert!(cat.layers[&first_head].ghost);
+        assert_eq!(cat.read_chain(head), vec![head]);
+        assert_eq!(cat.lineage(head), vec![head, first_head]);
+        assert!(cat.merge_tasks().is_empty());
+        cat.apply(&Event::ForgetCheckpoint { snapshot: s1 }).unwrap();
+        assert_eq!(cat.merge_tasks(), vec![MergeTask { layer: first_head, into: head, copy_data: false, keep_tracking: false }]);
+        cat.apply(&Event::DeleteSnapshot { snapshot: s1, keep_checkpoint: true }).unwrap_err();
+        let (s2, _) = snapshot(&mut cat, vol, "s2");
+        cat.apply(&Event::DeleteSnapshot { snapshot: s2, keep_checkpoint: true }).unwrap();
+        let dropped = cat.apply(&Event::DeleteVolume { volume: vol }).unwrap();
+        assert_eq!(dropped.len(), 3);
+        assert!(cat.layers.is_empty() && cat.snapshots.is_empty());
+    }
+
+    #[test]
+    fn revert_drops_the_old_head_and_keeps_the_snapshot() {
+        let mut cat = Catalog::default();
+        let (vol, first_head) = create(&mut cat, "a");
+        let (s1, _) = snapshot(&mut cat, vol, "s1");
+        let (_, _) = snapshot(&mut cat, vol, "s2");
+        let new_head = cat.allocate_id();
+        let dropped = cat.apply(&Event::Revert { volume: vol, snapshot: s1, new_head }).unwrap();
+        assert_eq!(dropped.len(), 1, "the old head goes");
+        assert_eq!(cat.read_chain(new_head), vec![first_head, new_head]);
+        assert_eq!(cat.layers.len(), 3, "s2's layer stays for its snapshot");
+    }
+
+    #[test]
+    fn log_round_trip_with_torn_tail() {
+        let mut cat = Catalog::default();
+        let mut log = encode_header().to_vec();
+        let (volume, head) = (cat.allocate_id(), cat.allocate_id());
+        let ev = Event::CreateVolume { volume, name: "a".into(), size: 4096, head, parent: None, created_ms: 1 };
+        cat.apply(&ev).unwrap();
+        encode_frame(&ev, &mut log);
+        let good = log.len();
+        encode_frame(&Event::Grow { volume, size: 8192 }, &mut log);
+        log.truncate(log.len() - 1);
+        let r = replay(&log).unwrap();
+        assert_eq!(r.catalog, cat);
+        assert_eq!(r.valid_len, good as u64);
+        log[8] = 2;
+        assert_eq!(replay(&log).unwrap_err(), CatalogError::UnsupportedVersion(2));
+    }
+}

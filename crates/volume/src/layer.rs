@@ -1,0 +1,316 @@
+//! One layer on storage: its data files (sparse, block `b` at byte `b * 4096`, split into
+//! 1 TiB segments because ext4 caps a file just under 16 TiB) and its map journal.
+//!
+//! Durability: writers put bytes in the data file first and only then record the blocks in the
+//! in-memory map and the pending list. [`Layer::flush`] syncs the data files before it appends
+//! and syncs the pending records, so a journal never points at data that is not on disk.
+
+use crate::blockmap::{BlockRun, LayerMap, MapOp, BLOCK_SHIFT};
+use crate::journal::{self, Record};
+use crate::storage::{Storage, StorageFile};
+use std::io;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Bytes per data segment file.
+pub const SEGMENT_SHIFT: u32 = 40;
+const SEGMENT_SIZE: u64 = 1 << SEGMENT_SHIFT;
+
+/// File name of a layer's map journal.
+pub fn map_file_name(id: u64) -> String {
+    format!("layer-{id:016x}.map")
+}
+
+/// File name of one data segment of a layer.
+pub fn data_file_name(id: u64, segment: u64) -> String {
+    format!("layer-{id:016x}.d{segment}")
+}
+
+/// The layer id a file belongs to, if it is a layer file.
+pub fn layer_of_file(name: &str) -> Option<u64> {
+    let rest = name.strip_prefix("layer-")?;
+    let (hex, ext) = rest.split_once('.')?;
+    let valid_ext = ext == "map" || ext.strip_prefix('d').is_some_and(|n| n.parse::<u64>().is_ok());
+    (valid_ext && hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok()).flatten()
+}
+
+/// The map and the changes not yet in the journal, under one lock so they never disagree.
+#[derive(Debug, Default)]
+pub struct MapState {
+    pub map: LayerMap,
+    pending: Vec<Record>,
+}
+
+impl MapState {
+    /// Changes the map and queues the change for the journal. The data the change points at
+    /// must already be written.
+    pub fn apply(&mut self, run: BlockRun, op: MapOp) {
+        self.map.set(run, op);
+        journal::push_record(&mut self.pending, run, op);
+    }
+}
+
+#[derive(Debug)]
+struct JournalFile {
+    file: Arc<dyn StorageFile>,
+    end: u64,
+    /// The file is new: its directory entry must be synced once.
+    needs_dir_sync: bool,
+}
+
+/// A layer: data segments, map and journal.
+#[derive(Debug)]
+pub struct Layer {
+    id: u64,
+    storage: Arc<dyn Storage>,
+    segments: RwLock<Vec<Option<Arc<dyn StorageFile>>>>,
+    /// Segments created since the last flush, whose directory entries are not yet durable.
+    new_segments: Mutex<bool>,
+    state: RwLock<MapState>,
+    journal: Mutex<JournalFile>,
+}
+
+impl Layer {
+    /// Creates the files of a new, empty layer. They become durable at its first flush; a
+    /// layer whose files are missing after a crash never flushed and is empty.
+    pub fn create(storage: Arc<dyn Storage>, id: u64) -> io::Result<Layer> {
+        let file = storage.open(&map_file_name(id), true)?;
+        file.set_len(0)?;
+        file.write_at(&journal::encode_header(id), 0)?;
+        Ok(Layer {
+            id,
+            storage,
+            segments: RwLock::new(Vec::new()),
+            new_segments: Mutex::new(false),
+            state: RwLock::new(MapState::default()),
+            journal: Mutex::new(JournalFile { file, end: journal::HEADER_LEN as u64, needs_dir_sync: true }),
+        })
+    }
+
+    /// Opens a layer, replaying its journal and cutting off a torn tail. A ghost keeps only
+    /// its change tracking.
+    pub fn open(storage: Arc<dyn Storage>, id: u64, ghost: bool, files: &[String]) -> Result<Layer, crate::Error> {
+        let name = map_file_name(id);
+        let file = storage.open(&name, true)?;
+        let len = file.len()?;
+        let mut bytes = vec![0u8; len as usize];
+        file.read_at(&mut bytes, 0)?;
+        let replayed = journal::replay(&bytes, id).map_err(|e| crate::Error::Corrupt { file: name, reason: e.to_string() })?;
+        let mut end = replayed.valid_len;
+        if end == 0 {
+            // The header never reached the disk: nothing was ever flushed to this layer.
+            file.set_len(0)?;
+            file.write_at(&journal::encode_header(id), 0)?;
+            end = journal::HEADER_LEN as u64;
+        } else if end < len {
+            file.set_len(end)?;
+            file.sync()?;
+        }
+        let mut map = replayed.map;
+        if ghost {
+            map.keep_only_written();
+        }
+        let mut segments = Vec::new();
+        for f in files {
+            if let Some(seg) = f.strip_prefix(&format!("layer-{id:016x}.d")).and_then(|n| n.parse::<usize>().ok()) {
+                if segments.len() <= seg {
+                    segments.resize(seg + 1, None);
+                }
+                segments[seg] = Some(storage.open(f, false)?);
+            }
+        }
+        Ok(Layer {
+            id,
+            storage,
+            segments: RwLock::new(segments),
+            new_segments: Mutex::new(false),
+            state: RwLock::new(MapState { map, pending: Vec::new() }),
+            journal: Mutex::new(JournalFile { file, end, needs_dir_sync: false }),
+        })
+    }
+
+    /// The layer's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Shared access to the map.
+    pub fn map(&self) -> RwLockReadGuard<'_, MapState> {
+        self.state.read().expect("layer map lock")
+    }
+
+    /// Exclusive access to the map and the pending journal records.
+    pub fn map_mut(&self) -> RwLockWriteGuard<'_, MapState> {
+        self.state.write().expect("layer map lock")
+    }
+
+    fn segment(&self, index: u64, create: bool) -> io::Result<Option<Arc<dyn StorageFile>>> {
+        let index = index as usize;
+        if let Some(Some(seg)) = self.segments.read().expect("segments lock").get(index) {
+            return Ok(Some(seg.clone()));
+        }
+        if !create {
+            return Ok(None);
+        }
+        let mut segments = self.segments.write().expect("segments lock");
+        if segments.len() <= index {
+            segments.resize(index + 1, None);
+        }
+        if let Some(seg) = &segments[index] {
+            return Ok(Some(seg.clone()));
+        }
+        let seg = self.storage.open(&data_file_name(self.id, index as u64), true)?;
+        segments[index] = Some(seg.clone());
+        *self.new_segments.lock().expect("new segments lock") = true;
+        Ok(Some(seg))
+    }
+
+    /// Splits a byte range at segment boundaries.
+    fn for_each_segment_part(
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(u64, u64, std::ops::Range<usize>) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut done = 0u64;
+        while done < len {
+            let pos = offset + done;
+            let within = pos & (SEGMENT_SIZE - 1);
+            let n = (SEGMENT_SIZE - within).min(len - done);
+            f(pos >> SEGMENT_SHIFT, within, done as usize..(done + n) as usize)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads data bytes at a volume offset (blocks the layer does not hold read as zeros).
+    pub fn read_data(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        Self::for_each_segment_part(offset, buf.len() as u64, |seg, within, range| {
+            match self.segment(seg, false)? {
+                Some(file) => file.read_at(&mut buf[range], within),
+                None => {
+                    buf[range].fill(0);
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    /// Writes data bytes at a volume offset. The caller records the blocks in the map after.
+    pub fn write_data(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        Self::for_each_segment_part(offset, buf.len() as u64, |seg, within, range| {
+            let file = self.segment(seg, true)?.expect("created on demand");
+            file.write_at(&buf[range], within)
+        })
+    }
+
+    /// Frees the data of whole blocks (they will be marked zero).
+    pub fn punch_blocks(&self, run: BlockRun) -> io::Result<()> {
+        Self::for_each_segment_part(run.start << BLOCK_SHIFT, run.count << BLOCK_SHIFT, |seg, within, range| {
+            match self.segment(seg, false)? {
+                Some(file) => file.punch_hole(within, (range.end - range.start) as u64),
+                None => Ok(()),
+            }
+        })
+    }
+
+    /// Makes every completed write and map change durable: data first, then the journal.
+    pub fn flush(&self) -> io::Result<()> {
+        // The journal lock orders concurrent flushes so batches land in the order their
+        // changes were made.
+        let mut journal = self.journal.lock().expect("journal lock");
+        let records = std::mem::take(&mut self.map_mut().pending);
+        let result = self.flush_locked(&mut journal, &records);
+        if result.is_err() {
+            // Not durable: keep the records for the next flush, ahead of newer ones.
+            let mut state = self.map_mut();
+            let newer = std::mem::take(&mut state.pending);
+            state.pending = records;
+            state.pending.extend(newer);
+        }
+        result
+    }
+
+    fn flush_locked(&self, journal: &mut MutexGuard<'_, JournalFile>, records: &[Record]) -> io::Result<()> {
+        let segments: Vec<_> = self.segments.read().expect("segments lock").iter().flatten().cloned().collect();
+        for seg in &segments {
+            seg.sync()?;
+        }
+        let mut new_segments = self.new_segments.lock().expect("new segments lock");
+        if *new_segments || journal.needs_dir_sync {
+            if journal.needs_dir_sync {
+                journal.file.sync()?;
+            }
+            self.storage.sync_dir()?;
+            *new_segments = false;
+            journal.needs_dir_sync = false;
+        }
+        drop(new_segments);
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Vec::with_capacity(16 + records.len() * 16);
+        journal::encode_batch(records, &mut batch);
+        let end = journal.end;
+        journal.file.write_at(&batch, end)?;
+        journal.file.sync()?;
+        journal.end = end + batch.len() as u64;
+        Ok(())
+    }
+
+    /// Size of the journal file in bytes.
+    pub fn journal_len(&self) -> u64 {
+        self.journal.lock().expect("journal lock").end
+    }
+
+    /// Rewrites the journal as the map's current state. Callers make sure no writer touches
+    /// the layer meanwhile and that the map holds nothing unflushed.
+    pub fn compact_journal(&self) -> io::Result<()> {
+        let mut journal = self.journal.lock().expect("journal lock");
+        let mut bytes = journal::encode_header(self.id).to_vec();
+        journal::encode_batch(&journal::snapshot_records(&self.map().map), &mut bytes);
+        let tmp = format!("{}.tmp", map_file_name(self.id));
+        let file = self.storage.open(&tmp, true)?;
+        file.set_len(0)?;
+        file.write_at(&bytes, 0)?;
+        file.sync()?;
+        self.storage.rename(&tmp, &map_file_name(self.id))?;
+        self.storage.sync_dir()?;
+        *journal = JournalFile { file, end: bytes.len() as u64, needs_dir_sync: false };
+        Ok(())
+    }
+
+    /// Deletes the layer's files (after the catalog no longer names it).
+    pub fn remove_files(storage: &dyn Storage, id: u64, files: &[String]) -> io::Result<()> {
+        for f in files {
+            if layer_of_file(f) == Some(id) {
+                storage.remove(f)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the data segments only (a layer that became a ghost).
+    pub fn remove_data_files(&self) -> io::Result<()> {
+        let segments = self.segments.read().expect("segments lock");
+        for (i, seg) in segments.iter().enumerate() {
+            if seg.is_some() {
+                self.storage.remove(&data_file_name(self.id, i as u64))?;
+            }
+        }
+        // The handles stay open: readers that resolved blocks to this layer before it became a
+        // ghost finish reading the unlinked files; the space is freed when the layer drops.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_round_trip() {
+        assert_eq!(layer_of_file(&map_file_name(42)), Some(42));
+        assert_eq!(layer_of_file(&data_file_name(42, 3)), Some(42));
+        assert_eq!(layer_of_file("layer-000000000000002a.map.tmp"), None);
+        assert_eq!(layer_of_file("catalog.log"), None);
+    }
+}

@@ -1,0 +1,46 @@
+//! cairn's volume engine: thin, layered copy-on-write volumes with instant snapshots, clones,
+//! revert, background merge of deleted snapshots and changed-block tracking.
+//!
+//! A [`Store`] keeps volumes and snapshots in one directory. A volume is a chain of layers:
+//! frozen snapshot layers below, one writable head on top. A snapshot freezes the head and
+//! starts an empty one, so it costs the same at any size. The byte format is in docs/format.md.
+
+mod blockmap;
+mod catalog;
+mod journal;
+mod layer;
+pub mod storage;
+mod store;
+mod view;
+
+pub use blockmap::BLOCK_SIZE;
+pub use store::{
+    ChangeTarget, Extent, SnapshotId, SnapshotInfo, SnapshotUsage, SnapshotView, Store, StoreOptions, Volume,
+    VolumeId, VolumeInfo, MAX_VOLUME_SIZE, SECTOR_SIZE,
+};
+pub use view::{AllocExtent, Allocation};
+
+/// Everything that can go wrong in the volume engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{kind} {name} not found")]
+    NotFound { kind: &'static str, name: String },
+    #[error("{kind} {name} already exists")]
+    AlreadyExists { kind: &'static str, name: String },
+    #[error("invalid size {size}: {reason}")]
+    InvalidSize { size: u64, reason: &'static str },
+    #[error("invalid name {0:?}: names are 1-255 bytes without '@', '/', NUL or surrounding spaces")]
+    InvalidName(String),
+    #[error("range {offset}+{len} is beyond the end of the volume ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("{file} is corrupt: {reason}")]
+    Corrupt { file: String, reason: String },
+    #[error("background merge failed: {0}")]
+    Merge(String),
+    #[error("catalog: {0}")]
+    Catalog(#[from] catalog::CatalogError),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}

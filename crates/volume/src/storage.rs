@@ -1,0 +1,622 @@
+//! The I/O backend under a store: a flat directory of files.
+//!
+//! The engine never touches the file system directly, so tests can run it on [`MemStorage`]
+//! (which can also simulate a power loss by dropping everything not yet synced) and on
+//! [`FaultyStorage`] (which fails with EIO or ENOSPC after a chosen number of operations).
+//! [`DirStorage`] is the real one: `pread`/`pwrite` on sparse files in one directory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// One open file of a [`Storage`]. Reads past the end of the file return zeros.
+pub trait StorageFile: Send + Sync + std::fmt::Debug {
+    /// Fills `buf` from `offset`; bytes past the end of the file read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, extending the file if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write to this file durable (`fdatasync`).
+    fn sync(&self) -> io::Result<()>;
+    /// Deallocates a byte range; it reads back as zeros. The file size does not change.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// The file's size in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Cuts or extends the file to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+}
+
+/// A flat namespace of files: the directory of one store.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Opens `name`, creating it empty when `create` is set and it does not exist.
+    fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn StorageFile>>;
+    /// Removes `name`; a missing file is not an error.
+    fn remove(&self, name: &str) -> io::Result<()>;
+    /// Atomically replaces `to` with `from`.
+    fn rename(&self, from: &str, to: &str) -> io::Result<()>;
+    /// Names of all files.
+    fn list(&self) -> io::Result<Vec<String>>;
+    /// Makes creations, removals and renames durable (`fsync` on the directory).
+    fn sync_dir(&self) -> io::Result<()>;
+    /// Takes an exclusive lock on the whole store, held until the storage is dropped.
+    fn lock_exclusive(&self) -> io::Result<()>;
+}
+
+/// Files in one directory of the local file system.
+#[derive(Debug)]
+pub struct DirStorage {
+    dir: PathBuf,
+    lock: Mutex<Option<File>>,
+}
+
+impl DirStorage {
+    /// Uses `dir`, creating it if needed.
+    pub fn new(dir: impl AsRef<Path>) -> io::Result<Self> {
+        std::fs::create_dir_all(dir.as_ref())?;
+        Ok(Self { dir: dir.as_ref().to_path_buf(), lock: Mutex::new(None) })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+#[derive(Debug)]
+struct DirFile(File);
+
+impl StorageFile for DirFile {
+    fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.0.read_at(buf, offset) {
+                Ok(0) => {
+                    buf.fill(0);
+                    return Ok(());
+                }
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by self.
+        let rc = unsafe { libc::fallocate(self.0.as_raw_fd(), mode, offset as i64, len as i64) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            // File systems without hole punching still read back zeros if we write them.
+            return write_zeros(self, offset, len);
+        }
+        Err(err)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+}
+
+fn write_zeros(file: &dyn StorageFile, mut offset: u64, len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; 1 << 20];
+    let end = offset + len;
+    while offset < end {
+        let n = (end - offset).min(zeros.len() as u64) as usize;
+        file.write_at(&zeros[..n], offset)?;
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+impl Storage for DirStorage {
+    fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn StorageFile>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .mode(0o600)
+            .open(self.path(name))?;
+        Ok(Arc::new(DirFile(file)))
+    }
+
+    fn remove(&self, name: &str) -> io::Result<()> {
+        match std::fs::remove_file(self.path(name)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        std::fs::rename(self.path(from), self.path(to))
+    }
+
+    fn list(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            if let Some(name) = entry.file_name().to_str() {
+                names.push(name.to_string());
+            }
+        }
+        Ok(names)
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
+        File::open(&self.dir)?.sync_all()
+    }
+
+    fn lock_exclusive(&self) -> io::Result<()> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(self.path(LOCK_FILE))?;
+        // SAFETY: flock only reads its integer arguments; the descriptor stays open in self.lock.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("{} is in use by another process", self.dir.display()),
+                ));
+            }
+            return Err(err);
+        }
+        *self.lock.lock().expect("lock file mutex") = Some(file);
+        Ok(())
+    }
+}
+
+/// The name of the file that holds the store's process lock.
+pub const LOCK_FILE: &str = "store.lock";
+
+const MEM_PAGE: u64 = 4096;
+
+/// Sparse in-memory file content: 4 KiB pages, absent pages read as zeros.
+#[derive(Debug, Clone, Default)]
+struct MemContent {
+    pages: BTreeMap<u64, Box<[u8]>>,
+    len: u64,
+}
+
+impl MemContent {
+    fn read(&self, buf: &mut [u8], offset: u64) {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let page = pos / MEM_PAGE;
+            let within = (pos % MEM_PAGE) as usize;
+            let n = (MEM_PAGE as usize - within).min(buf.len() - done);
+            let out = &mut buf[done..done + n];
+            match self.pages.get(&page) {
+                Some(p) if pos < self.len => out.copy_from_slice(&p[within..within + n]),
+                _ => out.fill(0),
+            }
+            // Bytes past the end of the file read as zeros even if a page holds stale bytes.
+            if pos + n as u64 > self.len {
+                let valid = self.len.saturating_sub(pos) as usize;
+                out[valid..].fill(0);
+            }
+            done += n;
+        }
+    }
+
+    fn write(&mut self, buf: &[u8], offset: u64) {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let page = pos / MEM_PAGE;
+            let within = (pos % MEM_PAGE) as usize;
+            let n = (MEM_PAGE as usize - within).min(buf.len() - done);
+            let p = self
+                .pages
+                .entry(page)
+                .or_insert_with(|| vec![0u8; MEM_PAGE as usize].into_boxed_slice());
+            p[within..within + n].copy_from_slice(&buf[done..done + n]);
+            done += n;
+        }
+        self.len = self.len.max(offset + buf.len() as u64);
+    }
+
+    fn zero_range(&mut self, offset: u64, len: u64) {
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let page = pos / MEM_PAGE;
+            let within = pos % MEM_PAGE;
+            let n = (MEM_PAGE - within).min(end - pos);
+            if within == 0 && n == MEM_PAGE {
+                self.pages.remove(&page);
+            } else if let Some(p) = self.pages.get_mut(&page) {
+                p[within as usize..(within + n) as usize].fill(0);
+            }
+            pos += n;
+        }
+    }
+
+    fn set_len(&mut self, len: u64) {
+        if len < self.len {
+            self.zero_range(len, self.len - len);
+        }
+        self.len = len;
+    }
+}
+
+#[derive(Debug, Default)]
+struct MemFileState {
+    current: MemContent,
+    durable: MemContent,
+}
+
+#[derive(Debug, Default)]
+struct MemFile {
+    state: Mutex<MemFileState>,
+}
+
+impl MemFile {
+    fn state(&self) -> std::sync::MutexGuard<'_, MemFileState> {
+        self.state.lock().expect("mem file mutex")
+    }
+}
+
+impl StorageFile for MemFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.state().current.read(buf, offset);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.state().current.write(buf, offset);
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        let mut state = self.state();
+        state.durable = state.current.clone();
+        Ok(())
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut state = self.state();
+        let end = (offset + len).min(state.current.len);
+        if end > offset {
+            state.current.zero_range(offset, end - offset);
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.state().current.len)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.state().current.set_len(len);
+        Ok(())
+    }
+}
+
+/// Files in memory. Directory operations are durable at once; file contents only after
+/// [`StorageFile::sync`], so [`MemStorage::power_loss`] can model a crash of the machine.
+#[derive(Debug, Default, Clone)]
+pub struct MemStorage {
+    files: Arc<Mutex<HashMap<String, Arc<MemFile>>>>,
+}
+
+impl MemStorage {
+    /// An empty storage.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Drops every write that was not synced, as a power loss would. Handles opened before
+    /// keep working on the reverted content, so callers should drop their store first.
+    pub fn power_loss(&self) {
+        for file in self.files().values() {
+            let mut state = file.state();
+            state.current = state.durable.clone();
+        }
+    }
+
+    fn files(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<MemFile>>> {
+        self.files.lock().expect("mem storage mutex")
+    }
+}
+
+impl Storage for MemStorage {
+    fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn StorageFile>> {
+        let mut files = self.files();
+        match files.get(name) {
+            Some(file) => Ok(file.clone()),
+            None if create => {
+                let file = Arc::new(MemFile::default());
+                files.insert(name.to_string(), file.clone());
+                Ok(file)
+            }
+            None => Err(io::Error::new(io::ErrorKind::NotFound, format!("{name}: no such file"))),
+        }
+    }
+
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.files().remove(name);
+        Ok(())
+    }
+
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        let mut files = self.files();
+        let file = files
+            .remove(from)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{from}: no such file")))?;
+        files.insert(to.to_string(), file);
+        Ok(())
+    }
+
+    fn list(&self) -> io::Result<Vec<String>> {
+        Ok(self.files().keys().cloned().collect())
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn lock_exclusive(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Which error a [`FaultyStorage`] injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// `EIO`: the device failed.
+    Io,
+    /// `ENOSPC`: the file system is full.
+    NoSpace,
+}
+
+impl Fault {
+    fn error(self) -> io::Error {
+        match self {
+            Fault::Io => io::Error::from_raw_os_error(libc::EIO),
+            Fault::NoSpace => io::Error::from_raw_os_error(libc::ENOSPC),
+        }
+    }
+}
+
+/// Wraps another storage and fails every operation from the `fail_after`-th one on.
+/// Reads fail too, except when `fail_reads` is off (a full disk still reads).
+#[derive(Debug, Clone)]
+pub struct FaultyStorage {
+    inner: Arc<dyn Storage>,
+    control: Arc<FaultControl>,
+}
+
+/// The shared countdown of a [`FaultyStorage`] and the files it opened.
+#[derive(Debug)]
+pub struct FaultControl {
+    ops: AtomicU64,
+    fail_after: AtomicU64,
+    fault: Mutex<Fault>,
+    fail_reads: std::sync::atomic::AtomicBool,
+}
+
+impl FaultControl {
+    /// Operations counted so far.
+    pub fn ops(&self) -> u64 {
+        self.ops.load(Ordering::SeqCst)
+    }
+
+    /// Fails every operation after `n` more have succeeded.
+    pub fn fail_after(&self, n: u64, fault: Fault, fail_reads: bool) {
+        *self.fault.lock().expect("fault mutex") = fault;
+        self.fail_reads.store(fail_reads, Ordering::SeqCst);
+        self.fail_after.store(self.ops() + n, Ordering::SeqCst);
+    }
+
+    /// Stops injecting faults.
+    pub fn heal(&self) {
+        self.fail_after.store(u64::MAX, Ordering::SeqCst);
+    }
+
+    fn check(&self, is_read: bool) -> io::Result<()> {
+        let op = self.ops.fetch_add(1, Ordering::SeqCst);
+        if op >= self.fail_after.load(Ordering::SeqCst) && (!is_read || self.fail_reads.load(Ordering::SeqCst)) {
+            return Err(self.fault.lock().expect("fault mutex").error());
+        }
+        Ok(())
+    }
+}
+
+impl FaultyStorage {
+    /// Wraps `inner`; no faults until [`FaultControl::fail_after`] is called.
+    pub fn new(inner: Arc<dyn Storage>) -> Self {
+        let control = Arc::new(FaultControl {
+            ops: AtomicU64::new(0),
+            fail_after: AtomicU64::new(u64::MAX),
+            fault: Mutex::new(Fault::Io),
+            fail_reads: std::sync::atomic::AtomicBool::new(true),
+        });
+        Self { inner, control }
+    }
+
+    /// The countdown, to arm or heal the faults.
+    pub fn control(&self) -> Arc<FaultControl> {
+        self.control.clone()
+    }
+}
+
+#[derive(Debug)]
+struct FaultyFile {
+    inner: Arc<dyn StorageFile>,
+    control: Arc<FaultControl>,
+}
+
+impl StorageFile for FaultyFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.control.check(true)?;
+        self.inner.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.control.check(false)?;
+        self.inner.write_at(buf, offset)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        self.control.check(false)?;
+        self.inner.sync()
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.control.check(false)?;
+        self.inner.punch_hole(offset, len)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        self.control.check(true)?;
+        self.inner.len()
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.control.check(false)?;
+        self.inner.set_len(len)
+    }
+}
+
+impl Storage for FaultyStorage {
+    fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn StorageFile>> {
+        self.control.check(!create)?;
+        let inner = self.inner.open(name, create)?;
+        Ok(Arc::new(FaultyFile { inner, control: self.control.clone() }))
+    }
+
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.control.check(false)?;
+        self.inner.remove(name)
+    }
+
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.control.check(false)?;
+        self.inner.rename(from, to)
+    }
+
+    fn list(&self) -> io::Result<Vec<String>> {
+        self.control.check(true)?;
+        self.inner.list()
+    }
+
+    fn sync_dir(&self) -> io::Result<()> {
+        self.control.check(false)?;
+        self.inner.sync_dir()
+    }
+
+    fn lock_exclusive(&self) -> io::Result<()> {
+        self.inner.lock_exclusive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The conformance suite every backend passes.
+    fn conformance(storage: &dyn Storage) {
+        let f = storage.open("a", true).unwrap();
+        f.write_at(b"hello", 4094).unwrap();
+        assert_eq!(f.len().unwrap(), 4099);
+        let mut buf = [1u8; 8];
+        f.read_at(&mut buf, 4094).unwrap();
+        assert_eq!(&buf, b"hello\0\0\0", "reads past the end are zeros");
+        f.punch_hole(4095, 2).unwrap();
+        f.read_at(&mut buf[..5], 4094).unwrap();
+        assert_eq!(&buf[..5], b"h\0\0lo");
+        assert_eq!(f.len().unwrap(), 4099, "punching keeps the size");
+        f.set_len(4095).unwrap();
+        f.set_len(5000).unwrap();
+        f.read_at(&mut buf[..5], 4094).unwrap();
+        assert_eq!(&buf[..5], b"h\0\0\0\0", "truncated bytes come back as zeros");
+        f.sync().unwrap();
+        storage.rename("a", "b").unwrap();
+        assert!(storage.open("a", false).is_err());
+        let mut names = storage.list().unwrap();
+        names.retain(|n| n != LOCK_FILE);
+        assert_eq!(names, vec!["b".to_string()]);
+        storage.remove("b").unwrap();
+        storage.remove("b").unwrap();
+        storage.sync_dir().unwrap();
+    }
+
+    #[test]
+    fn dir_storage_conforms() {
+        let dir = tempfile::tempdir().unwrap();
+        conformance(&DirStorage::new(dir.path()).unwrap());
+    }
+
+    #[test]
+    fn mem_storage_conforms() {
+        conformance(&MemStorage::new());
+    }
+
+    #[test]
+    fn faulty_storage_conforms_until_armed() {
+        let faulty = FaultyStorage::new(Arc::new(MemStorage::new()));
+        conformance(&faulty);
+        faulty.control().fail_after(1, Fault::NoSpace, false);
+        let f = faulty.open("c", true).unwrap();
+        let err = f.write_at(b"x", 0).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        let mut buf = [0u8; 1];
+        f.read_at(&mut buf, 0).unwrap();
+        faulty.control().heal();
+        f.write_at(b"x", 0).unwrap();
+    }
+
+    #[test]
+    fn mem_power_loss_drops_unsynced_writes() {
+        let storage = MemStorage::new();
+        let f = storage.open("a", true).unwrap();
+        f.write_at(b"old", 0).unwrap();
+        f.sync().unwrap();
+        f.write_at(b"new", 0).unwrap();
+        storage.power_loss();
+        let mut buf = [0u8; 3];
+        f.read_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"old");
+    }
+
+    #[test]
+    fn dir_storage_lock_is_exclusive_across_handles() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = DirStorage::new(dir.path()).unwrap();
+        a.lock_exclusive().unwrap();
+        let b = DirStorage::new(dir.path()).unwrap();
+        assert_eq!(b.lock_exclusive().unwrap_err().kind(), io::ErrorKind::WouldBlock);
+    }
+}

@@ -1,0 +1,1140 @@
+//! The store: a directory of layers and a catalog, and the volumes and snapshots built on them.
+//!
+//! Lock order, outermost first: catalog → volume gate → volume regions → volume view → layer
+//! map → layer journal. I/O takes a volume's gate shared; snapshot, revert and delete take it
+//! exclusively, which drains writes in flight so a snapshot is an exact point in time.
+
+use crate::blockmap::{BlockRun, BlockSet, BlockState, MapOp, BLOCK_SHIFT, BLOCK_SIZE, PAGE_BLOCKS};
+use crate::catalog::{self, Catalog, Event, MergeTask, SnapshotEntry};
+use crate::layer::{self, Layer};
+use crate::storage::{DirStorage, Storage, StorageFile};
+use crate::view::{self, AllocExtent, ViewState, MAX_CHAIN};
+use crate::Error;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The largest volume: 256 TiB.
+pub const MAX_VOLUME_SIZE: u64 = 1 << 48;
+/// Sizes are multiples of this.
+pub const SECTOR_SIZE: u64 = 512;
+const CATALOG_FILE: &str = "catalog.log";
+const REGION_SHIFT: u32 = 4;
+const REGION_STRIPES: usize = 256;
+/// Compact the catalog log on open once it holds this many events.
+const CATALOG_COMPACT_FRAMES: u64 = 1000;
+/// Compact a head's journal once it is this large and 4× its size after the last compaction.
+const JOURNAL_COMPACT_MIN: u64 = 8 << 20;
+
+/// Identifies a volume within a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VolumeId(pub u64);
+
+/// Identifies a snapshot within a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SnapshotId(pub u64);
+
+/// How a store runs.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Merge deleted snapshots in a background thread. When off, call [`Store::merge_step`].
+    pub background_merge: bool,
+    /// Upper bound on the merge's copy rate, so it does not starve guest I/O.
+    pub merge_bytes_per_sec: Option<u64>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self { background_merge: true, merge_bytes_per_sec: Some(256 << 20) }
+    }
+}
+
+/// A volume as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub id: VolumeId,
+    pub name: String,
+    pub size: u64,
+    pub created_ms: u64,
+}
+
+/// A snapshot as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    pub id: SnapshotId,
+    pub name: String,
+    /// The volume it was taken of; it may have been deleted since.
+    pub volume: VolumeId,
+    pub size: u64,
+    pub created_ms: u64,
+}
+
+/// Space a snapshot takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotUsage {
+    /// The disk size at the snapshot.
+    pub logical_bytes: u64,
+    /// Data held by the snapshot's own layer.
+    pub allocated_bytes: u64,
+    /// What deleting the snapshot frees: its blocks that the layer above has overwritten.
+    pub exclusive_bytes: u64,
+    /// The rest of its data, which stays after a delete because newer state still reads it.
+    pub shared_bytes: u64,
+}
+
+/// The newer end of a change-tracking query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeTarget {
+    /// A later snapshot.
+    Snapshot(SnapshotId),
+    /// A volume's current state.
+    Volume(VolumeId),
+}
+
+/// A byte range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn check_name(name: &str) -> Result<(), Error> {
+    if name.is_empty() || name.len() > 255 || name.contains(['\0', '@', '/']) || name.trim() != name {
+        return Err(Error::InvalidName(name.to_string()));
+    }
+    Ok(())
+}
+
+fn check_size(size: u64) -> Result<(), Error> {
+    if size == 0 || size % SECTOR_SIZE != 0 {
+        return Err(Error::InvalidSize { size, reason: "must be a positive multiple of 512 bytes" });
+    }
+    if size > MAX_VOLUME_SIZE {
+        return Err(Error::InvalidSize { size, reason: "larger than 256 TiB" });
+    }
+    Ok(())
+}
+
+fn check_range(offset: u64, len: u64, size: u64) -> Result<(), Error> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange { offset, len, size }),
+    }
+}
+
+struct CatalogFile {
+    state: Catalog,
+    file: Arc<dyn StorageFile>,
+    end: u64,
+}
+
+#[derive(Debug, Default)]
+struct MergerState {
+    stop: bool,
+    /// Bumped whenever new merge work may exist.
+    wakeups: u64,
+    idle: bool,
+    last_error: Option<String>,
+}
+
+struct StoreInner {
+    storage: Arc<dyn Storage>,
+    options: StoreOptions,
+    catalog: Mutex<CatalogFile>,
+    layers: Mutex<HashMap<u64, Arc<Layer>>>,
+    volumes: RwLock<HashMap<u64, Arc<VolumeCore>>>,
+    /// Bumped on every catalog change, so snapshot views notice a new chain.
+    epoch: AtomicU64,
+    merger: Mutex<MergerState>,
+    merger_signal: Condvar,
+}
+
+impl std::fmt::Debug for StoreInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreInner").field("storage", &self.storage).finish_non_exhaustive()
+    }
+}
+
+struct VolumeCore {
+    id: u64,
+    gate: RwLock<()>,
+    regions: Box<[Mutex<()>]>,
+    view: RwLock<ViewState>,
+    deleted: AtomicBool,
+    /// Journal size of the head right after its last compaction.
+    compacted_journal: AtomicU64,
+}
+
+impl std::fmt::Debug for VolumeCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeCore").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl VolumeCore {
+    fn new(id: u64, chain: Vec<Arc<Layer>>, size: u64) -> Self {
+        Self {
+            id,
+            gate: RwLock::new(()),
+            regions: (0..REGION_STRIPES).map(|_| Mutex::new(())).collect(),
+            view: RwLock::new(ViewState::new(chain, size)),
+            deleted: AtomicBool::new(false),
+            compacted_journal: AtomicU64::new(0),
+        }
+    }
+
+    fn head(&self) -> Arc<Layer> {
+        self.view.read().expect("view lock").chain.last().expect("a volume has a head").clone()
+    }
+
+    fn size(&self) -> u64 {
+        self.view.read().expect("view lock").size
+    }
+
+    /// Locks the region stripes covering blocks `[first, end)` in a fixed order.
+    fn lock_regions(&self, first: u64, end: u64) -> Vec<MutexGuard<'_, ()>> {
+        let (r0, r1) = (first >> REGION_SHIFT, (end - 1) >> REGION_SHIFT);
+        let mut stripes: Vec<usize> = if r1 - r0 + 1 >= REGION_STRIPES as u64 {
+            (0..REGION_STRIPES).collect()
+        } else {
+            (r0..=r1).map(|r| (r % REGION_STRIPES as u64) as usize).collect()
+        };
+        stripes.sort_unstable();
+        stripes.dedup();
+        stripes.into_iter().map(|s| self.regions[s].lock().expect("region lock")).collect()
+    }
+}
+
+/// A store of volumes and snapshots in one directory (or any [`Storage`]).
+#[derive(Debug)]
+pub struct Store {
+    inner: Arc<StoreInner>,
+    merger: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in directory `dir`.
+    pub fn open_dir(dir: impl AsRef<Path>, options: StoreOptions) -> Result<Store, Error> {
+        Self::open(Arc::new(DirStorage::new(dir)?), options)
+    }
+
+    /// Opens (or creates) a store on `storage`: replays the catalog, removes files of layers it
+    /// no longer names, replays every layer's journal and resumes pending merges.
+    pub fn open(storage: Arc<dyn Storage>, options: StoreOptions) -> Result<Store, Error> {
+        storage.lock_exclusive()?;
+        let catalog = open_catalog(&storage)?;
+        let files = storage.list()?;
+        for f in &files {
+            let orphan = match layer::layer_of_file(f) {
+                Some(id) => !catalog.state.layers.contains_key(&id),
+                None => f.ends_with(".tmp"),
+            };
+            if orphan {
+                storage.remove(f)?;
+            }
+        }
+        let mut layers = HashMap::new();
+        for (id, rec) in &catalog.state.layers {
+            layers.insert(*id, Arc::new(Layer::open(storage.clone(), *id, rec.ghost, &files)?));
+        }
+        let mut volumes = HashMap::new();
+        for (id, rec) in &catalog.state.volumes {
+            let chain = catalog.state.read_chain(rec.head).iter().map(|l| layers[l].clone()).collect();
+            volumes.insert(*id, Arc::new(VolumeCore::new(*id, chain, rec.size)));
+        }
+        let inner = Arc::new(StoreInner {
+            storage,
+            options: options.clone(),
+            catalog: Mutex::new(catalog),
+            layers: Mutex::new(layers),
+            volumes: RwLock::new(volumes),
+            epoch: AtomicU64::new(0),
+            merger: Mutex::new(MergerState::default()),
+            merger_signal: Condvar::new(),
+        });
+        let merger = if options.background_merge {
+            let worker = inner.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("cairn-merge".into())
+                    .spawn(move || worker.run_merger())
+                    .map_err(Error::Io)?,
+            )
+        } else {
+            None
+        };
+        Ok(Store { inner, merger })
+    }
+
+    /// Flushes every volume, then stops the background merge (its progress is kept: it
+    /// resumes on the next open).
+    pub fn close(mut self) -> Result<(), Error> {
+        let volumes: Vec<_> = self.inner.volumes.read().expect("volumes lock").values().cloned().collect();
+        for v in volumes {
+            v.head().flush()?;
+        }
+        self.stop_merger();
+        Ok(())
+    }
+
+    fn stop_merger(&mut self) {
+        if let Some(handle) = self.merger.take() {
+            self.inner.merger.lock().expect("merger lock").stop = true;
+            self.inner.merger_signal.notify_all();
+            let _ = handle.join();
+        }
+    }
+
+    /// Creates an empty (all-zero) thin volume.
+    pub fn create_volume(&self, name: &str, size: u64) -> Result<VolumeInfo, Error> {
+        self.inner.create_volume(name, size, None)
+    }
+
+    /// Creates a volume whose initial content is a snapshot; usable at once, sharing the
+    /// snapshot's layers. `size` (at least the snapshot's) defaults to the snapshot's size.
+    pub fn clone_snapshot(&self, snapshot: SnapshotId, name: &str, size: Option<u64>) -> Result<VolumeInfo, Error> {
+        let (layer, snap_size) = {
+            let cat = self.inner.catalog();
+            let snap = cat.state.snapshots.get(&snapshot.0).filter(|s| !s.checkpoint_only).ok_or_else(|| snap_not_found(snapshot))?;
+            (snap.layer, snap.size)
+        };
+        let size = size.unwrap_or(snap_size);
+        if size < snap_size {
+            return Err(Error::InvalidSize { size, reason: "smaller than the snapshot" });
+        }
+        self.inner.create_volume(name, size, Some((snapshot, layer)))
+    }
+
+    /// A handle for I/O on a volume.
+    pub fn volume(&self, id: VolumeId) -> Result<Volume, Error> {
+        let core = self.inner.volume_core(id)?;
+        Ok(Volume { core })
+    }
+
+    /// The id of the volume named `name`.
+    pub fn volume_id(&self, name: &str) -> Result<VolumeId, Error> {
+        self.inner.catalog().state.volume_by_name(name).map(VolumeId).ok_or_else(|| Error::NotFound {
+            kind: "volume",
+            name: name.to_string(),
+        })
+    }
+
+    /// The id of the snapshot of `volume` named `name`.
+    pub fn snapshot_id(&self, volume: VolumeId, name: &str) -> Result<SnapshotId, Error> {
+        self.inner.catalog().state.snapshot_by_name(volume.0, name).map(SnapshotId).ok_or_else(|| Error::NotFound {
+            kind: "snapshot",
+            name: name.to_string(),
+        })
+    }
+
+    /// All volumes, by id.
+    pub fn list_volumes(&self) -> Vec<VolumeInfo> {
+        let cat = self.inner.catalog();
+        cat.state
+            .volumes
+            .iter()
+            .map(|(id, v)| VolumeInfo { id: VolumeId(*id), name: v.name.clone(), size: v.size, created_ms: v.created_ms })
+            .collect()
+    }
+
+    /// Snapshots (not checkpoints) taken of `volume`, or of every volume, oldest first.
+    pub fn list_snapshots(&self, volume: Option<VolumeId>) -> Vec<SnapshotInfo> {
+        let cat = self.inner.catalog();
+        cat.state
+            .snapshots
+            .iter()
+            .filter(|(_, s)| !s.checkpoint_only && volume.is_none_or(|v| v.0 == s.volume))
+            .map(|(id, s)| SnapshotInfo {
+                id: SnapshotId(*id),
+                name: s.name.clone(),
+                volume: VolumeId(s.volume),
+                size: s.size,
+                created_ms: s.created_ms,
+            })
+            .collect()
+    }
+
+    /// Takes a snapshot of one volume.
+    pub fn snapshot(&self, volume: VolumeId, name: &str) -> Result<SnapshotInfo, Error> {
+        Ok(self.snapshot_group(&[(volume, name)])?.remove(0))
+    }
+
+    /// Snapshots several volumes at one instant: writes in flight on all of them complete,
+    /// then all heads freeze together, in one catalog record.
+    pub fn snapshot_group(&self, requests: &[(VolumeId, &str)]) -> Result<Vec<SnapshotInfo>, Error> {
+        self.inner.snapshot_group(requests)
+    }
+
+    /// A read-only view of a snapshot.
+    pub fn open_snapshot(&self, snapshot: SnapshotId) -> Result<SnapshotView, Error> {
+        let view = self.inner.snapshot_view_state(snapshot)?;
+        Ok(SnapshotView { store: self.inner.clone(), snapshot, view: RwLock::new(view.0), epoch: AtomicU64::new(view.1) })
+    }
+
+    /// Makes the volume's content that of `snapshot` (one of its own, or the one it was cloned
+    /// from), discarding everything written since. O(1): the head is replaced by an empty one.
+    pub fn revert(&self, volume: VolumeId, snapshot: SnapshotId) -> Result<(), Error> {
+        self.inner.revert(volume, snapshot)
+    }
+
+    /// Grows a volume; the new space reads as zeros.
+    pub fn grow(&self, volume: VolumeId, new_size: u64) -> Result<(), Error> {
+        self.inner.grow(volume, new_size)
+    }
+
+    /// Deletes a snapshot. Its layer merges into the layer above in the background; with
+    /// `keep_checkpoint`, changed blocks can still be listed since it afterwards.
+    pub fn delete_snapshot(&self, snapshot: SnapshotId, keep_checkpoint: bool) -> Result<(), Error> {
+        let cat = self.inner.catalog();
+        let found = cat.state.snapshots.get(&snapshot.0).is_some_and(|s| !s.checkpoint_only);
+        if !found {
+            return Err(snap_not_found(snapshot));
+        }
+        self.inner.commit(cat, Event::DeleteSnapshot { snapshot: snapshot.0, keep_checkpoint })?;
+        self.inner.wake_merger();
+        Ok(())
+    }
+
+    /// Forgets a checkpoint kept by [`Store::delete_snapshot`].
+    pub fn forget_checkpoint(&self, snapshot: SnapshotId) -> Result<(), Error> {
+        let cat = self.inner.catalog();
+        if !cat.state.snapshots.get(&snapshot.0).is_some_and(|s| s.checkpoint_only) {
+            return Err(Error::NotFound { kind: "checkpoint", name: snapshot.0.to_string() });
+        }
+        self.inner.commit(cat, Event::ForgetCheckpoint { snapshot: snapshot.0 })?;
+        self.inner.wake_merger();
+        Ok(())
+    }
+
+    /// Deletes a volume. Its snapshots stay; layers they or clones use stay.
+    pub fn delete_volume(&self, volume: VolumeId) -> Result<(), Error> {
+        self.inner.delete_volume(volume)
+    }
+
+    /// The blocks that differ between `since` (a snapshot, or a checkpoint of a deleted one)
+    /// and `target`, as byte extents, found from change tracking without reading data.
+    /// `since` must be an ancestor of the target.
+    pub fn changed_extents(&self, since: SnapshotId, target: ChangeTarget) -> Result<Vec<Extent>, Error> {
+        self.inner.changed_extents(since, target)
+    }
+
+    /// Space a snapshot takes and what deleting it would free.
+    pub fn snapshot_usage(&self, snapshot: SnapshotId) -> Result<SnapshotUsage, Error> {
+        self.inner.snapshot_usage(snapshot)
+    }
+
+    /// Runs one merge task if there is one; returns whether it did.
+    pub fn merge_step(&self) -> Result<bool, Error> {
+        self.inner.merge_once()
+    }
+
+    /// Waits until the background merge has no work left. Returns its last error, if any.
+    pub fn wait_for_merges(&self) -> Result<(), Error> {
+        if self.merger.is_none() {
+            while self.merge_step()? {}
+            return Ok(());
+        }
+        let mut state = self.inner.merger.lock().expect("merger lock");
+        loop {
+            if let Some(e) = state.last_error.take() {
+                return Err(Error::Merge(e));
+            }
+            if state.idle && self.inner.catalog().state.merge_tasks().is_empty() {
+                return Ok(());
+            }
+            state = self.inner.merger_signal.wait(state).expect("merger lock");
+        }
+    }
+
+    /// Number of layers (frozen, ghost and heads) the store holds.
+    pub fn layer_count(&self) -> usize {
+        self.inner.catalog().state.layers.len()
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.stop_merger();
+    }
+}
+
+fn snap_not_found(snapshot: SnapshotId) -> Error {
+    Error::NotFound { kind: "snapshot", name: snapshot.0.to_string() }
+}
+
+fn open_catalog(storage: &Arc<dyn Storage>) -> Result<CatalogFile, Error> {
+    let file = storage.open(CATALOG_FILE, true)?;
+    let len = file.len()?;
+    let mut bytes = vec![0u8; len as usize];
+    file.read_at(&mut bytes, 0)?;
+    let replayed = catalog::replay(&bytes)
+        .map_err(|e| Error::Corrupt { file: CATALOG_FILE.to_string(), reason: e.to_string() })?;
+    if replayed.valid_len == 0 || replayed.frames >= CATALOG_COMPACT_FRAMES {
+        // A new store, or a long log: write the state as one record, atomically.
+        let mut out = catalog::encode_header().to_vec();
+        if replayed.frames > 0 {
+            catalog::encode_frame(&Event::State { catalog: replayed.catalog.clone() }, &mut out);
+        }
+        let tmp = format!("{CATALOG_FILE}.tmp");
+        let f = storage.open(&tmp, true)?;
+        f.set_len(0)?;
+        f.write_at(&out, 0)?;
+        f.sync()?;
+        storage.rename(&tmp, CATALOG_FILE)?;
+        storage.sync_dir()?;
+        return Ok(CatalogFile { state: replayed.catalog, file: f, end: out.len() as u64 });
+    }
+    if replayed.valid_len < len {
+        file.set_len(replayed.valid_len)?;
+        file.sync()?;
+    }
+    Ok(CatalogFile { state: replayed.catalog, file, end: replayed.valid_len })
+}
+
+impl StoreInner {
+    fn catalog(&self) -> MutexGuard<'_, CatalogFile> {
+        self.catalog.lock().expect("catalog lock")
+    }
+
+    /// Validates and applies an event, makes it durable, then removes the files of layers
+    /// nothing uses any more. On error nothing changed.
+    fn commit(&self, mut cat: MutexGuard<'_, CatalogFile>, event: Event) -> Result<(), Error> {
+        let mut next = cat.state.clone();
+        let dropped = next.apply(&event)?;
+        let mut frame = Vec::new();
+        catalog::encode_frame(&event, &mut frame);
+        cat.file.write_at(&frame, cat.end)?;
+        cat.file.sync()?;
+        cat.end += frame.len() as u64;
+        cat.state = next;
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let files = if dropped.is_empty() { Vec::new() } else { self.storage.list()? };
+        let mut layers = self.layers.lock().expect("layers lock");
+        for id in dropped {
+            layers.remove(&id);
+            Layer::remove_files(self.storage.as_ref(), id, &files)?;
+        }
+        Ok(())
+    }
+
+    fn layer(&self, id: u64) -> Arc<Layer> {
+        self.layers.lock().expect("layers lock")[&id].clone()
+    }
+
+    fn chain_layers(&self, cat: &Catalog, top: u64) -> Vec<Arc<Layer>> {
+        let layers = self.layers.lock().expect("layers lock");
+        cat.read_chain(top).iter().map(|id| layers[id].clone()).collect()
+    }
+
+    fn volume_core(&self, id: VolumeId) -> Result<Arc<VolumeCore>, Error> {
+        self.volumes
+            .read()
+            .expect("volumes lock")
+            .get(&id.0)
+            .cloned()
+            .ok_or_else(|| Error::NotFound { kind: "volume", name: id.0.to_string() })
+    }
+
+    fn new_layer(&self, cat: &mut CatalogFile) -> Result<Arc<Layer>, Error> {
+        let id = cat.state.allocate_id();
+        Ok(Arc::new(Layer::create(self.storage.clone(), id)?))
+    }
+
+    fn create_volume(&self, name: &str, size: u64, base: Option<(SnapshotId, u64)>) -> Result<VolumeInfo, Error> {
+        check_name(name)?;
+        check_size(size)?;
+        let mut cat = self.catalog();
+        if cat.state.volume_by_name(name).is_some() {
+            return Err(Error::AlreadyExists { kind: "volume", name: name.to_string() });
+        }
+        if let Some((snapshot, _)) = base {
+            if !cat.state.snapshots.contains_key(&snapshot.0) {
+                return Err(snap_not_found(snapshot));
+            }
+        }
+        let id = cat.state.allocate_id();
+        let head = self.new_layer(&mut cat)?;
+        let parent = base.map(|(_, layer)| layer);
+        let created_ms = now_ms();
+        let event =
+            Event::CreateVolume { volume: id, name: name.to_string(), size, head: head.id(), parent, created_ms };
+        self.layers.lock().expect("layers lock").insert(head.id(), head.clone());
+        let mut next = cat.state.clone();
+        next.apply(&event)?;
+        let chain = {
+            let layers = self.layers.lock().expect("layers lock");
+            next.read_chain(head.id()).iter().map(|l| layers[l].clone()).collect()
+        };
+        if let Err(e) = self.commit(cat, event) {
+            self.layers.lock().expect("layers lock").remove(&head.id());
+            return Err(e);
+        }
+        self.volumes.write().expect("volumes lock").insert(id, Arc::new(VolumeCore::new(id, chain, size)));
+        Ok(VolumeInfo { id: VolumeId(id), name: name.to_string(), size, created_ms })
+    }
+
+    fn snapshot_group(&self, requests: &[(VolumeId, &str)]) -> Result<Vec<SnapshotInfo>, Error> {
+        if requests.is_empty() {
+            return Err(Error::InvalidRequest("a snapshot needs at least one volume".into()));
+        }
+        let mut cat = self.catalog();
+        let mut cores = Vec::new();
+        for (i, (volume, name)) in requests.iter().enumerate() {
+            check_name(name)?;
+            if requests[..i].iter().any(|(v, _)| v == volume) {
+                return Err(Error::InvalidRequest(format!("volume {} appears twice", volume.0)));
+            }
+            if cat.state.snapshot_by_name(volume.0, name).is_some() {
+                return Err(Error::AlreadyExists { kind: "snapshot", name: name.to_string() });
+            }
+            let core = self.volume_core(*volume)?;
+            if core.view.read().expect("view lock").chain.len() >= MAX_CHAIN {
+                return Err(Error::InvalidRequest(format!("volume {} has too many layers", volume.0)));
+            }
+            cores.push(core);
+        }
+        // New heads are made before writes are paused, to keep the pause short.
+        let mut entries = Vec::new();
+        let mut new_heads = Vec::new();
+        for (volume, name) in requests {
+            let snapshot = cat.state.allocate_id();
+            let head = self.new_layer(&mut cat)?;
+            entries.push(SnapshotEntry { volume: volume.0, snapshot, name: name.to_string(), new_head: head.id() });
+            new_heads.push(head);
+        }
+        let mut order: Vec<usize> = (0..cores.len()).collect();
+        order.sort_by_key(|i| cores[*i].id);
+        let gates: Vec<_> = order.iter().map(|i| cores[*i].gate.write().expect("gate lock")).collect();
+        let prepared = (|| {
+            for core in &cores {
+                core.head().flush()?;
+            }
+            self.layers.lock().expect("layers lock").extend(new_heads.iter().map(|h| (h.id(), h.clone())));
+            let created_ms = now_ms();
+            self.commit(cat, Event::Snapshot { entries: entries.clone(), created_ms })?;
+            Ok::<u64, Error>(created_ms)
+        })();
+        let created_ms = match prepared {
+            Ok(t) => t,
+            Err(e) => {
+                let mut layers = self.layers.lock().expect("layers lock");
+                for h in &new_heads {
+                    layers.remove(&h.id());
+                    let _ = self.storage.remove(&layer::map_file_name(h.id()));
+                }
+                return Err(e);
+            }
+        };
+        let mut infos = Vec::new();
+        for ((core, head), entry) in cores.iter().zip(new_heads).zip(&entries) {
+            let mut v = core.view.write().expect("view lock");
+            v.push_top(head);
+            core.compacted_journal.store(0, Ordering::Relaxed);
+            infos.push(SnapshotInfo {
+                id: SnapshotId(entry.snapshot),
+                name: entry.name.clone(),
+                volume: VolumeId(entry.volume),
+                size: v.size,
+                created_ms,
+            });
+        }
+        drop(gates);
+        Ok(infos)
+    }
+
+    /// The view state of a snapshot and the epoch it was built at.
+    fn snapshot_view_state(&self, snapshot: SnapshotId) -> Result<(ViewState, u64), Error> {
+        let cat = self.catalog();
+        let snap = cat.state.snapshots.get(&snapshot.0).filter(|s| !s.checkpoint_only).ok_or_else(|| snap_not_found(snapshot))?;
+        let chain = self.chain_layers(&cat.state, snap.layer);
+        Ok((ViewState::new(chain, snap.size), self.epoch.load(Ordering::SeqCst)))
+    }
+
+    fn revert(&self, volume: VolumeId, snapshot: SnapshotId) -> Result<(), Error> {
+        let mut cat = self.catalog();
+        let core = self.volume_core(volume)?;
+        let snap = cat.state.snapshots.get(&snapshot.0).filter(|s| !s.checkpoint_only).ok_or_else(|| snap_not_found(snapshot))?;
+        let vol = &cat.state.volumes[&volume.0];
+        if !cat.state.lineage(vol.head).contains(&snap.layer) {
+            return Err(Error::InvalidRequest(format!(
+                "snapshot {} is not in the history of volume {}",
+                snapshot.0, volume.0
+            )));
+        }
+        let head = self.new_layer(&mut cat)?;
+        let _gate = core.gate.write().expect("gate lock");
+        self.layers.lock().expect("layers lock").insert(head.id(), head.clone());
+        let event = Event::Revert { volume: volume.0, snapshot: snapshot.0, new_head: head.id() };
+        let mut next = cat.state.clone();
+        next.apply(&event)?;
+        let chain = {
+            let layers = self.layers.lock().expect("layers lock");
+            next.read_chain(head.id()).iter().map(|l| layers[l].clone()).collect()
+        };
+        let size = next.volumes[&volume.0].size;
+        if let Err(e) = self.commit(cat, event) {
+            self.layers.lock().expect("layers lock").remove(&head.id());
+            return Err(e);
+        }
+        let mut v = core.view.write().expect("view lock");
+        v.set_chain(chain);
+        v.size = size;
+        core.compacted_journal.store(0, Ordering::Relaxed);
+        drop(v);
+        self.wake_merger();
+        Ok(())
+    }
+
+    fn grow(&self, volume: VolumeId, new_size: u64) -> Result<(), Error> {
+        check_size(new_size)?;
+        let cat = self.catalog();
+        let core = self.volume_core(volume)?;
+        let size = core.size();
+        if new_size < size {
+            return Err(Error::InvalidSize { size: new_size, reason: "volumes can only grow" });
+        }
+        let _gate = core.gate.write().expect("gate lock");
+        self.commit(cat, Event::Grow { volume: volume.0, size: new_size })?;
+        core.view.write().expect("view lock").size = new_size;
+        Ok(())
+    }
+
+    fn delete_volume(&self, volume: VolumeId) -> Result<(), Error> {
+        let cat = self.catalog();
+        let core = self.volume_core(volume)?;
+        let _gate = core.gate.write().expect("gate lock");
+        self.commit(cat, Event::DeleteVolume { volume: volume.0 })?;
+        core.deleted.store(true, Ordering::SeqCst);
+        self.volumes.write().expect("volumes lock").remove(&volume.0);
+        self.wake_merger();
+        Ok(())
+    }
+
+    fn changed_extents(&self, since: SnapshotId, target: ChangeTarget) -> Result<Vec<Extent>, Error> {
+        let cat = self.catalog();
+        let base = cat.state.snapshots.get(&since.0).ok_or_else(|| snap_not_found(since))?;
+        let (top, size) = match target {
+            ChangeTarget::Snapshot(s) => {
+                let snap = cat.state.snapshots.get(&s.0).filter(|s| !s.checkpoint_only).ok_or_else(|| snap_not_found(s))?;
+                (snap.layer, snap.size)
+            }
+            ChangeTarget::Volume(v) => {
+                let vol = cat.state.volumes.get(&v.0).ok_or_else(|| Error::NotFound { kind: "volume", name: v.0.to_string() })?;
+                (vol.head, vol.size)
+            }
+        };
+        let lineage = cat.state.lineage(top);
+        let Some(depth) = lineage.iter().position(|l| *l == base.layer) else {
+            return Err(Error::InvalidRequest(format!("snapshot {} is not an ancestor of the target", since.0)));
+        };
+        let mut set = BlockSet::new();
+        let layers: Vec<Arc<Layer>> = lineage[..depth].iter().map(|id| self.layer(*id)).collect();
+        drop(cat);
+        for layer in &layers {
+            set.add_written(&layer.map().map, 0, u64::MAX);
+        }
+        // A grown disk: blocks past the old size changed from "absent" to zeros, not data;
+        // they read as zeros either way, so only written blocks count.
+        let end_block = size.div_ceil(BLOCK_SIZE);
+        Ok(set
+            .runs(0, end_block)
+            .into_iter()
+            .map(|r| {
+                let offset = r.start << BLOCK_SHIFT;
+                Extent { offset, length: (r.end() << BLOCK_SHIFT).min(size) - offset }
+            })
+            .collect())
+    }
+
+    fn snapshot_usage(&self, snapshot: SnapshotId) -> Result<SnapshotUsage, Error> {
+        let cat = self.catalog();
+        let snap = cat.state.snapshots.get(&snapshot.0).filter(|s| !s.checkpoint_only).ok_or_else(|| snap_not_found(snapshot))?;
+        let children: Vec<u64> =
+            cat.state.layers.iter().filter(|(_, l)| l.parent == Some(snap.layer)).map(|(id, _)| *id).collect();
+        let layer = self.layer(snap.layer);
+        let child = (children.len() == 1).then(|| self.layer(children[0]));
+        let logical_bytes = snap.size;
+        drop(cat);
+        let own = layer.map();
+        let allocated = own.map.data_blocks();
+        // Deleting merges the layer into its only child: the blocks the child already holds
+        // are freed, the rest move up. With several children (clones) nothing is freed.
+        let exclusive = match &child {
+            Some(child) => {
+                let child = child.map();
+                let mut n = 0u64;
+                for page_no in own.map.page_numbers(0, u64::MAX) {
+                    let (Some(p), Some(c)) = (own.map.page(page_no), child.map.page(page_no)) else { continue };
+                    for w in 0..p.data_bits().len() {
+                        n += (p.data_bits()[w] & (c.data_bits()[w] | c.zero_bits()[w])).count_ones() as u64;
+                    }
+                }
+                n
+            }
+            None => 0,
+        };
+        Ok(SnapshotUsage {
+            logical_bytes,
+            allocated_bytes: allocated * BLOCK_SIZE,
+            exclusive_bytes: exclusive * BLOCK_SIZE,
+            shared_bytes: (allocated - exclusive) * BLOCK_SIZE,
+        })
+    }
+
+    fn wake_merger(&self) {
+        let mut state = self.merger.lock().expect("merger lock");
+        state.wakeups += 1;
+        state.idle = false;
+        self.merger_signal.notify_all();
+    }
+
+    fn run_merger(&self) {
+        let mut seen = u64::MAX;
+        loop {
+            {
+                let mut state = self.merger.lock().expect("merger lock");
+                loop {
+                    if state.stop {
+                        return;
+                    }
+                    if state.wakeups != seen {
+                        seen = state.wakeups;
+                        state.idle = false;
+                        break;
+                    }
+                    state.idle = true;
+                    self.merger_signal.notify_all();
+                    state = self.merger_signal.wait(state).expect("merger lock");
+                }
+            }
+            loop {
+                if self.merger.lock().expect("merger lock").stop {
+                    return;
+                }
+                match self.merge_once() {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        self.merger.lock().expect("merger lock").last_error = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Merges one deleted snapshot's layer into its only child: copies the blocks the child
+    /// does not hold (readers see the same bytes from either layer), makes the child durable,
+    /// then commits. A crash anywhere before the commit leaves the source intact; the merge
+    /// restarts and skips blocks already copied.
+    fn merge_once(&self) -> Result<bool, Error> {
+        let Some(task) = self.catalog().state.merge_tasks().first().copied() else { return Ok(false) };
+        let MergeTask { layer, into, copy_data, keep_tracking } = task;
+        let (source, target) = (self.layer(layer), self.layer(into));
+        if copy_data {
+            let pages: Vec<u64> = source.map().map.page_numbers(0, u64::MAX).collect();
+            let mut buf = Vec::new();
+            for page_no in pages {
+                let started = Instant::now();
+                let copied = self.merge_page(&source, &target, page_no, &mut buf)?;
+                self.throttle(copied, started);
+            }
+        }
+        if !keep_tracking {
+            // The boundary between the two layers is forgotten: the child now also answers
+            // for the blocks written while the source was a head.
+            let runs = source.map().map.written_runs();
+            let mut state = target.map_mut();
+            for run in runs {
+                state.apply(run, MapOp::MarkWritten);
+            }
+        }
+        target.flush()?;
+        let cat = self.catalog();
+        if !cat.state.merge_tasks().contains(&task) {
+            return Ok(true); // The layers changed meanwhile (a volume was deleted): redo.
+        }
+        self.commit(cat, Event::Merged { layer, into })?;
+        let cat = self.catalog();
+        if cat.state.layers.contains_key(&layer) {
+            source.map_mut().map.keep_only_written();
+            source.remove_data_files()?;
+        }
+        // Live volumes drop the merged layer from their chains.
+        for core in self.volumes.read().expect("volumes lock").values() {
+            let mut v = core.view.write().expect("view lock");
+            if v.chain.iter().any(|l| l.id() == layer) {
+                let top = v.chain.last().expect("a volume has a head").id();
+                let layers = self.layers.lock().expect("layers lock");
+                let chain = cat.state.read_chain(top).iter().map(|l| layers[l].clone()).collect();
+                v.set_chain(chain);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Copies the blocks of one page the target does not hold. Returns bytes copied.
+    fn merge_page(&self, source: &Layer, target: &Layer, page_no: u64, buf: &mut Vec<u8>) -> Result<u64, Error> {
+        let first = page_no * PAGE_BLOCKS;
+        // If the target is a live head, writes to this page wait until the page is done.
+        let core = {
+            let cat = self.catalog();
+            if !cat.state.layers.contains_key(&target.id()) {
+                return Ok(0); // Deleted meanwhile: the commit will see the task is gone.
+            }
+            let id = cat.state.volumes.iter().find(|(_, v)| v.head == target.id()).map(|(id, _)| *id);
+            id.and_then(|id| self.volumes.read().expect("volumes lock").get(&id).cloned())
+        };
+        let _gate = core.as_ref().map(|c| c.gate.read().expect("gate lock"));
+        let _regions = core.as_ref().map(|c| c.lock_regions(first, first + PAGE_BLOCKS));
+        let Some(src) = source.map().map.page(page_no).cloned() else { return Ok(0) };
+        let dst = target.map().map.page(page_no).cloned().unwrap_or_default();
+        let mut copied = 0;
+        for (state, src_bits) in [(BlockState::Data, src.data_bits()), (BlockState::Zero, src.zero_bits())] {
+            let mut todo = [0u64; 8];
+            for w in 0..8 {
+                todo[w] = src_bits[w] & !(dst.data_bits()[w] | dst.zero_bits()[w]);
+            }
+            let mut runs = crate::blockmap::RunBuilder::default();
+            crate::blockmap::push_bitmap_runs(&mut runs, first, &todo);
+            for run in runs.finish() {
+                if state == BlockState::Data {
+                    let bytes = (run.count << BLOCK_SHIFT) as usize;
+                    buf.resize(bytes, 0);
+                    source.read_data(&mut buf[..bytes], run.start << BLOCK_SHIFT)?;
+                    target.write_data(&buf[..bytes], run.start << BLOCK_SHIFT)?;
+                    copied += bytes as u64;
+                }
+                target.map_mut().apply(run, MapOp::Set { state, written: false });
+            }
+        }
+        Ok(copied)
+    }
+
+    fn throttle(&self, bytes: u64, started: Instant) {
+        let Some(rate) = self.options.merge_bytes_per_sec else { return };
+        let due = Duration::from_secs_f64(bytes as f64 / rate as f64);
+        if let Some(rest) = due.checked_sub(started.elapsed()) {
+            // Pacing, not synchronization: the merge yields bandwidth to guest I/O.
+            std::thread::sleep(rest);
+        }
+    }
+}
+
+/// A handle for I/O on a live volume. Cheap to clone; usable from many threads.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    core: Arc<VolumeCore>,
+}
+
+impl Volume {
+    /// The volume's id.
+    pub fn id(&self) -> VolumeId {
+        VolumeId(self.core.id)
+    }
+
+    /// Current size in bytes.
+    pub fn size(&self) -> u64 {
+        self.core.size()
+    }
+
+    fn alive(&self) -> Result<(), Error> {
+        if self.core.deleted.load(Ordering::SeqCst) {
+            return Err(Error::NotFound { kind: "volume", name: self.core.id.to_string() });
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+        let _gate = self.core.gate.read().expect("gate lock");
+        self.alive()?;
+        check_range(offset, buf.len() as u64, self.core.size())?;
+        Ok(view::read(&self.core.view, buf, offset)?)
+    }
+
+    /// Writes `data` at `offset`; with `fua` it is durable when this returns.
+    pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), Error> {
+        self.modify(offset, data.len() as u64, Some(data), fua)
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros, freeing whole blocks.
+    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), Error> {
+        self.modify(offset, len, None, fua)
+    }
+
+    /// Discards `[offset, offset+len)`. It reads back as zeros, even where an older snapshot
+    /// holds data.
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), Error> {
+        self.write_zeroes(offset, len, fua)
+    }
+
+    fn modify(&self, offset: u64, len: u64, data: Option<&[u8]>, fua: bool) -> Result<(), Error> {
+        {
+            let _gate = self.core.gate.read().expect("gate lock");
+            self.alive()?;
+            check_range(offset, len, self.core.size())?;
+            if len > 0 {
+                self.modify_locked(offset, len, data)?;
+            }
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn modify_locked(&self, offset: u64, len: u64, data: Option<&[u8]>) -> Result<(), Error> {
+        let first = offset >> BLOCK_SHIFT;
+        let end = (offset + len).div_ceil(BLOCK_SIZE);
+        let _regions = self.core.lock_regions(first, end);
+        let head = self.core.head();
+        let size = self.core.size();
+        // Whole blocks in the middle; partial blocks at either edge need their other bytes.
+        let full_first = offset.div_ceil(BLOCK_SIZE);
+        let full_end = ((offset + len) >> BLOCK_SHIFT).max(full_first);
+        let mut edges = Vec::new();
+        if first < full_first {
+            edges.push(first);
+        }
+        if end > full_end && (edges.is_empty() || end - 1 != first) {
+            edges.push(end - 1);
+        }
+        for block in edges {
+            let b_start = block << BLOCK_SHIFT;
+            let lo = offset.max(b_start);
+            let hi = (offset + len).min(b_start + BLOCK_SIZE);
+            let zeros;
+            let part = match data {
+                Some(d) => &d[(lo - offset) as usize..(hi - offset) as usize],
+                None => {
+                    zeros = vec![0u8; (hi - lo) as usize];
+                    &zeros[..]
+                }
+            };
+            if head.map().map.get(block) == Some(BlockState::Data) {
+                head.write_data(part, lo)?;
+            } else {
+                // Copy up: the block's current bytes from below, overlaid with the new ones.
+                let mut whole = vec![0u8; BLOCK_SIZE as usize];
+                let valid = (size - b_start).min(BLOCK_SIZE) as usize;
+                view::read(&self.core.view, &mut whole[..valid], b_start)?;
+                whole[(lo - b_start) as usize..(hi - b_start) as usize].copy_from_slice(part);
+                head.write_data(&whole, b_start)?;
+            }
+        }
+        let mid = BlockRun { start: full_first, count: full_end - full_first };
+        if mid.count > 0 {
+            match data {
+                Some(d) => {
+                    let at = mid.start << BLOCK_SHIFT;
+                    head.write_data(&d[(at - offset) as usize..((mid.end() << BLOCK_SHIFT) - offset) as usize], at)?
+                }
+                None => head.punch_blocks(mid)?,
+            }
+        }
+        // Only now that the bytes are written do the map and the flattened view point at them.
+        let mut v = self.core.view.write().expect("view lock");
+        let mut state = head.map_mut();
+        let mut note = |run: BlockRun, zero: bool| {
+            let st = if zero { BlockState::Zero } else { BlockState::Data };
+            state.apply(run, MapOp::Set { state: st, written: true });
+            v.note_top_write(run, zero);
+        };
+        if data.is_some() {
+            note(BlockRun { start: first, count: end - first }, false);
+        } else {
+            for block in [first, end - 1] {
+                if block < full_first || block >= full_end {
+                    note(BlockRun { start: block, count: 1 }, false);
+                }
+            }
+            if mid.count > 0 {
+                note(mid, true);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every write completed before this call durable.
+    pub fn flush(&self) -> Result<(), Error> {
+        let head = {
+            let _gate = self.core.gate.read().expect("gate lock");
+            self.alive()?;
+            self.core.head()
+        };
+        head.flush()?;
+        let compacted = self.core.compacted_journal.load(Ordering::Relaxed);
+        if head.journal_len() > JOURNAL_COMPACT_MIN.max(compacted * 4) {
+            // Rare: pause I/O on this volume while the journal is rewritten as its map.
+            let _gate = self.core.gate.write().expect("gate lock");
+            if Arc::ptr_eq(&head, &self.core.head()) {
+                head.flush()?;
+                head.compact_journal()?;
+                self.core.compacted_journal.store(head.journal_len(), Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocation of `[offset, offset+len)`: data, zero and hole extents in order.
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<AllocExtent>, Error> {
+        let _gate = self.core.gate.read().expect("gate lock");
+        self.alive()?;
+        check_range(offset, len, self.core.size())?;
+        Ok(view::allocation(&self.core.view, offset, len))
+    }
+}
+
+/// A read-only view of a snapshot. It follows merges of other layers under it; reads fail
+/// once the snapshot is deleted.
+#[derive(Debug)]
+pub struct SnapshotView {
+    store: Arc<StoreInner>,
+    snapshot: SnapshotId,
+    view: RwLock<ViewState>,
+    epoch: AtomicU64,
+}
+
+impl SnapshotView {
+    /// The snapshot's size.
+    pub fn size(&self) -> u64 {
+        self.view.read().expect("view lock").size
+    }
+
+    /// Picks up a changed chain (a merge under the snapshot) or notices a delete.
+    fn refresh(&self) -> Result<(), Error> {
+        let now = self.store.epoch.load(Ordering::SeqCst);
+        if self.epoch.load(Ordering::SeqCst) == now {
+            return Ok(());
+        }
+        let (fresh, epoch) = self.store.snapshot_view_state(self.snapshot)?;
+        let mut v = self.view.write().expect("view lock");
+        let same = v.chain.len() == fresh.chain.len() && v.chain.iter().zip(fresh.chain.iter()).all(|(a, b)| Arc::ptr_eq(a, b));
+        if !same {
+            *v = fresh;
+        }
+        self.epoch.store(epoch, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
+        self.refresh()?;
+        check_range(offset, buf.len() as u64, self.size())?;
+        Ok(view::read(&self.view, buf, offset)?)
+    }
+
+    /// Allocation of `[offset, offset+len)`.
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<AllocExtent>, Error> {
+        self.refresh()?;
+        check_range(offset, len, self.size())?;
+        Ok(view::allocation(&self.view, offset, len))
+    }
+}

@@ -1,0 +1,244 @@
+//! Reading through a chain of layers in O(1) per block: a flattened, lazily built map from
+//! block to the position of the topmost layer that holds it.
+//!
+//! The flattened map is kept per page of 512 blocks (1 KiB per 2 MiB page that holds data
+//! somewhere in the chain, so at most 512 MiB per TiB of touched disk). Pages no layer holds are
+//! never cached: they read as holes after one lookup per layer.
+
+use crate::blockmap::{BlockRun, BLOCK_SHIFT, BLOCK_SIZE, PAGE_BLOCKS};
+use crate::layer::Layer;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+/// Flattened entry: no layer holds the block.
+pub const HOLE: u16 = 0;
+/// Flattened entry: the topmost layer holding the block says it reads as zeros.
+pub const ZERO: u16 = u16::MAX;
+/// The deepest chain a flattened entry can address.
+pub const MAX_CHAIN: usize = (u16::MAX - 2) as usize;
+
+type FlatPage = Box<[u16; PAGE_BLOCKS as usize]>;
+
+/// What a range of a volume or snapshot holds, for block status and sparse copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// Some layer holds data.
+    Data,
+    /// Explicitly zeroed or trimmed: reads as zeros, holds no data.
+    Zero,
+    /// Never written anywhere in the chain: reads as zeros.
+    Hole,
+}
+
+/// A byte range with one [`Allocation`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocExtent {
+    pub offset: u64,
+    pub length: u64,
+    pub kind: Allocation,
+}
+
+/// The chain, size and flattened map of one view (a live volume or a snapshot).
+#[derive(Debug)]
+pub struct ViewState {
+    /// Layers from the bottom; the last is the top (a live volume's head).
+    pub chain: Arc<[Arc<Layer>]>,
+    pub size: u64,
+    flat: HashMap<u64, FlatPage>,
+}
+
+impl ViewState {
+    pub fn new(chain: Vec<Arc<Layer>>, size: u64) -> Self {
+        Self { chain: chain.into(), size, flat: HashMap::new() }
+    }
+
+    /// Replaces the chain; the flattened map is rebuilt lazily.
+    pub fn set_chain(&mut self, chain: Vec<Arc<Layer>>) {
+        self.chain = chain.into();
+        self.flat.clear();
+    }
+
+    /// Appends a new top layer (a snapshot's new head): every cached entry stays valid.
+    pub fn push_top(&mut self, layer: Arc<Layer>) {
+        let mut chain = self.chain.to_vec();
+        chain.push(layer);
+        self.chain = chain.into();
+    }
+
+    /// Records that the top layer now holds `run` (as data, or as zeros).
+    pub fn note_top_write(&mut self, run: BlockRun, zero: bool) {
+        let value = if zero { ZERO } else { self.chain.len() as u16 };
+        let mut block = run.start;
+        while block < run.end() {
+            let page_no = block / PAGE_BLOCKS;
+            let from = (block % PAGE_BLOCKS) as usize;
+            let to = ((run.end() - page_no * PAGE_BLOCKS).min(PAGE_BLOCKS)) as usize;
+            if let Some(page) = self.flat.get_mut(&page_no) {
+                page[from..to].fill(value);
+            }
+            block = page_no * PAGE_BLOCKS + to as u64;
+        }
+    }
+}
+
+/// Builds the flattened page `page_no` of `chain`, or `None` if no layer holds any block of it.
+fn resolve_page(chain: &[Arc<Layer>], page_no: u64) -> Option<FlatPage> {
+    let mut flat: Option<FlatPage> = None;
+    let mut unresolved = [u64::MAX; (PAGE_BLOCKS / 64) as usize];
+    for (pos, layer) in chain.iter().enumerate().rev() {
+        let state = layer.map();
+        let Some(page) = state.map.page(page_no) else { continue };
+        let out = flat.get_or_insert_with(|| Box::new([HOLE; PAGE_BLOCKS as usize]));
+        let mut remaining = 0u64;
+        for w in 0..unresolved.len() {
+            let data = page.data_bits()[w] & unresolved[w];
+            let zero = page.zero_bits()[w] & unresolved[w];
+            for (bits, value) in [(data, pos as u16 + 1), (zero, ZERO)] {
+                let mut rest = bits;
+                while rest != 0 {
+                    let bit = rest.trailing_zeros() as usize;
+                    out[w * 64 + bit] = value;
+                    rest &= rest - 1;
+                }
+            }
+            unresolved[w] &= !(data | zero);
+            remaining |= unresolved[w];
+        }
+        if remaining == 0 {
+            break;
+        }
+    }
+    flat
+}
+
+/// The flattened entries of blocks `[first, first + count)`, with the chain they refer to.
+pub fn lookup(view: &RwLock<ViewState>, first: u64, count: u64) -> (Arc<[Arc<Layer>]>, Vec<u16>) {
+    let mut out = Vec::with_capacity(count as usize);
+    {
+        let v = view.read().expect("view lock");
+        if fill_entries(&v, first, count, &mut out, |_| None) {
+            return (v.chain.clone(), out);
+        }
+    }
+    // A page some layer holds is not cached yet: build it under the write lock, so no write
+    // to the head can slip between building and caching it.
+    out.clear();
+    let mut v = view.write().expect("view lock");
+    let chain = v.chain.clone();
+    let mut built = Vec::new();
+    fill_entries(&v, first, count, &mut out, |page_no| {
+        let page = resolve_page(&chain, page_no)?;
+        built.push((page_no, page.clone()));
+        Some(page)
+    });
+    for (page_no, page) in built {
+        v.flat.insert(page_no, page);
+    }
+    (chain, out)
+}
+
+/// Appends the entries of `[first, first+count)` to `out`. Uncached pages that some layer holds
+/// go to `build`; returns false if one is needed and `build` gave none.
+fn fill_entries(
+    v: &ViewState,
+    first: u64,
+    count: u64,
+    out: &mut Vec<u16>,
+    mut build: impl FnMut(u64) -> Option<FlatPage>,
+) -> bool {
+    let end = first + count;
+    let mut block = first;
+    while block < end {
+        let page_no = block / PAGE_BLOCKS;
+        let from = (block % PAGE_BLOCKS) as usize;
+        let to = ((end - page_no * PAGE_BLOCKS).min(PAGE_BLOCKS)) as usize;
+        if let Some(page) = v.flat.get(&page_no) {
+            out.extend_from_slice(&page[from..to]);
+        } else if v.chain.iter().all(|l| l.map().map.page(page_no).is_none()) {
+            out.extend(std::iter::repeat_n(HOLE, to - from));
+        } else if let Some(page) = build(page_no) {
+            out.extend_from_slice(&page[from..to]);
+        } else {
+            return false;
+        }
+        block = page_no * PAGE_BLOCKS + to as u64;
+    }
+    true
+}
+
+/// Reads `buf.len()` bytes at `offset`; the caller checked the range against the size.
+/// Bytes of the last block past `size` read as zeros.
+pub fn read(view: &RwLock<ViewState>, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let first = offset >> BLOCK_SHIFT;
+    let end = (offset + buf.len() as u64).div_ceil(BLOCK_SIZE);
+    let (chain, entries) = lookup(view, first, end - first);
+    let mut i = 0usize;
+    while i < entries.len() {
+        let value = entries[i];
+        let mut j = i + 1;
+        while j < entries.len() && entries[j] == value {
+            j += 1;
+        }
+        // Bytes of the request covered by blocks [first+i, first+j).
+        let run_start = ((first + i as u64) << BLOCK_SHIFT).max(offset);
+        let run_end = ((first + j as u64) << BLOCK_SHIFT).min(offset + buf.len() as u64);
+        let dst = &mut buf[(run_start - offset) as usize..(run_end - offset) as usize];
+        match value {
+            HOLE | ZERO => dst.fill(0),
+            pos => chain[pos as usize - 1].read_data(dst, run_start)?,
+        }
+        i = j;
+    }
+    Ok(())
+}
+
+/// The allocation of `[offset, offset + len)`, as extents in order, merged where adjacent.
+pub fn allocation(view: &RwLock<ViewState>, offset: u64, len: u64) -> Vec<AllocExtent> {
+    let mut extents: Vec<AllocExtent> = Vec::new();
+    let mut push = |offset: u64, length: u64, kind: Allocation| {
+        if length == 0 {
+            return;
+        }
+        if let Some(last) = extents.last_mut() {
+            if last.kind == kind && last.offset + last.length == offset {
+                last.length += length;
+                return;
+            }
+        }
+        extents.push(AllocExtent { offset, length, kind });
+    };
+    let end = offset + len;
+    let first_page = (offset >> BLOCK_SHIFT) / PAGE_BLOCKS;
+    let last_page = (end.saturating_sub(1) >> BLOCK_SHIFT) / PAGE_BLOCKS;
+    // Only pages some layer holds need a look; everything between is a hole.
+    let pages: std::collections::BTreeSet<u64> = {
+        let v = view.read().expect("view lock");
+        v.chain.iter().flat_map(|l| l.map().map.page_numbers(first_page, last_page + 1).collect::<Vec<_>>()).collect()
+    };
+    let mut pos = offset;
+    for page_no in pages {
+        let page_start = (page_no * PAGE_BLOCKS) << BLOCK_SHIFT;
+        let page_end = (((page_no + 1) * PAGE_BLOCKS) << BLOCK_SHIFT).min(end);
+        let from = page_start.max(offset);
+        push(pos, from - pos, Allocation::Hole);
+        let first = from >> BLOCK_SHIFT;
+        let last = page_end.div_ceil(BLOCK_SIZE);
+        let (_, entries) = lookup(view, first, last - first);
+        for (k, value) in entries.iter().enumerate() {
+            let b_start = ((first + k as u64) << BLOCK_SHIFT).max(from);
+            let b_end = ((first + k as u64 + 1) << BLOCK_SHIFT).min(page_end);
+            let kind = match *value {
+                HOLE => Allocation::Hole,
+                ZERO => Allocation::Zero,
+                _ => Allocation::Data,
+            };
+            push(b_start, b_end - b_start, kind);
+        }
+        pos = page_end;
+    }
+    push(pos, end - pos, Allocation::Hole);
+    extents
+}
