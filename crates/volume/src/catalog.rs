@@ -86,21 +86,50 @@ pub struct SnapshotEntry {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// The full state (first record of a compacted log).
-    State { catalog: Catalog },
+    State {
+        catalog: Catalog,
+    },
     /// A new volume with an empty head on `parent` (a clone) or on nothing.
-    CreateVolume { volume: u64, name: String, size: u64, head: u64, parent: Option<u64>, created_ms: u64 },
+    CreateVolume {
+        volume: u64,
+        name: String,
+        size: u64,
+        head: u64,
+        parent: Option<u64>,
+        created_ms: u64,
+    },
     /// Several volumes snapshotted at one instant.
-    Snapshot { entries: Vec<SnapshotEntry>, created_ms: u64 },
+    Snapshot {
+        entries: Vec<SnapshotEntry>,
+        created_ms: u64,
+    },
     /// The volume's head is dropped; a new empty head sits on the snapshot's layer.
-    Revert { volume: u64, snapshot: u64, new_head: u64 },
-    Grow { volume: u64, size: u64 },
-    DeleteSnapshot { snapshot: u64, keep_checkpoint: bool },
-    DeleteVolume { volume: u64 },
+    Revert {
+        volume: u64,
+        snapshot: u64,
+        new_head: u64,
+    },
+    Grow {
+        volume: u64,
+        size: u64,
+    },
+    DeleteSnapshot {
+        snapshot: u64,
+        keep_checkpoint: bool,
+    },
+    DeleteVolume {
+        volume: u64,
+    },
     /// A checkpoint is no longer needed; its ghost layer can fold into its child.
-    ForgetCheckpoint { snapshot: u64 },
+    ForgetCheckpoint {
+        snapshot: u64,
+    },
     /// `layer`'s blocks were copied into its only child `into`; it becomes a ghost if a
     /// checkpoint still needs its change tracking, else it is gone.
-    Merged { layer: u64, into: u64 },
+    Merged {
+        layer: u64,
+        into: u64,
+    },
 }
 
 /// A layer whose data can be merged into its only child.
@@ -135,7 +164,14 @@ impl Catalog {
     pub fn apply(&mut self, event: &Event) -> Result<Vec<u64>, CatalogError> {
         match event {
             Event::State { catalog } => *self = catalog.clone(),
-            Event::CreateVolume { volume, name, size, head, parent, created_ms } => {
+            Event::CreateVolume {
+                volume,
+                name,
+                size,
+                head,
+                parent,
+                created_ms,
+            } => {
                 if self.volumes.contains_key(volume) || self.layers.contains_key(head) {
                     return inconsistent(format!("volume {volume} or layer {head} exists"));
                 }
@@ -145,16 +181,35 @@ impl Catalog {
                     }
                 }
                 self.bump_ids(&[*volume, *head]);
-                self.layers.insert(*head, LayerRecord { parent: *parent, ghost: false });
+                self.layers.insert(
+                    *head,
+                    LayerRecord {
+                        parent: *parent,
+                        ghost: false,
+                    },
+                );
                 self.volumes.insert(
                     *volume,
-                    VolumeRecord { name: name.clone(), size: *size, head: *head, created_ms: *created_ms },
+                    VolumeRecord {
+                        name: name.clone(),
+                        size: *size,
+                        head: *head,
+                        created_ms: *created_ms,
+                    },
                 );
             }
-            Event::Snapshot { entries, created_ms } => {
+            Event::Snapshot {
+                entries,
+                created_ms,
+            } => {
                 for e in entries {
-                    if !self.volumes.contains_key(&e.volume) || self.layers.contains_key(&e.new_head) {
-                        return inconsistent(format!("volume {} missing or layer {} exists", e.volume, e.new_head));
+                    if !self.volumes.contains_key(&e.volume)
+                        || self.layers.contains_key(&e.new_head)
+                    {
+                        return inconsistent(format!(
+                            "volume {} missing or layer {} exists",
+                            e.volume, e.new_head
+                        ));
                     }
                 }
                 for e in entries {
@@ -164,7 +219,13 @@ impl Catalog {
                     let frozen = vol.head;
                     vol.head = e.new_head;
                     let size = vol.size;
-                    self.layers.insert(e.new_head, LayerRecord { parent: Some(frozen), ghost: false });
+                    self.layers.insert(
+                        e.new_head,
+                        LayerRecord {
+                            parent: Some(frozen),
+                            ghost: false,
+                        },
+                    );
                     self.snapshots.insert(
                         e.snapshot,
                         SnapshotRecord {
@@ -179,7 +240,11 @@ impl Catalog {
                     self.bump_ids(&[e.snapshot, e.new_head]);
                 }
             }
-            Event::Revert { volume, snapshot, new_head } => {
+            Event::Revert {
+                volume,
+                snapshot,
+                new_head,
+            } => {
                 let Some(snap) = self.snapshots.get(snapshot) else {
                     return inconsistent(format!("snapshot {snapshot} missing"));
                 };
@@ -189,7 +254,13 @@ impl Catalog {
                 };
                 vol.head = *new_head;
                 vol.size = size;
-                self.layers.insert(*new_head, LayerRecord { parent: Some(layer), ghost: false });
+                self.layers.insert(
+                    *new_head,
+                    LayerRecord {
+                        parent: Some(layer),
+                        ghost: false,
+                    },
+                );
                 self.bump_ids(&[*new_head]);
             }
             Event::Grow { volume, size } => {
@@ -198,7 +269,10 @@ impl Catalog {
                 };
                 vol.size = *size;
             }
-            Event::DeleteSnapshot { snapshot, keep_checkpoint } => {
+            Event::DeleteSnapshot {
+                snapshot,
+                keep_checkpoint,
+            } => {
                 if *keep_checkpoint {
                     let Some(snap) = self.snapshots.get_mut(snapshot) else {
                         return inconsistent(format!("snapshot {snapshot} missing"));
@@ -209,7 +283,11 @@ impl Catalog {
                 }
             }
             Event::ForgetCheckpoint { snapshot } => {
-                if !self.snapshots.get(snapshot).is_some_and(|s| s.checkpoint_only) {
+                if !self
+                    .snapshots
+                    .get(snapshot)
+                    .is_some_and(|s| s.checkpoint_only)
+                {
                     return inconsistent(format!("checkpoint {snapshot} missing"));
                 }
                 self.snapshots.remove(snapshot);
@@ -225,10 +303,20 @@ impl Catalog {
                     return inconsistent(format!("layer {layer} cannot merge into {into}"));
                 }
                 if self.has_checkpoint(*layer) {
-                    self.layers.get_mut(layer).expect("merge task layer exists").ghost = true;
+                    self.layers
+                        .get_mut(layer)
+                        .expect("merge task layer exists")
+                        .ghost = true;
                 } else {
-                    let parent = self.layers.remove(layer).expect("merge task layer exists").parent;
-                    self.layers.get_mut(into).expect("merge task child exists").parent = parent;
+                    let parent = self
+                        .layers
+                        .remove(layer)
+                        .expect("merge task layer exists")
+                        .parent;
+                    self.layers
+                        .get_mut(into)
+                        .expect("merge task child exists")
+                        .parent = parent;
                 }
             }
         }
@@ -236,7 +324,10 @@ impl Catalog {
     }
 
     fn children(&self, layer: u64) -> impl Iterator<Item = u64> + '_ {
-        self.layers.iter().filter(move |(_, l)| l.parent == Some(layer)).map(|(id, _)| *id)
+        self.layers
+            .iter()
+            .filter(move |(_, l)| l.parent == Some(layer))
+            .map(|(id, _)| *id)
     }
 
     fn is_head(&self, layer: u64) -> bool {
@@ -244,11 +335,15 @@ impl Catalog {
     }
 
     fn has_live_snapshot(&self, layer: u64) -> bool {
-        self.snapshots.values().any(|s| s.layer == layer && !s.checkpoint_only)
+        self.snapshots
+            .values()
+            .any(|s| s.layer == layer && !s.checkpoint_only)
     }
 
     fn has_checkpoint(&self, layer: u64) -> bool {
-        self.snapshots.values().any(|s| s.layer == layer && s.checkpoint_only)
+        self.snapshots
+            .values()
+            .any(|s| s.layer == layer && s.checkpoint_only)
     }
 
     /// Drops layers that no volume, snapshot or child uses, repeatedly, and the checkpoints
@@ -260,7 +355,11 @@ impl Catalog {
                 .layers
                 .keys()
                 .copied()
-                .filter(|id| !self.is_head(*id) && !self.has_live_snapshot(*id) && self.children(*id).next().is_none())
+                .filter(|id| {
+                    !self.is_head(*id)
+                        && !self.has_live_snapshot(*id)
+                        && self.children(*id).next().is_none()
+                })
                 .collect();
             if unused.is_empty() {
                 return dropped;
@@ -287,17 +386,29 @@ impl Catalog {
         if rec.ghost && keep_tracking {
             return None; // Nothing to do until its checkpoint is forgotten.
         }
-        Some(MergeTask { layer, into, copy_data: !rec.ghost, keep_tracking })
+        Some(MergeTask {
+            layer,
+            into,
+            copy_data: !rec.ghost,
+            keep_tracking,
+        })
     }
 
     /// Layers to merge into their child, lowest id first.
     pub fn merge_tasks(&self) -> Vec<MergeTask> {
-        self.layers.keys().filter_map(|id| self.merge_task_for(*id)).collect()
+        self.layers
+            .keys()
+            .filter_map(|id| self.merge_task_for(*id))
+            .collect()
     }
 
     /// Layers from the bottom up to `top` that hold data (ghosts left out).
     pub fn read_chain(&self, top: u64) -> Vec<u64> {
-        let mut chain: Vec<u64> = self.lineage(top).into_iter().filter(|id| !self.layers[id].ghost).collect();
+        let mut chain: Vec<u64> = self
+            .lineage(top)
+            .into_iter()
+            .filter(|id| !self.layers[id].ghost)
+            .collect();
         chain.reverse();
         chain
     }
@@ -307,7 +418,9 @@ impl Catalog {
         let mut out = Vec::new();
         let mut cur = Some(top);
         while let Some(id) = cur {
-            let Some(rec) = self.layers.get(&id) else { break };
+            let Some(rec) = self.layers.get(&id) else {
+                break;
+            };
             out.push(id);
             cur = rec.parent;
         }
@@ -316,7 +429,10 @@ impl Catalog {
 
     /// The id of the volume named `name`.
     pub fn volume_by_name(&self, name: &str) -> Option<u64> {
-        self.volumes.iter().find(|(_, v)| v.name == name).map(|(id, _)| *id)
+        self.volumes
+            .iter()
+            .find(|(_, v)| v.name == name)
+            .map(|(id, _)| *id)
     }
 
     /// The live snapshot named `name` of volume `volume`.
@@ -356,7 +472,11 @@ pub struct Replayed {
 /// Replays a whole `catalog.log`. An empty file is an empty catalog.
 pub fn replay(bytes: &[u8]) -> Result<Replayed, CatalogError> {
     if bytes.len() < HEADER_LEN {
-        return Ok(Replayed { catalog: Catalog::default(), valid_len: 0, frames: 0 });
+        return Ok(Replayed {
+            catalog: Catalog::default(),
+            valid_len: 0,
+            frames: 0,
+        });
     }
     if bytes[0..8] != MAGIC {
         return Err(CatalogError::BadMagic);
@@ -372,16 +492,27 @@ pub fn replay(bytes: &[u8]) -> Result<Replayed, CatalogError> {
         let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into().expect("4 bytes"));
         let start = pos + FRAME_HEADER_LEN;
-        if len > MAX_FRAME || bytes.len() - start < len || crc32c::crc32c(&bytes[start..start + len]) != crc {
+        if len > MAX_FRAME
+            || bytes.len() - start < len
+            || crc32c::crc32c(&bytes[start..start + len]) != crc
+        {
             break; // A torn tail: the event was never acknowledged.
         }
-        let bad = |reason: String| CatalogError::BadRecord { offset: pos as u64, reason };
-        let event: Event = serde_json::from_slice(&bytes[start..start + len]).map_err(|e| bad(e.to_string()))?;
+        let bad = |reason: String| CatalogError::BadRecord {
+            offset: pos as u64,
+            reason,
+        };
+        let event: Event =
+            serde_json::from_slice(&bytes[start..start + len]).map_err(|e| bad(e.to_string()))?;
         catalog.apply(&event).map_err(|e| bad(e.to_string()))?;
         pos = start + len;
         frames += 1;
     }
-    Ok(Replayed { catalog, valid_len: pos as u64, frames })
+    Ok(Replayed {
+        catalog,
+        valid_len: pos as u64,
+        frames,
+    })
 }
 
 #[cfg(test)]
@@ -390,15 +521,31 @@ mod tests {
 
     fn create(cat: &mut Catalog, name: &str) -> (u64, u64) {
         let (volume, head) = (cat.allocate_id(), cat.allocate_id());
-        let ev = Event::CreateVolume { volume, name: name.into(), size: 1 << 20, head, parent: None, created_ms: 0 };
+        let ev = Event::CreateVolume {
+            volume,
+            name: name.into(),
+            size: 1 << 20,
+            head,
+            parent: None,
+            created_ms: 0,
+        };
         cat.apply(&ev).unwrap();
         (volume, head)
     }
 
     fn snapshot(cat: &mut Catalog, volume: u64, name: &str) -> (u64, u64) {
         let (snapshot, new_head) = (cat.allocate_id(), cat.allocate_id());
-        let entries = vec![SnapshotEntry { volume, snapshot, name: name.into(), new_head }];
-        cat.apply(&Event::Snapshot { entries, created_ms: 0 }).unwrap();
+        let entries = vec![SnapshotEntry {
+            volume,
+            snapshot,
+            name: name.into(),
+            new_head,
+        }];
+        cat.apply(&Event::Snapshot {
+            entries,
+            created_ms: 0,
+        })
+        .unwrap();
         (snapshot, new_head)
     }
 
@@ -418,12 +565,28 @@ mod tests {
             created_ms: 0,
         })
         .unwrap();
-        cat.apply(&Event::DeleteSnapshot { snapshot: s1, keep_checkpoint: false }).unwrap();
+        cat.apply(&Event::DeleteSnapshot {
+            snapshot: s1,
+            keep_checkpoint: false,
+        })
+        .unwrap();
         assert!(cat.merge_tasks().is_empty(), "two children share the layer");
         cat.apply(&Event::DeleteVolume { volume: clone }).unwrap();
         let tasks = cat.merge_tasks();
-        assert_eq!(tasks, vec![MergeTask { layer: first_head, into: head, copy_data: true, keep_tracking: false }]);
-        cat.apply(&Event::Merged { layer: first_head, into: head }).unwrap();
+        assert_eq!(
+            tasks,
+            vec![MergeTask {
+                layer: first_head,
+                into: head,
+                copy_data: true,
+                keep_tracking: false
+            }]
+        );
+        cat.apply(&Event::Merged {
+            layer: first_head,
+            into: head,
+        })
+        .unwrap();
         assert_eq!(cat.read_chain(head), vec![head]);
         assert_eq!(cat.layers.len(), 1);
     }
@@ -433,18 +596,43 @@ mod tests {
         let mut cat = Catalog::default();
         let (vol, first_head) = create(&mut cat, "a");
         let (s1, head) = snapshot(&mut cat, vol, "s1");
-        cat.apply(&Event::DeleteSnapshot { snapshot: s1, keep_checkpoint: true }).unwrap();
+        cat.apply(&Event::DeleteSnapshot {
+            snapshot: s1,
+            keep_checkpoint: true,
+        })
+        .unwrap();
         assert_eq!(cat.snapshot_by_name(vol, "s1"), None, "the name is free");
-        cat.apply(&Event::Merged { layer: first_head, into: head }).unwrap();
+        cat.apply(&Event::Merged {
+            layer: first_head,
+            into: head,
+        })
+        .unwrap();
         assert!(cat.layers[&first_head].ghost);
         assert_eq!(cat.read_chain(head), vec![head]);
         assert_eq!(cat.lineage(head), vec![head, first_head]);
         assert!(cat.merge_tasks().is_empty());
-        cat.apply(&Event::ForgetCheckpoint { snapshot: s1 }).unwrap();
-        assert_eq!(cat.merge_tasks(), vec![MergeTask { layer: first_head, into: head, copy_data: false, keep_tracking: false }]);
-        cat.apply(&Event::DeleteSnapshot { snapshot: s1, keep_checkpoint: true }).unwrap_err();
+        cat.apply(&Event::ForgetCheckpoint { snapshot: s1 })
+            .unwrap();
+        assert_eq!(
+            cat.merge_tasks(),
+            vec![MergeTask {
+                layer: first_head,
+                into: head,
+                copy_data: false,
+                keep_tracking: false
+            }]
+        );
+        cat.apply(&Event::DeleteSnapshot {
+            snapshot: s1,
+            keep_checkpoint: true,
+        })
+        .unwrap_err();
         let (s2, _) = snapshot(&mut cat, vol, "s2");
-        cat.apply(&Event::DeleteSnapshot { snapshot: s2, keep_checkpoint: true }).unwrap();
+        cat.apply(&Event::DeleteSnapshot {
+            snapshot: s2,
+            keep_checkpoint: true,
+        })
+        .unwrap();
         let dropped = cat.apply(&Event::DeleteVolume { volume: vol }).unwrap();
         assert_eq!(dropped.len(), 3);
         assert!(cat.layers.is_empty() && cat.snapshots.is_empty());
@@ -457,7 +645,13 @@ mod tests {
         let (s1, _) = snapshot(&mut cat, vol, "s1");
         let (_, _) = snapshot(&mut cat, vol, "s2");
         let new_head = cat.allocate_id();
-        let dropped = cat.apply(&Event::Revert { volume: vol, snapshot: s1, new_head }).unwrap();
+        let dropped = cat
+            .apply(&Event::Revert {
+                volume: vol,
+                snapshot: s1,
+                new_head,
+            })
+            .unwrap();
         assert_eq!(dropped.len(), 1, "the old head goes");
         assert_eq!(cat.read_chain(new_head), vec![first_head, new_head]);
         assert_eq!(cat.layers.len(), 3, "s2's layer stays for its snapshot");
@@ -468,7 +662,14 @@ mod tests {
         let mut cat = Catalog::default();
         let mut log = encode_header().to_vec();
         let (volume, head) = (cat.allocate_id(), cat.allocate_id());
-        let ev = Event::CreateVolume { volume, name: "a".into(), size: 4096, head, parent: None, created_ms: 1 };
+        let ev = Event::CreateVolume {
+            volume,
+            name: "a".into(),
+            size: 4096,
+            head,
+            parent: None,
+            created_ms: 1,
+        };
         cat.apply(&ev).unwrap();
         encode_frame(&ev, &mut log);
         let good = log.len();
@@ -478,6 +679,9 @@ mod tests {
         assert_eq!(r.catalog, cat);
         assert_eq!(r.valid_len, good as u64);
         log[8] = 2;
-        assert_eq!(replay(&log).unwrap_err(), CatalogError::UnsupportedVersion(2));
+        assert_eq!(
+            replay(&log).unwrap_err(),
+            CatalogError::UnsupportedVersion(2)
+        );
     }
 }

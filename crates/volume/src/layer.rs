@@ -29,8 +29,13 @@ pub fn data_file_name(id: u64, segment: u64) -> String {
 pub fn layer_of_file(name: &str) -> Option<u64> {
     let rest = name.strip_prefix("layer-")?;
     let (hex, ext) = rest.split_once('.')?;
-    let valid_ext = ext == "map" || ext.strip_prefix('d').is_some_and(|n| n.parse::<u64>().is_ok());
-    (valid_ext && hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok()).flatten()
+    let valid_ext = ext == "map"
+        || ext
+            .strip_prefix('d')
+            .is_some_and(|n| n.parse::<u64>().is_ok());
+    (valid_ext && hex.len() == 16)
+        .then(|| u64::from_str_radix(hex, 16).ok())
+        .flatten()
 }
 
 /// The map and the changes not yet in the journal, under one lock so they never disagree.
@@ -82,19 +87,31 @@ impl Layer {
             segments: RwLock::new(Vec::new()),
             new_segments: Mutex::new(false),
             state: RwLock::new(MapState::default()),
-            journal: Mutex::new(JournalFile { file, end: journal::HEADER_LEN as u64, needs_dir_sync: true }),
+            journal: Mutex::new(JournalFile {
+                file,
+                end: journal::HEADER_LEN as u64,
+                needs_dir_sync: true,
+            }),
         })
     }
 
     /// Opens a layer, replaying its journal and cutting off a torn tail. A ghost keeps only
     /// its change tracking.
-    pub fn open(storage: Arc<dyn Storage>, id: u64, ghost: bool, files: &[String]) -> Result<Layer, crate::Error> {
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        id: u64,
+        ghost: bool,
+        files: &[String],
+    ) -> Result<Layer, crate::Error> {
         let name = map_file_name(id);
         let file = storage.open(&name, true)?;
-        let len = file.len()?;
+        let len = file.size()?;
         let mut bytes = vec![0u8; len as usize];
         file.read_at(&mut bytes, 0)?;
-        let replayed = journal::replay(&bytes, id).map_err(|e| crate::Error::Corrupt { file: name, reason: e.to_string() })?;
+        let replayed = journal::replay(&bytes, id).map_err(|e| crate::Error::Corrupt {
+            file: name,
+            reason: e.to_string(),
+        })?;
         let mut end = replayed.valid_len;
         if end == 0 {
             // The header never reached the disk: nothing was ever flushed to this layer.
@@ -111,7 +128,10 @@ impl Layer {
         }
         let mut segments = Vec::new();
         for f in files {
-            if let Some(seg) = f.strip_prefix(&format!("layer-{id:016x}.d")).and_then(|n| n.parse::<usize>().ok()) {
+            if let Some(seg) = f
+                .strip_prefix(&format!("layer-{id:016x}.d"))
+                .and_then(|n| n.parse::<usize>().ok())
+            {
                 if segments.len() <= seg {
                     segments.resize(seg + 1, None);
                 }
@@ -123,8 +143,15 @@ impl Layer {
             storage,
             segments: RwLock::new(segments),
             new_segments: Mutex::new(false),
-            state: RwLock::new(MapState { map, pending: Vec::new() }),
-            journal: Mutex::new(JournalFile { file, end, needs_dir_sync: false }),
+            state: RwLock::new(MapState {
+                map,
+                pending: Vec::new(),
+            }),
+            journal: Mutex::new(JournalFile {
+                file,
+                end,
+                needs_dir_sync: false,
+            }),
         })
     }
 
@@ -158,7 +185,9 @@ impl Layer {
         if let Some(seg) = &segments[index] {
             return Ok(Some(seg.clone()));
         }
-        let seg = self.storage.open(&data_file_name(self.id, index as u64), true)?;
+        let seg = self
+            .storage
+            .open(&data_file_name(self.id, index as u64), true)?;
         segments[index] = Some(seg.clone());
         *self.new_segments.lock().expect("new segments lock") = true;
         Ok(Some(seg))
@@ -175,7 +204,11 @@ impl Layer {
             let pos = offset + done;
             let within = pos & (SEGMENT_SIZE - 1);
             let n = (SEGMENT_SIZE - within).min(len - done);
-            f(pos >> SEGMENT_SHIFT, within, done as usize..(done + n) as usize)?;
+            f(
+                pos >> SEGMENT_SHIFT,
+                within,
+                done as usize..(done + n) as usize,
+            )?;
             done += n;
         }
         Ok(())
@@ -204,12 +237,14 @@ impl Layer {
 
     /// Frees the data of whole blocks (they will be marked zero).
     pub fn punch_blocks(&self, run: BlockRun) -> io::Result<()> {
-        Self::for_each_segment_part(run.start << BLOCK_SHIFT, run.count << BLOCK_SHIFT, |seg, within, range| {
-            match self.segment(seg, false)? {
+        Self::for_each_segment_part(
+            run.start << BLOCK_SHIFT,
+            run.count << BLOCK_SHIFT,
+            |seg, within, range| match self.segment(seg, false)? {
                 Some(file) => file.punch_hole(within, (range.end - range.start) as u64),
                 None => Ok(()),
-            }
-        })
+            },
+        )
     }
 
     /// Makes every completed write and map change durable: data first, then the journal.
@@ -229,8 +264,19 @@ impl Layer {
         result
     }
 
-    fn flush_locked(&self, journal: &mut MutexGuard<'_, JournalFile>, records: &[Record]) -> io::Result<()> {
-        let segments: Vec<_> = self.segments.read().expect("segments lock").iter().flatten().cloned().collect();
+    fn flush_locked(
+        &self,
+        journal: &mut MutexGuard<'_, JournalFile>,
+        records: &[Record],
+    ) -> io::Result<()> {
+        let segments: Vec<_> = self
+            .segments
+            .read()
+            .expect("segments lock")
+            .iter()
+            .flatten()
+            .cloned()
+            .collect();
         for seg in &segments {
             seg.sync()?;
         }
@@ -274,7 +320,11 @@ impl Layer {
         file.sync()?;
         self.storage.rename(&tmp, &map_file_name(self.id))?;
         self.storage.sync_dir()?;
-        *journal = JournalFile { file, end: bytes.len() as u64, needs_dir_sync: false };
+        *journal = JournalFile {
+            file,
+            end: bytes.len() as u64,
+            needs_dir_sync: false,
+        };
         Ok(())
     }
 

@@ -25,7 +25,7 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
     /// Deallocates a byte range; it reads back as zeros. The file size does not change.
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()>;
     /// The file's size in bytes.
-    fn len(&self) -> io::Result<u64>;
+    fn size(&self) -> io::Result<u64>;
     /// Cuts or extends the file to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
 }
@@ -57,7 +57,10 @@ impl DirStorage {
     /// Uses `dir`, creating it if needed.
     pub fn new(dir: impl AsRef<Path>) -> io::Result<Self> {
         std::fs::create_dir_all(dir.as_ref())?;
-        Ok(Self { dir: dir.as_ref().to_path_buf(), lock: Mutex::new(None) })
+        Ok(Self {
+            dir: dir.as_ref().to_path_buf(),
+            lock: Mutex::new(None),
+        })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -113,7 +116,7 @@ impl StorageFile for DirFile {
         Err(err)
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.0.metadata()?.len())
     }
 
@@ -314,7 +317,7 @@ impl StorageFile for MemFile {
         Ok(())
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         Ok(self.state().current.len)
     }
 
@@ -361,7 +364,10 @@ impl Storage for MemStorage {
                 files.insert(name.to_string(), file.clone());
                 Ok(file)
             }
-            None => Err(io::Error::new(io::ErrorKind::NotFound, format!("{name}: no such file"))),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{name}: no such file"),
+            )),
         }
     }
 
@@ -372,9 +378,9 @@ impl Storage for MemStorage {
 
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
         let mut files = self.files();
-        let file = files
-            .remove(from)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{from}: no such file")))?;
+        let file = files.remove(from).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("{from}: no such file"))
+        })?;
         files.insert(to.to_string(), file);
         Ok(())
     }
@@ -437,7 +443,8 @@ impl FaultControl {
     pub fn fail_after(&self, n: u64, fault: Fault, fail_reads: bool) {
         *self.fault.lock().expect("fault mutex") = fault;
         self.fail_reads.store(fail_reads, Ordering::SeqCst);
-        self.fail_after.store(self.ops() + n, Ordering::SeqCst);
+        self.fail_after
+            .store(self.ops().saturating_add(n), Ordering::SeqCst);
     }
 
     /// Stops injecting faults.
@@ -447,7 +454,9 @@ impl FaultControl {
 
     fn check(&self, is_read: bool) -> io::Result<()> {
         let op = self.ops.fetch_add(1, Ordering::SeqCst);
-        if op >= self.fail_after.load(Ordering::SeqCst) && (!is_read || self.fail_reads.load(Ordering::SeqCst)) {
+        if op >= self.fail_after.load(Ordering::SeqCst)
+            && (!is_read || self.fail_reads.load(Ordering::SeqCst))
+        {
             return Err(self.fault.lock().expect("fault mutex").error());
         }
         Ok(())
@@ -499,9 +508,9 @@ impl StorageFile for FaultyFile {
         self.inner.punch_hole(offset, len)
     }
 
-    fn len(&self) -> io::Result<u64> {
+    fn size(&self) -> io::Result<u64> {
         self.control.check(true)?;
-        self.inner.len()
+        self.inner.size()
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
@@ -514,7 +523,10 @@ impl Storage for FaultyStorage {
     fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn StorageFile>> {
         self.control.check(!create)?;
         let inner = self.inner.open(name, create)?;
-        Ok(Arc::new(FaultyFile { inner, control: self.control.clone() }))
+        Ok(Arc::new(FaultyFile {
+            inner,
+            control: self.control.clone(),
+        }))
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
@@ -550,18 +562,22 @@ mod tests {
     fn conformance(storage: &dyn Storage) {
         let f = storage.open("a", true).unwrap();
         f.write_at(b"hello", 4094).unwrap();
-        assert_eq!(f.len().unwrap(), 4099);
+        assert_eq!(f.size().unwrap(), 4099);
         let mut buf = [1u8; 8];
         f.read_at(&mut buf, 4094).unwrap();
         assert_eq!(&buf, b"hello\0\0\0", "reads past the end are zeros");
         f.punch_hole(4095, 2).unwrap();
         f.read_at(&mut buf[..5], 4094).unwrap();
         assert_eq!(&buf[..5], b"h\0\0lo");
-        assert_eq!(f.len().unwrap(), 4099, "punching keeps the size");
+        assert_eq!(f.size().unwrap(), 4099, "punching keeps the size");
         f.set_len(4095).unwrap();
         f.set_len(5000).unwrap();
         f.read_at(&mut buf[..5], 4094).unwrap();
-        assert_eq!(&buf[..5], b"h\0\0\0\0", "truncated bytes come back as zeros");
+        assert_eq!(
+            &buf[..5],
+            b"h\0\0\0\0",
+            "truncated bytes come back as zeros"
+        );
         f.sync().unwrap();
         storage.rename("a", "b").unwrap();
         assert!(storage.open("a", false).is_err());
@@ -617,6 +633,9 @@ mod tests {
         let a = DirStorage::new(dir.path()).unwrap();
         a.lock_exclusive().unwrap();
         let b = DirStorage::new(dir.path()).unwrap();
-        assert_eq!(b.lock_exclusive().unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(
+            b.lock_exclusive().unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
     }
 }

@@ -49,7 +49,11 @@ pub struct ViewState {
 
 impl ViewState {
     pub fn new(chain: Vec<Arc<Layer>>, size: u64) -> Self {
-        Self { chain: chain.into(), size, flat: HashMap::new() }
+        Self {
+            chain: chain.into(),
+            size,
+            flat: HashMap::new(),
+        }
     }
 
     /// Replaces the chain; the flattened map is rebuilt lazily.
@@ -87,7 +91,9 @@ fn resolve_page(chain: &[Arc<Layer>], page_no: u64) -> Option<FlatPage> {
     let mut unresolved = [u64::MAX; (PAGE_BLOCKS / 64) as usize];
     for (pos, layer) in chain.iter().enumerate().rev() {
         let state = layer.map();
-        let Some(page) = state.map.page(page_no) else { continue };
+        let Some(page) = state.map.page(page_no) else {
+            continue;
+        };
         let out = flat.get_or_insert_with(|| Box::new([HOLE; PAGE_BLOCKS as usize]));
         let mut remaining = 0u64;
         for w in 0..unresolved.len() {
@@ -208,7 +214,11 @@ pub fn allocation(view: &RwLock<ViewState>, offset: u64, len: u64) -> Vec<AllocE
                 return;
             }
         }
-        extents.push(AllocExtent { offset, length, kind });
+        extents.push(AllocExtent {
+            offset,
+            length,
+            kind,
+        });
     };
     let end = offset + len;
     let first_page = (offset >> BLOCK_SHIFT) / PAGE_BLOCKS;
@@ -216,7 +226,15 @@ pub fn allocation(view: &RwLock<ViewState>, offset: u64, len: u64) -> Vec<AllocE
     // Only pages some layer holds need a look; everything between is a hole.
     let pages: std::collections::BTreeSet<u64> = {
         let v = view.read().expect("view lock");
-        v.chain.iter().flat_map(|l| l.map().map.page_numbers(first_page, last_page + 1).collect::<Vec<_>>()).collect()
+        v.chain
+            .iter()
+            .flat_map(|l| {
+                l.map()
+                    .map
+                    .page_numbers(first_page, last_page + 1)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
     };
     let mut pos = offset;
     for page_no in pages {

@@ -1,0 +1,385 @@
+//! Edge cases on a real directory: unaligned I/O, the end of the volume, bad input, huge thin
+//! volumes, concurrency, and snapshots that are an exact point in time under load.
+
+use cairn_volume::storage::{FaultyStorage, MemStorage, Storage};
+use cairn_volume::{Allocation, Error, Store, StoreOptions, BLOCK_SIZE};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+
+fn store(dir: &tempfile::TempDir) -> Store {
+    Store::open_dir(dir.path(), StoreOptions::default()).unwrap()
+}
+
+#[test]
+fn unaligned_io_across_blocks_and_at_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let size = 5 * BLOCK_SIZE + 1536; // ends mid-block
+    let id = s.create_volume("v", size).unwrap().id;
+    let v = s.volume(id).unwrap();
+    let mut model = vec![0u8; size as usize];
+    let writes: [(u64, usize); 6] = [
+        (100, 9000),
+        (4095, 2),
+        (0, 1),
+        (size - 7, 7),
+        (3 * BLOCK_SIZE - 3, 5000),
+        (8192, 4096),
+    ];
+    for (i, (at, len)) in writes.iter().enumerate() {
+        let data: Vec<u8> = (0..*len).map(|k| (i * 31 + k) as u8 | 0x80).collect();
+        v.write(&data, *at, false).unwrap();
+        model[*at as usize..*at as usize + len].copy_from_slice(&data);
+    }
+    s.snapshot(id, "s").unwrap();
+    // Partial writes over a frozen lower block copy it up without losing its other bytes.
+    v.write(b"xy", 4097, false).unwrap();
+    model[4097..4099].copy_from_slice(b"xy");
+    v.write_zeroes(10, 5000, false).unwrap();
+    model[10..5010].fill(0);
+    let mut all = vec![0u8; size as usize];
+    v.read(&mut all, 0).unwrap();
+    assert_eq!(all, model);
+    let mut tail = [0u8; 7];
+    v.read(&mut tail, size - 7).unwrap();
+    assert_eq!(&tail[..], &model[(size - 7) as usize..]);
+    // Zero-length I/O is a no-op anywhere in range, including at the very end.
+    v.write(&[], size, false).unwrap();
+    v.read(&mut [], size).unwrap();
+    assert!(matches!(
+        v.read(&mut [0u8; 1], size),
+        Err(Error::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        v.write(&[1u8; 2], size - 1, false),
+        Err(Error::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        v.write_zeroes(u64::MAX, 2, false),
+        Err(Error::OutOfRange { .. })
+    ));
+    // Growing exposes zeros past the old end, also within the old last block.
+    s.grow(id, size + 8192).unwrap();
+    let mut grown = vec![1u8; 8192 + 7];
+    v.read(&mut grown, size - 7).unwrap();
+    assert_eq!(&grown[..7], &model[(size - 7) as usize..]);
+    assert!(grown[7..].iter().all(|b| *b == 0));
+}
+
+#[test]
+fn bad_requests_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    assert!(matches!(
+        s.create_volume("v", 0),
+        Err(Error::InvalidSize { .. })
+    ));
+    assert!(matches!(
+        s.create_volume("v", 1000),
+        Err(Error::InvalidSize { .. })
+    ));
+    assert!(matches!(
+        s.create_volume("v", 1 << 60),
+        Err(Error::InvalidSize { .. })
+    ));
+    assert!(matches!(
+        s.create_volume("a@b", 4096),
+        Err(Error::InvalidName(_))
+    ));
+    assert!(matches!(
+        s.create_volume("", 4096),
+        Err(Error::InvalidName(_))
+    ));
+    let a = s.create_volume("a", 1 << 20).unwrap().id;
+    let b = s.create_volume("b", 1 << 20).unwrap().id;
+    assert!(matches!(
+        s.create_volume("a", 4096),
+        Err(Error::AlreadyExists { .. })
+    ));
+    let snap = s.snapshot(a, "s").unwrap().id;
+    assert!(matches!(
+        s.snapshot(a, "s"),
+        Err(Error::AlreadyExists { .. })
+    ));
+    s.snapshot(b, "s").unwrap();
+    assert!(
+        matches!(s.revert(b, snap), Err(Error::InvalidRequest(_))),
+        "not b's snapshot"
+    );
+    assert!(matches!(
+        s.clone_snapshot(snap, "c", Some(4096)),
+        Err(Error::InvalidSize { .. })
+    ));
+    assert!(matches!(s.grow(a, 4096), Err(Error::InvalidSize { .. })));
+    assert!(matches!(
+        s.snapshot_group(&[(a, "g"), (a, "h")]),
+        Err(Error::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        s.snapshot_group(&[]),
+        Err(Error::InvalidRequest(_))
+    ));
+    s.delete_volume(b).unwrap();
+    assert!(matches!(s.volume(b), Err(Error::NotFound { .. })));
+    assert!(matches!(
+        s.delete_snapshot(cairn_volume::SnapshotId(9999), false),
+        Err(Error::NotFound { .. })
+    ));
+    // The snapshots of a deleted volume stay until deleted themselves.
+    assert_eq!(s.list_snapshots(Some(b)).len(), 1);
+    assert_eq!(s.volume_id("a").unwrap(), a);
+    assert_eq!(s.snapshot_id(a, "s").unwrap(), snap);
+}
+
+#[test]
+fn a_second_process_cannot_open_the_same_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let _s = store(&dir);
+    let err = Store::open_dir(dir.path(), StoreOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("in use"), "{err}");
+}
+
+#[test]
+fn sixteen_tib_volume_is_thin() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let size = 16u64 << 40;
+    let id = s.create_volume("big", size).unwrap().id;
+    let v = s.volume(id).unwrap();
+    v.write(b"first", 0, false).unwrap();
+    v.write(b"last!", size - 5, true).unwrap();
+    s.snapshot(id, "s").unwrap();
+    v.write(b"LAST!", size - 5, true).unwrap();
+    drop(v);
+    s.close().unwrap();
+    let s = store(&dir);
+    let v = s.volume(id).unwrap();
+    let mut buf = [0u8; 5];
+    v.read(&mut buf, size - 5).unwrap();
+    assert_eq!(&buf, b"LAST!");
+    let snap = s.open_snapshot(s.snapshot_id(id, "s").unwrap()).unwrap();
+    snap.read(&mut buf, size - 5).unwrap();
+    assert_eq!(&buf, b"last!");
+    let alloc = v.allocation(0, size).unwrap();
+    assert_eq!(
+        alloc
+            .iter()
+            .filter(|e| e.kind == Allocation::Data)
+            .map(|e| e.length)
+            .sum::<u64>(),
+        2 * BLOCK_SIZE
+    );
+    let used: u64 = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| std::os::unix::fs::MetadataExt::blocks(&e.unwrap().metadata().unwrap()) * 512)
+        .sum();
+    assert!(
+        used < 1 << 20,
+        "a 16 TiB volume with two blocks written uses {used} bytes"
+    );
+}
+
+#[test]
+fn concurrent_writers_on_disjoint_bytes_of_shared_blocks() {
+    // Eight threads write interleaved 512-byte sectors of the same blocks, over a frozen
+    // layer, so every write is a partial-block copy-up racing with its neighbours.
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let id = s.create_volume("v", 64 * BLOCK_SIZE).unwrap().id;
+    let v = s.volume(id).unwrap();
+    v.write(&vec![0xEE; 64 * BLOCK_SIZE as usize], 0, false)
+        .unwrap();
+    s.snapshot(id, "base").unwrap();
+    let threads = 8u64;
+    let barrier = Arc::new(Barrier::new(threads as usize));
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let (v, barrier) = (v.clone(), barrier.clone());
+            scope.spawn(move || {
+                barrier.wait();
+                for sector in (t..64 * 8).step_by(threads as usize) {
+                    v.write(&[t as u8 + 1; 512], sector * 512, false).unwrap();
+                }
+            });
+        }
+        // A reader meanwhile sees each sector either old or new, never anything else.
+        let v = v.clone();
+        scope.spawn(move || {
+            let mut buf = vec![0u8; 64 * BLOCK_SIZE as usize];
+            for _ in 0..50 {
+                v.read(&mut buf, 0).unwrap();
+                for (sector, chunk) in buf.chunks(512).enumerate() {
+                    let new = (sector as u64 % threads) as u8 + 1;
+                    assert!(chunk.iter().all(|b| *b == 0xEE) || chunk.iter().all(|b| *b == new));
+                }
+            }
+        });
+    });
+    let mut buf = vec![0u8; 64 * BLOCK_SIZE as usize];
+    v.read(&mut buf, 0).unwrap();
+    for (sector, chunk) in buf.chunks(512).enumerate() {
+        assert!(
+            chunk
+                .iter()
+                .all(|b| *b == (sector as u64 % threads) as u8 + 1),
+            "sector {sector} lost a write"
+        );
+    }
+}
+
+#[test]
+fn snapshot_under_load_is_a_point_in_time() {
+    // A writer stamps blocks 0, 1, 2, ... in order, each write finishing before the next
+    // starts; any snapshot must therefore hold a prefix of the stamped blocks.
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let blocks = 2048u64;
+    let id = s.create_volume("v", blocks * BLOCK_SIZE).unwrap().id;
+    let v = s.volume(id).unwrap();
+    let done = AtomicBool::new(false);
+    let snaps = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for round in 1..=3u8 {
+                for b in 0..blocks {
+                    v.write(&[round; BLOCK_SIZE as usize], b * BLOCK_SIZE, false)
+                        .unwrap();
+                }
+            }
+            done.store(true, Ordering::SeqCst);
+        });
+        let mut snaps = Vec::new();
+        while !done.load(Ordering::SeqCst) && snaps.len() < 200 {
+            snaps.push(s.snapshot(id, &format!("s{}", snaps.len())).unwrap().id);
+        }
+        snaps
+    });
+    assert!(!snaps.is_empty());
+    for id in snaps {
+        let view = s.open_snapshot(id).unwrap();
+        let mut buf = vec![0u8; (blocks * BLOCK_SIZE) as usize];
+        view.read(&mut buf, 0).unwrap();
+        let stamps: Vec<u8> = buf.chunks(BLOCK_SIZE as usize).map(|c| c[0]).collect();
+        // Stamps never increase along the disk: a newer round is a prefix over an older one.
+        assert!(
+            stamps.windows(2).all(|w| w[0] >= w[1] && w[0] - w[1] <= 1),
+            "torn snapshot {id:?}"
+        );
+        assert!(
+            buf.chunks(BLOCK_SIZE as usize)
+                .all(|c| c.iter().all(|b| *b == c[0])),
+            "torn block"
+        );
+    }
+}
+
+#[test]
+fn snapshot_cost_does_not_depend_on_size_or_data() {
+    // Counts storage operations: a snapshot of a big, busy volume does the same work as one
+    // of a small, empty volume.
+    let ops_for = |size: u64, written: u64| {
+        let faulty = FaultyStorage::new(Arc::new(MemStorage::new()));
+        let control = faulty.control();
+        let s = Store::open(
+            Arc::new(faulty) as Arc<dyn Storage>,
+            StoreOptions::default(),
+        )
+        .unwrap();
+        let id = s.create_volume("v", size).unwrap().id;
+        let v = s.volume(id).unwrap();
+        let chunk = vec![7u8; 1 << 20];
+        for i in 0..written {
+            v.write(&chunk, i << 20, false).unwrap();
+        }
+        v.flush().unwrap();
+        s.snapshot(id, "warm").unwrap();
+        let before = control.ops();
+        s.snapshot(id, "s").unwrap();
+        control.ops() - before
+    };
+    assert_eq!(ops_for(1 << 30, 64), ops_for(1 << 40, 0));
+    assert_eq!(ops_for(1 << 40, 64), ops_for(64 << 20, 1));
+}
+
+#[test]
+fn clones_share_and_survive_their_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let id = s.create_volume("golden", 1 << 20).unwrap().id;
+    let v = s.volume(id).unwrap();
+    v.write(&[5u8; 8192], 0, false).unwrap();
+    let snap = s.snapshot(id, "image").unwrap().id;
+    let clones: Vec<_> = (0..5)
+        .map(|i| {
+            s.clone_snapshot(snap, &format!("vm{i}"), Some(2 << 20))
+                .unwrap()
+                .id
+        })
+        .collect();
+    let layers_before = s.layer_count();
+    s.delete_volume(id).unwrap();
+    s.delete_snapshot(snap, false).unwrap();
+    s.wait_for_merges().unwrap();
+    assert_eq!(
+        s.layer_count(),
+        layers_before - 1,
+        "only the origin's head goes; clones keep the image"
+    );
+    for (i, c) in clones.iter().enumerate() {
+        let cv = s.volume(*c).unwrap();
+        assert_eq!(cv.size(), 2 << 20);
+        cv.write(&[i as u8; 4096], 4096, false).unwrap();
+        let mut buf = [0u8; 8192];
+        cv.read(&mut buf, 0).unwrap();
+        assert!(buf[..4096].iter().all(|b| *b == 5));
+        assert!(buf[4096..].iter().all(|b| *b == i as u8));
+    }
+    for c in clones {
+        s.delete_volume(c).unwrap();
+    }
+    assert_eq!(s.layer_count(), 0, "the last user frees the shared layer");
+}
+
+#[test]
+fn usage_tells_what_deleting_frees() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let id = s.create_volume("v", 1 << 20).unwrap().id;
+    let v = s.volume(id).unwrap();
+    v.write(&[1u8; 40960], 0, false).unwrap(); // 10 blocks
+    let snap = s.snapshot(id, "s").unwrap().id;
+    v.write(&[2u8; 12288], 4096, false).unwrap(); // overwrites 3 of them
+    let usage = s.snapshot_usage(snap).unwrap();
+    assert_eq!(usage.allocated_bytes, 10 * BLOCK_SIZE);
+    assert_eq!(usage.exclusive_bytes, 3 * BLOCK_SIZE);
+    assert_eq!(usage.shared_bytes, 7 * BLOCK_SIZE);
+    assert_eq!(usage.logical_bytes, 1 << 20);
+}
+
+#[test]
+fn change_tracking_survives_snapshot_deletion_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let id = s.create_volume("v", 1 << 20).unwrap().id;
+    let v = s.volume(id).unwrap();
+    v.write(&[1u8; 4096], 0, false).unwrap();
+    let backup1 = s.snapshot(id, "backup1").unwrap().id;
+    v.write(&[2u8; 4096], 8192, false).unwrap();
+    // The backup drops its local snapshot but keeps the checkpoint for the next incremental.
+    s.delete_snapshot(backup1, true).unwrap();
+    s.wait_for_merges().unwrap();
+    v.write(&[3u8; 100], 65536 + 10, true).unwrap();
+    drop(v);
+    s.close().unwrap();
+    let s = store(&dir);
+    let changed = s
+        .changed_extents(backup1, cairn_volume::ChangeTarget::Volume(id))
+        .unwrap();
+    let offsets: Vec<(u64, u64)> = changed.iter().map(|e| (e.offset, e.length)).collect();
+    assert_eq!(offsets, vec![(8192, 4096), (65536, 4096)]);
+    s.forget_checkpoint(backup1).unwrap();
+    s.wait_for_merges().unwrap();
+    assert!(s
+        .changed_extents(backup1, cairn_volume::ChangeTarget::Volume(id))
+        .is_err());
+    assert_eq!(s.layer_count(), 1);
+}
