@@ -6,9 +6,7 @@
 use cairn_volume::{ChangeTarget, Store, StoreOptions};
 
 fn main() -> Result<(), cairn_volume::Error> {
-    let dir = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "cairn-data/volumes".into());
+    let dir = std::env::args().nth(1).unwrap_or_else(|| "cairn-data/volumes".into());
     let store = Store::open_dir(&dir, StoreOptions::default())?;
     let name = format!("tour-{}", store.list_volumes().len());
     let disk = store.create_volume(&name, 1 << 40)?;

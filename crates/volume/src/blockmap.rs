@@ -60,11 +60,7 @@ impl Page {
     }
 
     fn is_empty(&self) -> bool {
-        self.data
-            .iter()
-            .chain(&self.zero)
-            .chain(&self.written)
-            .all(|w| *w == 0)
+        self.data.iter().chain(&self.zero).chain(&self.written).all(|w| *w == 0)
     }
 }
 
@@ -76,11 +72,7 @@ fn for_each_masked_word(from: u64, to: u64, mut f: impl FnMut(usize, u64)) {
         let word = (b / 64) as usize;
         let bit = b % 64;
         let n = (64 - bit).min(to - b);
-        let mask = if n == 64 {
-            u64::MAX
-        } else {
-            ((1u64 << n) - 1) << bit
-        };
+        let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
         f(word, mask);
         b += n;
     }
@@ -249,11 +241,7 @@ pub fn push_bitmap_runs(runs: &mut RunBuilder, base: u64, bits: &[u64; WORDS]) {
             let start = rest.trailing_zeros() as u64;
             let len = (rest >> start).trailing_ones() as u64;
             runs.push(base + w as u64 * 64 + start, len);
-            rest = if start + len >= 64 {
-                0
-            } else {
-                rest & !(((1u64 << len) - 1) << start)
-            };
+            rest = if start + len >= 64 { 0 } else { rest & !(((1u64 << len) - 1) << start) };
         }
     }
 }
@@ -291,10 +279,7 @@ impl BlockSet {
             .filter_map(|r| {
                 let s = r.start.max(first);
                 let e = r.end().min(end);
-                (s < e).then_some(BlockRun {
-                    start: s,
-                    count: e - s,
-                })
+                (s < e).then_some(BlockRun { start: s, count: e - s })
             })
             .collect()
     }
@@ -309,52 +294,19 @@ mod tests {
     #[test]
     fn set_and_get_across_pages() {
         let mut m = LayerMap::new();
-        m.set(
-            BlockRun {
-                start: 500,
-                count: 30,
-            },
-            MapOp::Set {
-                state: BlockState::Data,
-                written: true,
-            },
-        );
+        m.set(BlockRun { start: 500, count: 30 }, MapOp::Set { state: BlockState::Data, written: true });
         assert_eq!(m.get(499), None);
         assert_eq!(m.get(500), Some(BlockState::Data));
         assert_eq!(m.get(529), Some(BlockState::Data));
         assert_eq!(m.data_blocks(), 30);
-        m.set(
-            BlockRun {
-                start: 510,
-                count: 5,
-            },
-            MapOp::Set {
-                state: BlockState::Zero,
-                written: false,
-            },
-        );
+        m.set(BlockRun { start: 510, count: 5 }, MapOp::Set { state: BlockState::Zero, written: false });
         assert_eq!(m.get(512), Some(BlockState::Zero));
         assert_eq!(m.data_blocks(), 25);
         assert_eq!(
             m.state_runs(BlockState::Data),
-            vec![
-                BlockRun {
-                    start: 500,
-                    count: 10
-                },
-                BlockRun {
-                    start: 515,
-                    count: 15
-                }
-            ]
+            vec![BlockRun { start: 500, count: 10 }, BlockRun { start: 515, count: 15 }]
         );
-        assert_eq!(
-            m.written_runs(),
-            vec![BlockRun {
-                start: 500,
-                count: 30
-            }]
-        );
+        assert_eq!(m.written_runs(), vec![BlockRun { start: 500, count: 30 }]);
         m.keep_only_written();
         assert_eq!(m.get(500), None);
         assert!(m.is_written(529));

@@ -66,9 +66,27 @@ pub struct SnapshotRecord {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Catalog {
     pub next_id: u64,
+    #[serde(with = "id_map")]
     pub layers: BTreeMap<u64, LayerRecord>,
+    #[serde(with = "id_map")]
     pub volumes: BTreeMap<u64, VolumeRecord>,
+    #[serde(with = "id_map")]
     pub snapshots: BTreeMap<u64, SnapshotRecord>,
+}
+
+/// Maps keyed by id are stored as `[[id, value], ...]`: serde cannot read integer map keys
+/// back from inside an internally tagged enum (the `state` event).
+mod id_map {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::collections::BTreeMap;
+
+    pub fn serialize<S: Serializer, V: Serialize>(map: &BTreeMap<u64, V>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, V: Deserialize<'de>>(d: D) -> Result<BTreeMap<u64, V>, D::Error> {
+        Ok(Vec::<(u64, V)>::deserialize(d)?.into_iter().collect())
+    }
 }
 
 /// One volume's part of a (group) snapshot.
@@ -137,8 +155,9 @@ pub enum Event {
 pub struct MergeTask {
     pub layer: u64,
     pub into: u64,
-    /// The layer has data to copy (it is not already a ghost).
-    pub copy_data: bool,
+    /// Where the data goes: the nearest descendant that is not a ghost (ghosts hold no data
+    /// and always have exactly one child). `None` when the layer is a ghost itself.
+    pub data_into: Option<u64>,
     /// A checkpoint needs the layer's change tracking kept apart from its child's.
     pub keep_tracking: bool,
 }
@@ -164,52 +183,27 @@ impl Catalog {
     pub fn apply(&mut self, event: &Event) -> Result<Vec<u64>, CatalogError> {
         match event {
             Event::State { catalog } => *self = catalog.clone(),
-            Event::CreateVolume {
-                volume,
-                name,
-                size,
-                head,
-                parent,
-                created_ms,
-            } => {
+            Event::CreateVolume { volume, name, size, head, parent, created_ms } => {
                 if self.volumes.contains_key(volume) || self.layers.contains_key(head) {
                     return inconsistent(format!("volume {volume} or layer {head} exists"));
                 }
                 if let Some(p) = parent {
-                    if !self.layers.contains_key(p) {
-                        return inconsistent(format!("parent layer {p} missing"));
+                    if self.layers.get(p).is_none_or(|l| l.ghost) {
+                        return inconsistent(format!("parent layer {p} missing or merged away"));
                     }
                 }
                 self.bump_ids(&[*volume, *head]);
-                self.layers.insert(
-                    *head,
-                    LayerRecord {
-                        parent: *parent,
-                        ghost: false,
-                    },
-                );
+                self.layers.insert(*head, LayerRecord { parent: *parent, ghost: false });
                 self.volumes.insert(
                     *volume,
-                    VolumeRecord {
-                        name: name.clone(),
-                        size: *size,
-                        head: *head,
-                        created_ms: *created_ms,
-                    },
+                    VolumeRecord { name: name.clone(), size: *size, head: *head, created_ms: *created_ms },
                 );
             }
-            Event::Snapshot {
-                entries,
-                created_ms,
-            } => {
-                for e in entries {
-                    if !self.volumes.contains_key(&e.volume)
-                        || self.layers.contains_key(&e.new_head)
-                    {
-                        return inconsistent(format!(
-                            "volume {} missing or layer {} exists",
-                            e.volume, e.new_head
-                        ));
+            Event::Snapshot { entries, created_ms } => {
+                for (i, e) in entries.iter().enumerate() {
+                    let repeated = entries[..i].iter().any(|o| o.new_head == e.new_head || o.volume == e.volume);
+                    if repeated || !self.volumes.contains_key(&e.volume) || self.layers.contains_key(&e.new_head) {
+                        return inconsistent(format!("volume {} missing or layer {} exists", e.volume, e.new_head));
                     }
                 }
                 for e in entries {
@@ -219,13 +213,7 @@ impl Catalog {
                     let frozen = vol.head;
                     vol.head = e.new_head;
                     let size = vol.size;
-                    self.layers.insert(
-                        e.new_head,
-                        LayerRecord {
-                            parent: Some(frozen),
-                            ghost: false,
-                        },
-                    );
+                    self.layers.insert(e.new_head, LayerRecord { parent: Some(frozen), ghost: false });
                     self.snapshots.insert(
                         e.snapshot,
                         SnapshotRecord {
@@ -240,12 +228,11 @@ impl Catalog {
                     self.bump_ids(&[e.snapshot, e.new_head]);
                 }
             }
-            Event::Revert {
-                volume,
-                snapshot,
-                new_head,
-            } => {
-                let Some(snap) = self.snapshots.get(snapshot) else {
+            Event::Revert { volume, snapshot, new_head } => {
+                if self.layers.contains_key(new_head) {
+                    return inconsistent(format!("layer {new_head} exists"));
+                }
+                let Some(snap) = self.snapshots.get(snapshot).filter(|s| !s.checkpoint_only) else {
                     return inconsistent(format!("snapshot {snapshot} missing"));
                 };
                 let (layer, size) = (snap.layer, snap.size);
@@ -254,13 +241,7 @@ impl Catalog {
                 };
                 vol.head = *new_head;
                 vol.size = size;
-                self.layers.insert(
-                    *new_head,
-                    LayerRecord {
-                        parent: Some(layer),
-                        ghost: false,
-                    },
-                );
+                self.layers.insert(*new_head, LayerRecord { parent: Some(layer), ghost: false });
                 self.bump_ids(&[*new_head]);
             }
             Event::Grow { volume, size } => {
@@ -269,10 +250,7 @@ impl Catalog {
                 };
                 vol.size = *size;
             }
-            Event::DeleteSnapshot {
-                snapshot,
-                keep_checkpoint,
-            } => {
+            Event::DeleteSnapshot { snapshot, keep_checkpoint } => {
                 if *keep_checkpoint {
                     let Some(snap) = self.snapshots.get_mut(snapshot) else {
                         return inconsistent(format!("snapshot {snapshot} missing"));
@@ -283,11 +261,7 @@ impl Catalog {
                 }
             }
             Event::ForgetCheckpoint { snapshot } => {
-                if !self
-                    .snapshots
-                    .get(snapshot)
-                    .is_some_and(|s| s.checkpoint_only)
-                {
+                if !self.snapshots.get(snapshot).is_some_and(|s| s.checkpoint_only) {
                     return inconsistent(format!("checkpoint {snapshot} missing"));
                 }
                 self.snapshots.remove(snapshot);
@@ -303,20 +277,13 @@ impl Catalog {
                     return inconsistent(format!("layer {layer} cannot merge into {into}"));
                 }
                 if self.has_checkpoint(*layer) {
-                    self.layers
-                        .get_mut(layer)
-                        .expect("merge task layer exists")
-                        .ghost = true;
+                    self.layers.get_mut(layer).expect("merge task layer exists").ghost = true;
                 } else {
-                    let parent = self
-                        .layers
-                        .remove(layer)
-                        .expect("merge task layer exists")
-                        .parent;
-                    self.layers
-                        .get_mut(into)
-                        .expect("merge task child exists")
-                        .parent = parent;
+                    let parent = self.layers.remove(layer).expect("merge task layer exists").parent;
+                    self.layers.get_mut(into).expect("merge task child exists").parent = parent;
+                    let mut dropped = vec![*layer];
+                    dropped.extend(self.collect_garbage());
+                    return Ok(dropped);
                 }
             }
         }
@@ -324,10 +291,7 @@ impl Catalog {
     }
 
     fn children(&self, layer: u64) -> impl Iterator<Item = u64> + '_ {
-        self.layers
-            .iter()
-            .filter(move |(_, l)| l.parent == Some(layer))
-            .map(|(id, _)| *id)
+        self.layers.iter().filter(move |(_, l)| l.parent == Some(layer)).map(|(id, _)| *id)
     }
 
     fn is_head(&self, layer: u64) -> bool {
@@ -335,15 +299,11 @@ impl Catalog {
     }
 
     fn has_live_snapshot(&self, layer: u64) -> bool {
-        self.snapshots
-            .values()
-            .any(|s| s.layer == layer && !s.checkpoint_only)
+        self.snapshots.values().any(|s| s.layer == layer && !s.checkpoint_only)
     }
 
     fn has_checkpoint(&self, layer: u64) -> bool {
-        self.snapshots
-            .values()
-            .any(|s| s.layer == layer && s.checkpoint_only)
+        self.snapshots.values().any(|s| s.layer == layer && s.checkpoint_only)
     }
 
     /// Drops layers that no volume, snapshot or child uses, repeatedly, and the checkpoints
@@ -355,11 +315,7 @@ impl Catalog {
                 .layers
                 .keys()
                 .copied()
-                .filter(|id| {
-                    !self.is_head(*id)
-                        && !self.has_live_snapshot(*id)
-                        && self.children(*id).next().is_none()
-                })
+                .filter(|id| !self.is_head(*id) && !self.has_live_snapshot(*id) && self.children(*id).next().is_none())
                 .collect();
             if unused.is_empty() {
                 return dropped;
@@ -386,29 +342,26 @@ impl Catalog {
         if rec.ghost && keep_tracking {
             return None; // Nothing to do until its checkpoint is forgotten.
         }
-        Some(MergeTask {
-            layer,
-            into,
-            copy_data: !rec.ghost,
-            keep_tracking,
-        })
+        let data_into = if rec.ghost {
+            None
+        } else {
+            let mut target = into;
+            while self.layers[&target].ghost {
+                target = self.children(target).next()?;
+            }
+            Some(target)
+        };
+        Some(MergeTask { layer, into, data_into, keep_tracking })
     }
 
     /// Layers to merge into their child, lowest id first.
     pub fn merge_tasks(&self) -> Vec<MergeTask> {
-        self.layers
-            .keys()
-            .filter_map(|id| self.merge_task_for(*id))
-            .collect()
+        self.layers.keys().filter_map(|id| self.merge_task_for(*id)).collect()
     }
 
     /// Layers from the bottom up to `top` that hold data (ghosts left out).
     pub fn read_chain(&self, top: u64) -> Vec<u64> {
-        let mut chain: Vec<u64> = self
-            .lineage(top)
-            .into_iter()
-            .filter(|id| !self.layers[id].ghost)
-            .collect();
+        let mut chain: Vec<u64> = self.lineage(top).into_iter().filter(|id| !self.layers[id].ghost).collect();
         chain.reverse();
         chain
     }
@@ -429,10 +382,7 @@ impl Catalog {
 
     /// The id of the volume named `name`.
     pub fn volume_by_name(&self, name: &str) -> Option<u64> {
-        self.volumes
-            .iter()
-            .find(|(_, v)| v.name == name)
-            .map(|(id, _)| *id)
+        self.volumes.iter().find(|(_, v)| v.name == name).map(|(id, _)| *id)
     }
 
     /// The live snapshot named `name` of volume `volume`.
@@ -472,11 +422,7 @@ pub struct Replayed {
 /// Replays a whole `catalog.log`. An empty file is an empty catalog.
 pub fn replay(bytes: &[u8]) -> Result<Replayed, CatalogError> {
     if bytes.len() < HEADER_LEN {
-        return Ok(Replayed {
-            catalog: Catalog::default(),
-            valid_len: 0,
-            frames: 0,
-        });
+        return Ok(Replayed { catalog: Catalog::default(), valid_len: 0, frames: 0 });
     }
     if bytes[0..8] != MAGIC {
         return Err(CatalogError::BadMagic);
@@ -492,27 +438,23 @@ pub fn replay(bytes: &[u8]) -> Result<Replayed, CatalogError> {
         let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().expect("4 bytes")) as usize;
         let crc = u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into().expect("4 bytes"));
         let start = pos + FRAME_HEADER_LEN;
-        if len > MAX_FRAME
-            || bytes.len() - start < len
-            || crc32c::crc32c(&bytes[start..start + len]) != crc
+        let bad = |reason: String| CatalogError::BadRecord { offset: pos as u64, reason };
+        if len == 0 || len > MAX_FRAME || bytes.len() - start < len || crc32c::crc32c(&bytes[start..start + len]) != crc
         {
+            // Appends are sequential, so only the last frame can be torn; a bad frame with
+            // more bytes after it is damage, and reading past it would lose events.
+            // A header the disk never got (zeros) is a torn tail too.
+            if len > 0 && len <= MAX_FRAME && start + len < bytes.len() {
+                return Err(bad("checksum mismatch before the end of the log".into()));
+            }
             break; // A torn tail: the event was never acknowledged.
         }
-        let bad = |reason: String| CatalogError::BadRecord {
-            offset: pos as u64,
-            reason,
-        };
-        let event: Event =
-            serde_json::from_slice(&bytes[start..start + len]).map_err(|e| bad(e.to_string()))?;
+        let event: Event = serde_json::from_slice(&bytes[start..start + len]).map_err(|e| bad(e.to_string()))?;
         catalog.apply(&event).map_err(|e| bad(e.to_string()))?;
         pos = start + len;
         frames += 1;
     }
-    Ok(Replayed {
-        catalog,
-        valid_len: pos as u64,
-        frames,
-    })
+    Ok(Replayed { catalog, valid_len: pos as u64, frames })
 }
 
 #[cfg(test)]
@@ -521,31 +463,15 @@ mod tests {
 
     fn create(cat: &mut Catalog, name: &str) -> (u64, u64) {
         let (volume, head) = (cat.allocate_id(), cat.allocate_id());
-        let ev = Event::CreateVolume {
-            volume,
-            name: name.into(),
-            size: 1 << 20,
-            head,
-            parent: None,
-            created_ms: 0,
-        };
+        let ev = Event::CreateVolume { volume, name: name.into(), size: 1 << 20, head, parent: None, created_ms: 0 };
         cat.apply(&ev).unwrap();
         (volume, head)
     }
 
     fn snapshot(cat: &mut Catalog, volume: u64, name: &str) -> (u64, u64) {
         let (snapshot, new_head) = (cat.allocate_id(), cat.allocate_id());
-        let entries = vec![SnapshotEntry {
-            volume,
-            snapshot,
-            name: name.into(),
-            new_head,
-        }];
-        cat.apply(&Event::Snapshot {
-            entries,
-            created_ms: 0,
-        })
-        .unwrap();
+        let entries = vec![SnapshotEntry { volume, snapshot, name: name.into(), new_head }];
+        cat.apply(&Event::Snapshot { entries, created_ms: 0 }).unwrap();
         (snapshot, new_head)
     }
 
@@ -565,28 +491,15 @@ mod tests {
             created_ms: 0,
         })
         .unwrap();
-        cat.apply(&Event::DeleteSnapshot {
-            snapshot: s1,
-            keep_checkpoint: false,
-        })
-        .unwrap();
+        cat.apply(&Event::DeleteSnapshot { snapshot: s1, keep_checkpoint: false }).unwrap();
         assert!(cat.merge_tasks().is_empty(), "two children share the layer");
         cat.apply(&Event::DeleteVolume { volume: clone }).unwrap();
         let tasks = cat.merge_tasks();
         assert_eq!(
             tasks,
-            vec![MergeTask {
-                layer: first_head,
-                into: head,
-                copy_data: true,
-                keep_tracking: false
-            }]
+            vec![MergeTask { layer: first_head, into: head, data_into: Some(head), keep_tracking: false }]
         );
-        cat.apply(&Event::Merged {
-            layer: first_head,
-            into: head,
-        })
-        .unwrap();
+        cat.apply(&Event::Merged { layer: first_head, into: head }).unwrap();
         assert_eq!(cat.read_chain(head), vec![head]);
         assert_eq!(cat.layers.len(), 1);
     }
@@ -596,43 +509,21 @@ mod tests {
         let mut cat = Catalog::default();
         let (vol, first_head) = create(&mut cat, "a");
         let (s1, head) = snapshot(&mut cat, vol, "s1");
-        cat.apply(&Event::DeleteSnapshot {
-            snapshot: s1,
-            keep_checkpoint: true,
-        })
-        .unwrap();
+        cat.apply(&Event::DeleteSnapshot { snapshot: s1, keep_checkpoint: true }).unwrap();
         assert_eq!(cat.snapshot_by_name(vol, "s1"), None, "the name is free");
-        cat.apply(&Event::Merged {
-            layer: first_head,
-            into: head,
-        })
-        .unwrap();
+        cat.apply(&Event::Merged { layer: first_head, into: head }).unwrap();
         assert!(cat.layers[&first_head].ghost);
         assert_eq!(cat.read_chain(head), vec![head]);
         assert_eq!(cat.lineage(head), vec![head, first_head]);
         assert!(cat.merge_tasks().is_empty());
-        cat.apply(&Event::ForgetCheckpoint { snapshot: s1 })
-            .unwrap();
+        cat.apply(&Event::ForgetCheckpoint { snapshot: s1 }).unwrap();
         assert_eq!(
             cat.merge_tasks(),
-            vec![MergeTask {
-                layer: first_head,
-                into: head,
-                copy_data: false,
-                keep_tracking: false
-            }]
+            vec![MergeTask { layer: first_head, into: head, data_into: None, keep_tracking: false }]
         );
-        cat.apply(&Event::DeleteSnapshot {
-            snapshot: s1,
-            keep_checkpoint: true,
-        })
-        .unwrap_err();
+        cat.apply(&Event::DeleteSnapshot { snapshot: s1, keep_checkpoint: true }).unwrap_err();
         let (s2, _) = snapshot(&mut cat, vol, "s2");
-        cat.apply(&Event::DeleteSnapshot {
-            snapshot: s2,
-            keep_checkpoint: true,
-        })
-        .unwrap();
+        cat.apply(&Event::DeleteSnapshot { snapshot: s2, keep_checkpoint: true }).unwrap();
         let dropped = cat.apply(&Event::DeleteVolume { volume: vol }).unwrap();
         assert_eq!(dropped.len(), 3);
         assert!(cat.layers.is_empty() && cat.snapshots.is_empty());
@@ -645,13 +536,7 @@ mod tests {
         let (s1, _) = snapshot(&mut cat, vol, "s1");
         let (_, _) = snapshot(&mut cat, vol, "s2");
         let new_head = cat.allocate_id();
-        let dropped = cat
-            .apply(&Event::Revert {
-                volume: vol,
-                snapshot: s1,
-                new_head,
-            })
-            .unwrap();
+        let dropped = cat.apply(&Event::Revert { volume: vol, snapshot: s1, new_head }).unwrap();
         assert_eq!(dropped.len(), 1, "the old head goes");
         assert_eq!(cat.read_chain(new_head), vec![first_head, new_head]);
         assert_eq!(cat.layers.len(), 3, "s2's layer stays for its snapshot");
@@ -662,14 +547,7 @@ mod tests {
         let mut cat = Catalog::default();
         let mut log = encode_header().to_vec();
         let (volume, head) = (cat.allocate_id(), cat.allocate_id());
-        let ev = Event::CreateVolume {
-            volume,
-            name: "a".into(),
-            size: 4096,
-            head,
-            parent: None,
-            created_ms: 1,
-        };
+        let ev = Event::CreateVolume { volume, name: "a".into(), size: 4096, head, parent: None, created_ms: 1 };
         cat.apply(&ev).unwrap();
         encode_frame(&ev, &mut log);
         let good = log.len();
@@ -679,9 +557,44 @@ mod tests {
         assert_eq!(r.catalog, cat);
         assert_eq!(r.valid_len, good as u64);
         log[8] = 2;
+        assert_eq!(replay(&log).unwrap_err(), CatalogError::UnsupportedVersion(2));
+    }
+
+    #[test]
+    fn damage_before_the_end_is_an_error_not_a_tail() {
+        let mut cat = Catalog::default();
+        let (volume, _) = create(&mut cat, "a");
+        let mut log = encode_header().to_vec();
+        encode_frame(&Event::State { catalog: cat.clone() }, &mut log);
+        let damaged = log.len() + 9;
+        encode_frame(&Event::Grow { volume, size: 8192 }, &mut log);
+        encode_frame(&Event::Grow { volume, size: 16384 }, &mut log);
+        assert_eq!(replay(&log).unwrap().catalog.volumes[&volume].size, 16384);
+        log[damaged] ^= 1;
+        assert!(matches!(replay(&log).unwrap_err(), CatalogError::BadRecord { .. }));
+        // A header of zeros (a torn write) is a tail, not an empty event.
+        let mut torn = encode_header().to_vec();
+        torn.extend_from_slice(&[0u8; 40]);
+        assert_eq!(replay(&torn).unwrap().valid_len, HEADER_LEN as u64);
+    }
+
+    #[test]
+    fn ghost_children_are_skipped_when_merging_data() {
+        // Deleting S2 with a checkpoint makes its layer a ghost; deleting S1 afterwards must put
+        // S1's data into the head, not into the ghost (which holds no data).
+        let mut cat = Catalog::default();
+        let (vol, l1) = create(&mut cat, "a");
+        let (s1, l2) = snapshot(&mut cat, vol, "s1");
+        let (s2, head) = snapshot(&mut cat, vol, "s2");
+        cat.apply(&Event::DeleteSnapshot { snapshot: s2, keep_checkpoint: true }).unwrap();
+        cat.apply(&Event::Merged { layer: l2, into: head }).unwrap();
+        cat.apply(&Event::DeleteSnapshot { snapshot: s1, keep_checkpoint: false }).unwrap();
         assert_eq!(
-            replay(&log).unwrap_err(),
-            CatalogError::UnsupportedVersion(2)
+            cat.merge_tasks(),
+            vec![MergeTask { layer: l1, into: l2, data_into: Some(head), keep_tracking: false }]
         );
+        let dropped = cat.apply(&Event::Merged { layer: l1, into: l2 }).unwrap();
+        assert_eq!(dropped, vec![l1]);
+        assert_eq!(cat.lineage(head), vec![head, l2]);
     }
 }

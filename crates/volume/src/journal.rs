@@ -32,6 +32,9 @@ pub enum JournalError {
     /// The header names another layer.
     #[error("layer map belongs to layer {found}, expected {expected}")]
     WrongLayer { expected: u64, found: u64 },
+    /// A batch before the end of the file fails its checksum.
+    #[error("batch at byte {offset} fails its checksum and is not the last one")]
+    Damaged { offset: u64 },
     /// A batch passed its checksum but holds an impossible record.
     #[error("invalid record at byte {offset}")]
     BadRecord { offset: u64 },
@@ -64,14 +67,8 @@ pub fn encode_batch(records: &[Record], out: &mut Vec<u8>) {
     out.extend_from_slice(&[0u8; 8]);
     for r in records {
         let (op, flags) = match r.op {
-            MapOp::Set {
-                state: BlockState::Data,
-                written,
-            } => (OP_DATA, written),
-            MapOp::Set {
-                state: BlockState::Zero,
-                written,
-            } => (OP_ZERO, written),
+            MapOp::Set { state: BlockState::Data, written } => (OP_DATA, written),
+            MapOp::Set { state: BlockState::Zero, written } => (OP_ZERO, written),
             MapOp::MarkWritten => (OP_MARK_WRITTEN, false),
         };
         out.extend_from_slice(&r.run.start.to_le_bytes());
@@ -100,10 +97,7 @@ pub fn push_record(records: &mut Vec<Record>, run: BlockRun, op: MapOp) {
                 continue;
             }
         }
-        records.push(Record {
-            run: BlockRun { start, count },
-            op,
-        });
+        records.push(Record { run: BlockRun { start, count }, op });
         start += count;
     }
 }
@@ -121,10 +115,7 @@ pub struct Replayed {
 /// is an empty layer.
 pub fn replay(bytes: &[u8], layer_id: u64) -> Result<Replayed, JournalError> {
     if bytes.len() < HEADER_LEN || bytes[..HEADER_LEN].iter().all(|b| *b == 0) {
-        return Ok(Replayed {
-            map: LayerMap::new(),
-            valid_len: 0,
-        });
+        return Ok(Replayed { map: LayerMap::new(), valid_len: 0 });
     }
     if bytes[0..8] != MAGIC {
         return Err(JournalError::BadMagic);
@@ -133,12 +124,13 @@ pub fn replay(bytes: &[u8], layer_id: u64) -> Result<Replayed, JournalError> {
     if version != VERSION {
         return Err(JournalError::UnsupportedVersion(version));
     }
+    let shift = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
+    if shift != crate::blockmap::BLOCK_SHIFT {
+        return Err(JournalError::BadRecord { offset: 12 });
+    }
     let found = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
     if found != layer_id {
-        return Err(JournalError::WrongLayer {
-            expected: layer_id,
-            found,
-        });
+        return Err(JournalError::WrongLayer { expected: layer_id, found });
     }
     let mut map = LayerMap::new();
     let mut pos = HEADER_LEN;
@@ -150,14 +142,8 @@ pub fn replay(bytes: &[u8], layer_id: u64) -> Result<Replayed, JournalError> {
             let count = u64::from(u32::from_le_bytes(r[8..12].try_into().expect("4 bytes")));
             let written = r[13] & FLAG_WRITTEN != 0;
             let op = match r[12] {
-                OP_DATA => MapOp::Set {
-                    state: BlockState::Data,
-                    written,
-                },
-                OP_ZERO => MapOp::Set {
-                    state: BlockState::Zero,
-                    written,
-                },
+                OP_DATA => MapOp::Set { state: BlockState::Data, written },
+                OP_ZERO => MapOp::Set { state: BlockState::Zero, written },
                 OP_MARK_WRITTEN => MapOp::MarkWritten,
                 _ => return Err(JournalError::BadRecord { offset: at as u64 }),
             };
@@ -168,18 +154,22 @@ pub fn replay(bytes: &[u8], layer_id: u64) -> Result<Replayed, JournalError> {
         }
         pos += BATCH_HEADER_LEN + records * RECORD_LEN;
     }
-    Ok(Replayed {
-        map,
-        valid_len: pos as u64,
-    })
+    // Flushes append one batch at a time and sync it before the next, so only the last batch
+    // can be torn. A whole batch with a bad checksum and more bytes after it is damage.
+    let rest = &bytes[pos..];
+    if rest.len() >= BATCH_HEADER_LEN && u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) == BATCH_MAGIC {
+        let records = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes")) as usize;
+        if BATCH_HEADER_LEN + records * RECORD_LEN < rest.len() {
+            return Err(JournalError::Damaged { offset: pos as u64 });
+        }
+    }
+    Ok(Replayed { map, valid_len: pos as u64 })
 }
 
 /// The number of records of the batch at the start of `bytes`, if it is whole and its
 /// checksum matches.
 fn intact_batch(bytes: &[u8]) -> Option<usize> {
-    if bytes.len() < BATCH_HEADER_LEN
-        || u32::from_le_bytes(bytes[0..4].try_into().ok()?) != BATCH_MAGIC
-    {
+    if bytes.len() < BATCH_HEADER_LEN || u32::from_le_bytes(bytes[0..4].try_into().ok()?) != BATCH_MAGIC {
         return None;
     }
     let records = u32::from_le_bytes(bytes[4..8].try_into().ok()?) as usize;
@@ -197,14 +187,7 @@ pub fn snapshot_records(map: &LayerMap) -> Vec<Record> {
     let mut records = Vec::new();
     for state in [BlockState::Data, BlockState::Zero] {
         for run in map.state_runs(state) {
-            push_record(
-                &mut records,
-                run,
-                MapOp::Set {
-                    state,
-                    written: false,
-                },
-            );
+            push_record(&mut records, run, MapOp::Set { state, written: false });
         }
     }
     for run in map.written_runs() {
@@ -218,13 +201,7 @@ mod tests {
     use super::*;
 
     fn data(start: u64, count: u64) -> Record {
-        Record {
-            run: BlockRun { start, count },
-            op: MapOp::Set {
-                state: BlockState::Data,
-                written: true,
-            },
-        }
+        Record { run: BlockRun { start, count }, op: MapOp::Set { state: BlockState::Data, written: true } }
     }
 
     #[test]
@@ -249,24 +226,17 @@ mod tests {
         encode_batch(&[data(5, 1)], &mut file);
         let last = file.len() - 10;
         file[last] ^= 0xff;
-        assert_eq!(replay(&file, 1).unwrap().valid_len, good as u64);
+        assert_eq!(replay(&file, 1).unwrap().valid_len, good as u64, "the last batch may be torn");
+        encode_batch(&[data(9, 1)], &mut file);
+        assert_eq!(replay(&file, 1).unwrap_err(), JournalError::Damaged { offset: good as u64 });
     }
 
     #[test]
     fn header_checks() {
         let mut file = encode_header(1).to_vec();
-        assert_eq!(
-            replay(&file, 2).unwrap_err(),
-            JournalError::WrongLayer {
-                expected: 2,
-                found: 1
-            }
-        );
+        assert_eq!(replay(&file, 2).unwrap_err(), JournalError::WrongLayer { expected: 2, found: 1 });
         file[8] = 9;
-        assert_eq!(
-            replay(&file, 1).unwrap_err(),
-            JournalError::UnsupportedVersion(9)
-        );
+        assert_eq!(replay(&file, 1).unwrap_err(), JournalError::UnsupportedVersion(9));
         file[0] = b'X';
         assert_eq!(replay(&file, 1).unwrap_err(), JournalError::BadMagic);
         assert_eq!(replay(&[], 1).unwrap().valid_len, 0);
@@ -275,10 +245,7 @@ mod tests {
     #[test]
     fn push_record_coalesces_sequential_runs() {
         let mut records = Vec::new();
-        let op = MapOp::Set {
-            state: BlockState::Data,
-            written: true,
-        };
+        let op = MapOp::Set { state: BlockState::Data, written: true };
         push_record(&mut records, BlockRun { start: 0, count: 4 }, op);
         push_record(&mut records, BlockRun { start: 4, count: 4 }, op);
         push_record(&mut records, BlockRun { start: 9, count: 1 }, op);
@@ -288,33 +255,9 @@ mod tests {
     #[test]
     fn snapshot_records_rebuild_the_map() {
         let mut map = LayerMap::new();
-        map.set(
-            BlockRun {
-                start: 3,
-                count: 700,
-            },
-            MapOp::Set {
-                state: BlockState::Data,
-                written: true,
-            },
-        );
-        map.set(
-            BlockRun {
-                start: 10,
-                count: 5,
-            },
-            MapOp::Set {
-                state: BlockState::Zero,
-                written: false,
-            },
-        );
-        map.set(
-            BlockRun {
-                start: 5000,
-                count: 2,
-            },
-            MapOp::MarkWritten,
-        );
+        map.set(BlockRun { start: 3, count: 700 }, MapOp::Set { state: BlockState::Data, written: true });
+        map.set(BlockRun { start: 10, count: 5 }, MapOp::Set { state: BlockState::Zero, written: false });
+        map.set(BlockRun { start: 5000, count: 2 }, MapOp::MarkWritten);
         let mut file = encode_header(3).to_vec();
         encode_batch(&snapshot_records(&map), &mut file);
         assert_eq!(replay(&file, 3).unwrap().map, map);

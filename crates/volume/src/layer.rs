@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuar
 /// Bytes per data segment file.
 pub const SEGMENT_SHIFT: u32 = 40;
 const SEGMENT_SIZE: u64 = 1 << SEGMENT_SHIFT;
+/// Segments of the largest volume.
+const MAX_SEGMENTS: usize = (crate::store::MAX_VOLUME_SIZE >> SEGMENT_SHIFT) as usize;
 
 /// File name of a layer's map journal.
 pub fn map_file_name(id: u64) -> String {
@@ -29,13 +31,8 @@ pub fn data_file_name(id: u64, segment: u64) -> String {
 pub fn layer_of_file(name: &str) -> Option<u64> {
     let rest = name.strip_prefix("layer-")?;
     let (hex, ext) = rest.split_once('.')?;
-    let valid_ext = ext == "map"
-        || ext
-            .strip_prefix('d')
-            .is_some_and(|n| n.parse::<u64>().is_ok());
-    (valid_ext && hex.len() == 16)
-        .then(|| u64::from_str_radix(hex, 16).ok())
-        .flatten()
+    let valid_ext = ext == "map" || ext.strip_prefix('d').is_some_and(|n| n.parse::<u64>().is_ok());
+    (valid_ext && hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok()).flatten()
 }
 
 /// The map and the changes not yet in the journal, under one lock so they never disagree.
@@ -72,6 +69,9 @@ pub struct Layer {
     new_segments: Mutex<bool>,
     state: RwLock<MapState>,
     journal: Mutex<JournalFile>,
+    /// A sync failed. The kernel may have dropped the dirty pages and a retry could
+    /// "succeed" without them, so the layer takes no more writes until the store is reopened.
+    failed: std::sync::atomic::AtomicBool,
 }
 
 impl Layer {
@@ -87,31 +87,21 @@ impl Layer {
             segments: RwLock::new(Vec::new()),
             new_segments: Mutex::new(false),
             state: RwLock::new(MapState::default()),
-            journal: Mutex::new(JournalFile {
-                file,
-                end: journal::HEADER_LEN as u64,
-                needs_dir_sync: true,
-            }),
+            journal: Mutex::new(JournalFile { file, end: journal::HEADER_LEN as u64, needs_dir_sync: true }),
+            failed: Default::default(),
         })
     }
 
     /// Opens a layer, replaying its journal and cutting off a torn tail. A ghost keeps only
     /// its change tracking.
-    pub fn open(
-        storage: Arc<dyn Storage>,
-        id: u64,
-        ghost: bool,
-        files: &[String],
-    ) -> Result<Layer, crate::Error> {
+    pub fn open(storage: Arc<dyn Storage>, id: u64, ghost: bool, files: &[String]) -> Result<Layer, crate::Error> {
         let name = map_file_name(id);
         let file = storage.open(&name, true)?;
         let len = file.size()?;
         let mut bytes = vec![0u8; len as usize];
         file.read_at(&mut bytes, 0)?;
-        let replayed = journal::replay(&bytes, id).map_err(|e| crate::Error::Corrupt {
-            file: name,
-            reason: e.to_string(),
-        })?;
+        let replayed =
+            journal::replay(&bytes, id).map_err(|e| crate::Error::Corrupt { file: name, reason: e.to_string() })?;
         let mut end = replayed.valid_len;
         if end == 0 {
             // The header never reached the disk: nothing was ever flushed to this layer.
@@ -128,10 +118,13 @@ impl Layer {
         }
         let mut segments = Vec::new();
         for f in files {
-            if let Some(seg) = f
-                .strip_prefix(&format!("layer-{id:016x}.d"))
-                .and_then(|n| n.parse::<usize>().ok())
-            {
+            let Some(seg) = f.strip_prefix(&format!("layer-{id:016x}.d")).and_then(|n| n.parse::<usize>().ok()) else {
+                continue;
+            };
+            if ghost {
+                // Its data was merged away; a crash kept the files from being removed then.
+                storage.remove(f)?;
+            } else if seg < MAX_SEGMENTS {
                 if segments.len() <= seg {
                     segments.resize(seg + 1, None);
                 }
@@ -143,15 +136,9 @@ impl Layer {
             storage,
             segments: RwLock::new(segments),
             new_segments: Mutex::new(false),
-            state: RwLock::new(MapState {
-                map,
-                pending: Vec::new(),
-            }),
-            journal: Mutex::new(JournalFile {
-                file,
-                end,
-                needs_dir_sync: false,
-            }),
+            state: RwLock::new(MapState { map, pending: Vec::new() }),
+            journal: Mutex::new(JournalFile { file, end, needs_dir_sync: false }),
+            failed: Default::default(),
         })
     }
 
@@ -185,9 +172,7 @@ impl Layer {
         if let Some(seg) = &segments[index] {
             return Ok(Some(seg.clone()));
         }
-        let seg = self
-            .storage
-            .open(&data_file_name(self.id, index as u64), true)?;
+        let seg = self.storage.open(&data_file_name(self.id, index as u64), true)?;
         segments[index] = Some(seg.clone());
         *self.new_segments.lock().expect("new segments lock") = true;
         Ok(Some(seg))
@@ -204,11 +189,7 @@ impl Layer {
             let pos = offset + done;
             let within = pos & (SEGMENT_SIZE - 1);
             let n = (SEGMENT_SIZE - within).min(len - done);
-            f(
-                pos >> SEGMENT_SHIFT,
-                within,
-                done as usize..(done + n) as usize,
-            )?;
+            f(pos >> SEGMENT_SHIFT, within, done as usize..(done + n) as usize)?;
             done += n;
         }
         Ok(())
@@ -216,13 +197,11 @@ impl Layer {
 
     /// Reads data bytes at a volume offset (blocks the layer does not hold read as zeros).
     pub fn read_data(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        Self::for_each_segment_part(offset, buf.len() as u64, |seg, within, range| {
-            match self.segment(seg, false)? {
-                Some(file) => file.read_at(&mut buf[range], within),
-                None => {
-                    buf[range].fill(0);
-                    Ok(())
-                }
+        Self::for_each_segment_part(offset, buf.len() as u64, |seg, within, range| match self.segment(seg, false)? {
+            Some(file) => file.read_at(&mut buf[range], within),
+            None => {
+                buf[range].fill(0);
+                Ok(())
             }
         })
     }
@@ -237,14 +216,12 @@ impl Layer {
 
     /// Frees the data of whole blocks (they will be marked zero).
     pub fn punch_blocks(&self, run: BlockRun) -> io::Result<()> {
-        Self::for_each_segment_part(
-            run.start << BLOCK_SHIFT,
-            run.count << BLOCK_SHIFT,
-            |seg, within, range| match self.segment(seg, false)? {
-                Some(file) => file.punch_hole(within, (range.end - range.start) as u64),
-                None => Ok(()),
-            },
-        )
+        Self::for_each_segment_part(run.start << BLOCK_SHIFT, run.count << BLOCK_SHIFT, |seg, within, range| match self
+            .segment(seg, false)?
+        {
+            Some(file) => file.punch_hole(within, (range.end - range.start) as u64),
+            None => Ok(()),
+        })
     }
 
     /// Makes every completed write and map change durable: data first, then the journal.
@@ -252,9 +229,11 @@ impl Layer {
         // The journal lock orders concurrent flushes so batches land in the order their
         // changes were made.
         let mut journal = self.journal.lock().expect("journal lock");
+        self.check_healthy()?;
         let records = std::mem::take(&mut self.map_mut().pending);
         let result = self.flush_locked(&mut journal, &records);
         if result.is_err() {
+            self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
             // Not durable: keep the records for the next flush, ahead of newer ones.
             let mut state = self.map_mut();
             let newer = std::mem::take(&mut state.pending);
@@ -264,19 +243,8 @@ impl Layer {
         result
     }
 
-    fn flush_locked(
-        &self,
-        journal: &mut MutexGuard<'_, JournalFile>,
-        records: &[Record],
-    ) -> io::Result<()> {
-        let segments: Vec<_> = self
-            .segments
-            .read()
-            .expect("segments lock")
-            .iter()
-            .flatten()
-            .cloned()
-            .collect();
+    fn flush_locked(&self, journal: &mut MutexGuard<'_, JournalFile>, records: &[Record]) -> io::Result<()> {
+        let segments: Vec<_> = self.segments.read().expect("segments lock").iter().flatten().cloned().collect();
         for seg in &segments {
             seg.sync()?;
         }
@@ -302,6 +270,14 @@ impl Layer {
         Ok(())
     }
 
+    /// Fails once a sync of this layer has failed.
+    pub fn check_healthy(&self) -> io::Result<()> {
+        if self.failed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(io::Error::other("an earlier sync of this disk failed; reopen the store"));
+        }
+        Ok(())
+    }
+
     /// Size of the journal file in bytes.
     pub fn journal_len(&self) -> u64 {
         self.journal.lock().expect("journal lock").end
@@ -320,11 +296,7 @@ impl Layer {
         file.sync()?;
         self.storage.rename(&tmp, &map_file_name(self.id))?;
         self.storage.sync_dir()?;
-        *journal = JournalFile {
-            file,
-            end: bytes.len() as u64,
-            needs_dir_sync: false,
-        };
+        *journal = JournalFile { file, end: bytes.len() as u64, needs_dir_sync: false };
         Ok(())
     }
 

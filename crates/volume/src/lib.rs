@@ -15,8 +15,8 @@ mod view;
 
 pub use blockmap::BLOCK_SIZE;
 pub use store::{
-    ChangeTarget, Extent, SnapshotId, SnapshotInfo, SnapshotUsage, SnapshotView, Store,
-    StoreOptions, Volume, VolumeId, VolumeInfo, MAX_VOLUME_SIZE, SECTOR_SIZE,
+    ChangeTarget, Extent, SnapshotId, SnapshotInfo, SnapshotUsage, SnapshotView, Store, StoreOptions, Volume, VolumeId,
+    VolumeInfo, MAX_VOLUME_SIZE, SECTOR_SIZE,
 };
 pub use view::{AllocExtent, Allocation};
 
@@ -29,9 +29,7 @@ pub enum Error {
     AlreadyExists { kind: &'static str, name: String },
     #[error("invalid size {size}: {reason}")]
     InvalidSize { size: u64, reason: &'static str },
-    #[error(
-        "invalid name {0:?}: names are 1-255 bytes without '@', '/', NUL or surrounding spaces"
-    )]
+    #[error("invalid name {0:?}: names are 1-255 bytes without '@', '/', NUL or surrounding spaces")]
     InvalidName(String),
     #[error("range {offset}+{len} is beyond the end of the volume ({size} bytes)")]
     OutOfRange { offset: u64, len: u64, size: u64 },

@@ -57,10 +57,7 @@ impl DirStorage {
     /// Uses `dir`, creating it if needed.
     pub fn new(dir: impl AsRef<Path>) -> io::Result<Self> {
         std::fs::create_dir_all(dir.as_ref())?;
-        Ok(Self {
-            dir: dir.as_ref().to_path_buf(),
-            lock: Mutex::new(None),
-        })
+        Ok(Self { dir: dir.as_ref().to_path_buf(), lock: Mutex::new(None) })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -240,10 +237,7 @@ impl MemContent {
             let page = pos / MEM_PAGE;
             let within = (pos % MEM_PAGE) as usize;
             let n = (MEM_PAGE as usize - within).min(buf.len() - done);
-            let p = self
-                .pages
-                .entry(page)
-                .or_insert_with(|| vec![0u8; MEM_PAGE as usize].into_boxed_slice());
+            let p = self.pages.entry(page).or_insert_with(|| vec![0u8; MEM_PAGE as usize].into_boxed_slice());
             p[within..within + n].copy_from_slice(&buf[done..done + n]);
             done += n;
         }
@@ -364,10 +358,7 @@ impl Storage for MemStorage {
                 files.insert(name.to_string(), file.clone());
                 Ok(file)
             }
-            None => Err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{name}: no such file"),
-            )),
+            None => Err(io::Error::new(io::ErrorKind::NotFound, format!("{name}: no such file"))),
         }
     }
 
@@ -378,9 +369,9 @@ impl Storage for MemStorage {
 
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
         let mut files = self.files();
-        let file = files.remove(from).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, format!("{from}: no such file"))
-        })?;
+        let file = files
+            .remove(from)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{from}: no such file")))?;
         files.insert(to.to_string(), file);
         Ok(())
     }
@@ -443,8 +434,7 @@ impl FaultControl {
     pub fn fail_after(&self, n: u64, fault: Fault, fail_reads: bool) {
         *self.fault.lock().expect("fault mutex") = fault;
         self.fail_reads.store(fail_reads, Ordering::SeqCst);
-        self.fail_after
-            .store(self.ops().saturating_add(n), Ordering::SeqCst);
+        self.fail_after.store(self.ops().saturating_add(n), Ordering::SeqCst);
     }
 
     /// Stops injecting faults.
@@ -454,9 +444,7 @@ impl FaultControl {
 
     fn check(&self, is_read: bool) -> io::Result<()> {
         let op = self.ops.fetch_add(1, Ordering::SeqCst);
-        if op >= self.fail_after.load(Ordering::SeqCst)
-            && (!is_read || self.fail_reads.load(Ordering::SeqCst))
-        {
+        if op >= self.fail_after.load(Ordering::SeqCst) && (!is_read || self.fail_reads.load(Ordering::SeqCst)) {
             return Err(self.fault.lock().expect("fault mutex").error());
         }
         Ok(())
@@ -523,10 +511,7 @@ impl Storage for FaultyStorage {
     fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn StorageFile>> {
         self.control.check(!create)?;
         let inner = self.inner.open(name, create)?;
-        Ok(Arc::new(FaultyFile {
-            inner,
-            control: self.control.clone(),
-        }))
+        Ok(Arc::new(FaultyFile { inner, control: self.control.clone() }))
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
@@ -573,11 +558,7 @@ mod tests {
         f.set_len(4095).unwrap();
         f.set_len(5000).unwrap();
         f.read_at(&mut buf[..5], 4094).unwrap();
-        assert_eq!(
-            &buf[..5],
-            b"h\0\0\0\0",
-            "truncated bytes come back as zeros"
-        );
+        assert_eq!(&buf[..5], b"h\0\0\0\0", "truncated bytes come back as zeros");
         f.sync().unwrap();
         storage.rename("a", "b").unwrap();
         assert!(storage.open("a", false).is_err());
@@ -633,9 +614,6 @@ mod tests {
         let a = DirStorage::new(dir.path()).unwrap();
         a.lock_exclusive().unwrap();
         let b = DirStorage::new(dir.path()).unwrap();
-        assert_eq!(
-            b.lock_exclusive().unwrap_err().kind(),
-            io::ErrorKind::WouldBlock
-        );
+        assert_eq!(b.lock_exclusive().unwrap_err().kind(), io::ErrorKind::WouldBlock);
     }
 }

@@ -1,12 +1,11 @@
 //! The store: a directory of layers and a catalog, and the volumes and snapshots built on them.
 //!
-//! Lock order, outermost first: catalog → volume gate → volume regions → volume view → layer
-//! map → layer journal. I/O takes a volume's gate shared; snapshot, revert and delete take it
+//! Lock order, outermost first: merger state → catalog → volume gate → volume regions →
+//! volume view → layer journal → layer map. I/O never takes the catalog.
+//! I/O takes a volume's gate shared; snapshot, revert and delete take it
 //! exclusively, which drains writes in flight so a snapshot is an exact point in time.
 
-use crate::blockmap::{
-    BlockRun, BlockSet, BlockState, MapOp, BLOCK_SHIFT, BLOCK_SIZE, PAGE_BLOCKS,
-};
+use crate::blockmap::{BlockRun, BlockSet, BlockState, MapOp, BLOCK_SHIFT, BLOCK_SIZE, PAGE_BLOCKS};
 use crate::catalog::{self, Catalog, Event, MergeTask, SnapshotEntry};
 use crate::layer::{self, Layer};
 use crate::storage::{DirStorage, Storage, StorageFile};
@@ -27,6 +26,8 @@ const REGION_SHIFT: u32 = 4;
 const REGION_STRIPES: usize = 256;
 /// Compact the catalog log on open once it holds this many events.
 const CATALOG_COMPACT_FRAMES: u64 = 1000;
+/// How long the background merge waits before retrying after an error.
+const MERGE_RETRY: Duration = Duration::from_secs(1);
 /// Compact a head's journal once it is this large and 4× its size after the last compaction.
 const JOURNAL_COMPACT_MIN: u64 = 8 << 20;
 
@@ -49,10 +50,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self {
-            background_merge: true,
-            merge_bytes_per_sec: Some(256 << 20),
-        }
+        Self { background_merge: true, merge_bytes_per_sec: Some(256 << 20) }
     }
 }
 
@@ -106,15 +104,11 @@ pub struct Extent {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 fn check_name(name: &str) -> Result<(), Error> {
-    if name.is_empty() || name.len() > 255 || name.contains(['\0', '@', '/']) || name.trim() != name
-    {
+    if name.is_empty() || name.len() > 255 || name.contains(['\0', '@', '/']) || name.trim() != name {
         return Err(Error::InvalidName(name.to_string()));
     }
     Ok(())
@@ -122,16 +116,10 @@ fn check_name(name: &str) -> Result<(), Error> {
 
 fn check_size(size: u64) -> Result<(), Error> {
     if size == 0 || size % SECTOR_SIZE != 0 {
-        return Err(Error::InvalidSize {
-            size,
-            reason: "must be a positive multiple of 512 bytes",
-        });
+        return Err(Error::InvalidSize { size, reason: "must be a positive multiple of 512 bytes" });
     }
     if size > MAX_VOLUME_SIZE {
-        return Err(Error::InvalidSize {
-            size,
-            reason: "larger than 256 TiB",
-        });
+        return Err(Error::InvalidSize { size, reason: "larger than 256 TiB" });
     }
     Ok(())
 }
@@ -147,6 +135,11 @@ struct CatalogFile {
     state: Catalog,
     file: Arc<dyn StorageFile>,
     end: u64,
+    /// Events in the log, to know when to compact it.
+    frames: u64,
+    /// A write or sync of the log failed: whether that event reached the disk is unknown, so
+    /// no further event may be appended until the store is reopened.
+    failed: bool,
 }
 
 #[derive(Debug, Default)]
@@ -172,9 +165,7 @@ struct StoreInner {
 
 impl std::fmt::Debug for StoreInner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoreInner")
-            .field("storage", &self.storage)
-            .finish_non_exhaustive()
+        f.debug_struct("StoreInner").field("storage", &self.storage).finish_non_exhaustive()
     }
 }
 
@@ -190,9 +181,7 @@ struct VolumeCore {
 
 impl std::fmt::Debug for VolumeCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VolumeCore")
-            .field("id", &self.id)
-            .finish_non_exhaustive()
+        f.debug_struct("VolumeCore").field("id", &self.id).finish_non_exhaustive()
     }
 }
 
@@ -209,13 +198,7 @@ impl VolumeCore {
     }
 
     fn head(&self) -> Arc<Layer> {
-        self.view
-            .read()
-            .expect("view lock")
-            .chain
-            .last()
-            .expect("a volume has a head")
-            .clone()
+        self.view.read().expect("view lock").chain.last().expect("a volume has a head").clone()
     }
 
     fn size(&self) -> u64 {
@@ -228,16 +211,11 @@ impl VolumeCore {
         let mut stripes: Vec<usize> = if r1 - r0 + 1 >= REGION_STRIPES as u64 {
             (0..REGION_STRIPES).collect()
         } else {
-            (r0..=r1)
-                .map(|r| (r % REGION_STRIPES as u64) as usize)
-                .collect()
+            (r0..=r1).map(|r| (r % REGION_STRIPES as u64) as usize).collect()
         };
         stripes.sort_unstable();
         stripes.dedup();
-        stripes
-            .into_iter()
-            .map(|s| self.regions[s].lock().expect("region lock"))
-            .collect()
+        stripes.into_iter().map(|s| self.regions[s].lock().expect("region lock")).collect()
     }
 }
 
@@ -258,8 +236,16 @@ impl Store {
     /// no longer names, replays every layer's journal and resumes pending merges.
     pub fn open(storage: Arc<dyn Storage>, options: StoreOptions) -> Result<Store, Error> {
         storage.lock_exclusive()?;
-        let catalog = open_catalog(&storage)?;
         let files = storage.list()?;
+        let catalog_len = storage.open(CATALOG_FILE, true)?.size()?;
+        if catalog_len < catalog::HEADER_LEN as u64 && files.iter().any(|f| layer::layer_of_file(f).is_some()) {
+            // Layers without a catalog: never treat this as a new store, which would delete them.
+            return Err(Error::Corrupt {
+                file: CATALOG_FILE.to_string(),
+                reason: "missing or empty, but layer files exist".into(),
+            });
+        }
+        let catalog = open_catalog(&storage)?;
         for f in &files {
             let orphan = match layer::layer_of_file(f) {
                 Some(id) => !catalog.state.layers.contains_key(&id),
@@ -271,19 +257,14 @@ impl Store {
         }
         let mut layers = HashMap::new();
         for (id, rec) in &catalog.state.layers {
-            layers.insert(
-                *id,
-                Arc::new(Layer::open(storage.clone(), *id, rec.ghost, &files)?),
-            );
+            layers.insert(*id, Arc::new(Layer::open(storage.clone(), *id, rec.ghost, &files)?));
         }
+        // Files created before a crash may not have durable directory entries yet; flushes
+        // after this open only sync the directory for files they create themselves.
+        storage.sync_dir()?;
         let mut volumes = HashMap::new();
         for (id, rec) in &catalog.state.volumes {
-            let chain = catalog
-                .state
-                .read_chain(rec.head)
-                .iter()
-                .map(|l| layers[l].clone())
-                .collect();
+            let chain = catalog.state.read_chain(rec.head).iter().map(|l| layers[l].clone()).collect();
             volumes.insert(*id, Arc::new(VolumeCore::new(*id, chain, rec.size)));
         }
         let inner = Arc::new(StoreInner {
@@ -313,14 +294,7 @@ impl Store {
     /// Flushes every volume, then stops the background merge (its progress is kept: it
     /// resumes on the next open).
     pub fn close(mut self) -> Result<(), Error> {
-        let volumes: Vec<_> = self
-            .inner
-            .volumes
-            .read()
-            .expect("volumes lock")
-            .values()
-            .cloned()
-            .collect();
+        let volumes: Vec<_> = self.inner.volumes.read().expect("volumes lock").values().cloned().collect();
         for v in volumes {
             v.head().flush()?;
         }
@@ -343,12 +317,7 @@ impl Store {
 
     /// Creates a volume whose initial content is a snapshot; usable at once, sharing the
     /// snapshot's layers. `size` (at least the snapshot's) defaults to the snapshot's size.
-    pub fn clone_snapshot(
-        &self,
-        snapshot: SnapshotId,
-        name: &str,
-        size: Option<u64>,
-    ) -> Result<VolumeInfo, Error> {
+    pub fn clone_snapshot(&self, snapshot: SnapshotId, name: &str, size: Option<u64>) -> Result<VolumeInfo, Error> {
         let (layer, snap_size) = {
             let cat = self.inner.catalog();
             let snap = cat
@@ -361,13 +330,9 @@ impl Store {
         };
         let size = size.unwrap_or(snap_size);
         if size < snap_size {
-            return Err(Error::InvalidSize {
-                size,
-                reason: "smaller than the snapshot",
-            });
+            return Err(Error::InvalidSize { size, reason: "smaller than the snapshot" });
         }
-        self.inner
-            .create_volume(name, size, Some((snapshot, layer)))
+        self.inner.create_volume(name, size, Some((snapshot, layer)))
     }
 
     /// A handle for I/O on a volume.
@@ -383,10 +348,7 @@ impl Store {
             .state
             .volume_by_name(name)
             .map(VolumeId)
-            .ok_or_else(|| Error::NotFound {
-                kind: "volume",
-                name: name.to_string(),
-            })
+            .ok_or_else(|| Error::NotFound { kind: "volume", name: name.to_string() })
     }
 
     /// The id of the snapshot of `volume` named `name`.
@@ -396,10 +358,7 @@ impl Store {
             .state
             .snapshot_by_name(volume.0, name)
             .map(SnapshotId)
-            .ok_or_else(|| Error::NotFound {
-                kind: "snapshot",
-                name: name.to_string(),
-            })
+            .ok_or_else(|| Error::NotFound { kind: "snapshot", name: name.to_string() })
     }
 
     /// All volumes, by id.
@@ -441,10 +400,7 @@ impl Store {
 
     /// Snapshots several volumes at one instant: writes in flight on all of them complete,
     /// then all heads freeze together, in one catalog record.
-    pub fn snapshot_group(
-        &self,
-        requests: &[(VolumeId, &str)],
-    ) -> Result<Vec<SnapshotInfo>, Error> {
+    pub fn snapshot_group(&self, requests: &[(VolumeId, &str)]) -> Result<Vec<SnapshotInfo>, Error> {
         self.inner.snapshot_group(requests)
     }
 
@@ -472,27 +428,13 @@ impl Store {
 
     /// Deletes a snapshot. Its layer merges into the layer above in the background; with
     /// `keep_checkpoint`, changed blocks can still be listed since it afterwards.
-    pub fn delete_snapshot(
-        &self,
-        snapshot: SnapshotId,
-        keep_checkpoint: bool,
-    ) -> Result<(), Error> {
+    pub fn delete_snapshot(&self, snapshot: SnapshotId, keep_checkpoint: bool) -> Result<(), Error> {
         let cat = self.inner.catalog();
-        let found = cat
-            .state
-            .snapshots
-            .get(&snapshot.0)
-            .is_some_and(|s| !s.checkpoint_only);
+        let found = cat.state.snapshots.get(&snapshot.0).is_some_and(|s| !s.checkpoint_only);
         if !found {
             return Err(snap_not_found(snapshot));
         }
-        self.inner.commit(
-            cat,
-            Event::DeleteSnapshot {
-                snapshot: snapshot.0,
-                keep_checkpoint,
-            },
-        )?;
+        self.inner.commit(cat, Event::DeleteSnapshot { snapshot: snapshot.0, keep_checkpoint })?;
         self.inner.wake_merger();
         Ok(())
     }
@@ -500,23 +442,10 @@ impl Store {
     /// Forgets a checkpoint kept by [`Store::delete_snapshot`].
     pub fn forget_checkpoint(&self, snapshot: SnapshotId) -> Result<(), Error> {
         let cat = self.inner.catalog();
-        if !cat
-            .state
-            .snapshots
-            .get(&snapshot.0)
-            .is_some_and(|s| s.checkpoint_only)
-        {
-            return Err(Error::NotFound {
-                kind: "checkpoint",
-                name: snapshot.0.to_string(),
-            });
+        if !cat.state.snapshots.get(&snapshot.0).is_some_and(|s| s.checkpoint_only) {
+            return Err(Error::NotFound { kind: "checkpoint", name: snapshot.0.to_string() });
         }
-        self.inner.commit(
-            cat,
-            Event::ForgetCheckpoint {
-                snapshot: snapshot.0,
-            },
-        )?;
+        self.inner.commit(cat, Event::ForgetCheckpoint { snapshot: snapshot.0 })?;
         self.inner.wake_merger();
         Ok(())
     }
@@ -529,11 +458,7 @@ impl Store {
     /// The blocks that differ between `since` (a snapshot, or a checkpoint of a deleted one)
     /// and `target`, as byte extents, found from change tracking without reading data.
     /// `since` must be an ancestor of the target.
-    pub fn changed_extents(
-        &self,
-        since: SnapshotId,
-        target: ChangeTarget,
-    ) -> Result<Vec<Extent>, Error> {
+    pub fn changed_extents(&self, since: SnapshotId, target: ChangeTarget) -> Result<Vec<Extent>, Error> {
         self.inner.changed_extents(since, target)
     }
 
@@ -555,8 +480,8 @@ impl Store {
         }
         let mut state = self.inner.merger.lock().expect("merger lock");
         loop {
-            if let Some(e) = state.last_error.take() {
-                return Err(Error::Merge(e));
+            if let Some(e) = &state.last_error {
+                return Err(Error::Merge(e.clone()));
             }
             if state.idle && self.inner.catalog().state.merge_tasks().is_empty() {
                 return Ok(());
@@ -578,10 +503,7 @@ impl Drop for Store {
 }
 
 fn snap_not_found(snapshot: SnapshotId) -> Error {
-    Error::NotFound {
-        kind: "snapshot",
-        name: snapshot.0.to_string(),
-    }
+    Error::NotFound { kind: "snapshot", name: snapshot.0.to_string() }
 }
 
 fn open_catalog(storage: &Arc<dyn Storage>) -> Result<CatalogFile, Error> {
@@ -589,43 +511,34 @@ fn open_catalog(storage: &Arc<dyn Storage>) -> Result<CatalogFile, Error> {
     let len = file.size()?;
     let mut bytes = vec![0u8; len as usize];
     file.read_at(&mut bytes, 0)?;
-    let replayed = catalog::replay(&bytes).map_err(|e| Error::Corrupt {
-        file: CATALOG_FILE.to_string(),
-        reason: e.to_string(),
-    })?;
+    let replayed = catalog::replay(&bytes)
+        .map_err(|e| Error::Corrupt { file: CATALOG_FILE.to_string(), reason: e.to_string() })?;
     if replayed.valid_len == 0 || replayed.frames >= CATALOG_COMPACT_FRAMES {
-        // A new store, or a long log: write the state as one record, atomically.
-        let mut out = catalog::encode_header().to_vec();
-        if replayed.frames > 0 {
-            catalog::encode_frame(
-                &Event::State {
-                    catalog: replayed.catalog.clone(),
-                },
-                &mut out,
-            );
-        }
-        let tmp = format!("{CATALOG_FILE}.tmp");
-        let f = storage.open(&tmp, true)?;
-        f.set_len(0)?;
-        f.write_at(&out, 0)?;
-        f.sync()?;
-        storage.rename(&tmp, CATALOG_FILE)?;
-        storage.sync_dir()?;
-        return Ok(CatalogFile {
-            state: replayed.catalog,
-            file: f,
-            end: out.len() as u64,
-        });
+        return write_compacted_catalog(storage, replayed.catalog);
     }
     if replayed.valid_len < len {
         file.set_len(replayed.valid_len)?;
         file.sync()?;
     }
-    Ok(CatalogFile {
-        state: replayed.catalog,
-        file,
-        end: replayed.valid_len,
-    })
+    Ok(CatalogFile { state: replayed.catalog, file, end: replayed.valid_len, frames: replayed.frames, failed: false })
+}
+
+/// Replaces the log with one holding the state as a single event, atomically (a new store
+/// gets a log with just the header).
+fn write_compacted_catalog(storage: &Arc<dyn Storage>, state: Catalog) -> Result<CatalogFile, Error> {
+    let mut out = catalog::encode_header().to_vec();
+    let frames = u64::from(state != Catalog::default());
+    if frames > 0 {
+        catalog::encode_frame(&Event::State { catalog: state.clone() }, &mut out);
+    }
+    let tmp = format!("{CATALOG_FILE}.tmp");
+    let file = storage.open(&tmp, true)?;
+    file.set_len(0)?;
+    file.write_at(&out, 0)?;
+    file.sync()?;
+    storage.rename(&tmp, CATALOG_FILE)?;
+    storage.sync_dir()?;
+    Ok(CatalogFile { state, file, end: out.len() as u64, frames, failed: false })
 }
 
 impl StoreInner {
@@ -636,24 +549,35 @@ impl StoreInner {
     /// Validates and applies an event, makes it durable, then removes the files of layers
     /// nothing uses any more. On error nothing changed.
     fn commit(&self, mut cat: MutexGuard<'_, CatalogFile>, event: Event) -> Result<(), Error> {
+        if cat.failed {
+            return Err(Error::Io(std::io::Error::other("an earlier catalog write failed; reopen the store")));
+        }
         let mut next = cat.state.clone();
         let dropped = next.apply(&event)?;
         let mut frame = Vec::new();
         catalog::encode_frame(&event, &mut frame);
-        cat.file.write_at(&frame, cat.end)?;
-        cat.file.sync()?;
+        let written = cat.file.write_at(&frame, cat.end).and_then(|()| cat.file.sync());
+        if let Err(e) = written {
+            cat.failed = true;
+            return Err(e.into());
+        }
         cat.end += frame.len() as u64;
+        cat.frames += 1;
         cat.state = next;
         self.epoch.fetch_add(1, Ordering::SeqCst);
-        let files = if dropped.is_empty() {
-            Vec::new()
-        } else {
-            self.storage.list()?
-        };
+        if cat.frames >= CATALOG_COMPACT_FRAMES {
+            // Best effort: if it fails the log just stays long until the next try.
+            if let Ok(compacted) = write_compacted_catalog(&self.storage, cat.state.clone()) {
+                *cat = compacted;
+            }
+        }
+        // The event is durable: from here on nothing may fail. Files that cannot be removed
+        // now are orphans that the next open removes.
+        let files = if dropped.is_empty() { Vec::new() } else { self.storage.list().unwrap_or_default() };
         let mut layers = self.layers.lock().expect("layers lock");
         for id in dropped {
             layers.remove(&id);
-            Layer::remove_files(self.storage.as_ref(), id, &files)?;
+            let _ = Layer::remove_files(self.storage.as_ref(), id, &files);
         }
         Ok(())
     }
@@ -664,10 +588,7 @@ impl StoreInner {
 
     fn chain_layers(&self, cat: &Catalog, top: u64) -> Vec<Arc<Layer>> {
         let layers = self.layers.lock().expect("layers lock");
-        cat.read_chain(top)
-            .iter()
-            .map(|id| layers[id].clone())
-            .collect()
+        cat.read_chain(top).iter().map(|id| layers[id].clone()).collect()
     }
 
     fn volume_core(&self, id: VolumeId) -> Result<Arc<VolumeCore>, Error> {
@@ -676,10 +597,7 @@ impl StoreInner {
             .expect("volumes lock")
             .get(&id.0)
             .cloned()
-            .ok_or_else(|| Error::NotFound {
-                kind: "volume",
-                name: id.0.to_string(),
-            })
+            .ok_or_else(|| Error::NotFound { kind: "volume", name: id.0.to_string() })
     }
 
     fn new_layer(&self, cat: &mut CatalogFile) -> Result<Arc<Layer>, Error> {
@@ -687,23 +605,16 @@ impl StoreInner {
         Ok(Arc::new(Layer::create(self.storage.clone(), id)?))
     }
 
-    fn create_volume(
-        &self,
-        name: &str,
-        size: u64,
-        base: Option<(SnapshotId, u64)>,
-    ) -> Result<VolumeInfo, Error> {
+    fn create_volume(&self, name: &str, size: u64, base: Option<(SnapshotId, u64)>) -> Result<VolumeInfo, Error> {
         check_name(name)?;
         check_size(size)?;
         let mut cat = self.catalog();
         if cat.state.volume_by_name(name).is_some() {
-            return Err(Error::AlreadyExists {
-                kind: "volume",
-                name: name.to_string(),
-            });
+            return Err(Error::AlreadyExists { kind: "volume", name: name.to_string() });
         }
-        if let Some((snapshot, _)) = base {
-            if !cat.state.snapshots.contains_key(&snapshot.0) {
+        if let Some((snapshot, layer)) = base {
+            // Checked again under this lock: the snapshot may have been deleted meanwhile.
+            if !cat.state.snapshots.get(&snapshot.0).is_some_and(|s| !s.checkpoint_only && s.layer == layer) {
                 return Err(snap_not_found(snapshot));
             }
         }
@@ -711,71 +622,40 @@ impl StoreInner {
         let head = self.new_layer(&mut cat)?;
         let parent = base.map(|(_, layer)| layer);
         let created_ms = now_ms();
-        let event = Event::CreateVolume {
-            volume: id,
-            name: name.to_string(),
-            size,
-            head: head.id(),
-            parent,
-            created_ms,
-        };
-        self.layers
-            .lock()
-            .expect("layers lock")
-            .insert(head.id(), head.clone());
+        let event =
+            Event::CreateVolume { volume: id, name: name.to_string(), size, head: head.id(), parent, created_ms };
+        self.layers.lock().expect("layers lock").insert(head.id(), head.clone());
         let mut next = cat.state.clone();
         next.apply(&event)?;
         let chain = {
             let layers = self.layers.lock().expect("layers lock");
-            next.read_chain(head.id())
-                .iter()
-                .map(|l| layers[l].clone())
-                .collect()
+            next.read_chain(head.id()).iter().map(|l| layers[l].clone()).collect()
         };
         if let Err(e) = self.commit(cat, event) {
             self.layers.lock().expect("layers lock").remove(&head.id());
             return Err(e);
         }
-        self.volumes
-            .write()
-            .expect("volumes lock")
-            .insert(id, Arc::new(VolumeCore::new(id, chain, size)));
-        Ok(VolumeInfo {
-            id: VolumeId(id),
-            name: name.to_string(),
-            size,
-            created_ms,
-        })
+        self.volumes.write().expect("volumes lock").insert(id, Arc::new(VolumeCore::new(id, chain, size)));
+        Ok(VolumeInfo { id: VolumeId(id), name: name.to_string(), size, created_ms })
     }
 
     fn snapshot_group(&self, requests: &[(VolumeId, &str)]) -> Result<Vec<SnapshotInfo>, Error> {
         if requests.is_empty() {
-            return Err(Error::InvalidRequest(
-                "a snapshot needs at least one volume".into(),
-            ));
+            return Err(Error::InvalidRequest("a snapshot needs at least one volume".into()));
         }
         let mut cat = self.catalog();
         let mut cores = Vec::new();
         for (i, (volume, name)) in requests.iter().enumerate() {
             check_name(name)?;
             if requests[..i].iter().any(|(v, _)| v == volume) {
-                return Err(Error::InvalidRequest(format!(
-                    "volume {} appears twice",
-                    volume.0
-                )));
+                return Err(Error::InvalidRequest(format!("volume {} appears twice", volume.0)));
             }
             if cat.state.snapshot_by_name(volume.0, name).is_some() {
-                return Err(Error::AlreadyExists {
-                    kind: "snapshot",
-                    name: name.to_string(),
-                });
+                return Err(Error::AlreadyExists { kind: "snapshot", name: name.to_string() });
             }
             let core = self.volume_core(*volume)?;
             if core.view.read().expect("view lock").chain.len() >= MAX_CHAIN {
-                return Err(Error::InvalidRequest(format!(
-                    "volume {} has too many layers",
-                    volume.0
-                )));
+                return Err(Error::InvalidRequest(format!("volume {} has too many layers", volume.0)));
             }
             cores.push(core);
         }
@@ -785,36 +665,19 @@ impl StoreInner {
         for (volume, name) in requests {
             let snapshot = cat.state.allocate_id();
             let head = self.new_layer(&mut cat)?;
-            entries.push(SnapshotEntry {
-                volume: volume.0,
-                snapshot,
-                name: name.to_string(),
-                new_head: head.id(),
-            });
+            entries.push(SnapshotEntry { volume: volume.0, snapshot, name: name.to_string(), new_head: head.id() });
             new_heads.push(head);
         }
         let mut order: Vec<usize> = (0..cores.len()).collect();
         order.sort_by_key(|i| cores[*i].id);
-        let gates: Vec<_> = order
-            .iter()
-            .map(|i| cores[*i].gate.write().expect("gate lock"))
-            .collect();
+        let gates: Vec<_> = order.iter().map(|i| cores[*i].gate.write().expect("gate lock")).collect();
         let prepared = (|| {
             for core in &cores {
                 core.head().flush()?;
             }
-            self.layers
-                .lock()
-                .expect("layers lock")
-                .extend(new_heads.iter().map(|h| (h.id(), h.clone())));
+            self.layers.lock().expect("layers lock").extend(new_heads.iter().map(|h| (h.id(), h.clone())));
             let created_ms = now_ms();
-            self.commit(
-                cat,
-                Event::Snapshot {
-                    entries: entries.clone(),
-                    created_ms,
-                },
-            )?;
+            self.commit(cat, Event::Snapshot { entries: entries.clone(), created_ms })?;
             Ok::<u64, Error>(created_ms)
         })();
         let created_ms = match prepared {
@@ -855,10 +718,7 @@ impl StoreInner {
             .filter(|s| !s.checkpoint_only)
             .ok_or_else(|| snap_not_found(snapshot))?;
         let chain = self.chain_layers(&cat.state, snap.layer);
-        Ok((
-            ViewState::new(chain, snap.size),
-            self.epoch.load(Ordering::SeqCst),
-        ))
+        Ok((ViewState::new(chain, snap.size), self.epoch.load(Ordering::SeqCst)))
     }
 
     fn revert(&self, volume: VolumeId, snapshot: SnapshotId) -> Result<(), Error> {
@@ -870,7 +730,9 @@ impl StoreInner {
             .get(&snapshot.0)
             .filter(|s| !s.checkpoint_only)
             .ok_or_else(|| snap_not_found(snapshot))?;
-        let vol = &cat.state.volumes[&volume.0];
+        let Some(vol) = cat.state.volumes.get(&volume.0) else {
+            return Err(Error::NotFound { kind: "volume", name: volume.0.to_string() });
+        };
         if !cat.state.lineage(vol.head).contains(&snap.layer) {
             return Err(Error::InvalidRequest(format!(
                 "snapshot {} is not in the history of volume {}",
@@ -879,23 +741,13 @@ impl StoreInner {
         }
         let head = self.new_layer(&mut cat)?;
         let _gate = core.gate.write().expect("gate lock");
-        self.layers
-            .lock()
-            .expect("layers lock")
-            .insert(head.id(), head.clone());
-        let event = Event::Revert {
-            volume: volume.0,
-            snapshot: snapshot.0,
-            new_head: head.id(),
-        };
+        self.layers.lock().expect("layers lock").insert(head.id(), head.clone());
+        let event = Event::Revert { volume: volume.0, snapshot: snapshot.0, new_head: head.id() };
         let mut next = cat.state.clone();
         next.apply(&event)?;
         let chain = {
             let layers = self.layers.lock().expect("layers lock");
-            next.read_chain(head.id())
-                .iter()
-                .map(|l| layers[l].clone())
-                .collect()
+            next.read_chain(head.id()).iter().map(|l| layers[l].clone()).collect()
         };
         let size = next.volumes[&volume.0].size;
         if let Err(e) = self.commit(cat, event) {
@@ -917,19 +769,10 @@ impl StoreInner {
         let core = self.volume_core(volume)?;
         let size = core.size();
         if new_size < size {
-            return Err(Error::InvalidSize {
-                size: new_size,
-                reason: "volumes can only grow",
-            });
+            return Err(Error::InvalidSize { size: new_size, reason: "volumes can only grow" });
         }
         let _gate = core.gate.write().expect("gate lock");
-        self.commit(
-            cat,
-            Event::Grow {
-                volume: volume.0,
-                size: new_size,
-            },
-        )?;
+        self.commit(cat, Event::Grow { volume: volume.0, size: new_size })?;
         core.view.write().expect("view lock").size = new_size;
         Ok(())
     }
@@ -940,49 +783,32 @@ impl StoreInner {
         let _gate = core.gate.write().expect("gate lock");
         self.commit(cat, Event::DeleteVolume { volume: volume.0 })?;
         core.deleted.store(true, Ordering::SeqCst);
-        self.volumes
-            .write()
-            .expect("volumes lock")
-            .remove(&volume.0);
+        self.volumes.write().expect("volumes lock").remove(&volume.0);
         self.wake_merger();
         Ok(())
     }
 
-    fn changed_extents(
-        &self,
-        since: SnapshotId,
-        target: ChangeTarget,
-    ) -> Result<Vec<Extent>, Error> {
+    fn changed_extents(&self, since: SnapshotId, target: ChangeTarget) -> Result<Vec<Extent>, Error> {
         let cat = self.catalog();
-        let base = cat
-            .state
-            .snapshots
-            .get(&since.0)
-            .ok_or_else(|| snap_not_found(since))?;
+        let base = cat.state.snapshots.get(&since.0).ok_or_else(|| snap_not_found(since))?;
         let (top, size) = match target {
             ChangeTarget::Snapshot(s) => {
-                let snap = cat
-                    .state
-                    .snapshots
-                    .get(&s.0)
-                    .filter(|s| !s.checkpoint_only)
-                    .ok_or_else(|| snap_not_found(s))?;
+                let snap =
+                    cat.state.snapshots.get(&s.0).filter(|s| !s.checkpoint_only).ok_or_else(|| snap_not_found(s))?;
                 (snap.layer, snap.size)
             }
             ChangeTarget::Volume(v) => {
-                let vol = cat.state.volumes.get(&v.0).ok_or_else(|| Error::NotFound {
-                    kind: "volume",
-                    name: v.0.to_string(),
-                })?;
+                let vol = cat
+                    .state
+                    .volumes
+                    .get(&v.0)
+                    .ok_or_else(|| Error::NotFound { kind: "volume", name: v.0.to_string() })?;
                 (vol.head, vol.size)
             }
         };
         let lineage = cat.state.lineage(top);
         let Some(depth) = lineage.iter().position(|l| *l == base.layer) else {
-            return Err(Error::InvalidRequest(format!(
-                "snapshot {} is not an ancestor of the target",
-                since.0
-            )));
+            return Err(Error::InvalidRequest(format!("snapshot {} is not an ancestor of the target", since.0)));
         };
         let mut set = BlockSet::new();
         let layers: Vec<Arc<Layer>> = lineage[..depth].iter().map(|id| self.layer(*id)).collect();
@@ -998,10 +824,7 @@ impl StoreInner {
             .into_iter()
             .map(|r| {
                 let offset = r.start << BLOCK_SHIFT;
-                Extent {
-                    offset,
-                    length: (r.end() << BLOCK_SHIFT).min(size) - offset,
-                }
+                Extent { offset, length: (r.end() << BLOCK_SHIFT).min(size) - offset }
             })
             .collect())
     }
@@ -1014,38 +837,39 @@ impl StoreInner {
             .get(&snapshot.0)
             .filter(|s| !s.checkpoint_only)
             .ok_or_else(|| snap_not_found(snapshot))?;
-        let children: Vec<u64> = cat
-            .state
-            .layers
-            .iter()
-            .filter(|(_, l)| l.parent == Some(snap.layer))
-            .map(|(id, _)| *id)
-            .collect();
+        // Deleting merges the layer into the nearest non-ghost layer above it, if it has just
+        // one child: blocks that layer already holds are freed, the rest move up. With no child
+        // everything is freed; with several (clones) nothing is.
+        let children = cat.state.layers.iter().filter(|(_, l)| l.parent == Some(snap.layer)).count();
+        let mut probe = cat.state.clone();
+        let target = if children == 1 {
+            probe.apply(&Event::DeleteSnapshot { snapshot: snapshot.0, keep_checkpoint: false })?;
+            probe.merge_tasks().into_iter().find(|t| t.layer == snap.layer).and_then(|t| t.data_into)
+        } else {
+            None
+        };
         let layer = self.layer(snap.layer);
-        let child = (children.len() == 1).then(|| self.layer(children[0]));
+        let child = target.map(|id| self.layer(id));
         let logical_bytes = snap.size;
         drop(cat);
         let own = layer.map();
         let allocated = own.map.data_blocks();
-        // Deleting merges the layer into its only child: the blocks the child already holds
-        // are freed, the rest move up. With several children (clones) nothing is freed.
         let exclusive = match &child {
+            None if children == 0 => allocated,
+            None => 0,
             Some(child) => {
                 let child = child.map();
                 let mut n = 0u64;
                 for page_no in own.map.page_numbers(0, u64::MAX) {
-                    let (Some(p), Some(c)) = (own.map.page(page_no), child.map.page(page_no))
-                    else {
+                    let (Some(p), Some(c)) = (own.map.page(page_no), child.map.page(page_no)) else {
                         continue;
                     };
                     for w in 0..p.data_bits().len() {
-                        n += (p.data_bits()[w] & (c.data_bits()[w] | c.zero_bits()[w])).count_ones()
-                            as u64;
+                        n += (p.data_bits()[w] & (c.data_bits()[w] | c.zero_bits()[w])).count_ones() as u64;
                     }
                 }
                 n
             }
-            None => 0,
         };
         Ok(SnapshotUsage {
             logical_bytes,
@@ -1086,11 +910,17 @@ impl StoreInner {
                     return;
                 }
                 match self.merge_once() {
-                    Ok(true) => continue,
+                    Ok(true) => self.merger.lock().expect("merger lock").last_error = None,
                     Ok(false) => break,
                     Err(e) => {
-                        self.merger.lock().expect("merger lock").last_error = Some(e.to_string());
-                        break;
+                        let mut state = self.merger.lock().expect("merger lock");
+                        state.last_error = Some(e.to_string());
+                        self.merger_signal.notify_all();
+                        // Retry later: the fault (a full disk, say) may clear.
+                        let (state, _) = self.merger_signal.wait_timeout(state, MERGE_RETRY).expect("merger lock");
+                        if state.stop {
+                            return;
+                        }
                     }
                 }
             }
@@ -1105,32 +935,32 @@ impl StoreInner {
         let Some(task) = self.catalog().state.merge_tasks().first().copied() else {
             return Ok(false);
         };
-        let MergeTask {
-            layer,
-            into,
-            copy_data,
-            keep_tracking,
-        } = task;
-        let (source, target) = (self.layer(layer), self.layer(into));
-        if copy_data {
+        let MergeTask { layer, into, data_into, keep_tracking } = task;
+        let (source, child) = (self.layer(layer), self.layer(into));
+        if let Some(data_into) = data_into {
+            let target = self.layer(data_into);
             let pages: Vec<u64> = source.map().map.page_numbers(0, u64::MAX).collect();
             let mut buf = Vec::new();
             for page_no in pages {
+                if self.merger.lock().expect("merger lock").stop {
+                    return Ok(false); // Closing: the merge resumes at the next open.
+                }
                 let started = Instant::now();
                 let copied = self.merge_page(&source, &target, page_no, &mut buf)?;
                 self.throttle(copied, started);
             }
+            target.flush()?;
         }
         if !keep_tracking {
             // The boundary between the two layers is forgotten: the child now also answers
             // for the blocks written while the source was a head.
             let runs = source.map().map.written_runs();
-            let mut state = target.map_mut();
+            let mut state = child.map_mut();
             for run in runs {
                 state.apply(run, MapOp::MarkWritten);
             }
         }
-        target.flush()?;
+        child.flush()?;
         let cat = self.catalog();
         if !cat.state.merge_tasks().contains(&task) {
             return Ok(true); // The layers changed meanwhile (a volume was deleted): redo.
@@ -1147,12 +977,7 @@ impl StoreInner {
             if v.chain.iter().any(|l| l.id() == layer) {
                 let top = v.chain.last().expect("a volume has a head").id();
                 let layers = self.layers.lock().expect("layers lock");
-                let chain = cat
-                    .state
-                    .read_chain(top)
-                    .iter()
-                    .map(|l| layers[l].clone())
-                    .collect();
+                let chain = cat.state.read_chain(top).iter().map(|l| layers[l].clone()).collect();
                 v.set_chain(chain);
             }
         }
@@ -1160,13 +985,7 @@ impl StoreInner {
     }
 
     /// Copies the blocks of one page the target does not hold. Returns bytes copied.
-    fn merge_page(
-        &self,
-        source: &Layer,
-        target: &Layer,
-        page_no: u64,
-        buf: &mut Vec<u8>,
-    ) -> Result<u64, Error> {
+    fn merge_page(&self, source: &Layer, target: &Layer, page_no: u64, buf: &mut Vec<u8>) -> Result<u64, Error> {
         let first = page_no * PAGE_BLOCKS;
         // If the target is a live head, writes to this page wait until the page is done.
         let core = {
@@ -1174,27 +993,17 @@ impl StoreInner {
             if !cat.state.layers.contains_key(&target.id()) {
                 return Ok(0); // Deleted meanwhile: the commit will see the task is gone.
             }
-            let id = cat
-                .state
-                .volumes
-                .iter()
-                .find(|(_, v)| v.head == target.id())
-                .map(|(id, _)| *id);
+            let id = cat.state.volumes.iter().find(|(_, v)| v.head == target.id()).map(|(id, _)| *id);
             id.and_then(|id| self.volumes.read().expect("volumes lock").get(&id).cloned())
         };
         let _gate = core.as_ref().map(|c| c.gate.read().expect("gate lock"));
-        let _regions = core
-            .as_ref()
-            .map(|c| c.lock_regions(first, first + PAGE_BLOCKS));
+        let _regions = core.as_ref().map(|c| c.lock_regions(first, first + PAGE_BLOCKS));
         let Some(src) = source.map().map.page(page_no).cloned() else {
             return Ok(0);
         };
         let dst = target.map().map.page(page_no).cloned().unwrap_or_default();
         let mut copied = 0;
-        for (state, src_bits) in [
-            (BlockState::Data, src.data_bits()),
-            (BlockState::Zero, src.zero_bits()),
-        ] {
+        for (state, src_bits) in [(BlockState::Data, src.data_bits()), (BlockState::Zero, src.zero_bits())] {
             let mut todo = [0u64; 8];
             for w in 0..8 {
                 todo[w] = src_bits[w] & !(dst.data_bits()[w] | dst.zero_bits()[w]);
@@ -1209,20 +1018,14 @@ impl StoreInner {
                     target.write_data(&buf[..bytes], run.start << BLOCK_SHIFT)?;
                     copied += bytes as u64;
                 }
-                target.map_mut().apply(
-                    run,
-                    MapOp::Set {
-                        state,
-                        written: false,
-                    },
-                );
+                target.map_mut().apply(run, MapOp::Set { state, written: false });
             }
         }
         Ok(copied)
     }
 
     fn throttle(&self, bytes: u64, started: Instant) {
-        let Some(rate) = self.options.merge_bytes_per_sec else {
+        let Some(rate) = self.options.merge_bytes_per_sec.filter(|r| *r > 0) else {
             return;
         };
         let due = Duration::from_secs_f64(bytes as f64 / rate as f64);
@@ -1252,10 +1055,7 @@ impl Volume {
 
     fn alive(&self) -> Result<(), Error> {
         if self.core.deleted.load(Ordering::SeqCst) {
-            return Err(Error::NotFound {
-                kind: "volume",
-                name: self.core.id.to_string(),
-            });
+            return Err(Error::NotFound { kind: "volume", name: self.core.id.to_string() });
         }
         Ok(())
     }
@@ -1304,6 +1104,7 @@ impl Volume {
         let end = (offset + len).div_ceil(BLOCK_SIZE);
         let _regions = self.core.lock_regions(first, end);
         let head = self.core.head();
+        head.check_healthy()?;
         let size = self.core.size();
         // Whole blocks in the middle; partial blocks at either edge need their other bytes.
         let full_first = offset.div_ceil(BLOCK_SIZE);
@@ -1338,18 +1139,12 @@ impl Volume {
                 head.write_data(&whole, b_start)?;
             }
         }
-        let mid = BlockRun {
-            start: full_first,
-            count: full_end - full_first,
-        };
+        let mid = BlockRun { start: full_first, count: full_end - full_first };
         if mid.count > 0 {
             match data {
                 Some(d) => {
                     let at = mid.start << BLOCK_SHIFT;
-                    head.write_data(
-                        &d[(at - offset) as usize..((mid.end() << BLOCK_SHIFT) - offset) as usize],
-                        at,
-                    )?
+                    head.write_data(&d[(at - offset) as usize..((mid.end() << BLOCK_SHIFT) - offset) as usize], at)?
                 }
                 None => head.punch_blocks(mid)?,
             }
@@ -1358,38 +1153,16 @@ impl Volume {
         let mut v = self.core.view.write().expect("view lock");
         let mut state = head.map_mut();
         let mut note = |run: BlockRun, zero: bool| {
-            let st = if zero {
-                BlockState::Zero
-            } else {
-                BlockState::Data
-            };
-            state.apply(
-                run,
-                MapOp::Set {
-                    state: st,
-                    written: true,
-                },
-            );
+            let st = if zero { BlockState::Zero } else { BlockState::Data };
+            state.apply(run, MapOp::Set { state: st, written: true });
             v.note_top_write(run, zero);
         };
         if data.is_some() {
-            note(
-                BlockRun {
-                    start: first,
-                    count: end - first,
-                },
-                false,
-            );
+            note(BlockRun { start: first, count: end - first }, false);
         } else {
             for block in [first, end - 1] {
                 if block < full_first || block >= full_end {
-                    note(
-                        BlockRun {
-                            start: block,
-                            count: 1,
-                        },
-                        false,
-                    );
+                    note(BlockRun { start: block, count: 1 }, false);
                 }
             }
             if mid.count > 0 {
@@ -1414,9 +1187,7 @@ impl Volume {
             if Arc::ptr_eq(&head, &self.core.head()) {
                 head.flush()?;
                 head.compact_journal()?;
-                self.core
-                    .compacted_journal
-                    .store(head.journal_len(), Ordering::Relaxed);
+                self.core.compacted_journal.store(head.journal_len(), Ordering::Relaxed);
             }
         }
         Ok(())
@@ -1456,10 +1227,7 @@ impl SnapshotView {
         let (fresh, epoch) = self.store.snapshot_view_state(self.snapshot)?;
         let mut v = self.view.write().expect("view lock");
         let same = v.chain.len() == fresh.chain.len()
-            && v.chain
-                .iter()
-                .zip(fresh.chain.iter())
-                .all(|(a, b)| Arc::ptr_eq(a, b));
+            && v.chain.iter().zip(fresh.chain.iter()).all(|(a, b)| Arc::ptr_eq(a, b));
         if !same {
             *v = fresh;
         }

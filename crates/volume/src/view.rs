@@ -49,11 +49,7 @@ pub struct ViewState {
 
 impl ViewState {
     pub fn new(chain: Vec<Arc<Layer>>, size: u64) -> Self {
-        Self {
-            chain: chain.into(),
-            size,
-            flat: HashMap::new(),
-        }
+        Self { chain: chain.into(), size, flat: HashMap::new() }
     }
 
     /// Replaces the chain; the flattened map is rebuilt lazily.
@@ -214,11 +210,7 @@ pub fn allocation(view: &RwLock<ViewState>, offset: u64, len: u64) -> Vec<AllocE
                 return;
             }
         }
-        extents.push(AllocExtent {
-            offset,
-            length,
-            kind,
-        });
+        extents.push(AllocExtent { offset, length, kind });
     };
     let end = offset + len;
     let first_page = (offset >> BLOCK_SHIFT) / PAGE_BLOCKS;
@@ -226,15 +218,7 @@ pub fn allocation(view: &RwLock<ViewState>, offset: u64, len: u64) -> Vec<AllocE
     // Only pages some layer holds need a look; everything between is a hole.
     let pages: std::collections::BTreeSet<u64> = {
         let v = view.read().expect("view lock");
-        v.chain
-            .iter()
-            .flat_map(|l| {
-                l.map()
-                    .map
-                    .page_numbers(first_page, last_page + 1)
-                    .collect::<Vec<_>>()
-            })
-            .collect()
+        v.chain.iter().flat_map(|l| l.map().map.page_numbers(first_page, last_page + 1).collect::<Vec<_>>()).collect()
     };
     let mut pos = offset;
     for page_no in pages {

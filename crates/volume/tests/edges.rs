@@ -18,14 +18,8 @@ fn unaligned_io_across_blocks_and_at_the_end() {
     let id = s.create_volume("v", size).unwrap().id;
     let v = s.volume(id).unwrap();
     let mut model = vec![0u8; size as usize];
-    let writes: [(u64, usize); 6] = [
-        (100, 9000),
-        (4095, 2),
-        (0, 1),
-        (size - 7, 7),
-        (3 * BLOCK_SIZE - 3, 5000),
-        (8192, 4096),
-    ];
+    let writes: [(u64, usize); 6] =
+        [(100, 9000), (4095, 2), (0, 1), (size - 7, 7), (3 * BLOCK_SIZE - 3, 5000), (8192, 4096)];
     for (i, (at, len)) in writes.iter().enumerate() {
         let data: Vec<u8> = (0..*len).map(|k| (i * 31 + k) as u8 | 0x80).collect();
         v.write(&data, *at, false).unwrap();
@@ -46,18 +40,9 @@ fn unaligned_io_across_blocks_and_at_the_end() {
     // Zero-length I/O is a no-op anywhere in range, including at the very end.
     v.write(&[], size, false).unwrap();
     v.read(&mut [], size).unwrap();
-    assert!(matches!(
-        v.read(&mut [0u8; 1], size),
-        Err(Error::OutOfRange { .. })
-    ));
-    assert!(matches!(
-        v.write(&[1u8; 2], size - 1, false),
-        Err(Error::OutOfRange { .. })
-    ));
-    assert!(matches!(
-        v.write_zeroes(u64::MAX, 2, false),
-        Err(Error::OutOfRange { .. })
-    ));
+    assert!(matches!(v.read(&mut [0u8; 1], size), Err(Error::OutOfRange { .. })));
+    assert!(matches!(v.write(&[1u8; 2], size - 1, false), Err(Error::OutOfRange { .. })));
+    assert!(matches!(v.write_zeroes(u64::MAX, 2, false), Err(Error::OutOfRange { .. })));
     // Growing exposes zeros past the old end, also within the old last block.
     s.grow(id, size + 8192).unwrap();
     let mut grown = vec![1u8; 8192 + 7];
@@ -70,61 +55,25 @@ fn unaligned_io_across_blocks_and_at_the_end() {
 fn bad_requests_get_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(&dir);
-    assert!(matches!(
-        s.create_volume("v", 0),
-        Err(Error::InvalidSize { .. })
-    ));
-    assert!(matches!(
-        s.create_volume("v", 1000),
-        Err(Error::InvalidSize { .. })
-    ));
-    assert!(matches!(
-        s.create_volume("v", 1 << 60),
-        Err(Error::InvalidSize { .. })
-    ));
-    assert!(matches!(
-        s.create_volume("a@b", 4096),
-        Err(Error::InvalidName(_))
-    ));
-    assert!(matches!(
-        s.create_volume("", 4096),
-        Err(Error::InvalidName(_))
-    ));
+    assert!(matches!(s.create_volume("v", 0), Err(Error::InvalidSize { .. })));
+    assert!(matches!(s.create_volume("v", 1000), Err(Error::InvalidSize { .. })));
+    assert!(matches!(s.create_volume("v", 1 << 60), Err(Error::InvalidSize { .. })));
+    assert!(matches!(s.create_volume("a@b", 4096), Err(Error::InvalidName(_))));
+    assert!(matches!(s.create_volume("", 4096), Err(Error::InvalidName(_))));
     let a = s.create_volume("a", 1 << 20).unwrap().id;
     let b = s.create_volume("b", 1 << 20).unwrap().id;
-    assert!(matches!(
-        s.create_volume("a", 4096),
-        Err(Error::AlreadyExists { .. })
-    ));
+    assert!(matches!(s.create_volume("a", 4096), Err(Error::AlreadyExists { .. })));
     let snap = s.snapshot(a, "s").unwrap().id;
-    assert!(matches!(
-        s.snapshot(a, "s"),
-        Err(Error::AlreadyExists { .. })
-    ));
+    assert!(matches!(s.snapshot(a, "s"), Err(Error::AlreadyExists { .. })));
     s.snapshot(b, "s").unwrap();
-    assert!(
-        matches!(s.revert(b, snap), Err(Error::InvalidRequest(_))),
-        "not b's snapshot"
-    );
-    assert!(matches!(
-        s.clone_snapshot(snap, "c", Some(4096)),
-        Err(Error::InvalidSize { .. })
-    ));
+    assert!(matches!(s.revert(b, snap), Err(Error::InvalidRequest(_))), "not b's snapshot");
+    assert!(matches!(s.clone_snapshot(snap, "c", Some(4096)), Err(Error::InvalidSize { .. })));
     assert!(matches!(s.grow(a, 4096), Err(Error::InvalidSize { .. })));
-    assert!(matches!(
-        s.snapshot_group(&[(a, "g"), (a, "h")]),
-        Err(Error::InvalidRequest(_))
-    ));
-    assert!(matches!(
-        s.snapshot_group(&[]),
-        Err(Error::InvalidRequest(_))
-    ));
+    assert!(matches!(s.snapshot_group(&[(a, "g"), (a, "h")]), Err(Error::InvalidRequest(_))));
+    assert!(matches!(s.snapshot_group(&[]), Err(Error::InvalidRequest(_))));
     s.delete_volume(b).unwrap();
     assert!(matches!(s.volume(b), Err(Error::NotFound { .. })));
-    assert!(matches!(
-        s.delete_snapshot(cairn_volume::SnapshotId(9999), false),
-        Err(Error::NotFound { .. })
-    ));
+    assert!(matches!(s.delete_snapshot(cairn_volume::SnapshotId(9999), false), Err(Error::NotFound { .. })));
     // The snapshots of a deleted volume stay until deleted themselves.
     assert_eq!(s.list_snapshots(Some(b)).len(), 1);
     assert_eq!(s.volume_id("a").unwrap(), a);
@@ -161,22 +110,12 @@ fn sixteen_tib_volume_is_thin() {
     snap.read(&mut buf, size - 5).unwrap();
     assert_eq!(&buf, b"last!");
     let alloc = v.allocation(0, size).unwrap();
-    assert_eq!(
-        alloc
-            .iter()
-            .filter(|e| e.kind == Allocation::Data)
-            .map(|e| e.length)
-            .sum::<u64>(),
-        2 * BLOCK_SIZE
-    );
+    assert_eq!(alloc.iter().filter(|e| e.kind == Allocation::Data).map(|e| e.length).sum::<u64>(), 2 * BLOCK_SIZE);
     let used: u64 = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| std::os::unix::fs::MetadataExt::blocks(&e.unwrap().metadata().unwrap()) * 512)
         .sum();
-    assert!(
-        used < 1 << 20,
-        "a 16 TiB volume with two blocks written uses {used} bytes"
-    );
+    assert!(used < 1 << 20, "a 16 TiB volume with two blocks written uses {used} bytes");
 }
 
 #[test]
@@ -187,8 +126,7 @@ fn concurrent_writers_on_disjoint_bytes_of_shared_blocks() {
     let s = store(&dir);
     let id = s.create_volume("v", 64 * BLOCK_SIZE).unwrap().id;
     let v = s.volume(id).unwrap();
-    v.write(&vec![0xEE; 64 * BLOCK_SIZE as usize], 0, false)
-        .unwrap();
+    v.write(&vec![0xEE; 64 * BLOCK_SIZE as usize], 0, false).unwrap();
     s.snapshot(id, "base").unwrap();
     let threads = 8u64;
     let barrier = Arc::new(Barrier::new(threads as usize));
@@ -218,12 +156,7 @@ fn concurrent_writers_on_disjoint_bytes_of_shared_blocks() {
     let mut buf = vec![0u8; 64 * BLOCK_SIZE as usize];
     v.read(&mut buf, 0).unwrap();
     for (sector, chunk) in buf.chunks(512).enumerate() {
-        assert!(
-            chunk
-                .iter()
-                .all(|b| *b == (sector as u64 % threads) as u8 + 1),
-            "sector {sector} lost a write"
-        );
+        assert!(chunk.iter().all(|b| *b == (sector as u64 % threads) as u8 + 1), "sector {sector} lost a write");
     }
 }
 
@@ -241,8 +174,7 @@ fn snapshot_under_load_is_a_point_in_time() {
         scope.spawn(|| {
             for round in 1..=3u8 {
                 for b in 0..blocks {
-                    v.write(&[round; BLOCK_SIZE as usize], b * BLOCK_SIZE, false)
-                        .unwrap();
+                    v.write(&[round; BLOCK_SIZE as usize], b * BLOCK_SIZE, false).unwrap();
                 }
             }
             done.store(true, Ordering::SeqCst);
@@ -260,15 +192,8 @@ fn snapshot_under_load_is_a_point_in_time() {
         view.read(&mut buf, 0).unwrap();
         let stamps: Vec<u8> = buf.chunks(BLOCK_SIZE as usize).map(|c| c[0]).collect();
         // Stamps never increase along the disk: a newer round is a prefix over an older one.
-        assert!(
-            stamps.windows(2).all(|w| w[0] >= w[1] && w[0] - w[1] <= 1),
-            "torn snapshot {id:?}"
-        );
-        assert!(
-            buf.chunks(BLOCK_SIZE as usize)
-                .all(|c| c.iter().all(|b| *b == c[0])),
-            "torn block"
-        );
+        assert!(stamps.windows(2).all(|w| w[0] >= w[1] && w[0] - w[1] <= 1), "torn snapshot {id:?}");
+        assert!(buf.chunks(BLOCK_SIZE as usize).all(|c| c.iter().all(|b| *b == c[0])), "torn block");
     }
 }
 
@@ -279,11 +204,7 @@ fn snapshot_cost_does_not_depend_on_size_or_data() {
     let ops_for = |size: u64, written: u64| {
         let faulty = FaultyStorage::new(Arc::new(MemStorage::new()));
         let control = faulty.control();
-        let s = Store::open(
-            Arc::new(faulty) as Arc<dyn Storage>,
-            StoreOptions::default(),
-        )
-        .unwrap();
+        let s = Store::open(Arc::new(faulty) as Arc<dyn Storage>, StoreOptions::default()).unwrap();
         let id = s.create_volume("v", size).unwrap().id;
         let v = s.volume(id).unwrap();
         let chunk = vec![7u8; 1 << 20];
@@ -308,22 +229,12 @@ fn clones_share_and_survive_their_origin() {
     let v = s.volume(id).unwrap();
     v.write(&[5u8; 8192], 0, false).unwrap();
     let snap = s.snapshot(id, "image").unwrap().id;
-    let clones: Vec<_> = (0..5)
-        .map(|i| {
-            s.clone_snapshot(snap, &format!("vm{i}"), Some(2 << 20))
-                .unwrap()
-                .id
-        })
-        .collect();
+    let clones: Vec<_> = (0..5).map(|i| s.clone_snapshot(snap, &format!("vm{i}"), Some(2 << 20)).unwrap().id).collect();
     let layers_before = s.layer_count();
     s.delete_volume(id).unwrap();
     s.delete_snapshot(snap, false).unwrap();
     s.wait_for_merges().unwrap();
-    assert_eq!(
-        s.layer_count(),
-        layers_before - 1,
-        "only the origin's head goes; clones keep the image"
-    );
+    assert_eq!(s.layer_count(), layers_before - 1, "only the origin's head goes; clones keep the image");
     for (i, c) in clones.iter().enumerate() {
         let cv = s.volume(*c).unwrap();
         assert_eq!(cv.size(), 2 << 20);
@@ -371,16 +282,12 @@ fn change_tracking_survives_snapshot_deletion_and_restart() {
     drop(v);
     s.close().unwrap();
     let s = store(&dir);
-    let changed = s
-        .changed_extents(backup1, cairn_volume::ChangeTarget::Volume(id))
-        .unwrap();
+    let changed = s.changed_extents(backup1, cairn_volume::ChangeTarget::Volume(id)).unwrap();
     let offsets: Vec<(u64, u64)> = changed.iter().map(|e| (e.offset, e.length)).collect();
     assert_eq!(offsets, vec![(8192, 4096), (65536, 4096)]);
     s.forget_checkpoint(backup1).unwrap();
     s.wait_for_merges().unwrap();
-    assert!(s
-        .changed_extents(backup1, cairn_volume::ChangeTarget::Volume(id))
-        .is_err());
+    assert!(s.changed_extents(backup1, cairn_volume::ChangeTarget::Volume(id)).is_err());
     assert_eq!(s.layer_count(), 1);
 }
 
@@ -389,14 +296,8 @@ fn merge_is_invisible_to_readers_and_writers() {
     // Readers compare every byte while a deleted snapshot merges into the live head, which a
     // writer keeps changing in its own half of the disk.
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open_dir(
-        dir.path(),
-        StoreOptions {
-            background_merge: true,
-            merge_bytes_per_sec: Some(64 << 20),
-        },
-    )
-    .unwrap();
+    let s = Store::open_dir(dir.path(), StoreOptions { background_merge: true, merge_bytes_per_sec: Some(64 << 20) })
+        .unwrap();
     let blocks = 4096u64; // 16 MiB: 8 pages
     let id = s.create_volume("v", blocks * BLOCK_SIZE).unwrap().id;
     let v = s.volume(id).unwrap();
@@ -409,9 +310,7 @@ fn merge_is_invisible_to_readers_and_writers() {
         v.write(&stamp(b, 2), b * BLOCK_SIZE, false).unwrap();
     }
     let later = s.snapshot(id, "later").unwrap().id;
-    let expected_later: Vec<u8> = (0..blocks)
-        .flat_map(|b| stamp(b, if b % 3 == 0 { 2 } else { 1 }))
-        .collect();
+    let expected_later: Vec<u8> = (0..blocks).flat_map(|b| stamp(b, if b % 3 == 0 { 2 } else { 1 })).collect();
     let later_view = s.open_snapshot(later).unwrap();
     s.delete_snapshot(old, false).unwrap();
     let merging = AtomicBool::new(true);
@@ -434,15 +333,64 @@ fn merge_is_invisible_to_readers_and_writers() {
         while merging.load(Ordering::SeqCst) || rounds < 3 {
             later_view.read(&mut buf, 0).unwrap();
             assert!(buf == expected_later, "snapshot changed during the merge");
-            v.read(&mut buf[..(blocks / 2 * BLOCK_SIZE) as usize], 0)
-                .unwrap();
+            v.read(&mut buf[..(blocks / 2 * BLOCK_SIZE) as usize], 0).unwrap();
             let half = (blocks / 2 * BLOCK_SIZE) as usize;
-            assert!(
-                buf[..half] == expected_later[..half],
-                "volume changed during the merge"
-            );
+            assert!(buf[..half] == expected_later[..half], "volume changed during the merge");
             rounds += 1;
         }
     });
     assert_eq!(s.list_snapshots(Some(id)).len(), 1);
+}
+
+#[test]
+fn a_long_catalog_compacts_and_reopens() {
+    // More events than the compaction threshold, with reopens between: the compacted state
+    // must read back exactly. (In memory: the point is the catalog, not the disk.)
+    let mem = MemStorage::new();
+    let open = || Store::open(Arc::new(mem.clone()) as Arc<dyn Storage>, StoreOptions::default()).unwrap();
+    let s = open();
+    let id = s.create_volume("v", 1 << 20).unwrap().id;
+    let v = s.volume(id).unwrap();
+    for i in 0..1100u64 {
+        v.write(&[i as u8; 512], (i % 64) * 4096, false).unwrap();
+        let snap = s.snapshot(id, &format!("s{i}")).unwrap().id;
+        if i % 50 != 0 {
+            s.delete_snapshot(snap, false).unwrap();
+        }
+    }
+    s.wait_for_merges().unwrap();
+    drop(v);
+    s.close().unwrap();
+    for _ in 0..2 {
+        let s = open();
+        assert_eq!(s.list_snapshots(Some(id)).len(), 22);
+        let mut buf = [0u8; 512];
+        s.volume(id).unwrap().read(&mut buf, 63 * 4096).unwrap();
+        assert_eq!(buf, [1087u64 as u8; 512], "the last write to block 63 was number 1087");
+        s.close().unwrap();
+    }
+}
+
+#[test]
+fn deleting_an_older_snapshot_below_a_checkpoint_keeps_the_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let id = s.create_volume("v", 1 << 20).unwrap().id;
+    let v = s.volume(id).unwrap();
+    v.write(&[1u8; 4096], 0, false).unwrap();
+    let s1 = s.snapshot(id, "s1").unwrap().id;
+    v.write(&[2u8; 4096], 4096, false).unwrap();
+    let s2 = s.snapshot(id, "s2").unwrap().id;
+    s.delete_snapshot(s2, true).unwrap();
+    s.wait_for_merges().unwrap();
+    s.delete_snapshot(s1, false).unwrap();
+    s.wait_for_merges().unwrap();
+    drop(v);
+    s.close().unwrap();
+    let store = store(&dir);
+    let mut buf = [0u8; 8192];
+    store.volume(id).unwrap().read(&mut buf, 0).unwrap();
+    assert!(buf[..4096].iter().all(|b| *b == 1) && buf[4096..].iter().all(|b| *b == 2));
+    let changed = store.changed_extents(s2, cairn_volume::ChangeTarget::Volume(id)).unwrap();
+    assert!(changed.is_empty(), "{changed:?}");
 }

@@ -5,55 +5,24 @@
 //! flush or the value of a write made after it.
 
 use cairn_volume::storage::{MemStorage, Storage};
-use cairn_volume::{
-    Allocation, ChangeTarget, SnapshotId, Store, StoreOptions, VolumeId, BLOCK_SIZE,
-};
+use cairn_volume::{Allocation, ChangeTarget, SnapshotId, Store, StoreOptions, VolumeId, BLOCK_SIZE};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write {
-        vol: usize,
-        at: u64,
-        len: u64,
-        seed: u8,
-        fua: bool,
-    },
-    Zero {
-        vol: usize,
-        at: u64,
-        len: u64,
-    },
-    Flush {
-        vol: usize,
-    },
-    Snapshot {
-        vol: usize,
-    },
+    Write { vol: usize, at: u64, len: u64, seed: u8, fua: bool },
+    Zero { vol: usize, at: u64, len: u64 },
+    Flush { vol: usize },
+    Snapshot { vol: usize },
     GroupSnapshot,
-    Clone {
-        snap: usize,
-    },
-    Revert {
-        vol: usize,
-        snap: usize,
-    },
-    DeleteSnapshot {
-        snap: usize,
-        keep_checkpoint: bool,
-    },
-    ForgetCheckpoint {
-        snap: usize,
-    },
-    DeleteVolume {
-        vol: usize,
-    },
-    Grow {
-        vol: usize,
-        sectors: u64,
-    },
+    Clone { snap: usize },
+    Revert { vol: usize, snap: usize },
+    DeleteSnapshot { snap: usize, keep_checkpoint: bool },
+    ForgetCheckpoint { snap: usize },
+    DeleteVolume { vol: usize },
+    Grow { vol: usize, sectors: u64 },
     MergeStep,
     Reopen,
     PowerLoss,
@@ -113,16 +82,11 @@ struct Harness {
 }
 
 fn options() -> StoreOptions {
-    StoreOptions {
-        background_merge: false,
-        merge_bytes_per_sec: None,
-    }
+    StoreOptions { background_merge: false, merge_bytes_per_sec: None }
 }
 
 fn pattern(seed: u8, at: u64, len: u64) -> Vec<u8> {
-    (0..len)
-        .map(|i| seed.wrapping_add(((at + i) * 7 % 251) as u8) | 1)
-        .collect()
+    (0..len).map(|i| seed.wrapping_add(((at + i) * 7 % 251) as u8) | 1).collect()
 }
 
 fn blocks(at: u64, len: u64) -> std::ops::Range<u64> {
@@ -191,13 +155,7 @@ impl Harness {
 
     fn apply(&mut self, op: &Op) {
         match *op {
-            Op::Write {
-                vol,
-                at,
-                len,
-                seed,
-                fua,
-            } => {
+            Op::Write { vol, at, len, seed, fua } => {
                 let Some(v) = self.pick_volume(vol) else {
                     return;
                 };
@@ -223,11 +181,7 @@ impl Harness {
                 let size = self.volumes[v].content.len() as u64;
                 let at = at % size;
                 let len = len.min(size - at);
-                self.store()
-                    .volume(self.volumes[v].id)
-                    .unwrap()
-                    .write_zeroes(at, len, false)
-                    .unwrap();
+                self.store().volume(self.volumes[v].id).unwrap().write_zeroes(at, len, false).unwrap();
                 let m = &mut self.volumes[v];
                 m.content[at as usize..(at + len) as usize].fill(0);
                 m.unflushed.push((at, vec![0; len as usize]));
@@ -237,11 +191,7 @@ impl Harness {
                 let Some(v) = self.pick_volume(vol) else {
                     return;
                 };
-                self.store()
-                    .volume(self.volumes[v].id)
-                    .unwrap()
-                    .flush()
-                    .unwrap();
+                self.store().volume(self.volumes[v].id).unwrap().flush().unwrap();
                 let m = &mut self.volumes[v];
                 m.durable = m.content.clone();
                 m.unflushed.clear();
@@ -257,8 +207,7 @@ impl Harness {
             }
             Op::GroupSnapshot => {
                 let name = self.next_name("g");
-                let requests: Vec<(VolumeId, &str)> =
-                    self.volumes.iter().map(|v| (v.id, name.as_str())).collect();
+                let requests: Vec<(VolumeId, &str)> = self.volumes.iter().map(|v| (v.id, name.as_str())).collect();
                 if requests.is_empty() {
                     return;
                 }
@@ -309,17 +258,12 @@ impl Harness {
                     m.touched.insert(snap.id, BTreeSet::new());
                 }
             }
-            Op::DeleteSnapshot {
-                snap,
-                keep_checkpoint,
-            } => {
+            Op::DeleteSnapshot { snap, keep_checkpoint } => {
                 let Some(s) = self.pick_snapshot(snap) else {
                     return;
                 };
                 let snap = self.snapshots.remove(s);
-                self.store()
-                    .delete_snapshot(snap.id, keep_checkpoint)
-                    .unwrap();
+                self.store().delete_snapshot(snap.id, keep_checkpoint).unwrap();
                 if keep_checkpoint {
                     self.checkpoints.push(snap.id);
                 } else {
@@ -352,12 +296,8 @@ impl Harness {
                     h.volumes.iter().any(|v| v.touched.contains_key(id))
                         || h.snapshots.iter().any(|s| s.touched.contains_key(id))
                 };
-                let gone: Vec<SnapshotId> = self
-                    .checkpoints
-                    .iter()
-                    .filter(|c| !still_known(c, self))
-                    .copied()
-                    .collect();
+                let gone: Vec<SnapshotId> =
+                    self.checkpoints.iter().filter(|c| !still_known(c, self)).copied().collect();
                 self.checkpoints.retain(|c| !gone.contains(c));
             }
             Op::Grow { vol, sectors } => {
@@ -402,11 +342,7 @@ impl Harness {
                         let at = *at as usize;
                         i >= at && i < at + data.len() && data[i - at] == *byte
                     });
-                assert!(
-                    ok,
-                    "volume {} byte {i}: {byte} is neither flushed nor written since",
-                    m.name
-                );
+                assert!(ok, "volume {} byte {i}: {byte} is neither flushed nor written since", m.name);
             }
             m.content = actual.clone();
             m.durable = actual;
@@ -439,80 +375,48 @@ impl Harness {
             assert_eq!(handle.size(), m.content.len() as u64);
             let mut actual = vec![0u8; m.content.len()];
             handle.read(&mut actual, 0).unwrap();
-            assert!(
-                actual == m.content,
-                "volume {} differs from the model",
-                m.name
-            );
+            assert!(actual == m.content, "volume {} differs from the model", m.name);
             check_allocation(&handle.allocation(0, handle.size()).unwrap(), &m.content);
             for (since, touched) in &m.touched {
                 self.check_changes(*since, ChangeTarget::Volume(m.id), &m.content, touched);
             }
         }
-        let listed: BTreeSet<SnapshotId> =
-            store.list_snapshots(None).iter().map(|s| s.id).collect();
+        let listed: BTreeSet<SnapshotId> = store.list_snapshots(None).iter().map(|s| s.id).collect();
         let expected: BTreeSet<SnapshotId> = self.snapshots.iter().map(|s| s.id).collect();
         assert_eq!(listed, expected);
         for s in &self.snapshots {
             let view = store.open_snapshot(s.id).unwrap();
             let mut actual = vec![0u8; s.content.len()];
             view.read(&mut actual, 0).unwrap();
-            assert!(
-                actual == s.content,
-                "snapshot {:?} differs from the model",
-                s.id
-            );
+            assert!(actual == s.content, "snapshot {:?} differs from the model", s.id);
             check_allocation(&view.allocation(0, view.size()).unwrap(), &s.content);
             for (since, touched) in &s.touched {
                 self.check_changes(*since, ChangeTarget::Snapshot(s.id), &s.content, touched);
             }
             let usage = store.snapshot_usage(s.id).unwrap();
-            assert_eq!(
-                usage.exclusive_bytes + usage.shared_bytes,
-                usage.allocated_bytes
-            );
+            assert_eq!(usage.exclusive_bytes + usage.shared_bytes, usage.allocated_bytes);
             let _ = s.volume;
         }
     }
 
     /// Change tracking lists every block that differs and nothing that was not touched.
-    fn check_changes(
-        &self,
-        since: SnapshotId,
-        target: ChangeTarget,
-        content: &[u8],
-        touched: &BTreeSet<u64>,
-    ) {
-        let base = self
-            .snapshots
-            .iter()
-            .find(|s| s.id == since)
-            .map(|s| &s.content);
+    fn check_changes(&self, since: SnapshotId, target: ChangeTarget, content: &[u8], touched: &BTreeSet<u64>) {
+        let base = self.snapshots.iter().find(|s| s.id == since).map(|s| &s.content);
         let extents = self.store().changed_extents(since, target).unwrap();
         let mut changed = BTreeSet::new();
         for e in &extents {
             assert!(e.offset + e.length <= content.len() as u64);
             changed.extend(blocks(e.offset, e.length));
         }
-        assert!(
-            changed.is_subset(touched),
-            "changed blocks {changed:?} not all touched ({touched:?})"
-        );
+        assert!(changed.is_subset(touched), "changed blocks {changed:?} not all touched ({touched:?})");
         if let Some(base) = base {
             for b in 0..(content.len() as u64).div_ceil(BLOCK_SIZE) {
                 let lo = (b * BLOCK_SIZE) as usize;
                 let hi = (lo + BLOCK_SIZE as usize).min(content.len());
-                let old = if lo < base.len() {
-                    &base[lo..hi.min(base.len())]
-                } else {
-                    &[][..]
-                };
-                let differs = old != &content[lo..lo + old.len()]
-                    || content[lo + old.len()..hi].iter().any(|x| *x != 0);
-                assert!(
-                    !differs || changed.contains(&b),
-                    "block {b} changed since {since:?} but is not listed"
-                );
+                let old = if lo < base.len() { &base[lo..hi.min(base.len())] } else { &[][..] };
+                let differs =
+                    old != &content[lo..lo + old.len()] || content[lo + old.len()..hi].iter().any(|x| *x != 0);
+                assert!(!differs || changed.contains(&b), "block {b} changed since {since:?} but is not listed");
             }
         }
     }
@@ -562,29 +466,13 @@ fn long_fixed_history() {
         let vol = (i % 3) as usize;
         ops.push(match i % 11 {
             0 => Op::Snapshot { vol },
-            3 => Op::DeleteSnapshot {
-                snap: i as usize,
-                keep_checkpoint: i % 2 == 0,
-            },
+            3 => Op::DeleteSnapshot { snap: i as usize, keep_checkpoint: i % 2 == 0 },
             5 => Op::MergeStep,
-            7 => Op::Zero {
-                vol,
-                at: i * 997,
-                len: 9000,
-            },
+            7 => Op::Zero { vol, at: i * 997, len: 9000 },
             8 if i % 4 == 0 => Op::Clone { snap: i as usize },
             9 if i % 5 == 0 => Op::PowerLoss,
-            10 if i % 7 == 0 => Op::Revert {
-                vol,
-                snap: i as usize,
-            },
-            _ => Op::Write {
-                vol,
-                at: i * 7919,
-                len: 1 + i * 131 % 20000,
-                seed: i as u8,
-                fua: false,
-            },
+            10 if i % 7 == 0 => Op::Revert { vol, snap: i as usize },
+            _ => Op::Write { vol, at: i * 7919, len: 1 + i * 131 % 20000, seed: i as u8, fua: false },
         });
     }
     run(&ops);
