@@ -295,8 +295,12 @@ impl Layer {
         file.write_at(&bytes, 0)?;
         file.sync()?;
         self.storage.rename(&tmp, &map_file_name(self.id))?;
-        self.storage.sync_dir()?;
+        // From here the old journal is unlinked: appends must go to the new one.
         *journal = JournalFile { file, end: bytes.len() as u64, needs_dir_sync: false };
+        if let Err(e) = self.storage.sync_dir() {
+            self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+            return Err(e);
+        }
         Ok(())
     }
 

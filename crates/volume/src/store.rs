@@ -566,9 +566,11 @@ impl StoreInner {
         cat.state = next;
         self.epoch.fetch_add(1, Ordering::SeqCst);
         if cat.frames >= CATALOG_COMPACT_FRAMES {
-            // Best effort: if it fails the log just stays long until the next try.
-            if let Ok(compacted) = write_compacted_catalog(&self.storage, cat.state.clone()) {
-                *cat = compacted;
+            // The event above is durable either way. If compaction fails midway the old log may
+            // already be renamed away, so appending to it could lose events: stop until reopen.
+            match write_compacted_catalog(&self.storage, cat.state.clone()) {
+                Ok(compacted) => *cat = compacted,
+                Err(_) => cat.failed = true,
             }
         }
         // The event is durable: from here on nothing may fail. Files that cannot be removed
@@ -740,7 +742,7 @@ impl StoreInner {
             )));
         }
         let head = self.new_layer(&mut cat)?;
-        let _gate = core.gate.write().expect("gate lock");
+        let gate = core.gate.write().expect("gate lock");
         self.layers.lock().expect("layers lock").insert(head.id(), head.clone());
         let event = Event::Revert { volume: volume.0, snapshot: snapshot.0, new_head: head.id() };
         let mut next = cat.state.clone();
@@ -759,6 +761,7 @@ impl StoreInner {
         v.size = size;
         core.compacted_journal.store(0, Ordering::Relaxed);
         drop(v);
+        drop(gate);
         self.wake_merger();
         Ok(())
     }
@@ -780,10 +783,11 @@ impl StoreInner {
     fn delete_volume(&self, volume: VolumeId) -> Result<(), Error> {
         let cat = self.catalog();
         let core = self.volume_core(volume)?;
-        let _gate = core.gate.write().expect("gate lock");
+        let gate = core.gate.write().expect("gate lock");
         self.commit(cat, Event::DeleteVolume { volume: volume.0 })?;
         core.deleted.store(true, Ordering::SeqCst);
         self.volumes.write().expect("volumes lock").remove(&volume.0);
+        drop(gate);
         self.wake_merger();
         Ok(())
     }
