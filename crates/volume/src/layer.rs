@@ -197,11 +197,15 @@ impl Layer {
 
     /// Reads data bytes at a volume offset (blocks the layer does not hold read as zeros).
     pub fn read_data(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        Self::for_each_segment_part(offset, buf.len() as u64, |seg, within, range| match self.segment(seg, false)? {
-            Some(file) => file.read_at(&mut buf[range], within),
-            None => {
-                buf[range].fill(0);
-                Ok(())
+        // The hot read path: borrow the handle under the read lock instead of cloning its Arc.
+        let segments = self.segments.read().expect("segments lock");
+        Self::for_each_segment_part(offset, buf.len() as u64, |seg, within, range| {
+            match segments.get(seg as usize).and_then(|s| s.as_ref()) {
+                Some(file) => file.read_at(&mut buf[range], within),
+                None => {
+                    buf[range].fill(0);
+                    Ok(())
+                }
             }
         })
     }

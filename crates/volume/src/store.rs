@@ -670,6 +670,11 @@ impl StoreInner {
             entries.push(SnapshotEntry { volume: volume.0, snapshot, name: name.to_string(), new_head: head.id() });
             new_heads.push(head);
         }
+        // Flush before pausing writes, so the flush under the gate only has the last few
+        // writes to sync and the pause stays short.
+        for core in &cores {
+            core.head().flush()?;
+        }
         let mut order: Vec<usize> = (0..cores.len()).collect();
         order.sort_by_key(|i| cores[*i].id);
         let gates: Vec<_> = order.iter().map(|i| cores[*i].gate.write().expect("gate lock")).collect();

@@ -19,6 +19,29 @@ pub const MAX_CHAIN: usize = (u16::MAX - 2) as usize;
 
 type FlatPage = Box<[u16; PAGE_BLOCKS as usize]>;
 
+/// Page numbers are trusted integers: a multiplicative hash is enough and much cheaper than
+/// SipHash on the per-read lookup.
+#[derive(Debug, Default, Clone, Copy)]
+struct PageHasher(u64);
+
+impl std::hash::Hasher for PageHasher {
+    fn finish(&self) -> u64 {
+        self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | u64::from(*b)).rotate_left(5);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type FlatMap = HashMap<u64, FlatPage, std::hash::BuildHasherDefault<PageHasher>>;
+
 /// What a range of a volume or snapshot holds, for block status and sparse copies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Allocation {
@@ -44,12 +67,12 @@ pub struct ViewState {
     /// Layers from the bottom; the last is the top (a live volume's head).
     pub chain: Arc<[Arc<Layer>]>,
     pub size: u64,
-    flat: HashMap<u64, FlatPage>,
+    flat: FlatMap,
 }
 
 impl ViewState {
     pub fn new(chain: Vec<Arc<Layer>>, size: u64) -> Self {
-        Self { chain: chain.into(), size, flat: HashMap::new() }
+        Self { chain: chain.into(), size, flat: FlatMap::default() }
     }
 
     /// Replaces the chain; the flattened map is rebuilt lazily.

@@ -1,0 +1,616 @@
+//! volume-bench: measures the volume engine against its targets (DESIGN.md §3) in one run.
+//!
+//! 1. Snapshot-create latency while a writer runs, on a 1 GiB and a 1 TiB thin volume.
+//! 2. The data path (sequential 1 MiB and random 4 KiB reads and writes) of a raw file, a cairn
+//!    volume without snapshots and a cairn volume many snapshot layers deep, all on the same
+//!    disk with the same requests in the same order from the same seeds.
+//!
+//! Prints a markdown table, or JSON with `--json`. Progress goes to stderr.
+
+use anyhow::{bail, ensure, Context, Result};
+use cairn_volume::{Allocation, Store, StoreOptions, Volume};
+use serde_json::json;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const TIB: u64 = 1 << 40;
+const SEQ_REQUEST: u64 = MIB;
+const RAND_REQUEST: u64 = 4 * KIB;
+const SEED: u64 = 0xca12_4b3e_0c4a_17e5;
+/// Random streams: each test and each thread gets its own, the same for every target.
+const STREAM_SNAPSHOT_WRITER: u64 = 1 << 32;
+const STREAM_RAND_READ: u64 = 2 << 32;
+const STREAM_RAND_WRITE: u64 = 3 << 32;
+const STREAM_DATA: u64 = 4 << 32;
+/// The snapshot test's writer flushes after this many writes, like a guest's periodic fsync.
+const WRITER_FLUSH_EVERY: u64 = 64;
+/// Pause between snapshots, so that every layer gets some of the writer's data.
+const SNAPSHOT_GAP: Duration = Duration::from_millis(10);
+const SNAPSHOT_VOLUMES: [(u64, &str); 2] = [(GIB, "1 GiB"), (TIB, "1 TiB (thin)")];
+const SNAPSHOT_P99_TARGET: Duration = Duration::from_millis(5);
+const RATIO_TARGET: f64 = 0.9;
+
+const USAGE: &str = "\
+usage: volume-bench [options]
+
+  --dir DIR         where to put the data: a fresh directory is made in DIR and removed
+                    at the end (default /var/tmp; keep it off tmpfs)
+  --size SIZE       data-path volume and raw file size (default 1G; K, M, G, T suffixes)
+  --seconds S       how long each random 4 KiB test runs (default 3)
+  --threads N       threads for the random tests (default 4)
+  --snapshots N     snapshots taken per volume in the snapshot test (default 200)
+  --layers N        snapshot layers under the layered volume's head (default 32)
+  --rounds N        data-path rounds; each figure is their median (default 3)
+  --json            print JSON instead of the markdown table
+";
+
+#[derive(Debug)]
+struct Config {
+    dir: PathBuf,
+    size: u64,
+    random_time: Duration,
+    threads: usize,
+    snapshots: usize,
+    layers: usize,
+    rounds: usize,
+    json: bool,
+}
+
+impl Config {
+    fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Config>> {
+        let mut cfg = Config {
+            dir: PathBuf::from("/var/tmp"),
+            size: GIB,
+            random_time: Duration::from_secs(3),
+            threads: 4,
+            snapshots: 200,
+            layers: 32,
+            rounds: 3,
+            json: false,
+        };
+        while let Some(arg) = args.next() {
+            let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
+            match arg.as_str() {
+                "--dir" => cfg.dir = PathBuf::from(value()?),
+                "--size" => cfg.size = parse_size(&value()?)?,
+                "--seconds" => cfg.random_time = Duration::try_from_secs_f64(value()?.parse().context("--seconds")?)?,
+                "--threads" => cfg.threads = value()?.parse().context("--threads")?,
+                "--snapshots" => cfg.snapshots = value()?.parse().context("--snapshots")?,
+                "--layers" => cfg.layers = value()?.parse().context("--layers")?,
+                "--rounds" => cfg.rounds = value()?.parse().context("--rounds")?,
+                "--json" => cfg.json = true,
+                "-h" | "--help" => return Ok(None),
+                _ => bail!("unknown argument {arg:?}\n\n{USAGE}"),
+            }
+        }
+        ensure!(cfg.size % SEQ_REQUEST == 0, "--size must be a multiple of 1 MiB");
+        ensure!(cfg.layers >= 1 && cfg.size >= cfg.layers as u64 * SEQ_REQUEST, "--layers must be 1..=size in MiB");
+        ensure!(
+            cfg.threads >= 1 && !cfg.random_time.is_zero() && cfg.snapshots >= 1 && cfg.rounds >= 1,
+            "--threads, --seconds, --snapshots and --rounds must be positive"
+        );
+        Ok(Some(cfg))
+    }
+}
+
+fn parse_size(s: &str) -> Result<u64> {
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, ""),
+    };
+    let unit = match unit.to_ascii_uppercase().as_str() {
+        "" => 1,
+        "K" => KIB,
+        "M" => MIB,
+        "G" => GIB,
+        "T" => TIB,
+        _ => bail!("bad size {s:?}: use a number with an optional K, M, G or T"),
+    };
+    digits.parse::<u64>().ok().and_then(|n| n.checked_mul(unit)).with_context(|| format!("bad size {s:?}"))
+}
+
+/// splitmix64: fast, and a fixed seed gives every target the same offsets.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, n)` (multiply-shift, no division).
+    fn below(&mut self, n: u64) -> u64 {
+        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+
+    /// A buffer of `len` random bytes.
+    fn bytes(&mut self, len: u64) -> Vec<u8> {
+        (0..len.div_ceil(8)).flat_map(|_| self.next_u64().to_le_bytes()).take(len as usize).collect()
+    }
+}
+
+/// A fresh directory for the run's data, removed when the run ends, also on error.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn create(parent: &Path) -> Result<Self> {
+        let path = parent.join(format!("cairn-bench.{}", std::process::id()));
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            eprintln!("volume-bench: could not remove {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// What the data-path tests drive: the raw file or a cairn volume.
+trait Disk: Sync {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
+    fn flush(&self) -> Result<()>;
+}
+
+impl Disk for File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        Ok(self.read_exact_at(buf, offset)?)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        Ok(self.write_all_at(buf, offset)?)
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(self.sync_data()?)
+    }
+}
+
+impl Disk for Volume {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        Ok(self.read(buf, offset)?)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        Ok(self.write(buf, offset, false)?)
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(Volume::flush(self)?)
+    }
+}
+
+#[derive(Debug)]
+struct SnapshotResult {
+    label: &'static str,
+    volume_size: u64,
+    latencies: Vec<Duration>,
+    layers: usize,
+    writer_writes: u64,
+}
+
+impl SnapshotResult {
+    /// Nearest-rank percentile.
+    fn percentile(&self, p: f64) -> Duration {
+        let rank = (p / 100.0 * self.latencies.len() as f64).ceil() as usize;
+        self.latencies[rank.clamp(1, self.latencies.len()) - 1]
+    }
+
+    fn max(&self) -> Duration {
+        *self.latencies.last().expect("at least one snapshot")
+    }
+}
+
+/// Takes `count` snapshots of a new volume while another thread writes to it, timing each.
+fn snapshot_latency(dir: &Path, label: &'static str, volume_size: u64, count: usize) -> Result<SnapshotResult> {
+    let store = Store::open_dir(dir, StoreOptions::default())?;
+    let id = store.create_volume("snapshot-bench", volume_size)?.id;
+    let volume = store.volume(id)?;
+    let stop = AtomicBool::new(false);
+    let (taken, writer_writes) = std::thread::scope(|s| {
+        let writer = s.spawn(|| run_writer(&volume, &stop));
+        let taken = (0..count)
+            .map(|i| {
+                std::thread::sleep(SNAPSHOT_GAP);
+                let start = Instant::now();
+                store.snapshot(id, &format!("s{i}"))?;
+                Ok(start.elapsed())
+            })
+            .collect::<Result<Vec<_>>>();
+        stop.store(true, Ordering::Relaxed);
+        let writes = writer.join().expect("writer thread panicked");
+        (taken, writes)
+    });
+    let mut latencies = taken?;
+    let writer_writes = writer_writes?;
+    latencies.sort_unstable();
+    let layers = store.layer_count();
+    store.close()?;
+    std::fs::remove_dir_all(dir)?;
+    Ok(SnapshotResult { label, volume_size, latencies, layers, writer_writes })
+}
+
+/// Random 4 KiB writes with a flush every [`WRITER_FLUSH_EVERY`], until `stop`.
+fn run_writer(volume: &Volume, stop: &AtomicBool) -> Result<u64> {
+    let mut rng = Rng::new(SEED ^ STREAM_SNAPSHOT_WRITER);
+    let data = rng.bytes(RAND_REQUEST);
+    let blocks = volume.size() / RAND_REQUEST;
+    let mut writes = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        volume.write(&data, rng.below(blocks) * RAND_REQUEST, false)?;
+        writes += 1;
+        if writes % WRITER_FLUSH_EVERY == 0 {
+            volume.flush()?;
+        }
+    }
+    Ok(writes)
+}
+
+/// The data-path tests in the order they run: name, unit, JSON key. Reads come first so that
+/// on the layered volume they go through its layers; the writes after that land in its head.
+const TESTS: [(&str, &str, &str); 4] = [
+    ("sequential read (1 MiB)", "MiB/s", "seq_read"),
+    ("random read (4 KiB)", "IOPS", "rand_read"),
+    ("sequential write (1 MiB)", "MiB/s", "seq_write"),
+    ("random write (4 KiB)", "IOPS", "rand_write"),
+];
+
+/// One target's results, in [`TESTS`] order.
+type Figures = [f64; TESTS.len()];
+
+fn measure(disk: &dyn Disk, cfg: &Config) -> Result<Figures> {
+    Ok([
+        sequential(disk, cfg.size, false)?,
+        random(disk, cfg, false)?,
+        sequential(disk, cfg.size, true)?,
+        random(disk, cfg, true)?,
+    ])
+}
+
+/// Writes `[first, end)` in 1 MiB requests, untimed: the data the read tests read.
+fn fill(disk: &dyn Disk, first: u64, end: u64) -> Result<()> {
+    let data = Rng::new(SEED ^ STREAM_DATA).bytes(SEQ_REQUEST);
+    (first..end).step_by(SEQ_REQUEST as usize).try_for_each(|offset| disk.write_at(&data, offset))
+}
+
+/// MiB/s of 1 MiB requests from start to end; a write pass includes its final flush.
+fn sequential(disk: &dyn Disk, size: u64, write: bool) -> Result<f64> {
+    let mut buf = Rng::new(SEED ^ STREAM_DATA).bytes(SEQ_REQUEST);
+    let start = Instant::now();
+    for offset in (0..size).step_by(SEQ_REQUEST as usize) {
+        if write {
+            disk.write_at(&buf, offset)?;
+        } else {
+            disk.read_at(&mut buf, offset)?;
+        }
+    }
+    if write {
+        disk.flush()?;
+    }
+    Ok(size as f64 / MIB as f64 / start.elapsed().as_secs_f64())
+}
+
+/// IOPS of random 4 KiB requests on `cfg.threads` threads for `cfg.random_time`. Each thread
+/// follows its own fixed stream of offsets, so every target gets the same requests in the same
+/// order; a faster one just gets further. Writes are not flushed in the timed part (a guest's
+/// random writes are acknowledged from the cache on both sides); they are flushed afterwards
+/// so that the next test starts clean.
+fn random(disk: &dyn Disk, cfg: &Config, write: bool) -> Result<f64> {
+    /// Requests between two looks at the clock.
+    const BATCH: u64 = 64;
+    let blocks = cfg.size / RAND_REQUEST;
+    let stream = if write { STREAM_RAND_WRITE } else { STREAM_RAND_READ };
+    let start = Instant::now();
+    let deadline = start + cfg.random_time;
+    let ops = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..cfg.threads as u64)
+            .map(|t| {
+                s.spawn(move || -> Result<u64> {
+                    let mut rng = Rng::new(SEED ^ stream ^ t);
+                    let mut buf = rng.bytes(RAND_REQUEST);
+                    let mut ops = 0;
+                    while Instant::now() < deadline {
+                        for _ in 0..BATCH {
+                            let offset = rng.below(blocks) * RAND_REQUEST;
+                            if write {
+                                disk.write_at(&buf, offset)?;
+                            } else {
+                                disk.read_at(&mut buf, offset)?;
+                            }
+                        }
+                        ops += BATCH;
+                    }
+                    Ok(ops)
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().expect("benchmark thread panicked")).sum::<Result<u64>>()
+    })?;
+    let iops = ops as f64 / start.elapsed().as_secs_f64();
+    if write {
+        disk.flush()?;
+    }
+    Ok(iops)
+}
+
+fn bench_raw(dir: &Path, cfg: &Config) -> Result<Figures> {
+    let path = dir.join("raw.img");
+    let file = File::options().read(true).write(true).create_new(true).open(&path)?;
+    file.set_len(cfg.size)?;
+    fill(&file, 0, cfg.size)?;
+    file.sync_data()?;
+    let result = measure(&file, cfg)?;
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(result)
+}
+
+/// A cairn volume with `layers` snapshots under its head, each holding an equal slice of the
+/// data, or with all the data in its head if `layers` is 0.
+fn bench_cairn(dir: &Path, cfg: &Config, layers: usize) -> Result<Figures> {
+    let store = Store::open_dir(dir, StoreOptions::default())?;
+    let id = store.create_volume("data-bench", cfg.size)?.id;
+    let volume = store.volume(id)?;
+    if layers == 0 {
+        fill(&volume, 0, cfg.size)?;
+        volume.flush()?;
+    } else {
+        let requests = cfg.size / SEQ_REQUEST;
+        let layers = layers as u64;
+        for i in 0..layers {
+            fill(&volume, i * requests / layers * SEQ_REQUEST, (i + 1) * requests / layers * SEQ_REQUEST)?;
+            store.snapshot(id, &format!("layer-{i}"))?;
+        }
+    }
+    let holes = volume.allocation(0, cfg.size)?.into_iter().any(|e| e.kind != Allocation::Data);
+    ensure!(!holes, "the filled volume has holes: the read tests would not read data");
+    let result = measure(&volume, cfg)?;
+    store.close()?;
+    std::fs::remove_dir_all(dir)?;
+    Ok(result)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Raw,
+    Cairn,
+    Layered,
+}
+
+const TARGETS: [Target; 3] = [Target::Raw, Target::Cairn, Target::Layered];
+
+#[derive(Debug)]
+struct Report {
+    /// Load average when the run started: other work on the machine skews every figure.
+    load: String,
+    snapshots: Vec<SnapshotResult>,
+    /// One entry per round.
+    raw: Vec<Figures>,
+    cairn: Vec<Figures>,
+    layered: Vec<Figures>,
+}
+
+/// The median over rounds of one figure (the upper one of the middle two for an even count).
+fn median(rounds: &[Figures], test: usize) -> f64 {
+    let mut values: Vec<f64> = rounds.iter().map(|r| r[test]).collect();
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn load_average() -> String {
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let fields: Vec<&str> = loadavg.split_whitespace().take(3).collect();
+    if fields.is_empty() {
+        "unknown".to_string()
+    } else {
+        fields.join(" ")
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn human_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= TIB && b % TIB == 0 => format!("{} TiB", b / TIB),
+        b if b >= GIB && b % GIB == 0 => format!("{} GiB", b / GIB),
+        b => format!("{} MiB", b / MIB),
+    }
+}
+
+impl Report {
+    fn misses(&self) -> Vec<String> {
+        let mut misses = Vec::new();
+        for s in &self.snapshots {
+            if s.percentile(99.0) >= SNAPSHOT_P99_TARGET {
+                misses.push(format!("snapshot p99 on {}", s.label));
+            }
+        }
+        for (test, (name, _, _)) in TESTS.iter().enumerate() {
+            for (label, rounds) in [("cairn", &self.cairn), ("layered", &self.layered)] {
+                if median(rounds, test) < RATIO_TARGET * median(&self.raw, test) {
+                    misses.push(format!("{name} ({label})"));
+                }
+            }
+        }
+        misses
+    }
+
+    fn markdown(&self, cfg: &Config, dir: &Path) -> String {
+        let mut out = String::new();
+        out += "## Snapshot create while a writer runs\n\n";
+        out += &format!(
+            "Random 4 KiB writes on another thread, a flush every {WRITER_FLUSH_EVERY}; {} ms between snapshots.\n\n",
+            SNAPSHOT_GAP.as_millis()
+        );
+        out += "| volume | snapshots | p50 ms | p99 ms | max ms | layers reached | writer writes | p99 < 5 ms |\n";
+        out += "|---|---:|---:|---:|---:|---:|---:|---|\n";
+        for s in &self.snapshots {
+            out += &format!(
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {} |\n",
+                s.label,
+                s.latencies.len(),
+                ms(s.percentile(50.0)),
+                ms(s.percentile(99.0)),
+                ms(s.max()),
+                s.layers,
+                s.writer_writes,
+                if s.percentile(99.0) < SNAPSHOT_P99_TARGET { "yes" } else { "NO" },
+            );
+        }
+        out += &format!(
+            "\n## Data path: raw file vs cairn, {}, random tests {} s on {} threads, median of {} rounds\n\n",
+            human_size(cfg.size),
+            cfg.random_time.as_secs_f64(),
+            cfg.threads,
+            cfg.rounds
+        );
+        out += &format!(
+            "| test | unit | raw file | cairn | cairn / raw | cairn, {} layers | {} layers / raw |\n",
+            cfg.layers, cfg.layers
+        );
+        out += "|---|---|---:|---:|---:|---:|---:|\n";
+        for (test, (name, unit, _)) in TESTS.iter().enumerate() {
+            let raw = median(&self.raw, test);
+            let cairn = median(&self.cairn, test);
+            let layered = median(&self.layered, test);
+            out += &format!(
+                "| {name} | {unit} | {raw:.0} | {cairn:.0} | {:.2} | {layered:.0} | {:.2} |\n",
+                cairn / raw,
+                layered / raw
+            );
+        }
+        let misses = self.misses();
+        out += "\nNotes:\n";
+        out += &format!(
+            "- Targets: snapshot p99 < 5 ms; every cairn / raw ratio >= {RATIO_TARGET}. {}\n",
+            if misses.is_empty() { "All met.".to_string() } else { format!("Missed: {}.", misses.join(", ")) }
+        );
+        out += "- Page cache not dropped: raw and cairn both go through it, so reads are mostly cache hits on \
+                both sides and the comparison is of the software paths; the write tests' flushes reach the disk.\n";
+        out += &format!(
+            "- Reads read data written beforehand (untimed); on the layered volume that is {} equal slices, one \
+             per snapshot layer, under an empty head. Reads run before writes, so the layered volume's writes \
+             land in its empty head while the other two overwrite.\n",
+            cfg.layers
+        );
+        out += "- Sequential writes include their final flush; random writes do not (flushed afterwards, untimed).\n";
+        out +=
+            &format!("- Load average at the start: {}. Data in {} (removed at the end).\n", self.load, dir.display());
+        out
+    }
+
+    fn json(&self, cfg: &Config, dir: &Path) -> serde_json::Value {
+        let snapshots: Vec<_> = self
+            .snapshots
+            .iter()
+            .map(|s| {
+                json!({
+                    "volume": s.label,
+                    "volume_size": s.volume_size,
+                    "snapshots": s.latencies.len(),
+                    "p50_ms": ms(s.percentile(50.0)),
+                    "p99_ms": ms(s.percentile(99.0)),
+                    "max_ms": ms(s.max()),
+                    "layers": s.layers,
+                    "writer_writes": s.writer_writes,
+                    "p99_target_ms": ms(SNAPSHOT_P99_TARGET),
+                })
+            })
+            .collect();
+        let data_path: serde_json::Map<_, _> = TESTS
+            .iter()
+            .enumerate()
+            .map(|(test, (_, unit, key))| {
+                let raw = median(&self.raw, test);
+                let cairn = median(&self.cairn, test);
+                let layered = median(&self.layered, test);
+                let all = |rounds: &[Figures]| rounds.iter().map(|r| r[test]).collect::<Vec<_>>();
+                let row = json!({
+                    "unit": unit,
+                    "raw": raw,
+                    "cairn": cairn,
+                    "cairn_ratio": cairn / raw,
+                    "layered": layered,
+                    "layered_ratio": layered / raw,
+                    "rounds": {
+                        "raw": all(&self.raw),
+                        "cairn": all(&self.cairn),
+                        "layered": all(&self.layered),
+                    },
+                });
+                (key.to_string(), row)
+            })
+            .collect();
+        json!({
+            "config": {
+                "dir": dir,
+                "size": cfg.size,
+                "random_seconds": cfg.random_time.as_secs_f64(),
+                "threads": cfg.threads,
+                "layers": cfg.layers,
+                "rounds": cfg.rounds,
+                "seed": SEED,
+                "load_average": self.load,
+                "page_cache_dropped": false,
+            },
+            "snapshot_create": snapshots,
+            "data_path": data_path,
+            "ratio_target": RATIO_TARGET,
+            "missed": self.misses(),
+        })
+    }
+}
+
+fn main() -> Result<()> {
+    let Some(cfg) = Config::parse(std::env::args().skip(1))? else {
+        print!("{USAGE}");
+        return Ok(());
+    };
+    let load = load_average();
+    let work = WorkDir::create(&cfg.dir)?;
+    let mut snapshots = Vec::new();
+    for (size, label) in SNAPSHOT_VOLUMES {
+        eprintln!("snapshot create on {label}: {} snapshots", cfg.snapshots);
+        snapshots.push(snapshot_latency(&work.0.join("snapshots"), label, size, cfg.snapshots)?);
+    }
+    let (mut raw, mut cairn, mut layered) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..cfg.rounds {
+        // Each round starts with another target, so that none always runs right after the
+        // same other one (whose deleted files may still be being freed).
+        for i in 0..TARGETS.len() {
+            let target = TARGETS[(round + i) % TARGETS.len()];
+            eprintln!("data path, round {}/{}: {target:?}", round + 1, cfg.rounds);
+            match target {
+                Target::Raw => raw.push(bench_raw(&work.0, &cfg)?),
+                Target::Cairn => cairn.push(bench_cairn(&work.0.join("cairn"), &cfg, 0)?),
+                Target::Layered => layered.push(bench_cairn(&work.0.join("layered"), &cfg, cfg.layers)?),
+            }
+        }
+    }
+    let report = Report { load, snapshots, raw, cairn, layered };
+    if cfg.json {
+        println!("{}", serde_json::to_string_pretty(&report.json(&cfg, &work.0))?);
+    } else {
+        print!("{}", report.markdown(&cfg, &work.0));
+    }
+    Ok(())
+}
