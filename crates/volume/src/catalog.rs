@@ -380,6 +380,11 @@ impl Catalog {
         out
     }
 
+    /// A snapshot that is not deleted (checkpoints of deleted ones are not).
+    pub fn live_snapshot(&self, id: u64) -> Option<&SnapshotRecord> {
+        self.snapshots.get(&id).filter(|s| !s.checkpoint_only)
+    }
+
     /// The id of the volume named `name`.
     pub fn volume_by_name(&self, name: &str) -> Option<u64> {
         self.volumes.iter().find(|(_, v)| v.name == name).map(|(id, _)| *id)

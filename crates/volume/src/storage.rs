@@ -208,15 +208,28 @@ struct MemContent {
     len: u64,
 }
 
+/// Splits `len` bytes from `offset` at page boundaries: (page, offset in it, range of the buffer).
+fn page_parts(offset: u64, len: usize) -> impl Iterator<Item = (u64, usize, std::ops::Range<usize>)> {
+    let mut done = 0usize;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let pos = offset + done as u64;
+        let within = (pos % MEM_PAGE) as usize;
+        let n = (MEM_PAGE as usize - within).min(len - done);
+        let part = (pos / MEM_PAGE, within, done..done + n);
+        done += n;
+        Some(part)
+    })
+}
+
 impl MemContent {
     fn read(&self, buf: &mut [u8], offset: u64) {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let page = pos / MEM_PAGE;
-            let within = (pos % MEM_PAGE) as usize;
-            let n = (MEM_PAGE as usize - within).min(buf.len() - done);
-            let out = &mut buf[done..done + n];
+        for (page, within, range) in page_parts(offset, buf.len()) {
+            let pos = offset + range.start as u64;
+            let n = range.len();
+            let out = &mut buf[range];
             match self.pages.get(&page) {
                 Some(p) if pos < self.len => out.copy_from_slice(&p[within..within + n]),
                 _ => out.fill(0),
@@ -226,20 +239,13 @@ impl MemContent {
                 let valid = self.len.saturating_sub(pos) as usize;
                 out[valid..].fill(0);
             }
-            done += n;
         }
     }
 
     fn write(&mut self, buf: &[u8], offset: u64) {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let page = pos / MEM_PAGE;
-            let within = (pos % MEM_PAGE) as usize;
-            let n = (MEM_PAGE as usize - within).min(buf.len() - done);
+        for (page, within, range) in page_parts(offset, buf.len()) {
             let p = self.pages.entry(page).or_insert_with(|| vec![0u8; MEM_PAGE as usize].into_boxed_slice());
-            p[within..within + n].copy_from_slice(&buf[done..done + n]);
-            done += n;
+            p[within..within + range.len()].copy_from_slice(&buf[range]);
         }
         self.len = self.len.max(offset + buf.len() as u64);
     }

@@ -320,12 +320,7 @@ impl Store {
     pub fn clone_snapshot(&self, snapshot: SnapshotId, name: &str, size: Option<u64>) -> Result<VolumeInfo, Error> {
         let (layer, snap_size) = {
             let cat = self.inner.catalog();
-            let snap = cat
-                .state
-                .snapshots
-                .get(&snapshot.0)
-                .filter(|s| !s.checkpoint_only)
-                .ok_or_else(|| snap_not_found(snapshot))?;
+            let snap = cat.state.live_snapshot(snapshot.0).ok_or_else(|| snap_not_found(snapshot))?;
             (snap.layer, snap.size)
         };
         let size = size.unwrap_or(snap_size);
@@ -718,12 +713,7 @@ impl StoreInner {
     /// The view state of a snapshot and the epoch it was built at.
     fn snapshot_view_state(&self, snapshot: SnapshotId) -> Result<(ViewState, u64), Error> {
         let cat = self.catalog();
-        let snap = cat
-            .state
-            .snapshots
-            .get(&snapshot.0)
-            .filter(|s| !s.checkpoint_only)
-            .ok_or_else(|| snap_not_found(snapshot))?;
+        let snap = cat.state.live_snapshot(snapshot.0).ok_or_else(|| snap_not_found(snapshot))?;
         let chain = self.chain_layers(&cat.state, snap.layer);
         Ok((ViewState::new(chain, snap.size), self.epoch.load(Ordering::SeqCst)))
     }
@@ -731,12 +721,7 @@ impl StoreInner {
     fn revert(&self, volume: VolumeId, snapshot: SnapshotId) -> Result<(), Error> {
         let mut cat = self.catalog();
         let core = self.volume_core(volume)?;
-        let snap = cat
-            .state
-            .snapshots
-            .get(&snapshot.0)
-            .filter(|s| !s.checkpoint_only)
-            .ok_or_else(|| snap_not_found(snapshot))?;
+        let snap = cat.state.live_snapshot(snapshot.0).ok_or_else(|| snap_not_found(snapshot))?;
         let Some(vol) = cat.state.volumes.get(&volume.0) else {
             return Err(Error::NotFound { kind: "volume", name: volume.0.to_string() });
         };
@@ -802,8 +787,7 @@ impl StoreInner {
         let base = cat.state.snapshots.get(&since.0).ok_or_else(|| snap_not_found(since))?;
         let (top, size) = match target {
             ChangeTarget::Snapshot(s) => {
-                let snap =
-                    cat.state.snapshots.get(&s.0).filter(|s| !s.checkpoint_only).ok_or_else(|| snap_not_found(s))?;
+                let snap = cat.state.live_snapshot(s.0).ok_or_else(|| snap_not_found(s))?;
                 (snap.layer, snap.size)
             }
             ChangeTarget::Volume(v) => {
@@ -840,12 +824,7 @@ impl StoreInner {
 
     fn snapshot_usage(&self, snapshot: SnapshotId) -> Result<SnapshotUsage, Error> {
         let cat = self.catalog();
-        let snap = cat
-            .state
-            .snapshots
-            .get(&snapshot.0)
-            .filter(|s| !s.checkpoint_only)
-            .ok_or_else(|| snap_not_found(snapshot))?;
+        let snap = cat.state.live_snapshot(snapshot.0).ok_or_else(|| snap_not_found(snapshot))?;
         // Deleting merges the layer into the nearest non-ghost layer above it, if it has just
         // one child: blocks that layer already holds are freed, the rest move up. With no child
         // everything is freed; with several (clones) nothing is.
