@@ -319,6 +319,8 @@ impl<'a> Child<'a> {
         let snapshots = self.store().list_snapshots(None);
         let extra: Vec<u64> =
             volumes.iter().filter(|v| !BASE_VOLUMES.contains(&v.name.as_str())).map(|v| v.id.0).collect();
+        // Percent of picks per kind. At the caps, snapshot and clone picks fall through to
+        // deletes; a pick that has nothing to act on is drawn again.
         loop {
             let vol = self.rng.pick(&volumes);
             let op = match self.rng.below(100) {
