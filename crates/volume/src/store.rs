@@ -544,6 +544,11 @@ impl StoreInner {
     /// Validates and applies an event, makes it durable, then removes the files of layers
     /// nothing uses any more. On error nothing changed.
     fn commit(&self, mut cat: MutexGuard<'_, CatalogFile>, event: Event) -> Result<(), Error> {
+        self.commit_locked(&mut cat, event)
+    }
+
+    /// [`StoreInner::commit`] for callers that keep the catalog locked to read the result.
+    fn commit_locked(&self, cat: &mut CatalogFile, event: Event) -> Result<(), Error> {
         if cat.failed {
             return Err(Error::Io(std::io::Error::other("an earlier catalog write failed; reopen the store")));
         }
@@ -622,16 +627,12 @@ impl StoreInner {
         let event =
             Event::CreateVolume { volume: id, name: name.to_string(), size, head: head.id(), parent, created_ms };
         self.layers.lock().expect("layers lock").insert(head.id(), head.clone());
-        let mut next = cat.state.clone();
-        next.apply(&event)?;
-        let chain = {
-            let layers = self.layers.lock().expect("layers lock");
-            next.read_chain(head.id()).iter().map(|l| layers[l].clone()).collect()
-        };
-        if let Err(e) = self.commit(cat, event) {
+        if let Err(e) = self.commit_locked(&mut cat, event) {
             self.layers.lock().expect("layers lock").remove(&head.id());
             return Err(e);
         }
+        let chain = self.chain_layers(&cat.state, head.id());
+        drop(cat);
         self.volumes.write().expect("volumes lock").insert(id, Arc::new(VolumeCore::new(id, chain, size)));
         Ok(VolumeInfo { id: VolumeId(id), name: name.to_string(), size, created_ms })
     }
@@ -735,17 +736,13 @@ impl StoreInner {
         let gate = core.gate.write().expect("gate lock");
         self.layers.lock().expect("layers lock").insert(head.id(), head.clone());
         let event = Event::Revert { volume: volume.0, snapshot: snapshot.0, new_head: head.id() };
-        let mut next = cat.state.clone();
-        next.apply(&event)?;
-        let chain = {
-            let layers = self.layers.lock().expect("layers lock");
-            next.read_chain(head.id()).iter().map(|l| layers[l].clone()).collect()
-        };
-        let size = next.volumes[&volume.0].size;
-        if let Err(e) = self.commit(cat, event) {
+        if let Err(e) = self.commit_locked(&mut cat, event) {
             self.layers.lock().expect("layers lock").remove(&head.id());
             return Err(e);
         }
+        let chain = self.chain_layers(&cat.state, head.id());
+        let size = cat.state.volumes[&volume.0].size;
+        drop(cat);
         let mut v = core.view.write().expect("view lock");
         v.set_chain(chain);
         v.size = size;
@@ -964,9 +961,7 @@ impl StoreInner {
             let mut v = core.view.write().expect("view lock");
             if v.chain.iter().any(|l| l.id() == layer) {
                 let top = v.chain.last().expect("a volume has a head").id();
-                let layers = self.layers.lock().expect("layers lock");
-                let chain = cat.state.read_chain(top).iter().map(|l| layers[l].clone()).collect();
-                v.set_chain(chain);
+                v.set_chain(self.chain_layers(&cat.state, top));
             }
         }
         Ok(true)

@@ -2,8 +2,8 @@
 //! reaches the caller as an error (no panic), and after the fault clears and the machine loses
 //! power, the store opens, every acknowledged snapshot is intact and every flushed byte is there.
 
-use cairn_volume::storage::{Fault, FaultyStorage, MemStorage, Storage};
-use cairn_volume::{Error, SnapshotId, Store, StoreOptions};
+use cairn_volume::storage::{Fault, FaultControl, FaultyStorage, MemStorage, Storage};
+use cairn_volume::{Error, SnapshotId, Store, StoreOptions, Volume, VolumeId};
 use std::sync::Arc;
 
 const SIZE: u64 = 256 * 1024;
@@ -27,14 +27,20 @@ struct Acknowledged {
     deleted: Vec<SnapshotId>,
 }
 
-/// Runs a fixed workload, failing from the `fail_after`-th storage operation on.
-fn run(fail_after: u64, fault: Fault, fail_reads: bool) -> (MemStorage, Acknowledged, u64) {
+/// A store on fault-injecting memory storage with one volume "v".
+fn faulty_store() -> (MemStorage, Arc<FaultControl>, Store, VolumeId, Volume) {
     let mem = MemStorage::new();
     let faulty = FaultyStorage::new(Arc::new(mem.clone()));
     let control = faulty.control();
     let store = Store::open(Arc::new(faulty) as Arc<dyn Storage>, options()).unwrap();
     let id = store.create_volume("v", SIZE).unwrap().id;
     let vol = store.volume(id).unwrap();
+    (mem, control, store, id, vol)
+}
+
+/// Runs a fixed workload, failing from the `fail_after`-th storage operation on.
+fn run(fail_after: u64, fault: Fault, fail_reads: bool) -> (MemStorage, Acknowledged, u64) {
+    let (mem, control, store, id, vol) = faulty_store();
     let mut ack = Acknowledged { durable: vec![0; SIZE as usize], ..Default::default() };
     let mut content = vec![0u8; SIZE as usize];
     let start = control.ops();
@@ -138,12 +144,7 @@ fn every_failure_point_is_clean() {
 fn after_a_failed_sync_the_disk_refuses_work_until_reopened() {
     // After a failed fdatasync the kernel may have dropped the dirty pages; a retry that
     // "succeeds" would acknowledge lost data. So the error sticks until the store is reopened.
-    let mem = MemStorage::new();
-    let faulty = FaultyStorage::new(Arc::new(mem.clone()));
-    let control = faulty.control();
-    let store = Store::open(Arc::new(faulty) as Arc<dyn Storage>, options()).unwrap();
-    let id = store.create_volume("v", SIZE).unwrap().id;
-    let vol = store.volume(id).unwrap();
+    let (mem, control, store, id, vol) = faulty_store();
     vol.write(&[8u8; 8192], 0, true).unwrap();
     vol.write(&[9u8; 8192], 0, false).unwrap();
     control.fail_after(0, Fault::NoSpace, false);
