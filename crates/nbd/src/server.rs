@@ -1,0 +1,731 @@
+//! The NBD server on tokio: accepts connections on a bound listener, haggles options,
+//! optionally upgrades to TLS, then serves requests until the client leaves or the shutdown
+//! signal fires.
+//!
+//! Per connection one task reads requests and handles the quick ones (reads and writes that
+//! hit the page cache) in place; flushes and durable writes go to the blocking pool, so
+//! their replies may overtake others. One writer task sends replies in batches.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_volume::Allocation;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
+
+use crate::export::{Export, ExportError, Exports, LookupError};
+use crate::proto::{self, ClientOption, Command, ErrorCode, Request};
+
+/// Largest read or write payload; advertised as the maximum block size. Larger writes end
+/// the connection (the spec allows that beyond 32 MiB), larger reads get EINVAL.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// The engine's block: writes of whole aligned blocks avoid a read-modify-write.
+const PREFERRED_BLOCK: u32 = 4096;
+/// Reads at least this long ask for the allocation first, to send holes as OFFSET_HOLE.
+const SPARSE_READ_MIN: u32 = 64 << 10;
+/// The most bytes one BLOCK_STATUS looks at; a client asks again from where the reply ends.
+const MAX_STATUS_QUERY: u64 = 1 << 36;
+const MAX_DESCRIPTORS: usize = 1 << 20;
+/// Largest descriptor length that is a multiple of 512.
+const MAX_DESCRIPTOR_LEN: u64 = 0xffff_fe00;
+/// Zeros written per step when a client asks for zeroes that must stay allocated.
+const ZERO_CHUNK: usize = 1 << 20;
+/// The id of base:allocation, the only metadata context.
+const ALLOCATION_CONTEXT_ID: u32 = 1;
+/// How long a client may take over each step of the handshake before it is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+const READ_BUFFER: usize = 256 << 10;
+/// Replies queued for the writer per connection; a slow reader holds back new requests.
+const REPLY_QUEUE: usize = 256;
+/// Replies gathered into one vectored write.
+const REPLY_BATCH: usize = 64;
+
+/// A bound socket the server accepts connections on.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// TLS for the server: the certificate to present and whether clients without TLS are refused.
+#[derive(Clone)]
+pub struct TlsMode {
+    pub acceptor: TlsAcceptor,
+    /// Refuse every option but STARTTLS until TLS is up (the spec's FORCEDTLS mode).
+    pub required: bool,
+}
+
+impl std::fmt::Debug for TlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsMode").field("required", &self.required).finish_non_exhaustive()
+    }
+}
+
+/// How the server behaves; the default is plain NBD without TLS.
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    pub tls: Option<TlsMode>,
+}
+
+/// Why a TLS configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("{path}: {reason}")]
+    Pem { path: PathBuf, reason: String },
+    #[error("{path}: no certificate found")]
+    NoCertificate { path: PathBuf },
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(String),
+}
+
+/// A TLS acceptor from PEM files: the server's certificate chain and private key, and
+/// optionally the CA that client certificates must be signed by (X.509 client auth).
+pub fn tls_acceptor(cert_chain: &Path, key: &Path, client_ca: Option<&Path>) -> Result<TlsAcceptor, TlsSetupError> {
+    let certs = load_certs(cert_chain)?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| TlsSetupError::Pem { path: key.to_path_buf(), reason: e.to_string() })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in load_certs(ca)? {
+                roots.add(cert)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| TlsSetupError::Verifier(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    Ok(TlsAcceptor::from(Arc::new(builder.with_single_cert(certs, key)?)))
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+    let pem_error =
+        |e: rustls::pki_types::pem::Error| TlsSetupError::Pem { path: path.to_path_buf(), reason: e.to_string() };
+    let certs =
+        CertificateDer::pem_file_iter(path).map_err(pem_error)?.collect::<Result<Vec<_>, _>>().map_err(pem_error)?;
+    if certs.is_empty() {
+        return Err(TlsSetupError::NoCertificate { path: path.to_path_buf() });
+    }
+    Ok(certs)
+}
+
+/// Serves `exports` on `listener` until `shutdown` completes. Then it stops accepting,
+/// lets every connection finish the requests it has read, flushes, and closes them.
+pub async fn serve(
+    listener: Listener,
+    exports: Arc<dyn Exports>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let shared = Arc::new(Shared { exports, config });
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = accept(&listener) => match accepted {
+                Ok(Connection::Tcp(stream)) => {
+                    // Small replies must not wait for Nagle's algorithm.
+                    let _ = stream.set_nodelay(true);
+                    connections.spawn(run_connection(stream, shared.clone(), stop_rx.clone()));
+                }
+                Ok(Connection::Unix(stream)) => {
+                    connections.spawn(run_connection(stream, shared.clone(), stop_rx.clone()));
+                }
+                // Out of file descriptors and the like: existing connections carry on; try
+                // again shortly rather than spinning.
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            },
+        }
+    }
+    let _ = stop_tx.send(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+enum Connection {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Listener) -> io::Result<Connection> {
+    Ok(match listener {
+        Listener::Tcp(l) => Connection::Tcp(l.accept().await?.0),
+        Listener::Unix(l) => Connection::Unix(l.accept().await?.0),
+    })
+}
+
+struct Shared {
+    exports: Arc<dyn Exports>,
+    config: ServerConfig,
+}
+
+/// A byte stream a connection runs over: a socket, or TLS over one.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+/// Why a connection ended early. Nothing reaches the client: these end it.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol: {0}")]
+    Protocol(#[from] proto::ProtocolError),
+    #[error("the client took too long")]
+    Timeout,
+    #[error("write payload of {0} bytes is too large")]
+    PayloadTooLarge(u32),
+}
+
+async fn run_connection<S: Stream>(stream: S, shared: Arc<Shared>, stop: watch::Receiver<bool>) {
+    // Errors end the connection; other connections carry on.
+    let _ = connection(stream, &shared, stop).await;
+}
+
+async fn connection<S: Stream>(
+    mut stream: S,
+    shared: &Shared,
+    stop: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
+    stream.write_all(&proto::greeting()).await?;
+    let mut flags = [0u8; 4];
+    read_in_time(&mut stream, &mut flags).await?;
+    let client = proto::parse_client_flags(flags)?;
+    let mut state = Negotiation { no_zeroes: client.no_zeroes, tls_active: false, structured: false, context: None };
+    match negotiate(&mut stream, shared, &mut state, &stop).await? {
+        Outcome::Close => Ok(()),
+        Outcome::Transmit(session) => transmit(stream, session, stop).await,
+        Outcome::StartTls(acceptor) => {
+            let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                .await
+                .map_err(|_| ConnectionError::Timeout)??;
+            // Nothing negotiated in the clear carries over into TLS.
+            state = Negotiation { tls_active: true, structured: false, context: None, ..state };
+            match negotiate(&mut tls, shared, &mut state, &stop).await? {
+                Outcome::Transmit(session) => transmit(tls, session, stop).await,
+                Outcome::Close | Outcome::StartTls(_) => Ok(()),
+            }
+        }
+    }
+}
+
+async fn read_in_time<S: Stream>(stream: &mut S, buf: &mut [u8]) -> Result<(), ConnectionError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.read_exact(buf)).await.map_err(|_| ConnectionError::Timeout)??;
+    Ok(())
+}
+
+/// What option haggling has settled so far.
+struct Negotiation {
+    no_zeroes: bool,
+    tls_active: bool,
+    structured: bool,
+    /// The export name base:allocation was selected for, if it was.
+    context: Option<String>,
+}
+
+enum Outcome {
+    Close,
+    StartTls(TlsAcceptor),
+    Transmit(Session),
+}
+
+async fn negotiate<S: Stream>(
+    stream: &mut S,
+    shared: &Shared,
+    state: &mut Negotiation,
+    stop: &watch::Receiver<bool>,
+) -> Result<Outcome, ConnectionError> {
+    let tls = shared.config.tls.as_ref();
+    loop {
+        let mut header = [0u8; proto::OPTION_HEADER_LEN];
+        read_in_time(stream, &mut header).await?;
+        let header = proto::parse_option_header(&header)?;
+        let option = header.option;
+        let mut out = Vec::new();
+        if header.len > proto::MAX_OPTION_LEN {
+            if option == proto::OPT_EXPORT_NAME {
+                return Ok(Outcome::Close);
+            }
+            let skipped = tokio::io::copy(&mut (&mut *stream).take(header.len.into()), &mut tokio::io::sink()).await?;
+            if skipped < header.len.into() {
+                return Ok(Outcome::Close);
+            }
+            proto::option_error(&mut out, option, proto::REP_ERR_TOO_BIG, "option data too long");
+            stream.write_all(&out).await?;
+            continue;
+        }
+        let mut data = vec![0u8; header.len as usize];
+        read_in_time(stream, &mut data).await?;
+        let parsed = match proto::parse_option(option, &data) {
+            Ok(parsed) => parsed,
+            Err(_) if option == proto::OPT_EXPORT_NAME => return Ok(Outcome::Close),
+            Err(e) => {
+                proto::option_error(&mut out, option, proto::REP_ERR_INVALID, &e.to_string());
+                stream.write_all(&out).await?;
+                continue;
+            }
+        };
+        let tls_missing = tls.is_some_and(|t| t.required) && !state.tls_active;
+        let shutting_down = *stop.borrow();
+        match parsed {
+            ClientOption::Abort => {
+                proto::option_reply(&mut out, option, proto::REP_ACK, &[]);
+                stream.write_all(&out).await?;
+                return Ok(Outcome::Close);
+            }
+            ClientOption::ExportName(_) if tls_missing || shutting_down => return Ok(Outcome::Close),
+            _ if shutting_down => {
+                proto::option_error(&mut out, option, proto::REP_ERR_SHUTDOWN, "the server is shutting down")
+            }
+            ClientOption::StartTls => match tls {
+                None => proto::option_error(&mut out, option, proto::REP_ERR_UNSUP, "TLS is not configured"),
+                Some(_) if state.tls_active => {
+                    proto::option_error(&mut out, option, proto::REP_ERR_INVALID, "TLS is already active")
+                }
+                Some(t) => {
+                    proto::option_reply(&mut out, option, proto::REP_ACK, &[]);
+                    stream.write_all(&out).await?;
+                    return Ok(Outcome::StartTls(t.acceptor.clone()));
+                }
+            },
+            _ if tls_missing => proto::option_error(&mut out, option, proto::REP_ERR_TLS_REQD, "TLS is required"),
+            ClientOption::ExportName(name) => {
+                let Ok(export) = shared.exports.open(&name) else {
+                    return Ok(Outcome::Close);
+                };
+                let session = Session::new(export, state, &name);
+                stream
+                    .write_all(&proto::export_name_reply(session.export.size(), session.flags(), state.no_zeroes))
+                    .await?;
+                return Ok(Outcome::Transmit(session));
+            }
+            ClientOption::List => {
+                for export in shared.exports.list() {
+                    proto::option_reply(
+                        &mut out,
+                        option,
+                        proto::REP_SERVER,
+                        &proto::rep_server(&export.name, &export.description),
+                    );
+                }
+                proto::option_reply(&mut out, option, proto::REP_ACK, &[]);
+            }
+            ClientOption::Info { go, name, requests } => match shared.exports.open(&name) {
+                Err(e) => lookup_error(&mut out, option, &e),
+                Ok(export) => {
+                    let session = Session::new(export, state, &name);
+                    let size = session.export.size();
+                    proto::option_reply(&mut out, option, proto::REP_INFO, &proto::info_export(size, session.flags()));
+                    if requests.contains(&proto::INFO_NAME) {
+                        proto::option_reply(
+                            &mut out,
+                            option,
+                            proto::REP_INFO,
+                            &proto::info_text(proto::INFO_NAME, &name),
+                        );
+                    }
+                    proto::option_reply(
+                        &mut out,
+                        option,
+                        proto::REP_INFO,
+                        &proto::info_block_size(1, PREFERRED_BLOCK, MAX_PAYLOAD),
+                    );
+                    proto::option_reply(&mut out, option, proto::REP_ACK, &[]);
+                    if go {
+                        stream.write_all(&out).await?;
+                        return Ok(Outcome::Transmit(session));
+                    }
+                }
+            },
+            ClientOption::StructuredReply if !data.is_empty() || state.structured => {
+                proto::option_error(&mut out, option, proto::REP_ERR_INVALID, "structured replies take no data, once")
+            }
+            ClientOption::StructuredReply => {
+                state.structured = true;
+                proto::option_reply(&mut out, option, proto::REP_ACK, &[]);
+            }
+            ClientOption::MetaContext { set, name, queries } => {
+                if set {
+                    // A SET replaces the previous selection even when it fails.
+                    state.context = None;
+                }
+                if !state.structured {
+                    proto::option_error(&mut out, option, proto::REP_ERR_INVALID, "negotiate structured replies first");
+                } else if let Err(e) = shared.exports.open(&name) {
+                    lookup_error(&mut out, option, &e);
+                } else {
+                    let selects = |q: &String| q == proto::BASE_ALLOCATION || (!set && q == "base:");
+                    if (!set && queries.is_empty()) || queries.iter().any(selects) {
+                        let id = if set { ALLOCATION_CONTEXT_ID } else { 0 };
+                        let payload = proto::rep_meta_context(id, proto::BASE_ALLOCATION);
+                        proto::option_reply(&mut out, option, proto::REP_META_CONTEXT, &payload);
+                        if set {
+                            state.context = Some(name);
+                        }
+                    }
+                    proto::option_reply(&mut out, option, proto::REP_ACK, &[]);
+                }
+            }
+            ClientOption::Unknown(_) => {
+                proto::option_error(&mut out, option, proto::REP_ERR_UNSUP, "unsupported option")
+            }
+        }
+        stream.write_all(&out).await?;
+    }
+}
+
+fn lookup_error(out: &mut Vec<u8>, option: u32, e: &LookupError) {
+    let reply = match e {
+        LookupError::NotFound(_) => proto::REP_ERR_UNKNOWN,
+        LookupError::Failed(_) => proto::REP_ERR_INVALID,
+    };
+    proto::option_error(out, option, reply, &e.to_string());
+}
+
+/// One connection's transmission phase: the export and what was negotiated for it.
+struct Session {
+    export: Arc<dyn Export>,
+    structured: bool,
+    allocation_context: bool,
+}
+
+/// A failed request: the error value and a message for structured replies.
+struct Failure {
+    code: ErrorCode,
+    message: String,
+}
+
+impl From<ExportError> for Failure {
+    fn from(e: ExportError) -> Self {
+        Failure { code: e.code(), message: e.to_string() }
+    }
+}
+
+fn fail(code: ErrorCode, message: impl Into<String>) -> Failure {
+    Failure { code, message: message.into() }
+}
+
+impl Session {
+    fn new(export: Arc<dyn Export>, state: &Negotiation, name: &str) -> Self {
+        Session { export, structured: state.structured, allocation_context: state.context.as_deref() == Some(name) }
+    }
+
+    fn flags(&self) -> u16 {
+        let mut flags = proto::FLAG_HAS_FLAGS
+            | proto::FLAG_SEND_FLUSH
+            | proto::FLAG_SEND_FUA
+            | proto::FLAG_SEND_CACHE
+            // A flush on any connection syncs the volume's head, which every connection
+            // writes to: what one connection flushes is durable for all.
+            | proto::FLAG_CAN_MULTI_CONN;
+        if self.export.read_only() {
+            flags |= proto::FLAG_READ_ONLY;
+        } else {
+            flags |= proto::FLAG_SEND_TRIM | proto::FLAG_SEND_WRITE_ZEROES | proto::FLAG_SEND_FAST_ZERO;
+        }
+        if self.structured {
+            flags |= proto::FLAG_SEND_DF;
+        }
+        flags
+    }
+
+    /// Handles one request and returns the encoded reply.
+    fn execute(&self, req: &Request, payload: Option<Vec<u8>>) -> Vec<u8> {
+        let mut out = Vec::new();
+        if let Err(failure) = self.dispatch(req, payload, &mut out) {
+            out.clear();
+            if self.structured && matches!(req.command, Command::Read | Command::BlockStatus) {
+                proto::chunk_error(&mut out, req.cookie, failure.code, &failure.message);
+            } else {
+                proto::simple_reply(&mut out, req.cookie, Some(failure.code));
+            }
+        }
+        out
+    }
+
+    fn dispatch(&self, req: &Request, payload: Option<Vec<u8>>, out: &mut Vec<u8>) -> Result<(), Failure> {
+        let (offset, len) = (req.offset, u64::from(req.length));
+        let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+        if req.flags & proto::CMD_FLAG_DF != 0 && !self.structured {
+            return Err(fail(ErrorCode::Inval, "DF needs structured replies"));
+        }
+        match req.command {
+            Command::Read => {
+                self.check_range(offset, len, ErrorCode::Inval)?;
+                if req.length > MAX_PAYLOAD {
+                    return Err(fail(ErrorCode::Inval, "read longer than the maximum block size"));
+                }
+                self.read(req, out)?;
+                return Ok(());
+            }
+            Command::Write => {
+                self.check_writable(offset, len)?;
+                self.export.write(&payload.unwrap_or_default(), offset, fua)?;
+            }
+            Command::WriteZeroes if req.flags & proto::CMD_FLAG_NO_HOLE != 0 => {
+                if req.flags & proto::CMD_FLAG_FAST_ZERO != 0 {
+                    // Zeros that must stay allocated are written as data: not fast.
+                    return Err(fail(ErrorCode::NotSup, "zeroing without freeing space is not fast"));
+                }
+                self.check_writable(offset, len)?;
+                let zeros = vec![0u8; ZERO_CHUNK.min(len as usize)];
+                let mut at = offset;
+                while at < offset + len {
+                    let n = (offset + len - at).min(ZERO_CHUNK as u64) as usize;
+                    self.export.write(&zeros[..n], at, false)?;
+                    at += n as u64;
+                }
+                if fua {
+                    self.export.flush()?;
+                }
+            }
+            Command::WriteZeroes => {
+                self.check_writable(offset, len)?;
+                self.export.write_zeroes(offset, len, fua)?;
+            }
+            Command::Trim => {
+                self.check_writable(offset, len)?;
+                self.export.trim(offset, len, fua)?;
+            }
+            Command::Flush => self.export.flush()?,
+            // Reads are served from the page cache already; there is nothing to warm.
+            Command::Cache => self.check_range(offset, len, ErrorCode::Inval)?,
+            Command::BlockStatus => {
+                self.block_status(req, out)?;
+                return Ok(());
+            }
+            // Handled by the connection loop, which stops reading; never executed.
+            Command::Disconnect => {}
+            Command::Unknown(c) => return Err(fail(ErrorCode::Inval, format!("unknown command {c}"))),
+        }
+        proto::simple_reply(out, req.cookie, None);
+        Ok(())
+    }
+
+    fn check_range(&self, offset: u64, len: u64, code: ErrorCode) -> Result<(), Failure> {
+        let size = self.export.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(fail(code, format!("range {offset}+{len} is beyond the end of the export ({size} bytes)"))),
+        }
+    }
+
+    fn check_writable(&self, offset: u64, len: u64) -> Result<(), Failure> {
+        if self.export.read_only() {
+            return Err(ExportError::ReadOnly.into());
+        }
+        // The spec asks for ENOSPC when a write reaches past the end.
+        self.check_range(offset, len, ErrorCode::NoSpc)
+    }
+
+    fn read(&self, req: &Request, out: &mut Vec<u8>) -> Result<(), Failure> {
+        let (offset, len) = (req.offset, req.length);
+        if !self.structured {
+            proto::simple_reply(out, req.cookie, None);
+            return read_into(&*self.export, out, offset, len);
+        }
+        if len == 0 {
+            proto::chunk_done(out, req.cookie);
+            return Ok(());
+        }
+        let sparse = len >= SPARSE_READ_MIN && req.flags & proto::CMD_FLAG_DF == 0;
+        let extents = if sparse { merged_extents(self.export.allocation(offset, len.into())?) } else { Vec::new() };
+        if extents.iter().all(|(_, _, data)| *data) {
+            proto::chunk_offset_data(out, true, req.cookie, offset, len);
+            return read_into(&*self.export, out, offset, len);
+        }
+        let last = extents.len() - 1;
+        for (i, (start, length, data)) in extents.into_iter().enumerate() {
+            // Extents are within the read, so they fit its 32-bit length.
+            let length = length as u32;
+            if data {
+                proto::chunk_offset_data(out, i == last, req.cookie, start, length);
+                read_into(&*self.export, out, start, length)?;
+            } else {
+                proto::chunk_offset_hole(out, i == last, req.cookie, start, length);
+            }
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, req: &Request, out: &mut Vec<u8>) -> Result<(), Failure> {
+        if !self.allocation_context {
+            return Err(fail(ErrorCode::Inval, "no metadata context was negotiated"));
+        }
+        let size = self.export.size();
+        if req.length == 0 || req.offset >= size {
+            return Err(fail(ErrorCode::Inval, "block status of an empty range or past the end"));
+        }
+        let len = u64::from(req.length).min(size - req.offset).min(MAX_STATUS_QUERY);
+        let mut descriptors: Vec<(u32, u32)> = Vec::new();
+        for e in self.export.allocation(req.offset, len)? {
+            let flags = match e.kind {
+                Allocation::Data => 0,
+                Allocation::Zero => proto::STATE_ZERO,
+                Allocation::Hole => proto::STATE_HOLE | proto::STATE_ZERO,
+            };
+            let mut left = e.length;
+            while left > 0 {
+                let piece = left.min(MAX_DESCRIPTOR_LEN);
+                match descriptors.last_mut() {
+                    Some((l, f)) if *f == flags && u64::from(*l) + piece <= MAX_DESCRIPTOR_LEN => *l += piece as u32,
+                    _ => descriptors.push((piece as u32, flags)),
+                }
+                left -= piece;
+            }
+        }
+        if req.flags & proto::CMD_FLAG_REQ_ONE != 0 {
+            descriptors.truncate(1);
+        }
+        descriptors.truncate(MAX_DESCRIPTORS);
+        if descriptors.is_empty() {
+            return Err(fail(ErrorCode::Io, "no allocation information"));
+        }
+        proto::chunk_block_status(out, true, req.cookie, ALLOCATION_CONTEXT_ID, &descriptors);
+        Ok(())
+    }
+}
+
+/// Appends `len` bytes read at `offset` to `out`.
+fn read_into(export: &dyn Export, out: &mut Vec<u8>, offset: u64, len: u32) -> Result<(), Failure> {
+    let start = out.len();
+    out.resize(start + len as usize, 0);
+    export.read(&mut out[start..], offset)?;
+    Ok(())
+}
+
+/// Allocation as (offset, length, has data) runs, with zero and hole runs joined: both are
+/// sent as OFFSET_HOLE.
+fn merged_extents(extents: Vec<cairn_volume::AllocExtent>) -> Vec<(u64, u64, bool)> {
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    for e in extents {
+        let data = e.kind == Allocation::Data;
+        match runs.last_mut() {
+            Some((_, len, d)) if *d == data => *len += e.length,
+            _ => runs.push((e.offset, e.length, data)),
+        }
+    }
+    runs
+}
+
+/// Requests that may block for a long time (an fsync) run on the blocking pool, so the
+/// connection keeps serving others meanwhile.
+fn may_block(req: &Request) -> bool {
+    let durable = req.flags & proto::CMD_FLAG_FUA != 0;
+    match req.command {
+        Command::Flush => true,
+        Command::WriteZeroes => durable || req.flags & proto::CMD_FLAG_NO_HOLE != 0,
+        Command::Write | Command::Trim => durable,
+        _ => false,
+    }
+}
+
+async fn transmit<S: Stream>(
+    stream: S,
+    session: Session,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
+    let session = Arc::new(session);
+    let (reader, writer) = tokio::io::split(stream);
+    let (replies, queue) = mpsc::channel::<Vec<u8>>(REPLY_QUEUE);
+    let writer = tokio::spawn(write_replies(writer, queue));
+    let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
+    let result = loop {
+        let mut header = [0u8; proto::REQUEST_LEN];
+        let read = tokio::select! {
+            biased;
+            r = reader.read_exact(&mut header) => r,
+            _ = stop.wait_for(|stopping| *stopping) => break Ok(()),
+        };
+        if read.is_err() {
+            // The client went away; what it sent before still completes.
+            break Ok(());
+        }
+        let req = match proto::parse_request(&header) {
+            Ok(req) => req,
+            Err(e) => break Err(e.into()),
+        };
+        let payload = if req.command == Command::Write {
+            if req.length > MAX_PAYLOAD {
+                break Err(ConnectionError::PayloadTooLarge(req.length));
+            }
+            let mut payload = vec![0u8; req.length as usize];
+            if reader.read_exact(&mut payload).await.is_err() {
+                break Ok(());
+            }
+            Some(payload)
+        } else {
+            None
+        };
+        if req.command == Command::Disconnect {
+            break Ok(());
+        }
+        if may_block(&req) {
+            let (session, replies) = (session.clone(), replies.clone());
+            tokio::task::spawn_blocking(move || {
+                let _ = replies.blocking_send(session.execute(&req, payload));
+            });
+        } else if replies.send(session.execute(&req, payload)).await.is_err() {
+            break Ok(());
+        }
+    };
+    // The writer ends once every reply, including those of blocking requests, is sent.
+    drop(replies);
+    let _ = writer.await;
+    if !session.export.read_only() {
+        let export = session.export.clone();
+        let _ = tokio::task::spawn_blocking(move || export.flush()).await;
+    }
+    result
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut queue: mpsc::Receiver<Vec<u8>>) {
+    let mut batch = Vec::with_capacity(REPLY_BATCH);
+    while let Some(first) = queue.recv().await {
+        batch.push(first);
+        while batch.len() < REPLY_BATCH {
+            match queue.try_recv() {
+                Ok(reply) => batch.push(reply),
+                Err(_) => break,
+            }
+        }
+        if write_batch(&mut writer, &batch).await.is_err() {
+            // The client is gone: dropping the queue makes the reader stop too.
+            return;
+        }
+        batch.clear();
+    }
+    let _ = writer.shutdown().await;
+}
+
+async fn write_batch<W: AsyncWrite + Unpin>(writer: &mut W, batch: &[Vec<u8>]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|b| IoSlice::new(b)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = writer.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    // TLS buffers records until flushed.
+    writer.flush().await
+}
