@@ -8,6 +8,7 @@
 //! Prints a markdown table, or JSON with `--json`. Progress goes to stderr.
 
 use anyhow::{bail, ensure, Context, Result};
+use cairn_bench::{human_size, load_average, parse_size, WorkDir, GIB, KIB, MIB, TIB};
 use cairn_volume::{Allocation, Store, StoreOptions, Volume};
 use serde_json::json;
 use std::fs::File;
@@ -16,10 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
-const TIB: u64 = 1 << 40;
 const SEQ_REQUEST: u64 = MIB;
 const RAND_REQUEST: u64 = 4 * KIB;
 const SEED: u64 = 0xca12_4b3e_0c4a_17e5;
@@ -99,22 +96,6 @@ impl Config {
     }
 }
 
-fn parse_size(s: &str) -> Result<u64> {
-    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => s.split_at(i),
-        None => (s, ""),
-    };
-    let unit = match unit.to_ascii_uppercase().as_str() {
-        "" => 1,
-        "K" => KIB,
-        "M" => MIB,
-        "G" => GIB,
-        "T" => TIB,
-        _ => bail!("bad size {s:?}: use a number with an optional K, M, G or T"),
-    };
-    digits.parse::<u64>().ok().and_then(|n| n.checked_mul(unit)).with_context(|| format!("bad size {s:?}"))
-}
-
 /// splitmix64: fast, and a fixed seed gives every target the same offsets.
 struct Rng(u64);
 
@@ -139,26 +120,6 @@ impl Rng {
     /// A buffer of `len` random bytes.
     fn bytes(&mut self, len: u64) -> Vec<u8> {
         (0..len.div_ceil(8)).flat_map(|_| self.next_u64().to_le_bytes()).take(len as usize).collect()
-    }
-}
-
-/// A fresh directory for the run's data, removed when the run ends, also on error.
-struct WorkDir(PathBuf);
-
-impl WorkDir {
-    fn create(parent: &Path) -> Result<Self> {
-        let path = parent.join(format!("cairn-bench.{}", std::process::id()));
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            eprintln!("volume-bench: could not remove {}: {e}", self.0.display());
-        }
     }
 }
 
@@ -414,26 +375,8 @@ fn median(rounds: &[Figures], test: usize) -> f64 {
     values[values.len() / 2]
 }
 
-fn load_average() -> String {
-    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let fields: Vec<&str> = loadavg.split_whitespace().take(3).collect();
-    if fields.is_empty() {
-        "unknown".to_string()
-    } else {
-        fields.join(" ")
-    }
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn human_size(bytes: u64) -> String {
-    match bytes {
-        b if b >= TIB && b % TIB == 0 => format!("{} TiB", b / TIB),
-        b if b >= GIB && b % GIB == 0 => format!("{} GiB", b / GIB),
-        b => format!("{} MiB", b / MIB),
-    }
 }
 
 impl Report {

@@ -7,4 +7,4 @@ pub mod proto;
 pub mod server;
 
 pub use export::{Export, ExportError, ExportListing, Exports, LookupError, VolumeExports};
-pub use server::{serve, tls_acceptor, Listener, ServerConfig, TlsMode, TlsSetupError, MAX_PAYLOAD};
+pub use server::{serve, serve_connection, tls_acceptor, Listener, ServerConfig, TlsMode, TlsSetupError, MAX_PAYLOAD};

@@ -15,7 +15,7 @@ use std::time::Duration;
 use cairn_volume::Allocation;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::rustls;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -39,13 +39,29 @@ const MAX_DESCRIPTORS: usize = 1 << 20;
 const MAX_DESCRIPTOR_LEN: u64 = 0xffff_fe00;
 /// Zeros written per step when a client asks for zeroes that must stay allocated.
 const ZERO_CHUNK: usize = 1 << 20;
+/// Every command flag the server understands; others get EINVAL.
+const KNOWN_COMMAND_FLAGS: u16 = proto::CMD_FLAG_FUA
+    | proto::CMD_FLAG_NO_HOLE
+    | proto::CMD_FLAG_DF
+    | proto::CMD_FLAG_REQ_ONE
+    | proto::CMD_FLAG_FAST_ZERO;
 /// The id of base:allocation, the only metadata context.
 const ALLOCATION_CONTEXT_ID: u32 = 1;
 /// How long a client may take over each step of the handshake before it is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_BUFFER: usize = 256 << 10;
-/// Replies queued for the writer per connection; a slow reader holds back new requests.
-const REPLY_QUEUE: usize = 256;
+/// Bytes of payloads and replies one connection may hold at once; a client that does not read
+/// its replies stops being read from once they fill this. Above two maximum payloads.
+const BYTES_IN_FLIGHT: u32 = 96 << 20;
+/// Budget per request beyond its data: headers and chunk overhead.
+const REPLY_OVERHEAD: u32 = 4096;
+/// Requests of one connection that may wait on the blocking pool (flushes, durable writes),
+/// so that one client cannot take all of the pool's threads.
+const BLOCKING_IN_FLIGHT: usize = 16;
+/// How long, after the server is told to stop, a connection may take to send its last replies.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// A client that takes no reply bytes for this long is dropped.
+const REPLY_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Replies gathered into one vectored write.
 const REPLY_BATCH: usize = 64;
 
@@ -161,6 +177,17 @@ pub async fn serve(
     Ok(())
 }
 
+/// Serves one already-accepted connection over any byte stream (a socket pair, an in-memory
+/// pipe in tests and fuzzing) until the client leaves.
+pub async fn serve_connection<S>(stream: S, exports: Arc<dyn Exports>, config: ServerConfig)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // Never signalled: the connection ends when the client does.
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    run_connection(stream, Arc::new(Shared { exports, config }), stop_rx).await;
+}
+
 enum Connection {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
@@ -203,27 +230,49 @@ async fn run_connection<S: Stream>(stream: S, shared: Arc<Shared>, stop: watch::
 async fn connection<S: Stream>(
     mut stream: S,
     shared: &Shared,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
-    stream.write_all(&proto::greeting()).await?;
-    let mut flags = [0u8; 4];
-    read_in_time(&mut stream, &mut flags).await?;
-    let client = proto::parse_client_flags(flags)?;
-    let mut state = Negotiation { no_zeroes: client.no_zeroes, tls_active: false, structured: false, context: None };
-    match negotiate(&mut stream, shared, &mut state, &stop).await? {
-        Outcome::Close => Ok(()),
-        Outcome::Transmit(session) => transmit(stream, session, stop).await,
-        Outcome::StartTls(acceptor) => {
-            let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                .await
-                .map_err(|_| ConnectionError::Timeout)??;
+    // A client still haggling when the server stops is dropped at once, wherever it is.
+    let Some(outcome) = until_stopped(&mut stop, handshake(&mut stream, shared)).await else {
+        return Ok(());
+    };
+    match outcome? {
+        (Outcome::Close, _) => Ok(()),
+        (Outcome::Transmit(session), _) => transmit(stream, session, stop).await,
+        (Outcome::StartTls(acceptor), state) => {
+            let accept = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+            let Some(accepted) = until_stopped(&mut stop, accept).await else {
+                return Ok(());
+            };
+            let mut tls = accepted.map_err(|_| ConnectionError::Timeout)??;
             // Nothing negotiated in the clear carries over into TLS.
-            state = Negotiation { tls_active: true, structured: false, context: None, ..state };
-            match negotiate(&mut tls, shared, &mut state, &stop).await? {
-                Outcome::Transmit(session) => transmit(tls, session, stop).await,
-                Outcome::Close | Outcome::StartTls(_) => Ok(()),
+            let mut state = Negotiation { tls_active: true, structured: false, context: None, ..state };
+            match until_stopped(&mut stop, negotiate(&mut tls, shared, &mut state)).await {
+                Some(Ok(Outcome::Transmit(session))) => transmit(tls, session, stop).await,
+                Some(Err(e)) => Err(e),
+                Some(Ok(Outcome::Close | Outcome::StartTls(_))) | None => Ok(()),
             }
         }
+    }
+}
+
+/// The greeting, the client's flags and option haggling up to its outcome.
+async fn handshake<S: Stream>(stream: &mut S, shared: &Shared) -> Result<(Outcome, Negotiation), ConnectionError> {
+    stream.write_all(&proto::greeting()).await?;
+    let mut flags = [0u8; 4];
+    read_in_time(stream, &mut flags).await?;
+    let client = proto::parse_client_flags(flags)?;
+    let mut state = Negotiation { no_zeroes: client.no_zeroes, tls_active: false, structured: false, context: None };
+    let outcome = negotiate(stream, shared, &mut state).await?;
+    Ok((outcome, state))
+}
+
+/// Runs `work` unless the server stops first (or its stop signal is gone).
+async fn until_stopped<F: Future>(stop: &mut watch::Receiver<bool>, work: F) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        out = work => Some(out),
+        _ = stop.wait_for(|stopping| *stopping) => None,
     }
 }
 
@@ -251,7 +300,6 @@ async fn negotiate<S: Stream>(
     stream: &mut S,
     shared: &Shared,
     state: &mut Negotiation,
-    stop: &watch::Receiver<bool>,
 ) -> Result<Outcome, ConnectionError> {
     let tls = shared.config.tls.as_ref();
     loop {
@@ -260,15 +308,28 @@ async fn negotiate<S: Stream>(
         let header = proto::parse_option_header(&header)?;
         let option = header.option;
         let mut out = Vec::new();
-        if header.len > proto::MAX_OPTION_LEN {
+        // FORCEDTLS: every option but these is refused until TLS is up, malformed or not.
+        let tls_missing = tls.is_some_and(|t| t.required)
+            && !state.tls_active
+            && option != proto::OPT_STARTTLS
+            && option != proto::OPT_ABORT;
+        if header.len > proto::MAX_OPTION_LEN || tls_missing {
+            // EXPORT_NAME cannot carry an error: the spec says to close.
             if option == proto::OPT_EXPORT_NAME {
                 return Ok(Outcome::Close);
             }
-            let skipped = tokio::io::copy(&mut (&mut *stream).take(header.len.into()), &mut tokio::io::sink()).await?;
+            let (mut excess, mut sink) = ((&mut *stream).take(header.len.into()), tokio::io::sink());
+            let skip = tokio::io::copy(&mut excess, &mut sink);
+            let skipped =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, skip).await.map_err(|_| ConnectionError::Timeout)??;
             if skipped < header.len.into() {
                 return Ok(Outcome::Close);
             }
-            proto::option_error(&mut out, option, proto::REP_ERR_TOO_BIG, "option data too long");
+            if tls_missing {
+                proto::option_error(&mut out, option, proto::REP_ERR_TLS_REQD, "TLS is required");
+            } else {
+                proto::option_error(&mut out, option, proto::REP_ERR_TOO_BIG, "option data too long");
+            }
             stream.write_all(&out).await?;
             continue;
         }
@@ -283,17 +344,11 @@ async fn negotiate<S: Stream>(
                 continue;
             }
         };
-        let tls_missing = tls.is_some_and(|t| t.required) && !state.tls_active;
-        let shutting_down = *stop.borrow();
         match parsed {
             ClientOption::Abort => {
                 proto::option_reply(&mut out, option, proto::REP_ACK, &[]);
                 stream.write_all(&out).await?;
                 return Ok(Outcome::Close);
-            }
-            ClientOption::ExportName(_) if tls_missing || shutting_down => return Ok(Outcome::Close),
-            _ if shutting_down => {
-                proto::option_error(&mut out, option, proto::REP_ERR_SHUTDOWN, "the server is shutting down")
             }
             ClientOption::StartTls => match tls {
                 None => proto::option_error(&mut out, option, proto::REP_ERR_UNSUP, "TLS is not configured"),
@@ -306,7 +361,6 @@ async fn negotiate<S: Stream>(
                     return Ok(Outcome::StartTls(t.acceptor.clone()));
                 }
             },
-            _ if tls_missing => proto::option_error(&mut out, option, proto::REP_ERR_TLS_REQD, "TLS is required"),
             ClientOption::ExportName(name) => {
                 let Ok(export) = shared.exports.open(&name) else {
                     return Ok(Outcome::Close);
@@ -464,6 +518,9 @@ impl Session {
     fn dispatch(&self, req: &Request, payload: Option<Vec<u8>>, out: &mut Vec<u8>) -> Result<(), Failure> {
         let (offset, len) = (req.offset, u64::from(req.length));
         let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+        if req.flags & !KNOWN_COMMAND_FLAGS != 0 {
+            return Err(fail(ErrorCode::Inval, format!("unknown command flags {:#x}", req.flags)));
+        }
         if req.flags & proto::CMD_FLAG_DF != 0 && !self.structured {
             return Err(fail(ErrorCode::Inval, "DF needs structured replies"));
         }
@@ -477,7 +534,7 @@ impl Session {
                 return Ok(());
             }
             Command::Write => {
-                self.check_writable(offset, len)?;
+                self.check_writable(offset, len, ErrorCode::NoSpc)?;
                 self.export.write(&payload.unwrap_or_default(), offset, fua)?;
             }
             Command::WriteZeroes if req.flags & proto::CMD_FLAG_NO_HOLE != 0 => {
@@ -485,7 +542,7 @@ impl Session {
                     // Zeros that must stay allocated are written as data: not fast.
                     return Err(fail(ErrorCode::NotSup, "zeroing without freeing space is not fast"));
                 }
-                self.check_writable(offset, len)?;
+                self.check_writable(offset, len, ErrorCode::NoSpc)?;
                 let zeros = vec![0u8; ZERO_CHUNK.min(len as usize)];
                 let mut at = offset;
                 while at < offset + len {
@@ -498,11 +555,11 @@ impl Session {
                 }
             }
             Command::WriteZeroes => {
-                self.check_writable(offset, len)?;
+                self.check_writable(offset, len, ErrorCode::NoSpc)?;
                 self.export.write_zeroes(offset, len, fua)?;
             }
             Command::Trim => {
-                self.check_writable(offset, len)?;
+                self.check_writable(offset, len, ErrorCode::Inval)?;
                 self.export.trim(offset, len, fua)?;
             }
             Command::Flush => self.export.flush()?,
@@ -528,12 +585,13 @@ impl Session {
         }
     }
 
-    fn check_writable(&self, offset: u64, len: u64) -> Result<(), Failure> {
+    /// Refuses changes to read-only exports; `past_end` is what the spec asks for when the
+    /// range reaches past the end (ENOSPC for writes and zeroes, EINVAL for trims).
+    fn check_writable(&self, offset: u64, len: u64, past_end: ErrorCode) -> Result<(), Failure> {
         if self.export.read_only() {
             return Err(ExportError::ReadOnly.into());
         }
-        // The spec asks for ENOSPC when a write reaches past the end.
-        self.check_range(offset, len, ErrorCode::NoSpc)
+        self.check_range(offset, len, past_end)
     }
 
     fn read(&self, req: &Request, out: &mut Vec<u8>) -> Result<(), Failure> {
@@ -570,11 +628,11 @@ impl Session {
         if !self.allocation_context {
             return Err(fail(ErrorCode::Inval, "no metadata context was negotiated"));
         }
-        let size = self.export.size();
-        if req.length == 0 || req.offset >= size {
-            return Err(fail(ErrorCode::Inval, "block status of an empty range or past the end"));
+        if req.length == 0 {
+            return Err(fail(ErrorCode::Inval, "block status of an empty range"));
         }
-        let len = u64::from(req.length).min(size - req.offset).min(MAX_STATUS_QUERY);
+        self.check_range(req.offset, req.length.into(), ErrorCode::Inval)?;
+        let len = u64::from(req.length).min(MAX_STATUS_QUERY);
         let mut descriptors: Vec<(u32, u32)> = Vec::new();
         for e in self.export.allocation(req.offset, len)? {
             let flags = match e.kind {
@@ -645,51 +703,21 @@ async fn transmit<S: Stream>(
 ) -> Result<(), ConnectionError> {
     let session = Arc::new(session);
     let (reader, writer) = tokio::io::split(stream);
-    let (replies, queue) = mpsc::channel::<Vec<u8>>(REPLY_QUEUE);
-    let writer = tokio::spawn(write_replies(writer, queue));
-    let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
-    let result = loop {
-        let mut header = [0u8; proto::REQUEST_LEN];
-        let read = tokio::select! {
-            biased;
-            r = reader.read_exact(&mut header) => r,
-            _ = stop.wait_for(|stopping| *stopping) => break Ok(()),
-        };
-        if read.is_err() {
-            // The client went away; what it sent before still completes.
-            break Ok(());
+    let (replies, queue) = mpsc::unbounded_channel::<Reply>();
+    let mut writer = tokio::spawn(write_replies(writer, queue));
+    let result = read_requests(reader, &session, replies, stop.clone()).await;
+    // The writer ends once every reply, including those of blocking requests, is sent. A
+    // client that stops reading its replies cannot hold up a shutdown beyond the grace time.
+    let grace = async {
+        if stop.wait_for(|stopping| *stopping).await.is_err() {
+            std::future::pending::<()>().await;
         }
-        let req = match proto::parse_request(&header) {
-            Ok(req) => req,
-            Err(e) => break Err(e.into()),
-        };
-        let payload = if req.command == Command::Write {
-            if req.length > MAX_PAYLOAD {
-                break Err(ConnectionError::PayloadTooLarge(req.length));
-            }
-            let mut payload = vec![0u8; req.length as usize];
-            if reader.read_exact(&mut payload).await.is_err() {
-                break Ok(());
-            }
-            Some(payload)
-        } else {
-            None
-        };
-        if req.command == Command::Disconnect {
-            break Ok(());
-        }
-        if may_block(&req) {
-            let (session, replies) = (session.clone(), replies.clone());
-            tokio::task::spawn_blocking(move || {
-                let _ = replies.blocking_send(session.execute(&req, payload));
-            });
-        } else if replies.send(session.execute(&req, payload)).await.is_err() {
-            break Ok(());
-        }
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
-    // The writer ends once every reply, including those of blocking requests, is sent.
-    drop(replies);
-    let _ = writer.await;
+    tokio::select! {
+        _ = &mut writer => {}
+        _ = grace => writer.abort(),
+    }
     if !session.export.read_only() {
         let export = session.export.clone();
         let _ = tokio::task::spawn_blocking(move || export.flush()).await;
@@ -697,7 +725,78 @@ async fn transmit<S: Stream>(
     result
 }
 
-async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut queue: mpsc::Receiver<Vec<u8>>) {
+/// An encoded reply, holding its share of the connection's byte budget until it is sent.
+struct Reply {
+    bytes: Vec<u8>,
+    _budget: OwnedSemaphorePermit,
+}
+
+/// Budget a request takes until its reply is sent: its payload or its read data, plus room
+/// for headers and chunk overhead.
+fn budget_bytes(req: &Request) -> u32 {
+    let data = match req.command {
+        Command::Read | Command::Write => req.length.min(MAX_PAYLOAD),
+        _ => 0,
+    };
+    data + REPLY_OVERHEAD
+}
+
+/// Reads and dispatches requests until the client leaves, disconnects or the server stops.
+async fn read_requests<R: AsyncRead + Unpin>(
+    reader: R,
+    session: &Arc<Session>,
+    replies: mpsc::UnboundedSender<Reply>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ConnectionError> {
+    let budget = Arc::new(Semaphore::new(BYTES_IN_FLIGHT as usize));
+    let blocking = Arc::new(Semaphore::new(BLOCKING_IN_FLIGHT));
+    let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
+    loop {
+        let mut header = [0u8; proto::REQUEST_LEN];
+        // A read error means the client went away; what it sent before still completes.
+        let Some(Ok(_)) = until_stopped(&mut stop, reader.read_exact(&mut header)).await else {
+            return Ok(());
+        };
+        let req = proto::parse_request(&header)?;
+        if req.command == Command::Disconnect {
+            return Ok(());
+        }
+        if req.command == Command::Write && req.length > MAX_PAYLOAD {
+            return Err(ConnectionError::PayloadTooLarge(req.length));
+        }
+        let Some(Ok(permit)) = until_stopped(&mut stop, budget.clone().acquire_many_owned(budget_bytes(&req))).await
+        else {
+            return Ok(());
+        };
+        let payload = if req.command == Command::Write {
+            let mut payload = vec![0u8; req.length as usize];
+            let Some(Ok(_)) = until_stopped(&mut stop, reader.read_exact(&mut payload)).await else {
+                return Ok(());
+            };
+            Some(payload)
+        } else {
+            None
+        };
+        if may_block(&req) {
+            let Some(Ok(slot)) = until_stopped(&mut stop, blocking.clone().acquire_owned()).await else {
+                return Ok(());
+            };
+            let (session, replies) = (session.clone(), replies.clone());
+            tokio::task::spawn_blocking(move || {
+                let bytes = session.execute(&req, payload);
+                drop(slot);
+                let _ = replies.send(Reply { bytes, _budget: permit });
+            });
+        } else {
+            let bytes = session.execute(&req, payload);
+            if replies.send(Reply { bytes, _budget: permit }).is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut queue: mpsc::UnboundedReceiver<Reply>) {
     let mut batch = Vec::with_capacity(REPLY_BATCH);
     while let Some(first) = queue.recv().await {
         batch.push(first);
@@ -708,7 +807,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut queue: mpsc::Re
             }
         }
         if write_batch(&mut writer, &batch).await.is_err() {
-            // The client is gone: dropping the queue makes the reader stop too.
+            // Dropping the queue makes the reader stop too.
             return;
         }
         batch.clear();
@@ -716,11 +815,14 @@ async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut queue: mpsc::Re
     let _ = writer.shutdown().await;
 }
 
-async fn write_batch<W: AsyncWrite + Unpin>(writer: &mut W, batch: &[Vec<u8>]) -> io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|b| IoSlice::new(b)).collect();
+async fn write_batch<W: AsyncWrite + Unpin>(writer: &mut W, batch: &[Reply]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|r| IoSlice::new(&r.bytes)).collect();
     let mut rest = &mut slices[..];
     while !rest.is_empty() {
-        let n = writer.write_vectored(rest).await?;
+        // A client that takes no reply bytes for this long is treated as gone.
+        let n = tokio::time::timeout(REPLY_WRITE_TIMEOUT, writer.write_vectored(rest))
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }

@@ -1,0 +1,411 @@
+//! nbd-bench: cairn's NBD server against qemu-nbd and nbdkit (file plugin) in one run.
+//!
+//! One image from ../shared/bench/mkimage.py is served four ways over unix sockets: by
+//! qemu-nbd and nbdkit from raw copies of it, and by cairn from a fresh volume holding it and
+//! from a volume whose data is spread over many snapshot layers. The same clients run the
+//! same tests on each: nbdcopy sequential read (to null:) and write (the image into the
+//! export, flushed), and fio's nbd engine with 4 KiB random reads and writes at depth 32.
+//!
+//! Prints a markdown table with cairn / best-peer ratios, or JSON with `--json`.
+
+use anyhow::{bail, ensure, Context, Result};
+use cairn_bench::{human_size, load_average, parse_size, WorkDir, MIB};
+use cairn_nbd::{Listener, ServerConfig, VolumeExports};
+use cairn_volume::{Store, StoreOptions, Volume};
+use serde_json::json;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+
+const USAGE: &str = "\
+usage: nbd-bench [options]
+
+  --dir DIR         where to put the data (default /var/tmp; a fresh directory is made in it
+                    and removed at the end; keep it off tmpfs)
+  --size SIZE       image size, a multiple of 1 MiB (default 1G)
+  --seconds S       how long each fio test runs (default 10)
+  --layers N        snapshot layers the layered cairn volume's data is spread over (default 32)
+  --rounds N        rounds; each figure is the median (default 1)
+  --mkimage PATH    the image generator (default ../shared/bench/mkimage.py from the project root)
+  --json            print JSON instead of the markdown table
+
+Needs qemu-nbd, nbdkit, nbdcopy, fio and python3 on PATH.
+";
+
+const IMAGE_SEED: &str = "1";
+const FIO_DEPTH: u32 = 32;
+
+#[derive(Debug)]
+struct Config {
+    dir: PathBuf,
+    size: u64,
+    seconds: u64,
+    layers: usize,
+    rounds: usize,
+    mkimage: PathBuf,
+    json: bool,
+}
+
+impl Config {
+    fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Config>> {
+        let mut cfg = Config {
+            dir: PathBuf::from("/var/tmp"),
+            size: 1 << 30,
+            seconds: 10,
+            layers: 32,
+            rounds: 1,
+            mkimage: Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/mkimage.py"),
+            json: false,
+        };
+        while let Some(arg) = args.next() {
+            let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
+            match arg.as_str() {
+                "--dir" => cfg.dir = PathBuf::from(value()?),
+                "--size" => cfg.size = parse_size(&value()?)?,
+                "--seconds" => cfg.seconds = value()?.parse().context("--seconds")?,
+                "--layers" => cfg.layers = value()?.parse().context("--layers")?,
+                "--rounds" => cfg.rounds = value()?.parse().context("--rounds")?,
+                "--mkimage" => cfg.mkimage = PathBuf::from(value()?),
+                "--json" => cfg.json = true,
+                "-h" | "--help" => return Ok(None),
+                _ => bail!("unknown argument {arg:?}\n\n{USAGE}"),
+            }
+        }
+        ensure!(cfg.size % MIB == 0 && cfg.size > 0, "--size must be a positive multiple of 1 MiB");
+        ensure!(cfg.layers >= 1 && cfg.size >= cfg.layers as u64 * MIB, "--layers must be 1..=size in MiB");
+        ensure!(cfg.seconds >= 1 && cfg.rounds >= 1, "--seconds and --rounds must be positive");
+        ensure!(cfg.mkimage.exists(), "{} not found (use --mkimage)", cfg.mkimage.display());
+        Ok(Some(cfg))
+    }
+}
+
+/// The four servers, in the order every round runs them.
+const TARGETS: [&str; 4] = ["qemu-nbd", "nbdkit", "cairn", "cairn-layered"];
+
+/// (name, unit, JSON key) of each test, in the order they run on a target.
+const TESTS: [(&str, &str, &str); 4] = [
+    ("nbdcopy sequential read", "MiB/s", "seq_read_mib_s"),
+    ("fio 4 KiB random read, depth 32", "IOPS", "rand_read_iops"),
+    ("fio 4 KiB random write, depth 32", "IOPS", "rand_write_iops"),
+    ("nbdcopy sequential write (+flush)", "MiB/s", "seq_write_mib_s"),
+];
+
+type Figures = [f64; TESTS.len()];
+
+/// A peer server started as a daemon; killed when dropped.
+struct Daemon {
+    pid_file: PathBuf,
+}
+
+impl Daemon {
+    /// Runs `cmd`, which must daemonize once it accepts connections and write `pid_file`.
+    fn start(cmd: &mut Command, pid_file: PathBuf) -> Result<Daemon> {
+        let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+        ensure!(status.success(), "{cmd:?} failed: {status}");
+        Ok(Daemon { pid_file })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.pid_file).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+            // SAFETY: kill(2) on a pid we started; no memory is involved.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.stderr(Stdio::piped()).output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(out.status.success(), "{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn uri(socket: &Path, export: &str) -> String {
+    format!("nbd+unix:///{export}?socket={}", socket.display())
+}
+
+/// MiB/s of copying `size` bytes with nbdcopy.
+fn nbdcopy(size: u64, from: &str, to: &str, flush: bool) -> Result<f64> {
+    let mut cmd = Command::new("nbdcopy");
+    if flush {
+        cmd.arg("--flush");
+    }
+    let start = Instant::now();
+    run(cmd.arg(from).arg(to))?;
+    Ok(size as f64 / MIB as f64 / start.elapsed().as_secs_f64())
+}
+
+/// IOPS of a fio 4 KiB random test over NBD.
+fn fio(uri: &str, size: u64, seconds: u64, write: bool) -> Result<f64> {
+    let rw = if write { "randwrite" } else { "randread" };
+    let out = run(Command::new("fio").args([
+        "--name=bench",
+        "--ioengine=nbd",
+        &format!("--uri={uri}"),
+        &format!("--rw={rw}"),
+        "--bs=4k",
+        &format!("--iodepth={FIO_DEPTH}"),
+        &format!("--size={size}"),
+        &format!("--runtime={seconds}"),
+        "--time_based",
+        "--randrepeat=1",
+        "--output-format=json",
+    ]))?;
+    // fio may print warnings before the JSON.
+    let json_start = out.find('{').context("fio printed no JSON")?;
+    let report: serde_json::Value = serde_json::from_str(&out[json_start..]).context("fio's JSON")?;
+    let side = if write { "write" } else { "read" };
+    report["jobs"][0][side]["iops"].as_f64().context("fio reported no IOPS")
+}
+
+fn measure(socket: &Path, export: &str, image: &Path, cfg: &Config) -> Result<Figures> {
+    let uri = uri(socket, export);
+    let image = image.to_str().context("image path is not UTF-8")?;
+    Ok([
+        nbdcopy(cfg.size, &uri, "null:", false)?,
+        fio(&uri, cfg.size, cfg.seconds, false)?,
+        fio(&uri, cfg.size, cfg.seconds, true)?,
+        nbdcopy(cfg.size, image, &uri, true)?,
+    ])
+}
+
+fn sparse_copy(from: &Path, to: &Path) -> Result<()> {
+    run(Command::new("cp").arg("--sparse=always").arg(from).arg(to))?;
+    Ok(())
+}
+
+fn bench_qemu_nbd(work: &Path, image: &Path, cfg: &Config) -> Result<Figures> {
+    let file = work.join("qemu-nbd.raw");
+    sparse_copy(image, &file)?;
+    let socket = work.join("qemu-nbd.sock");
+    let pid = work.join("qemu-nbd.pid");
+    let _daemon = Daemon::start(
+        Command::new("qemu-nbd")
+            .args([
+                "--fork",
+                "--persistent",
+                "--format=raw",
+                "--shared=16",
+                "--cache=writeback",
+                "--discard=unmap",
+                "-x",
+                "disk",
+            ])
+            .arg(format!("--socket={}", socket.display()))
+            .arg(format!("--pid-file={}", pid.display()))
+            .arg(&file),
+        pid,
+    )?;
+    measure(&socket, "disk", image, cfg)
+}
+
+fn bench_nbdkit(work: &Path, image: &Path, cfg: &Config) -> Result<Figures> {
+    let file = work.join("nbdkit.raw");
+    sparse_copy(image, &file)?;
+    let socket = work.join("nbdkit.sock");
+    let pid = work.join("nbdkit.pid");
+    // Without -f nbdkit forks into the background once it is listening.
+    let _daemon =
+        Daemon::start(Command::new("nbdkit").arg("-U").arg(&socket).arg("-P").arg(&pid).arg("file").arg(&file), pid)?;
+    measure(&socket, "disk", image, cfg)
+}
+
+/// cairn serving `volume` from `store` in this process, on its own runtime.
+fn bench_cairn(work: &Path, store: &Arc<Store>, volume: &str, image: &Path, cfg: &Config) -> Result<Figures> {
+    let socket = work.join(format!("{volume}.sock"));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let listener = {
+        let _guard = runtime.enter();
+        Listener::Unix(tokio::net::UnixListener::bind(&socket)?)
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let exports = Arc::new(VolumeExports::new(store.clone()));
+    let server = runtime.spawn(cairn_nbd::serve(listener, exports, ServerConfig::default(), async {
+        let _ = stopped.await;
+    }));
+    let figures = measure(&socket, volume, image, cfg);
+    let _ = stop.send(());
+    runtime.block_on(server)??;
+    figures
+}
+
+/// Writes the image's bytes `[start, end)` into `volume` (untimed setup). All-zero MiBs are
+/// skipped: holes stay holes, as a sparse copy leaves them.
+fn copy_image(volume: &Volume, image: &std::fs::File, start: u64, end: u64) -> Result<()> {
+    let mut buf = vec![0u8; MIB as usize];
+    for at in (start..end).step_by(MIB as usize) {
+        image.read_exact_at(&mut buf, at)?;
+        if buf.iter().any(|b| *b != 0) {
+            volume.write(&buf, at, false)?;
+        }
+    }
+    Ok(volume.flush()?)
+}
+
+/// A volume named "cairn" holding the image in its head.
+fn fresh_volume(store: &Store, image: &Path, cfg: &Config) -> Result<()> {
+    let info = store.create_volume("cairn", cfg.size)?;
+    copy_image(&store.volume(info.id)?, &std::fs::File::open(image)?, 0, cfg.size)
+}
+
+/// A volume holding the image, written in `layers` slices with a snapshot after each, so its
+/// data is spread over that many layers under an empty head.
+fn layered_volume(store: &Store, image: &Path, cfg: &Config) -> Result<()> {
+    let info = store.create_volume("cairn-layered", cfg.size)?;
+    let volume = store.volume(info.id)?;
+    let file = std::fs::File::open(image)?;
+    let slice = (cfg.size / MIB / cfg.layers as u64) * MIB;
+    for layer in 0..cfg.layers as u64 {
+        let end = if layer + 1 == cfg.layers as u64 { cfg.size } else { (layer + 1) * slice };
+        copy_image(&volume, &file, layer * slice, end)?;
+        store.snapshot(info.id, &format!("layer-{layer}"))?;
+    }
+    Ok(())
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+struct Report {
+    load: String,
+    /// rounds[target][round]
+    rounds: Vec<Vec<Figures>>,
+}
+
+impl Report {
+    fn figure(&self, target: usize, test: usize) -> f64 {
+        median(&self.rounds[target].iter().map(|r| r[test]).collect::<Vec<_>>())
+    }
+
+    fn best_peer(&self, test: usize) -> f64 {
+        self.figure(0, test).max(self.figure(1, test))
+    }
+
+    fn misses(&self) -> Vec<String> {
+        let mut misses = Vec::new();
+        for (test, (name, _, _)) in TESTS.iter().enumerate() {
+            for target in [2, 3] {
+                if self.figure(target, test) < self.best_peer(test) {
+                    misses.push(format!("{name} ({})", TARGETS[target]));
+                }
+            }
+        }
+        misses
+    }
+
+    fn markdown(&self, cfg: &Config) -> String {
+        let mut out = format!(
+            "## NBD data path over unix sockets: {} image from mkimage.py (seed {IMAGE_SEED}), fio {} s per test, \
+             median of {} round(s)\n\n",
+            human_size(cfg.size),
+            cfg.seconds,
+            cfg.rounds
+        );
+        out += &format!(
+            "| test | unit | qemu-nbd | nbdkit | cairn | cairn / best peer | cairn, {} layers | layered / best peer |\n",
+            cfg.layers
+        );
+        out += "|---|---|---:|---:|---:|---:|---:|---:|\n";
+        for (test, (name, unit, _)) in TESTS.iter().enumerate() {
+            let best = self.best_peer(test);
+            out += &format!(
+                "| {name} | {unit} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} |\n",
+                self.figure(0, test),
+                self.figure(1, test),
+                self.figure(2, test),
+                self.figure(2, test) / best,
+                self.figure(3, test),
+                self.figure(3, test) / best,
+            );
+        }
+        let misses = self.misses();
+        out += "\nNotes:\n";
+        out += &format!(
+            "- Target: every cairn figure at least the better peer's. {}\n",
+            if misses.is_empty() { "All met.".to_string() } else { format!("Missed: {}.", misses.join(", ")) }
+        );
+        out += "- Peers serve raw copies of the image: qemu-nbd --persistent --cache=writeback --shared=16, nbdkit file plugin \
+                with its default threads. cairn runs in this process (tokio, one worker per core).\n";
+        out += "- Clients and servers share the machine's cores; the page cache is not dropped. nbdcopy skips the \
+                image's holes (about 45 %) using block status, on every server alike.\n";
+        out += &format!("- Load average at the start: {}.\n", self.load);
+        out
+    }
+
+    fn json(&self, cfg: &Config) -> serde_json::Value {
+        let tests: serde_json::Map<_, _> = TESTS
+            .iter()
+            .enumerate()
+            .map(|(test, (_, unit, key))| {
+                let mut row = serde_json::Map::new();
+                row.insert("unit".into(), json!(unit));
+                for (target, name) in TARGETS.iter().enumerate() {
+                    row.insert(name.to_string(), json!(self.figure(target, test)));
+                }
+                row.insert("cairn_ratio".into(), json!(self.figure(2, test) / self.best_peer(test)));
+                row.insert("layered_ratio".into(), json!(self.figure(3, test) / self.best_peer(test)));
+                (key.to_string(), serde_json::Value::Object(row))
+            })
+            .collect();
+        json!({
+            "config": {
+                "size": cfg.size,
+                "fio_seconds": cfg.seconds,
+                "fio_depth": FIO_DEPTH,
+                "layers": cfg.layers,
+                "rounds": cfg.rounds,
+                "load_average": self.load,
+            },
+            "tests": tests,
+            "missed": self.misses(),
+        })
+    }
+}
+
+fn main() -> Result<()> {
+    let Some(cfg) = Config::parse(std::env::args().skip(1))? else {
+        print!("{USAGE}");
+        return Ok(());
+    };
+    for tool in ["qemu-nbd", "nbdkit", "nbdcopy", "fio", "python3"] {
+        ensure!(
+            Command::new("sh").arg("-c").arg(format!("command -v {tool}")).stdout(Stdio::null()).status()?.success(),
+            "{tool} is not installed"
+        );
+    }
+    let load = load_average();
+    let work = WorkDir::create(&cfg.dir)?;
+    let image = work.0.join("image.raw");
+    eprintln!("making a {} image", human_size(cfg.size));
+    run(Command::new("python3").arg(&cfg.mkimage).arg(&image).arg((cfg.size / MIB).to_string()).arg(IMAGE_SEED))?;
+    let mut rounds: Vec<Vec<Figures>> = vec![Vec::new(); TARGETS.len()];
+    for round in 0..cfg.rounds {
+        let dir = work.0.join(format!("round-{round}"));
+        std::fs::create_dir(&dir)?;
+        eprintln!("round {}: qemu-nbd", round + 1);
+        rounds[0].push(bench_qemu_nbd(&dir, &image, &cfg)?);
+        eprintln!("round {}: nbdkit", round + 1);
+        rounds[1].push(bench_nbdkit(&dir, &image, &cfg)?);
+        let store = Arc::new(Store::open_dir(dir.join("cairn"), StoreOptions::default())?);
+        eprintln!("round {}: cairn", round + 1);
+        fresh_volume(&store, &image, &cfg)?;
+        rounds[2].push(bench_cairn(&dir, &store, "cairn", &image, &cfg)?);
+        eprintln!("round {}: cairn with {} layers", round + 1, cfg.layers);
+        layered_volume(&store, &image, &cfg)?;
+        rounds[3].push(bench_cairn(&dir, &store, "cairn-layered", &image, &cfg)?);
+        std::fs::remove_dir_all(&dir)?;
+    }
+    let report = Report { load, rounds };
+    if cfg.json {
+        println!("{}", serde_json::to_string_pretty(&report.json(&cfg))?);
+    } else {
+        print!("{}", report.markdown(&cfg));
+    }
+    Ok(())
+}

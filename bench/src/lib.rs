@@ -1,0 +1,67 @@
+//! What the benchmark runners share: sizes, argument parsing, the work directory and the
+//! machine's load, which every report prints because other work skews the figures.
+
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+pub const KIB: u64 = 1 << 10;
+pub const MIB: u64 = 1 << 20;
+pub const GIB: u64 = 1 << 30;
+pub const TIB: u64 = 1 << 40;
+
+/// Parses sizes such as `4096`, `512M` or `1T`.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, ""),
+    };
+    let unit = match unit.to_ascii_uppercase().as_str() {
+        "" => 1,
+        "K" => KIB,
+        "M" => MIB,
+        "G" => GIB,
+        "T" => TIB,
+        _ => bail!("bad size {s:?}: use a number with an optional K, M, G or T"),
+    };
+    digits.parse::<u64>().ok().and_then(|n| n.checked_mul(unit)).with_context(|| format!("bad size {s:?}"))
+}
+
+/// A fresh directory for the run's data, removed when the run ends, also on error.
+#[derive(Debug)]
+pub struct WorkDir(pub PathBuf);
+
+impl WorkDir {
+    pub fn create(parent: &Path) -> Result<Self> {
+        let path = parent.join(format!("cairn-bench.{}", std::process::id()));
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            eprintln!("could not remove {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// The 1, 5 and 15 minute load averages.
+pub fn load_average() -> String {
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let fields: Vec<&str> = loadavg.split_whitespace().take(3).collect();
+    if fields.is_empty() {
+        "unknown".to_string()
+    } else {
+        fields.join(" ")
+    }
+}
+
+pub fn human_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= TIB && b % TIB == 0 => format!("{} TiB", b / TIB),
+        b if b >= GIB && b % GIB == 0 => format!("{} GiB", b / GIB),
+        b => format!("{} MiB", b / MIB),
+    }
+}
