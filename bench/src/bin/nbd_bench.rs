@@ -28,6 +28,8 @@ usage: nbd-bench [options]
   --seconds S       how long each fio test runs (default 10)
   --layers N        snapshot layers the layered cairn volume's data is spread over (default 32)
   --rounds N        rounds; each figure is the median (default 1)
+  --targets LIST    comma-separated subset of qemu-nbd,nbdkit,cairn,cairn-layered (default all;
+                    ratios need a peer and a cairn target)
   --mkimage PATH    the image generator (default ../shared/bench/mkimage.py from the project root)
   --json            print JSON instead of the markdown table
 
@@ -45,6 +47,7 @@ struct Config {
     layers: usize,
     rounds: usize,
     mkimage: PathBuf,
+    targets: Vec<usize>,
     json: bool,
 }
 
@@ -57,6 +60,7 @@ impl Config {
             layers: 32,
             rounds: 1,
             mkimage: Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/mkimage.py"),
+            targets: (0..TARGETS.len()).collect(),
             json: false,
         };
         while let Some(arg) = args.next() {
@@ -68,6 +72,12 @@ impl Config {
                 "--layers" => cfg.layers = value()?.parse().context("--layers")?,
                 "--rounds" => cfg.rounds = value()?.parse().context("--rounds")?,
                 "--mkimage" => cfg.mkimage = PathBuf::from(value()?),
+                "--targets" => {
+                    cfg.targets = value()?
+                        .split(',')
+                        .map(|t| TARGETS.iter().position(|n| *n == t).with_context(|| format!("unknown target {t:?}")))
+                        .collect::<Result<_>>()?
+                }
                 "--json" => cfg.json = true,
                 "-h" | "--help" => return Ok(None),
                 _ => bail!("unknown argument {arg:?}\n\n{USAGE}"),
@@ -161,9 +171,22 @@ fn fio(uri: &str, size: u64, seconds: u64, write: bool) -> Result<f64> {
     report["jobs"][0][side]["iops"].as_f64().context("fio reported no IOPS")
 }
 
+/// Writes back dirty data and empties the page cache, so that every server starts from the
+/// same cold state. How data entered the cache matters a lot: after large writes, ext4 keeps
+/// large folios, and 4 KiB writes into those cost several times more than into small ones.
+/// Needs root; returns whether it worked.
+fn drop_caches() -> bool {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
 fn measure(socket: &Path, export: &str, image: &Path, cfg: &Config) -> Result<Figures> {
     let uri = uri(socket, export);
     let image = image.to_str().context("image path is not UTF-8")?;
+    drop_caches();
+    // Untimed: fills the page cache through this server's own reads, as for every server.
+    nbdcopy(cfg.size, &uri, "null:", false)?;
     Ok([
         nbdcopy(cfg.size, &uri, "null:", false)?,
         fio(&uri, cfg.size, cfg.seconds, false)?,
@@ -274,13 +297,20 @@ fn median(values: &[f64]) -> f64 {
 
 struct Report {
     load: String,
+    caches_dropped: bool,
     /// rounds[target][round]
     rounds: Vec<Vec<Figures>>,
 }
 
 impl Report {
+    /// The median figure, or NaN for a target left out with --targets.
     fn figure(&self, target: usize, test: usize) -> f64 {
-        median(&self.rounds[target].iter().map(|r| r[test]).collect::<Vec<_>>())
+        let values: Vec<f64> = self.rounds[target].iter().map(|r| r[test]).collect();
+        if values.is_empty() {
+            f64::NAN
+        } else {
+            median(&values)
+        }
     }
 
     fn best_peer(&self, test: usize) -> f64 {
@@ -312,16 +342,18 @@ impl Report {
             cfg.layers
         );
         out += "|---|---|---:|---:|---:|---:|---:|---:|\n";
+        // Targets left out with --targets show as a dash.
+        let show = |v: f64, decimals: usize| if v.is_nan() { "–".to_string() } else { format!("{v:.decimals$}") };
         for (test, (name, unit, _)) in TESTS.iter().enumerate() {
             let best = self.best_peer(test);
             out += &format!(
-                "| {name} | {unit} | {:.0} | {:.0} | {:.0} | {:.2} | {:.0} | {:.2} |\n",
-                self.figure(0, test),
-                self.figure(1, test),
-                self.figure(2, test),
-                self.figure(2, test) / best,
-                self.figure(3, test),
-                self.figure(3, test) / best,
+                "| {name} | {unit} | {} | {} | {} | {} | {} | {} |\n",
+                show(self.figure(0, test), 0),
+                show(self.figure(1, test), 0),
+                show(self.figure(2, test), 0),
+                show(self.figure(2, test) / best, 2),
+                show(self.figure(3, test), 0),
+                show(self.figure(3, test) / best, 2),
             );
         }
         let misses = self.misses();
@@ -332,8 +364,12 @@ impl Report {
         );
         out += "- Peers serve raw copies of the image: qemu-nbd --persistent --cache=writeback --shared=16, nbdkit file plugin \
                 with its default threads. cairn runs in this process (tokio, one worker per core).\n";
-        out += "- Clients and servers share the machine's cores; the page cache is not dropped. nbdcopy skips the \
-                image's holes (about 45 %) using block status, on every server alike.\n";
+        out += &format!(
+            "- Before each server's tests: sync and {}; then one untimed nbdcopy read warms the cache through that \
+             server. Clients and servers share the machine's cores. nbdcopy skips the image's holes (about 45 %) \
+             using block status, on every server alike.\n",
+            if self.caches_dropped { "drop the page cache" } else { "NOT dropping the page cache (not root)" }
+        );
         out += &format!("- Load average at the start: {}.\n", self.load);
         out
     }
@@ -361,6 +397,7 @@ impl Report {
                 "layers": cfg.layers,
                 "rounds": cfg.rounds,
                 "load_average": self.load,
+                "page_cache_dropped": self.caches_dropped,
             },
             "tests": tests,
             "missed": self.misses(),
@@ -380,6 +417,10 @@ fn main() -> Result<()> {
         );
     }
     let load = load_average();
+    let caches_dropped = drop_caches();
+    if !caches_dropped {
+        eprintln!("cannot drop the page cache (not root?): figures depend on what earlier steps left in it");
+    }
     let work = WorkDir::create(&cfg.dir)?;
     let image = work.0.join("image.raw");
     eprintln!("making a {} image", human_size(cfg.size));
@@ -388,20 +429,25 @@ fn main() -> Result<()> {
     for round in 0..cfg.rounds {
         let dir = work.0.join(format!("round-{round}"));
         std::fs::create_dir(&dir)?;
-        eprintln!("round {}: qemu-nbd", round + 1);
-        rounds[0].push(bench_qemu_nbd(&dir, &image, &cfg)?);
-        eprintln!("round {}: nbdkit", round + 1);
-        rounds[1].push(bench_nbdkit(&dir, &image, &cfg)?);
         let store = Arc::new(Store::open_dir(dir.join("cairn"), StoreOptions::default())?);
-        eprintln!("round {}: cairn", round + 1);
-        fresh_volume(&store, &image, &cfg)?;
-        rounds[2].push(bench_cairn(&dir, &store, "cairn", &image, &cfg)?);
-        eprintln!("round {}: cairn with {} layers", round + 1, cfg.layers);
-        layered_volume(&store, &image, &cfg)?;
-        rounds[3].push(bench_cairn(&dir, &store, "cairn-layered", &image, &cfg)?);
+        for &target in &cfg.targets {
+            eprintln!("round {}: {}", round + 1, TARGETS[target]);
+            rounds[target].push(match target {
+                0 => bench_qemu_nbd(&dir, &image, &cfg)?,
+                1 => bench_nbdkit(&dir, &image, &cfg)?,
+                2 => {
+                    fresh_volume(&store, &image, &cfg)?;
+                    bench_cairn(&dir, &store, "cairn", &image, &cfg)?
+                }
+                _ => {
+                    layered_volume(&store, &image, &cfg)?;
+                    bench_cairn(&dir, &store, "cairn-layered", &image, &cfg)?
+                }
+            });
+        }
         std::fs::remove_dir_all(&dir)?;
     }
-    let report = Report { load, rounds };
+    let report = Report { load, rounds, caches_dropped };
     if cfg.json {
         println!("{}", serde_json::to_string_pretty(&report.json(&cfg))?);
     } else {

@@ -9,7 +9,7 @@
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_volume::Allocation;
@@ -459,6 +459,7 @@ struct Session {
     export: Arc<dyn Export>,
     structured: bool,
     allocation_context: bool,
+    buffers: Arc<BufferPool>,
 }
 
 /// A failed request: the error value and a message for structured replies.
@@ -479,7 +480,12 @@ fn fail(code: ErrorCode, message: impl Into<String>) -> Failure {
 
 impl Session {
     fn new(export: Arc<dyn Export>, state: &Negotiation, name: &str) -> Self {
-        Session { export, structured: state.structured, allocation_context: state.context.as_deref() == Some(name) }
+        Session {
+            export,
+            structured: state.structured,
+            allocation_context: state.context.as_deref() == Some(name),
+            buffers: Arc::new(BufferPool::default()),
+        }
     }
 
     fn flags(&self) -> u16 {
@@ -502,20 +508,21 @@ impl Session {
     }
 
     /// Handles one request and returns the encoded reply.
-    fn execute(&self, req: &Request, payload: Option<Vec<u8>>) -> Vec<u8> {
-        let mut out = Vec::new();
-        if let Err(failure) = self.dispatch(req, payload, &mut out) {
-            out.clear();
+    fn execute(&self, req: &Request, payload: Option<Vec<u8>>, budget: OwnedSemaphorePermit) -> Reply {
+        let mut reply = Reply { head: Vec::new(), data: None, _budget: budget };
+        if let Err(failure) = self.dispatch(req, payload, &mut reply) {
+            reply.head.clear();
+            reply.data = None;
             if self.structured && matches!(req.command, Command::Read | Command::BlockStatus) {
-                proto::chunk_error(&mut out, req.cookie, failure.code, &failure.message);
+                proto::chunk_error(&mut reply.head, req.cookie, failure.code, &failure.message);
             } else {
-                proto::simple_reply(&mut out, req.cookie, Some(failure.code));
+                proto::simple_reply(&mut reply.head, req.cookie, Some(failure.code));
             }
         }
-        out
+        reply
     }
 
-    fn dispatch(&self, req: &Request, payload: Option<Vec<u8>>, out: &mut Vec<u8>) -> Result<(), Failure> {
+    fn dispatch(&self, req: &Request, payload: Option<Vec<u8>>, reply: &mut Reply) -> Result<(), Failure> {
         let (offset, len) = (req.offset, u64::from(req.length));
         let fua = req.flags & proto::CMD_FLAG_FUA != 0;
         if req.flags & !KNOWN_COMMAND_FLAGS != 0 {
@@ -530,7 +537,7 @@ impl Session {
                 if req.length > MAX_PAYLOAD {
                     return Err(fail(ErrorCode::Inval, "read longer than the maximum block size"));
                 }
-                self.read(req, out)?;
+                self.read(req, reply)?;
                 return Ok(());
             }
             Command::Write => {
@@ -566,14 +573,14 @@ impl Session {
             // Reads are served from the page cache already; there is nothing to warm.
             Command::Cache => self.check_range(offset, len, ErrorCode::Inval)?,
             Command::BlockStatus => {
-                self.block_status(req, out)?;
+                self.block_status(req, &mut reply.head)?;
                 return Ok(());
             }
             // Handled by the connection loop, which stops reading; never executed.
             Command::Disconnect => {}
             Command::Unknown(c) => return Err(fail(ErrorCode::Inval, format!("unknown command {c}"))),
         }
-        proto::simple_reply(out, req.cookie, None);
+        proto::simple_reply(&mut reply.head, req.cookie, None);
         Ok(())
     }
 
@@ -594,11 +601,13 @@ impl Session {
         self.check_range(offset, len, past_end)
     }
 
-    fn read(&self, req: &Request, out: &mut Vec<u8>) -> Result<(), Failure> {
+    fn read(&self, req: &Request, reply: &mut Reply) -> Result<(), Failure> {
         let (offset, len) = (req.offset, req.length);
+        let out = &mut reply.head;
         if !self.structured {
             proto::simple_reply(out, req.cookie, None);
-            return read_into(&*self.export, out, offset, len);
+            reply.data = Some(self.read_pooled(offset, len)?);
+            return Ok(());
         }
         if len == 0 {
             proto::chunk_done(out, req.cookie);
@@ -608,7 +617,8 @@ impl Session {
         let extents = if sparse { merged_extents(self.export.allocation(offset, len.into())?) } else { Vec::new() };
         if extents.iter().all(|(_, _, data)| *data) {
             proto::chunk_offset_data(out, true, req.cookie, offset, len);
-            return read_into(&*self.export, out, offset, len);
+            reply.data = Some(self.read_pooled(offset, len)?);
+            return Ok(());
         }
         let last = extents.len() - 1;
         for (i, (start, length, data)) in extents.into_iter().enumerate() {
@@ -622,6 +632,13 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Reads into a reused buffer: the common, all-data read then costs one copy.
+    fn read_pooled(&self, offset: u64, len: u32) -> Result<PooledBuffer, Failure> {
+        let mut data = self.buffers.take(len as usize);
+        self.export.read(data.as_mut_slice(), offset)?;
+        Ok(data)
     }
 
     fn block_status(&self, req: &Request, out: &mut Vec<u8>) -> Result<(), Failure> {
@@ -725,10 +742,61 @@ async fn transmit<S: Stream>(
     result
 }
 
-/// An encoded reply, holding its share of the connection's byte budget until it is sent.
+/// An encoded reply: headers (or all of it), then read data in a pooled buffer. It holds its
+/// share of the connection's byte budget until it is sent.
 struct Reply {
-    bytes: Vec<u8>,
+    head: Vec<u8>,
+    data: Option<PooledBuffer>,
     _budget: OwnedSemaphorePermit,
+}
+
+/// Read buffers of one connection, reused: a fresh buffer is zero-filled and, when large,
+/// faulted in page by page, which costs more than the read itself.
+#[derive(Default)]
+struct BufferPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+/// Buffers kept per connection and the largest one kept (at most 32 MiB held idle).
+const POOLED_BUFFERS: usize = 16;
+const POOLED_BUFFER_MAX: usize = 2 << 20;
+
+impl BufferPool {
+    fn take(self: &Arc<Self>, len: usize) -> PooledBuffer {
+        let mut buf = self.free.lock().expect("buffer pool lock").pop().unwrap_or_default();
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        PooledBuffer { buf, len, pool: self.clone() }
+    }
+}
+
+/// `len` bytes of a pooled buffer; goes back to the pool when dropped.
+struct PooledBuffer {
+    buf: Vec<u8>,
+    len: usize,
+    pool: Arc<BufferPool>,
+}
+
+impl PooledBuffer {
+    fn as_slice(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.buf[..self.len]
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        if self.buf.len() <= POOLED_BUFFER_MAX {
+            let mut free = self.pool.free.lock().expect("buffer pool lock");
+            if free.len() < POOLED_BUFFERS {
+                free.push(std::mem::take(&mut self.buf));
+            }
+        }
+    }
 }
 
 /// Budget a request takes until its reply is sent: its payload or its read data, plus room
@@ -769,8 +837,8 @@ async fn read_requests<R: AsyncRead + Unpin>(
             return Ok(());
         };
         let payload = if req.command == Command::Write {
-            let mut payload = vec![0u8; req.length as usize];
-            let Some(Ok(_)) = until_stopped(&mut stop, reader.read_exact(&mut payload)).await else {
+            let Some(Ok(payload)) = until_stopped(&mut stop, read_payload(&mut reader, req.length as usize)).await
+            else {
                 return Ok(());
             };
             Some(payload)
@@ -783,17 +851,26 @@ async fn read_requests<R: AsyncRead + Unpin>(
             };
             let (session, replies) = (session.clone(), replies.clone());
             tokio::task::spawn_blocking(move || {
-                let bytes = session.execute(&req, payload);
+                let reply = session.execute(&req, payload, permit);
                 drop(slot);
-                let _ = replies.send(Reply { bytes, _budget: permit });
+                let _ = replies.send(reply);
             });
-        } else {
-            let bytes = session.execute(&req, payload);
-            if replies.send(Reply { bytes, _budget: permit }).is_err() {
-                return Ok(());
-            }
+        } else if replies.send(session.execute(&req, payload, permit)).is_err() {
+            return Ok(());
         }
     }
+}
+
+/// Reads a write's payload into fresh, uninitialised capacity: no zero-filling first.
+async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> io::Result<Vec<u8>> {
+    let mut payload = Vec::with_capacity(len);
+    while payload.len() < len {
+        // With capacity exactly `len`, read_buf never reads past the payload.
+        if reader.read_buf(&mut payload).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(payload)
 }
 
 async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut queue: mpsc::UnboundedReceiver<Reply>) {
@@ -816,7 +893,13 @@ async fn write_replies<W: AsyncWrite + Unpin>(mut writer: W, mut queue: mpsc::Un
 }
 
 async fn write_batch<W: AsyncWrite + Unpin>(writer: &mut W, batch: &[Reply]) -> io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|r| IoSlice::new(&r.bytes)).collect();
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(batch.len() * 2);
+    for reply in batch {
+        slices.push(IoSlice::new(&reply.head));
+        if let Some(data) = &reply.data {
+            slices.push(IoSlice::new(data.as_slice()));
+        }
+    }
     let mut rest = &mut slices[..];
     while !rest.is_empty() {
         // A client that takes no reply bytes for this long is treated as gone.
