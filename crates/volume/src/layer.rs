@@ -9,7 +9,7 @@ use crate::blockmap::{BlockRun, LayerMap, MapOp, BLOCK_SHIFT};
 use crate::journal::{self, Record};
 use crate::storage::{Storage, StorageFile};
 use std::io;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Bytes per data segment file.
 pub const SEGMENT_SHIFT: u32 = 40;
@@ -64,8 +64,11 @@ struct JournalFile {
 pub struct Layer {
     id: u64,
     storage: Arc<dyn Storage>,
-    segments: RwLock<Vec<Option<Arc<dyn StorageFile>>>>,
+    /// One slot per possible segment, set once when the segment's file is opened or created:
+    /// readers find a segment with one atomic load, no lock.
+    segments: Box<[OnceLock<Arc<dyn StorageFile>>]>,
     /// Segments created since the last flush, whose directory entries are not yet durable.
+    /// Held while creating a segment, so two writers never create the same one.
     new_segments: Mutex<bool>,
     state: RwLock<MapState>,
     journal: Mutex<JournalFile>,
@@ -84,7 +87,7 @@ impl Layer {
         Ok(Layer {
             id,
             storage,
-            segments: RwLock::new(Vec::new()),
+            segments: empty_segments(),
             new_segments: Mutex::new(false),
             state: RwLock::new(MapState::default()),
             journal: Mutex::new(JournalFile { file, end: journal::HEADER_LEN as u64, needs_dir_sync: true }),
@@ -116,7 +119,7 @@ impl Layer {
         if ghost {
             map.keep_only_written();
         }
-        let mut segments = Vec::new();
+        let segments = empty_segments();
         for f in files {
             let Some(seg) = f.strip_prefix(&format!("layer-{id:016x}.d")).and_then(|n| n.parse::<usize>().ok()) else {
                 continue;
@@ -124,17 +127,15 @@ impl Layer {
             if ghost {
                 // Its data was merged away; a crash kept the files from being removed then.
                 storage.remove(f)?;
-            } else if seg < MAX_SEGMENTS {
-                if segments.len() <= seg {
-                    segments.resize(seg + 1, None);
-                }
-                segments[seg] = Some(storage.open(f, false)?);
+            } else if let Some(slot) = segments.get(seg) {
+                // Each segment has one file name, so each slot is set once.
+                let _ = slot.set(storage.open(f, false)?);
             }
         }
         Ok(Layer {
             id,
             storage,
-            segments: RwLock::new(segments),
+            segments,
             new_segments: Mutex::new(false),
             state: RwLock::new(MapState { map, pending: Vec::new() }),
             journal: Mutex::new(JournalFile { file, end, needs_dir_sync: false }),
@@ -157,24 +158,23 @@ impl Layer {
         self.state.write().expect("layer map lock")
     }
 
+    /// The segment `index` (below MAX_SEGMENTS: volumes are at most MAX_VOLUME_SIZE).
     fn segment(&self, index: u64, create: bool) -> io::Result<Option<Arc<dyn StorageFile>>> {
-        let index = index as usize;
-        if let Some(Some(seg)) = self.segments.read().expect("segments lock").get(index) {
+        let slot = &self.segments[index as usize];
+        if let Some(seg) = slot.get() {
             return Ok(Some(seg.clone()));
         }
         if !create {
             return Ok(None);
         }
-        let mut segments = self.segments.write().expect("segments lock");
-        if segments.len() <= index {
-            segments.resize(index + 1, None);
-        }
-        if let Some(seg) = &segments[index] {
+        let mut new_segments = self.new_segments.lock().expect("new segments lock");
+        if let Some(seg) = slot.get() {
             return Ok(Some(seg.clone()));
         }
-        let seg = self.storage.open(&data_file_name(self.id, index as u64), true)?;
-        segments[index] = Some(seg.clone());
-        *self.new_segments.lock().expect("new segments lock") = true;
+        let seg = self.storage.open(&data_file_name(self.id, index), true)?;
+        // Unset: checked under the creation lock just above.
+        let _ = slot.set(seg.clone());
+        *new_segments = true;
         Ok(Some(seg))
     }
 
@@ -197,10 +197,9 @@ impl Layer {
 
     /// Reads data bytes at a volume offset (blocks the layer does not hold read as zeros).
     pub fn read_data(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        // The hot read path: borrow the handle under the read lock instead of cloning its Arc.
-        let segments = self.segments.read().expect("segments lock");
+        // The hot read path: borrow the handle, no lock, no reference count.
         Self::for_each_segment_part(offset, buf.len() as u64, |seg, within, range| {
-            match segments.get(seg as usize).and_then(|s| s.as_ref()) {
+            match self.segments[seg as usize].get() {
                 Some(file) => file.read_at(&mut buf[range], within),
                 None => {
                     buf[range].fill(0);
@@ -248,8 +247,7 @@ impl Layer {
     }
 
     fn flush_locked(&self, journal: &mut MutexGuard<'_, JournalFile>, records: &[Record]) -> io::Result<()> {
-        let segments: Vec<_> = self.segments.read().expect("segments lock").iter().flatten().cloned().collect();
-        for seg in &segments {
+        for seg in self.segments.iter().filter_map(OnceLock::get) {
             seg.sync()?;
         }
         let mut new_segments = self.new_segments.lock().expect("new segments lock");
@@ -320,9 +318,8 @@ impl Layer {
 
     /// Deletes the data segments only (a layer that became a ghost).
     pub fn remove_data_files(&self) -> io::Result<()> {
-        let segments = self.segments.read().expect("segments lock");
-        for (i, seg) in segments.iter().enumerate() {
-            if seg.is_some() {
+        for (i, seg) in self.segments.iter().enumerate() {
+            if seg.get().is_some() {
                 self.storage.remove(&data_file_name(self.id, i as u64))?;
             }
         }
@@ -330,6 +327,10 @@ impl Layer {
         // ghost finish reading the unlinked files; the space is freed when the layer drops.
         Ok(())
     }
+}
+
+fn empty_segments() -> Box<[OnceLock<Arc<dyn StorageFile>>]> {
+    (0..MAX_SEGMENTS).map(|_| OnceLock::new()).collect()
 }
 
 #[cfg(test)]

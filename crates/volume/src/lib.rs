@@ -44,3 +44,12 @@ pub enum Error {
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
+
+impl From<view::ReadError> for Error {
+    fn from(e: view::ReadError) -> Self {
+        match e {
+            view::ReadError::OutOfRange { offset, len, size } => Error::OutOfRange { offset, len, size },
+            view::ReadError::Io(io) => Error::Io(io),
+        }
+    }
+}

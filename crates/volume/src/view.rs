@@ -191,15 +191,45 @@ fn fill_entries(
     true
 }
 
-/// Reads `buf.len()` bytes at `offset`; the caller checked the range against the size.
-/// Bytes of the last block past `size` read as zeros.
-pub fn read(view: &RwLock<ViewState>, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    if buf.is_empty() {
-        return Ok(());
-    }
+/// Why a read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("range {offset}+{len} is beyond the end ({size} bytes)")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads `buf.len()` bytes at `offset` after checking the range against the view's size.
+///
+/// When the pages are resolved already (the common case), the data is read while the view's
+/// read lock is held: the chain cannot change meanwhile, so a reader needs no other lock and
+/// no reference count, both of which cost more than the lookup when threads share a volume.
+pub fn read(view: &RwLock<ViewState>, buf: &mut [u8], offset: u64) -> Result<(), ReadError> {
+    let len = buf.len() as u64;
     let first = offset >> BLOCK_SHIFT;
-    let end = (offset + buf.len() as u64).div_ceil(BLOCK_SIZE);
-    let (chain, entries) = lookup(view, first, end - first);
+    {
+        let v = view.read().expect("view lock");
+        if offset.checked_add(len).is_none_or(|end| end > v.size) {
+            return Err(ReadError::OutOfRange { offset, len, size: v.size });
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let count = (offset + len).div_ceil(BLOCK_SIZE) - first;
+        let mut entries = Vec::with_capacity(count as usize);
+        if fill_entries(&v, first, count, &mut entries, |_| None) {
+            return Ok(read_entries(&v.chain, &entries, first, buf, offset)?);
+        }
+    }
+    // Some page must be built first, under the write lock; the data is read after it.
+    let count = (offset + len).div_ceil(BLOCK_SIZE) - first;
+    let (chain, entries) = lookup(view, first, count);
+    Ok(read_entries(&chain, &entries, first, buf, offset)?)
+}
+
+/// Reads `buf` at `offset` from the layers `entries` (one per block from `first`) point at.
+fn read_entries(chain: &[Arc<Layer>], entries: &[u16], first: u64, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     let mut i = 0usize;
     while i < entries.len() {
         let value = entries[i];
@@ -220,6 +250,9 @@ pub fn read(view: &RwLock<ViewState>, buf: &mut [u8], offset: u64) -> std::io::R
     Ok(())
 }
 
+/// Ranges of up to this many pages (32 MiB) skip the per-layer search for held pages.
+const DIRECT_PAGES: u64 = 16;
+
 /// The allocation of `[offset, offset + len)`, as extents in order, merged where adjacent.
 pub fn allocation(view: &RwLock<ViewState>, offset: u64, len: u64) -> Vec<AllocExtent> {
     let mut extents: Vec<AllocExtent> = Vec::new();
@@ -238,10 +271,19 @@ pub fn allocation(view: &RwLock<ViewState>, offset: u64, len: u64) -> Vec<AllocE
     let end = offset + len;
     let first_page = (offset >> BLOCK_SHIFT) / PAGE_BLOCKS;
     let last_page = (end.saturating_sub(1) >> BLOCK_SHIFT) / PAGE_BLOCKS;
-    // Only pages some layer holds need a look; everything between is a hole.
-    let pages: std::collections::BTreeSet<u64> = {
+    // A short range (a read's) looks at its few pages directly, through the flattened cache;
+    // a long one (a whole disk's map) only at pages some layer holds, everything between
+    // being a hole — but that asks every layer of the chain.
+    let pages: Vec<u64> = if last_page - first_page < DIRECT_PAGES {
+        (first_page..=last_page).collect()
+    } else {
         let v = view.read().expect("view lock");
-        v.chain.iter().flat_map(|l| l.map().map.page_numbers(first_page, last_page + 1).collect::<Vec<_>>()).collect()
+        let held: std::collections::BTreeSet<u64> = v
+            .chain
+            .iter()
+            .flat_map(|l| l.map().map.page_numbers(first_page, last_page + 1).collect::<Vec<_>>())
+            .collect();
+        held.into_iter().collect()
     };
     let mut pos = offset;
     for page_no in pages {
