@@ -1,7 +1,8 @@
 //! Serves a cairn store over NBD until Ctrl-C: every volume read-write as `VOLUME`, every
-//! snapshot read-only as `VOLUME@SNAPSHOT`. On a new store it creates a 10 GiB volume `disk`.
+//! snapshot read-only as `VOLUME@SNAPSHOT`. On a new store it creates a volume `disk` of
+//! `--size` bytes (default 10 GiB; K, M, G, T suffixes).
 //!
-//! cargo run --release -p cairn-nbd --example serve -- [--dir DIR] [--socket PATH]
+//! cargo run --release -p cairn-nbd --example serve -- [--dir DIR] [--socket PATH] [--size SIZE]
 //!     [--tcp ADDR] [--tls-cert PEM --tls-key PEM [--tls-ca PEM] [--tls-required]]
 
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ struct Args {
     dir: PathBuf,
     socket: PathBuf,
     tcp: Option<String>,
+    size: u64,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_ca: Option<PathBuf>,
@@ -26,6 +28,7 @@ fn parse_args() -> Result<Args> {
         dir: PathBuf::from("cairn-data/volumes"),
         socket: PathBuf::from("cairn-data/nbd.sock"),
         tcp: None,
+        size: 10 << 30,
         tls_cert: None,
         tls_key: None,
         tls_ca: None,
@@ -38,6 +41,7 @@ fn parse_args() -> Result<Args> {
             "--dir" => args.dir = value()?.into(),
             "--socket" => args.socket = value()?.into(),
             "--tcp" => args.tcp = Some(value()?),
+            "--size" => args.size = parse_size(&value()?)?,
             "--tls-cert" => args.tls_cert = Some(value()?.into()),
             "--tls-key" => args.tls_key = Some(value()?.into()),
             "--tls-ca" => args.tls_ca = Some(value()?.into()),
@@ -48,12 +52,24 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
+fn parse_size(text: &str) -> Result<u64> {
+    let (digits, shift) = match text.as_bytes().last() {
+        Some(b'K' | b'k') => (&text[..text.len() - 1], 10),
+        Some(b'M' | b'm') => (&text[..text.len() - 1], 20),
+        Some(b'G' | b'g') => (&text[..text.len() - 1], 30),
+        Some(b'T' | b't') => (&text[..text.len() - 1], 40),
+        _ => (text, 0),
+    };
+    let n: u64 = digits.parse().with_context(|| format!("bad size {text:?}"))?;
+    n.checked_mul(1 << shift).with_context(|| format!("size {text:?} is too large"))
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = parse_args()?;
     let store = Arc::new(Store::open_dir(&args.dir, StoreOptions::default())?);
     if store.list_volumes().is_empty() {
-        store.create_volume("disk", 10 << 30)?;
+        store.create_volume("disk", args.size)?;
     }
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(TlsMode {
