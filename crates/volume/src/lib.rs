@@ -6,6 +6,7 @@
 //! starts an empty one, so it costs the same at any size. The byte format is in docs/format.md.
 
 mod blockmap;
+mod brlock;
 mod catalog;
 mod journal;
 mod layer;

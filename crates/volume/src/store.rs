@@ -10,7 +10,7 @@ use crate::blockmap::{BlockRun, BlockSet, BlockState, MapOp, BLOCK_SHIFT, BLOCK_
 use crate::catalog::{self, Catalog, Event, MergeTask, SnapshotEntry};
 use crate::layer::{self, Layer};
 use crate::storage::{DirStorage, Storage, StorageFile};
-use crate::view::{self, AllocExtent, ViewState, MAX_CHAIN};
+use crate::view::{self, AllocExtent, ViewLock, ViewState, MAX_CHAIN};
 use crate::Error;
 use std::collections::HashMap;
 use std::path::Path;
@@ -176,7 +176,7 @@ struct VolumeCore {
     id: u64,
     gate: RwLock<()>,
     regions: Box<[Mutex<()>]>,
-    view: RwLock<ViewState>,
+    view: ViewLock,
     deleted: AtomicBool,
     /// Journal size of the head right after its last compaction.
     compacted_journal: AtomicU64,
@@ -194,18 +194,18 @@ impl VolumeCore {
             id,
             gate: RwLock::new(()),
             regions: (0..REGION_STRIPES).map(|_| Mutex::new(())).collect(),
-            view: RwLock::new(ViewState::new(chain, size)),
+            view: ViewLock::new(ViewState::new(chain, size)),
             deleted: AtomicBool::new(false),
             compacted_journal: AtomicU64::new(0),
         }
     }
 
     fn head(&self) -> Arc<Layer> {
-        self.view.read().expect("view lock").chain.last().expect("a volume has a head").clone()
+        self.view.read().chain.last().expect("a volume has a head").clone()
     }
 
     fn size(&self) -> u64 {
-        self.view.read().expect("view lock").size
+        self.view.read().size
     }
 
     /// Locks the region stripes covering blocks `[first, end)` in a fixed order.
@@ -408,7 +408,7 @@ impl Store {
         Ok(SnapshotView {
             store: self.inner.clone(),
             snapshot,
-            view: RwLock::new(view.0),
+            view: ViewLock::new(view.0),
             epoch: AtomicU64::new(view.1),
         })
     }
@@ -655,7 +655,7 @@ impl StoreInner {
                 return Err(Error::AlreadyExists { kind: "snapshot", name: name.to_string() });
             }
             let core = self.volume_core(*volume)?;
-            if core.view.read().expect("view lock").chain.len() >= MAX_CHAIN {
+            if core.view.read().chain.len() >= MAX_CHAIN {
                 return Err(Error::InvalidRequest(format!("volume {} has too many layers", volume.0)));
             }
             cores.push(core);
@@ -710,7 +710,7 @@ impl StoreInner {
         };
         let mut infos = Vec::new();
         for ((core, head), entry) in cores.iter().zip(new_heads).zip(&entries) {
-            let mut v = core.view.write().expect("view lock");
+            let mut v = core.view.write();
             v.push_top(head);
             core.compacted_journal.store(0, Ordering::Relaxed);
             infos.push(SnapshotInfo {
@@ -760,7 +760,7 @@ impl StoreInner {
         let chain = self.chain_layers(&cat.state, head.id());
         let size = cat.state.volumes[&volume.0].size;
         drop(cat);
-        let mut v = core.view.write().expect("view lock");
+        let mut v = core.view.write();
         v.set_chain(chain);
         v.size = size;
         core.compacted_journal.store(0, Ordering::Relaxed);
@@ -780,7 +780,7 @@ impl StoreInner {
         }
         let _gate = core.gate.write().expect("gate lock");
         self.commit(cat, Event::Grow { volume: volume.0, size: new_size })?;
-        core.view.write().expect("view lock").size = new_size;
+        core.view.write().size = new_size;
         Ok(())
     }
 
@@ -975,7 +975,7 @@ impl StoreInner {
         }
         // Live volumes drop the merged layer from their chains.
         for core in self.volumes.read().expect("volumes lock").values() {
-            let mut v = core.view.write().expect("view lock");
+            let mut v = core.view.write();
             if v.chain.iter().any(|l| l.id() == layer) {
                 let top = v.chain.last().expect("a volume has a head").id();
                 v.set_chain(self.chain_layers(&cat.state, top));
@@ -1150,7 +1150,7 @@ impl Volume {
             }
         }
         // Only now that the bytes are written do the map and the flattened view point at them.
-        let mut v = self.core.view.write().expect("view lock");
+        let mut v = self.core.view.write();
         let mut state = head.map_mut();
         let mut note = |run: BlockRun, zero: bool| {
             let st = if zero { BlockState::Zero } else { BlockState::Data };
@@ -1208,14 +1208,14 @@ impl Volume {
 pub struct SnapshotView {
     store: Arc<StoreInner>,
     snapshot: SnapshotId,
-    view: RwLock<ViewState>,
+    view: ViewLock,
     epoch: AtomicU64,
 }
 
 impl SnapshotView {
     /// The snapshot's size.
     pub fn size(&self) -> u64 {
-        self.view.read().expect("view lock").size
+        self.view.read().size
     }
 
     /// Picks up a changed chain (a merge under the snapshot) or notices a delete.
@@ -1225,7 +1225,7 @@ impl SnapshotView {
             return Ok(());
         }
         let (fresh, epoch) = self.store.snapshot_view_state(self.snapshot)?;
-        let mut v = self.view.write().expect("view lock");
+        let mut v = self.view.write();
         let same = v.chain.len() == fresh.chain.len()
             && v.chain.iter().zip(fresh.chain.iter()).all(|(a, b)| Arc::ptr_eq(a, b));
         if !same {

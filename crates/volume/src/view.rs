@@ -8,7 +8,7 @@
 use crate::blockmap::{BlockRun, BLOCK_SHIFT, BLOCK_SIZE, PAGE_BLOCKS};
 use crate::layer::Layer;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 /// Flattened entry: no layer holds the block.
 pub const HOLE: u16 = 0;
@@ -60,6 +60,9 @@ pub struct AllocExtent {
     pub length: u64,
     pub kind: Allocation,
 }
+
+/// The lock around a view: readers on different threads do not contend (see `brlock`).
+pub type ViewLock = crate::brlock::ShardedRwLock<ViewState>;
 
 /// The chain, size and flattened map of one view (a live volume or a snapshot).
 #[derive(Debug)]
@@ -137,10 +140,10 @@ fn resolve_page(chain: &[Arc<Layer>], page_no: u64) -> Option<FlatPage> {
 }
 
 /// The flattened entries of blocks `[first, first + count)`, with the chain they refer to.
-pub fn lookup(view: &RwLock<ViewState>, first: u64, count: u64) -> (Arc<[Arc<Layer>]>, Vec<u16>) {
+pub fn lookup(view: &ViewLock, first: u64, count: u64) -> (Arc<[Arc<Layer>]>, Vec<u16>) {
     let mut out = Vec::with_capacity(count as usize);
     {
-        let v = view.read().expect("view lock");
+        let v = view.read();
         if fill_entries(&v, first, count, &mut out, |_| None) {
             return (v.chain.clone(), out);
         }
@@ -148,7 +151,7 @@ pub fn lookup(view: &RwLock<ViewState>, first: u64, count: u64) -> (Arc<[Arc<Lay
     // A page some layer holds is not cached yet: build it under the write lock, so no write
     // to the head can slip between building and caching it.
     out.clear();
-    let mut v = view.write().expect("view lock");
+    let mut v = view.write();
     let chain = v.chain.clone();
     let mut built = Vec::new();
     fill_entries(&v, first, count, &mut out, |page_no| {
@@ -205,11 +208,11 @@ pub enum ReadError {
 /// When the pages are resolved already (the common case), the data is read while the view's
 /// read lock is held: the chain cannot change meanwhile, so a reader needs no other lock and
 /// no reference count, both of which cost more than the lookup when threads share a volume.
-pub fn read(view: &RwLock<ViewState>, buf: &mut [u8], offset: u64) -> Result<(), ReadError> {
+pub fn read(view: &ViewLock, buf: &mut [u8], offset: u64) -> Result<(), ReadError> {
     let len = buf.len() as u64;
     let first = offset >> BLOCK_SHIFT;
     {
-        let v = view.read().expect("view lock");
+        let v = view.read();
         if offset.checked_add(len).is_none_or(|end| end > v.size) {
             return Err(ReadError::OutOfRange { offset, len, size: v.size });
         }
@@ -254,7 +257,7 @@ fn read_entries(chain: &[Arc<Layer>], entries: &[u16], first: u64, buf: &mut [u8
 const DIRECT_PAGES: u64 = 16;
 
 /// The allocation of `[offset, offset + len)`, as extents in order, merged where adjacent.
-pub fn allocation(view: &RwLock<ViewState>, offset: u64, len: u64) -> Vec<AllocExtent> {
+pub fn allocation(view: &ViewLock, offset: u64, len: u64) -> Vec<AllocExtent> {
     let mut extents: Vec<AllocExtent> = Vec::new();
     let mut push = |offset: u64, length: u64, kind: Allocation| {
         if length == 0 {
@@ -277,7 +280,7 @@ pub fn allocation(view: &RwLock<ViewState>, offset: u64, len: u64) -> Vec<AllocE
     let pages: Vec<u64> = if last_page - first_page < DIRECT_PAGES {
         (first_page..=last_page).collect()
     } else {
-        let v = view.read().expect("view lock");
+        let v = view.read();
         let held: std::collections::BTreeSet<u64> = v
             .chain
             .iter()
