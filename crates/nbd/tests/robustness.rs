@@ -1551,16 +1551,7 @@ fn shutdown_does_not_wait_for_a_client_that_does_not_read() {
     volume(&server.store, "disk", 4 * MIB);
     let mut c = Raw::session(&server, "disk", Neg::default());
     // Far more reply data than socket buffers and the reply queue hold.
-    let mut wire = Vec::new();
-    for i in 0..400u64 {
-        wire.extend(proto::encode_request(&Request {
-            flags: 0,
-            command: Command::Read,
-            cookie: i,
-            offset: 0,
-            length: MIB as u32,
-        }));
-    }
+    let wire = same_requests(400, Command::Read, MIB as u32);
     c.send(&wire);
     assert_stop_is_prompt(server, c, "a client that does not read 400 MiB of replies");
 }
@@ -1576,12 +1567,9 @@ fn shutdown_does_not_wait_for_a_client_stalled_in_an_oversized_option() {
 
 #[test]
 fn shutdown_does_not_wait_for_a_stalled_tls_handshake() {
-    if !have("openssl") {
+    let Some((_pki_dir, _pki, server)) = tls_setup(true, false, &[]) else {
         return;
-    }
-    let pki_dir = tempfile::tempdir().unwrap();
-    let pki = make_pki(pki_dir.path());
-    let server = tls_server(&pki, true, false);
+    };
     let mut c = Raw::haggling(&server);
     c.option(proto::OPT_STARTTLS, &[]);
     assert_eq!(c.opt_reply(), ack(proto::OPT_STARTTLS));
@@ -1598,16 +1586,7 @@ fn flushes_of_a_client_that_does_not_read_do_not_starve_others() {
     // 20000 flushes, never reading a reply: 560 KB of requests, which the server reads in
     // full because flushes go to the blocking pool without holding up its reader.
     let mut hog = Raw::session(&server, "disk", Neg::default());
-    let mut wire = Vec::new();
-    for i in 0..20_000u64 {
-        wire.extend(proto::encode_request(&Request {
-            flags: 0,
-            command: Command::Flush,
-            cookie: i,
-            offset: 0,
-            length: 0,
-        }));
-    }
+    let wire = same_requests(20_000, Command::Flush, 0);
     hog.send(&wire);
     // Another connection's flush must still be answered.
     let cookie = other.cookie();
@@ -1634,16 +1613,7 @@ fn replies_for_a_client_that_does_not_read_are_bounded_in_memory() {
     let before = rss();
     let mut c = Raw::session(&server, "disk", Neg::default());
     // 48 reads of 32 MiB (the maximum payload), never read: 1.5 GiB of replies.
-    let mut wire = Vec::new();
-    for i in 0..48u64 {
-        wire.extend(proto::encode_request(&Request {
-            flags: 0,
-            command: Command::Read,
-            cookie: i,
-            offset: 0,
-            length: 32 << 20,
-        }));
-    }
+    let wire = same_requests(48, Command::Read, 32 << 20);
     c.send(&wire);
     // Watch memory for a while (no sleeping: a bounded busy poll of /proc).
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -1850,6 +1820,19 @@ fn make_pki(root: &Path) -> Pki {
     }
 }
 
+/// Certificates in a temporary directory (kept alive by the first element) and a TLS server
+/// using them; `None` (the test is skipped, or fails under CI) when openssl or one of
+/// `tools` is missing.
+fn tls_setup(required: bool, verify_clients: bool, tools: &[&str]) -> Option<(tempfile::TempDir, Pki, TestServer)> {
+    if !have("openssl") || !tools.iter().all(|t| have(t)) {
+        return None;
+    }
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(pki_dir.path());
+    let server = tls_server(&pki, required, verify_clients);
+    Some((pki_dir, pki, server))
+}
+
 fn tls_server(pki: &Pki, required: bool, verify_clients: bool) -> TestServer {
     let ca = verify_clients.then_some(pki.ca_cert.as_path());
     let acceptor = cairn_nbd::tls_acceptor(&pki.server_cert, &pki.server_key, ca).expect("TLS acceptor");
@@ -1874,12 +1857,9 @@ fn nbdinfo_size(uri: &str) -> u64 {
 
 #[test]
 fn tls_required_with_client_certificates() {
-    if !have("openssl") || !have("nbdinfo") {
+    let Some((pki_dir, pki, server)) = tls_setup(true, true, &["nbdinfo"]) else {
         return;
-    }
-    let pki_dir = tempfile::tempdir().unwrap();
-    let pki = make_pki(pki_dir.path());
-    let server = tls_server(&pki, true, true);
+    };
 
     // Raw, over the unix socket: everything but STARTTLS and ABORT is refused before TLS.
     let mut c = Raw::haggling(&server);
@@ -1949,12 +1929,9 @@ fn tls_required_with_client_certificates() {
 
 #[test]
 fn forced_tls_refuses_malformed_options_with_tls_reqd() {
-    if !have("openssl") {
+    let Some((_pki_dir, _pki, server)) = tls_setup(true, false, &[]) else {
         return;
-    }
-    let pki_dir = tempfile::tempdir().unwrap();
-    let pki = make_pki(pki_dir.path());
-    let server = tls_server(&pki, true, false);
+    };
     let mut c = Raw::haggling(&server);
     // "If the server receives any other option, including NBD_OPT_INFO and unsupported
     // options, it MUST reply with NBD_REP_ERR_TLS_REQD if TLS has not been initiated."
@@ -1975,12 +1952,9 @@ fn forced_tls_refuses_malformed_options_with_tls_reqd() {
 
 #[test]
 fn tls_optional_serves_both() {
-    if !have("openssl") || !have("nbdinfo") {
+    let Some((_pki_dir, pki, server)) = tls_setup(false, false, &["nbdinfo"]) else {
         return;
-    }
-    let pki_dir = tempfile::tempdir().unwrap();
-    let pki = make_pki(pki_dir.path());
-    let server = tls_server(&pki, false, false);
+    };
     server.store.volume(server.store.volume_id("disk").unwrap()).unwrap().write(b"hello", 0, false).unwrap();
     assert_eq!(nbdinfo_size(&nbd_uri(&server)), 16 * MIB);
     assert_eq!(nbdinfo_size(&nbds_uri(&server, &pki.client_dir)), 16 * MIB);
@@ -2035,4 +2009,11 @@ fn tls_acceptor_reports_bad_files() {
             Err(_) => panic!("{what}: tls_acceptor panicked"),
         }
     }
+}
+
+/// `count` requests of one kind at offset 0, with cookies 0, 1, …, as one buffer to send.
+fn same_requests(count: u64, command: Command, length: u32) -> Vec<u8> {
+    (0..count)
+        .flat_map(|cookie| proto::encode_request(&Request { flags: 0, command, cookie, offset: 0, length }))
+        .collect()
 }
