@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use cairn_volume::{AllocExtent, SnapshotId, SnapshotView, Store, Volume, VolumeId};
+use cairn_volume::{AllocExtent, DepthExtent, SnapshotId, SnapshotView, Store, Volume, VolumeId};
 
 use crate::proto::ErrorCode;
 
@@ -58,6 +58,8 @@ pub trait Export: Send + Sync + 'static {
     fn flush(&self) -> Result<(), ExportError>;
     /// Data, zero and hole extents covering `[offset, offset+len)` in order.
     fn allocation(&self, offset: u64, len: u64) -> Result<Vec<AllocExtent>, ExportError>;
+    /// Which layer holds each part of `[offset, offset+len)`: 0 none, 1 the top, 2 below it...
+    fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>, ExportError>;
 }
 
 /// An export's name and a line about it, for NBD_OPT_LIST.
@@ -178,6 +180,10 @@ impl Export for Volume {
     fn allocation(&self, offset: u64, len: u64) -> Result<Vec<AllocExtent>, ExportError> {
         Ok(Volume::allocation(self, offset, len)?)
     }
+
+    fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>, ExportError> {
+        Ok(Volume::allocation_depth(self, offset, len)?)
+    }
 }
 
 impl Export for SnapshotView {
@@ -212,5 +218,9 @@ impl Export for SnapshotView {
 
     fn allocation(&self, offset: u64, len: u64) -> Result<Vec<AllocExtent>, ExportError> {
         Ok(SnapshotView::allocation(self, offset, len)?)
+    }
+
+    fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>, ExportError> {
+        Ok(SnapshotView::allocation_depth(self, offset, len)?)
     }
 }

@@ -88,8 +88,10 @@ pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
 pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
 
-/// The one metadata context cairn serves.
+/// The metadata contexts cairn serves: allocation (data, zero, hole), and QEMU's depth in
+/// the backing chain (0 = unallocated, 1 = top layer, 2 = the one below, ...).
 pub const BASE_ALLOCATION: &str = "base:allocation";
+pub const QEMU_ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
 
 /// Longest option payload the server reads; longer ones are skipped with NBD_REP_ERR_TOO_BIG.
 /// Real options (an export name and a few context queries) are far smaller.

@@ -45,8 +45,9 @@ const KNOWN_COMMAND_FLAGS: u16 = proto::CMD_FLAG_FUA
     | proto::CMD_FLAG_DF
     | proto::CMD_FLAG_REQ_ONE
     | proto::CMD_FLAG_FAST_ZERO;
-/// The id of base:allocation, the only metadata context.
+/// The ids of the metadata contexts, fixed per server.
 const ALLOCATION_CONTEXT_ID: u32 = 1;
+const DEPTH_CONTEXT_ID: u32 = 2;
 /// How long a client may take over each step of the handshake before it is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Send buffer asked of the kernel per connection.
@@ -273,7 +274,7 @@ async fn connection<S: Stream>(
             };
             let mut tls = accepted.map_err(|_| ConnectionError::Timeout)??;
             // Nothing negotiated in the clear carries over into TLS.
-            let mut state = Negotiation { tls_active: true, structured: false, context: None, ..state };
+            let mut state = Negotiation { tls_active: true, structured: false, contexts: None, ..state };
             match until_stopped(&mut stop, negotiate(&mut tls, shared, &mut state)).await {
                 Some(Ok(Outcome::Transmit(session))) => transmit(tls, session, stop).await,
                 Some(Err(e)) => Err(e),
@@ -289,7 +290,7 @@ async fn handshake<S: Stream>(stream: &mut S, shared: &Shared) -> Result<(Outcom
     let mut flags = [0u8; 4];
     read_in_time(stream, &mut flags).await?;
     let client = proto::parse_client_flags(flags)?;
-    let mut state = Negotiation { no_zeroes: client.no_zeroes, tls_active: false, structured: false, context: None };
+    let mut state = Negotiation { no_zeroes: client.no_zeroes, tls_active: false, structured: false, contexts: None };
     let outcome = negotiate(stream, shared, &mut state).await?;
     Ok((outcome, state))
 }
@@ -313,8 +314,40 @@ struct Negotiation {
     no_zeroes: bool,
     tls_active: bool,
     structured: bool,
-    /// The export name base:allocation was selected for, if it was.
-    context: Option<String>,
+    /// The metadata contexts selected, and for which export name.
+    contexts: Option<(String, Contexts)>,
+}
+
+/// Which metadata contexts a client selected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Contexts {
+    allocation: bool,
+    depth: bool,
+}
+
+impl Contexts {
+    /// What a query names. NBD_OPT_LIST_META_CONTEXT also takes the namespaces alone as
+    /// wildcards (`base:`, `qemu:`); SET takes only full names. Unknown queries name nothing.
+    fn named_by(query: &str, listing: bool) -> Contexts {
+        Contexts {
+            allocation: query == proto::BASE_ALLOCATION || (listing && query == "base:"),
+            depth: query == proto::QEMU_ALLOCATION_DEPTH || (listing && query == "qemu:"),
+        }
+    }
+
+    fn union(self, other: Contexts) -> Contexts {
+        Contexts { allocation: self.allocation || other.allocation, depth: self.depth || other.depth }
+    }
+
+    /// The selected contexts as (id, name).
+    fn selected(self) -> impl Iterator<Item = (u32, &'static str)> {
+        [
+            (self.allocation, ALLOCATION_CONTEXT_ID, proto::BASE_ALLOCATION),
+            (self.depth, DEPTH_CONTEXT_ID, proto::QEMU_ALLOCATION_DEPTH),
+        ]
+        .into_iter()
+        .filter_map(|(on, id, name)| on.then_some((id, name)))
+    }
 }
 
 enum Outcome {
@@ -446,21 +479,31 @@ async fn negotiate<S: Stream>(
             ClientOption::MetaContext { set, name, queries } => {
                 if set {
                     // A SET replaces the previous selection even when it fails.
-                    state.context = None;
+                    state.contexts = None;
                 }
                 if !state.structured {
                     proto::option_error(&mut out, option, proto::REP_ERR_INVALID, "negotiate structured replies first");
                 } else if let Err(e) = shared.exports.open(&name) {
                     lookup_error(&mut out, option, &e);
                 } else {
-                    let selects = |q: &String| q == proto::BASE_ALLOCATION || (!set && q == "base:");
-                    if (!set && queries.is_empty()) || queries.iter().any(selects) {
-                        let id = if set { ALLOCATION_CONTEXT_ID } else { 0 };
-                        let payload = proto::rep_meta_context(id, proto::BASE_ALLOCATION);
-                        proto::option_reply(&mut out, option, proto::REP_META_CONTEXT, &payload);
-                        if set {
-                            state.context = Some(name);
-                        }
+                    let all = Contexts { allocation: true, depth: true };
+                    let named = if !set && queries.is_empty() {
+                        all
+                    } else {
+                        queries.iter().fold(Contexts::default(), |c, q| c.union(Contexts::named_by(q, !set)))
+                    };
+                    for (id, context) in named.selected() {
+                        // Listing reports id 0, as the spec asks.
+                        let id = if set { id } else { 0 };
+                        proto::option_reply(
+                            &mut out,
+                            option,
+                            proto::REP_META_CONTEXT,
+                            &proto::rep_meta_context(id, context),
+                        );
+                    }
+                    if set && named != Contexts::default() {
+                        state.contexts = Some((name, named));
                     }
                     proto::option_reply(&mut out, option, proto::REP_ACK, &[]);
                 }
@@ -485,7 +528,8 @@ fn lookup_error(out: &mut Vec<u8>, option: u32, e: &LookupError) {
 struct Session {
     export: Arc<dyn Export>,
     structured: bool,
-    allocation_context: bool,
+    /// The metadata contexts selected for this export.
+    contexts: Contexts,
     buffers: Arc<BufferPool>,
 }
 
@@ -510,7 +554,10 @@ impl Session {
         Session {
             export,
             structured: state.structured,
-            allocation_context: state.context.as_deref() == Some(name),
+            contexts: match &state.contexts {
+                Some((for_name, contexts)) if for_name == name => *contexts,
+                _ => Contexts::default(),
+            },
             buffers,
         }
     }
@@ -669,7 +716,7 @@ impl Session {
     }
 
     fn block_status(&self, req: &Request, out: &mut Vec<u8>) -> Result<(), Failure> {
-        if !self.allocation_context {
+        if self.contexts == Contexts::default() {
             return Err(fail(ErrorCode::Inval, "no metadata context was negotiated"));
         }
         if req.length == 0 {
@@ -677,33 +724,54 @@ impl Session {
         }
         self.check_range(req.offset, req.length.into(), ErrorCode::Inval)?;
         let len = u64::from(req.length).min(MAX_STATUS_QUERY);
-        let mut descriptors: Vec<(u32, u32)> = Vec::new();
-        for e in self.export.allocation(req.offset, len)? {
-            let flags = match e.kind {
-                Allocation::Data => 0,
-                Allocation::Zero => proto::STATE_ZERO,
-                Allocation::Hole => proto::STATE_HOLE | proto::STATE_ZERO,
-            };
-            let mut left = e.length;
-            while left > 0 {
-                let piece = left.min(MAX_DESCRIPTOR_LEN);
-                match descriptors.last_mut() {
-                    Some((l, f)) if *f == flags && u64::from(*l) + piece <= MAX_DESCRIPTOR_LEN => *l += piece as u32,
-                    _ => descriptors.push((piece as u32, flags)),
-                }
-                left -= piece;
-            }
+        let one = req.flags & proto::CMD_FLAG_REQ_ONE != 0;
+        // One chunk per selected context; the last one says DONE.
+        let mut chunks = Vec::new();
+        if self.contexts.allocation {
+            let extents = self.export.allocation(req.offset, len)?;
+            let flags = extents.iter().map(|e| {
+                let flags = match e.kind {
+                    Allocation::Data => 0,
+                    Allocation::Zero => proto::STATE_ZERO,
+                    Allocation::Hole => proto::STATE_HOLE | proto::STATE_ZERO,
+                };
+                (e.length, flags)
+            });
+            chunks.push((ALLOCATION_CONTEXT_ID, descriptors(flags, one)));
         }
-        if req.flags & proto::CMD_FLAG_REQ_ONE != 0 {
-            descriptors.truncate(1);
+        if self.contexts.depth {
+            let extents = self.export.allocation_depth(req.offset, len)?;
+            chunks.push((DEPTH_CONTEXT_ID, descriptors(extents.iter().map(|e| (e.length, e.depth)), one)));
         }
-        descriptors.truncate(MAX_DESCRIPTORS);
-        if descriptors.is_empty() {
+        if chunks.iter().any(|(_, d)| d.is_empty()) {
             return Err(fail(ErrorCode::Io, "no allocation information"));
         }
-        proto::chunk_block_status(out, true, req.cookie, ALLOCATION_CONTEXT_ID, &descriptors);
+        let last = chunks.len() - 1;
+        for (i, (id, d)) in chunks.iter().enumerate() {
+            proto::chunk_block_status(out, i == last, req.cookie, *id, d);
+        }
         Ok(())
     }
+}
+
+/// Block status descriptors from (length, status) runs: equal neighbours joined, lengths
+/// kept within 32 bits (multiples of 512), at most 2^20 of them, or only the first with
+/// REQ_ONE (`one`).
+fn descriptors(runs: impl Iterator<Item = (u64, u32)>, one: bool) -> Vec<(u32, u32)> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for (length, status) in runs {
+        let mut left = length;
+        while left > 0 {
+            let piece = left.min(MAX_DESCRIPTOR_LEN);
+            match out.last_mut() {
+                Some((l, s)) if *s == status && u64::from(*l) + piece <= MAX_DESCRIPTOR_LEN => *l += piece as u32,
+                _ => out.push((piece as u32, status)),
+            }
+            left -= piece;
+        }
+    }
+    out.truncate(if one { 1 } else { MAX_DESCRIPTORS });
+    out
 }
 
 /// Appends `len` bytes read at `offset` to `out`.

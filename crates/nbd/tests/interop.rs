@@ -357,7 +357,12 @@ fn qemu_io_aio_at_depth() {
 // ---- nbdinfo ------------------------------------------------------------------------------
 
 fn nbdinfo_map(uri: &str) -> Vec<(u64, u64, u32)> {
-    let out = stdout(&run(Command::new("nbdinfo").args(["--map", uri])));
+    nbdinfo_context_map(uri, cairn_nbd::proto::BASE_ALLOCATION)
+}
+
+/// `nbdinfo --map=CONTEXT` as (offset, length, value) runs.
+fn nbdinfo_context_map(uri: &str, context: &str) -> Vec<(u64, u64, u32)> {
+    let out = stdout(&run(Command::new("nbdinfo").arg(format!("--map={context}")).arg(uri)));
     coalesce(out.lines().map(|line| {
         let f: Vec<&str> = line.split_whitespace().collect();
         assert!(f.len() >= 3, "bad --map line {line:?}");
@@ -787,4 +792,32 @@ fn flush_on_one_connection_is_seen_on_another() {
     assert!(bytes[4096..MIB as usize].iter().all(|&b| b == 0x5a));
     assert!(bytes[MIB as usize..(MIB + 64 * KIB) as usize].iter().all(|&b| b == 0x6b));
     assert!(bytes[(MIB + 64 * KIB) as usize..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn nbdinfo_maps_allocation_depth_over_a_snapshot_chain() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let server = TestServer::start();
+    let info = server.store.create_volume("disk", 4 << 20).unwrap();
+    let v = server.store.volume(info.id).unwrap();
+    v.write(&[1; 1 << 20], 0, false).unwrap();
+    server.store.snapshot(info.id, "base").unwrap();
+    v.write(&[2; 1 << 20], 1 << 20, false).unwrap();
+    server.store.snapshot(info.id, "next").unwrap();
+    v.write(&[3; 4096], 0, false).unwrap();
+    let depth = cairn_nbd::proto::QEMU_ALLOCATION_DEPTH;
+    // The head holds 4 KiB, the newest snapshot's layer the second MiB, the oldest the first.
+    assert_eq!(
+        nbdinfo_context_map(&server.uri("disk"), depth),
+        vec![(0, 4096, 1), (4096, (1 << 20) - 4096, 3), (1 << 20, 1 << 20, 2), (2 << 20, 2 << 20, 0)]
+    );
+    assert_eq!(
+        nbdinfo_context_map(&server.uri("disk@next"), depth),
+        vec![(0, 1 << 20, 2), (1 << 20, 1 << 20, 1), (2 << 20, 2 << 20, 0)]
+    );
+    // nbdinfo lists both contexts.
+    let listed = stdout(&run(Command::new("nbdinfo").arg(server.uri("disk"))));
+    assert!(listed.contains(depth) && listed.contains(cairn_nbd::proto::BASE_ALLOCATION), "{listed}");
 }

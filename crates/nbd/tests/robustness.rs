@@ -770,17 +770,22 @@ fn meta_context_negotiation() {
     c.option(proto::OPT_STRUCTURED_REPLY, &[]);
     assert_eq!(c.opt_final()[0].kind, proto::REP_ERR_INVALID);
 
-    let ctx = |option: u32, id: u32| OptReply {
+    let named = |option: u32, id: u32, name: &str| OptReply {
         option,
         kind: proto::REP_META_CONTEXT,
-        data: proto::rep_meta_context(id, proto::BASE_ALLOCATION),
+        data: proto::rep_meta_context(id, name),
     };
+    let ctx = |option: u32, id: u32| named(option, id, proto::BASE_ALLOCATION);
     // LIST with no queries lists everything (id 0, which clients disregard).
     let list = proto::OPT_LIST_META_CONTEXT;
+    let depth = named(list, 0, proto::QEMU_ALLOCATION_DEPTH);
     c.option(list, &meta_data("disk", &[]));
-    assert_eq!(c.opt_final(), [ctx(list, 0), ack(list)]);
+    assert_eq!(c.opt_final(), [ctx(list, 0), depth.clone(), ack(list)]);
+    // Namespaces alone are wildcards when listing.
     c.option(list, &meta_data("disk", &["base:"]));
     assert_eq!(c.opt_final(), [ctx(list, 0), ack(list)]);
+    c.option(list, &meta_data("disk", &["qemu:"]));
+    assert_eq!(c.opt_final(), [depth, ack(list)]);
     c.option(list, &meta_data("disk", &["qemu:dirty-bitmap:x", "base:allocation"]));
     assert_eq!(c.opt_final(), [ctx(list, 0), ack(list)]);
     // Unknown namespaces are ignored: just an ACK.
@@ -825,6 +830,68 @@ fn meta_context_negotiation() {
     // And with the context on the export it goes to, BLOCK_STATUS answers with that id.
     let mut c = Raw::session(&server, "disk", Neg { structured: true, meta: true });
     assert_eq!(c.block_status(0, 0, 4096), Ok(vec![(4096, proto::STATE_HOLE | proto::STATE_ZERO)]));
+}
+
+#[test]
+fn allocation_depth_context_reports_layers() {
+    let server = TestServer::start();
+    let id = volume(&server.store, "disk", MIB);
+    let v = server.store.volume(id).unwrap();
+    v.write(&[1; 8192], 0, false).unwrap();
+    server.store.snapshot(id, "snap").unwrap();
+    v.write(&[2; 4096], 4096, false).unwrap();
+    v.write_zeroes(64 * KIB, 4096, false).unwrap();
+
+    // Both contexts in one SET: two distinct ids.
+    let mut c = Raw::haggling(&server);
+    c.option(proto::OPT_STRUCTURED_REPLY, &[]);
+    c.opt_final();
+    let set = proto::OPT_SET_META_CONTEXT;
+    c.option(set, &meta_data("disk", &[proto::QEMU_ALLOCATION_DEPTH, proto::BASE_ALLOCATION, "qemu:"]));
+    let r = c.opt_final();
+    assert_eq!(r.len(), 3, "two contexts (\"qemu:\" selects none on SET), then ACK: {r:?}");
+    let ids: Vec<(u32, Vec<u8>)> = r[..2].iter().map(|o| (be32(&o.data), o.data[4..].to_vec())).collect();
+    let id_of = |name: &str| ids.iter().find(|(_, n)| n == name.as_bytes()).map(|(id, _)| *id).unwrap();
+    let (allocation, depth) = (id_of(proto::BASE_ALLOCATION), id_of(proto::QEMU_ALLOCATION_DEPTH));
+    assert_ne!(allocation, depth);
+    c.option(proto::OPT_GO, &go_data("disk", &[]));
+    assert_eq!(c.opt_final().last().unwrap().kind, proto::REP_ACK);
+
+    // One BLOCK_STATUS: one chunk per context, only the last one DONE.
+    let status = |c: &mut Raw, flags: u16, len: u32| {
+        let cookie = c.cookie();
+        c.request(flags, Command::BlockStatus, cookie, 0, len);
+        let chunks = c.chunks(cookie);
+        assert_eq!(chunks.len(), 2, "{chunks:?}");
+        assert!(!chunks[0].done() && chunks[1].done());
+        let mut by_id = std::collections::BTreeMap::new();
+        for ch in &chunks {
+            assert_eq!(ch.kind, proto::REPLY_TYPE_BLOCK_STATUS);
+            let d: Vec<(u32, u32)> = ch.payload[4..].chunks(8).map(|d| (be32(d), be32(&d[4..]))).collect();
+            by_id.insert(be32(&ch.payload), d);
+        }
+        (by_id[&allocation].clone(), by_id[&depth].clone())
+    };
+    let (alloc, depths) = status(&mut c, 0, 128 * KIB as u32);
+    let k4 = 4096u32;
+    assert_eq!(alloc, vec![(2 * k4, 0), (14 * k4, 3), (k4, proto::STATE_ZERO), (15 * k4, 3)]);
+    // Block 0 is in the snapshot's layer (depth 2), block 1 was rewritten in the head (1),
+    // the zeroed block is held by the head (1), the rest by no layer (0).
+    assert_eq!(depths, vec![(k4, 2), (k4, 1), (14 * k4, 0), (k4, 1), (15 * k4, 0)]);
+    // REQ_ONE: one descriptor per context.
+    let (alloc, depths) = status(&mut c, proto::CMD_FLAG_REQ_ONE, 128 * KIB as u32);
+    assert_eq!((alloc, depths), (vec![(2 * k4, 0)], vec![(k4, 2)]));
+
+    // The snapshot export counts from its own layer.
+    let mut s = Raw::haggling(&server);
+    s.option(proto::OPT_STRUCTURED_REPLY, &[]);
+    s.opt_final();
+    s.option(set, &meta_data("disk@snap", &[proto::QEMU_ALLOCATION_DEPTH]));
+    let r = s.opt_final();
+    s.context = Some(be32(&r[0].data));
+    s.option(proto::OPT_GO, &go_data("disk@snap", &[]));
+    s.opt_final();
+    assert_eq!(s.block_status(0, 0, 16 * KIB as u32), Ok(vec![(2 * k4, 1), (2 * k4, 0)]));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ pub use store::{
     ChangeTarget, Extent, SnapshotId, SnapshotInfo, SnapshotUsage, SnapshotView, Store, StoreOptions, Volume, VolumeId,
     VolumeInfo, MAX_VOLUME_SIZE, SECTOR_SIZE,
 };
-pub use view::{AllocExtent, Allocation};
+pub use view::{AllocExtent, Allocation, DepthExtent};
 
 /// Everything that can go wrong in the volume engine.
 #[derive(Debug, thiserror::Error)]

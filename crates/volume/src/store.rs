@@ -10,7 +10,7 @@ use crate::blockmap::{BlockRun, BlockSet, BlockState, MapOp, BLOCK_SHIFT, BLOCK_
 use crate::catalog::{self, Catalog, Event, MergeTask, SnapshotEntry};
 use crate::layer::{self, Layer};
 use crate::storage::{DirStorage, Storage, StorageFile};
-use crate::view::{self, AllocExtent, ViewLock, ViewState, MAX_CHAIN};
+use crate::view::{self, AllocExtent, DepthExtent, ViewLock, ViewState, MAX_CHAIN};
 use crate::Error;
 use std::collections::HashMap;
 use std::path::Path;
@@ -1200,6 +1200,15 @@ impl Volume {
         check_range(offset, len, self.core.size())?;
         Ok(view::allocation(&self.core.view, offset, len))
     }
+
+    /// Where in the chain `[offset, offset+len)` is held: depth 1 is the head, 2 the newest
+    /// snapshot's layer, and so on; 0 is held by no layer.
+    pub fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>, Error> {
+        let _gate = self.core.gate.read().expect("gate lock");
+        self.alive()?;
+        check_range(offset, len, self.core.size())?;
+        Ok(view::allocation_depth(&self.core.view, offset, len))
+    }
 }
 
 /// A read-only view of a snapshot. It follows merges of other layers under it; reads fail
@@ -1246,5 +1255,13 @@ impl SnapshotView {
         self.refresh()?;
         check_range(offset, len, self.size())?;
         Ok(view::allocation(&self.view, offset, len))
+    }
+
+    /// Where in the snapshot's chain `[offset, offset+len)` is held: depth 1 is the snapshot's
+    /// own layer; 0 is held by no layer.
+    pub fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>, Error> {
+        self.refresh()?;
+        check_range(offset, len, self.size())?;
+        Ok(view::allocation_depth(&self.view, offset, len))
     }
 }

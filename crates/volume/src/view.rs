@@ -312,3 +312,77 @@ pub fn allocation(view: &ViewLock, offset: u64, len: u64) -> Vec<AllocExtent> {
     push(pos, end - pos, Allocation::Hole);
     extents
 }
+
+/// A byte range whose blocks all sit at one depth of the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DepthExtent {
+    pub offset: u64,
+    pub length: u64,
+    /// 0: no layer holds the range (it reads as zeros); 1: the top layer holds it (a live
+    /// volume's head); 2: the layer below, and so on. Zeroed blocks count as held.
+    pub depth: u32,
+}
+
+/// Where in the chain `[offset, offset + len)` is held, as extents in order. Pages are
+/// resolved from the layers' maps on each call (the flattened cache does not keep the layer of
+/// zeroed blocks), so this costs O(chain depth) per 2 MiB page that some layer holds.
+pub fn allocation_depth(view: &ViewLock, offset: u64, len: u64) -> Vec<DepthExtent> {
+    let v = view.read();
+    let chain = &v.chain;
+    let mut extents: Vec<DepthExtent> = Vec::new();
+    let mut push = |offset: u64, length: u64, depth: u32| {
+        if length == 0 {
+            return;
+        }
+        match extents.last_mut() {
+            Some(last) if last.depth == depth && last.offset + last.length == offset => last.length += length,
+            _ => extents.push(DepthExtent { offset, length, depth }),
+        }
+    };
+    let end = offset + len;
+    let first_page = (offset >> BLOCK_SHIFT) / PAGE_BLOCKS;
+    let last_page = (end.saturating_sub(1) >> BLOCK_SHIFT) / PAGE_BLOCKS;
+    let pages: std::collections::BTreeSet<u64> =
+        chain.iter().flat_map(|l| l.map().map.page_numbers(first_page, last_page + 1).collect::<Vec<_>>()).collect();
+    let mut pos = offset;
+    for page_no in pages {
+        let depths = page_depths(chain, page_no);
+        let page_first = page_no * PAGE_BLOCKS;
+        let from = (page_first << BLOCK_SHIFT).max(offset);
+        let to = ((page_first + PAGE_BLOCKS) << BLOCK_SHIFT).min(end);
+        push(pos, from - pos, 0);
+        let mut at = from;
+        while at < to {
+            let block = at >> BLOCK_SHIFT;
+            let next = ((block + 1) << BLOCK_SHIFT).min(to);
+            push(at, next - at, depths[(block - page_first) as usize]);
+            at = next;
+        }
+        pos = to;
+    }
+    push(pos, end - pos, 0);
+    extents
+}
+
+/// The depth of each block of page `page_no`: the topmost layer holding it as data or zero,
+/// counted from the top (1), or 0 if none does.
+fn page_depths(chain: &[Arc<Layer>], page_no: u64) -> [u32; PAGE_BLOCKS as usize] {
+    let mut depths = [0u32; PAGE_BLOCKS as usize];
+    let mut unresolved = [u64::MAX; (PAGE_BLOCKS / 64) as usize];
+    for (from_top, layer) in chain.iter().rev().enumerate() {
+        let state = layer.map();
+        let Some(page) = state.map.page(page_no) else {
+            continue;
+        };
+        for w in 0..unresolved.len() {
+            let mut held = (page.data_bits()[w] | page.zero_bits()[w]) & unresolved[w];
+            unresolved[w] &= !held;
+            while held != 0 {
+                let bit = held.trailing_zeros() as usize;
+                depths[w * 64 + bit] = from_top as u32 + 1;
+                held &= held - 1;
+            }
+        }
+    }
+    depths
+}

@@ -394,3 +394,39 @@ fn deleting_an_older_snapshot_below_a_checkpoint_keeps_the_data() {
     let changed = store.changed_extents(s2, cairn_volume::ChangeTarget::Volume(id)).unwrap();
     assert!(changed.is_empty(), "{changed:?}");
 }
+
+#[test]
+fn allocation_depth_tells_which_layer_holds_each_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let b = BLOCK_SIZE;
+    // A 3 MiB volume, so the blocks below span two 2 MiB map pages.
+    let id = s.create_volume("v", 3 << 20).unwrap().id;
+    let v = s.volume(id).unwrap();
+    v.write(&[1; 4096], 0, false).unwrap(); // block 0: oldest layer
+    let first = s.snapshot(id, "first").unwrap().id;
+    v.write(&[2; 4096], b, false).unwrap(); // block 1: middle layer
+    v.write(&[2; 4096], 600 * b, false).unwrap(); // block 600, second page: middle layer
+    s.snapshot(id, "second").unwrap();
+    v.write(&[3; 4096], 2 * b, false).unwrap(); // block 2: head
+    v.write_zeroes(3 * b, b, false).unwrap(); // block 3: zeroed in the head, still held there
+    v.write(&[3; 4096], 0, false).unwrap(); // block 0 again: the head's copy is on top
+    let depth = |start: u64, length: u64, depth: u32| cairn_volume::DepthExtent { offset: start, length, depth };
+    assert_eq!(
+        v.allocation_depth(0, 3 << 20).unwrap(),
+        vec![
+            depth(0, b, 1),
+            depth(b, b, 2),
+            depth(2 * b, 2 * b, 1),
+            depth(4 * b, 596 * b, 0),
+            depth(600 * b, b, 2),
+            depth(601 * b, (3 << 20) - 601 * b, 0),
+        ]
+    );
+    // Unaligned ranges are cut at their ends.
+    assert_eq!(v.allocation_depth(b + 100, b).unwrap(), vec![depth(b + 100, b - 100, 2), depth(2 * b, 100, 1)]);
+    // A snapshot counts from its own layer.
+    let view = s.open_snapshot(first).unwrap();
+    assert_eq!(view.allocation_depth(0, 2 * b).unwrap(), vec![depth(0, b, 1), depth(b, b, 0)]);
+    assert!(matches!(v.allocation_depth(3 << 20, 1), Err(Error::OutOfRange { .. })));
+}
