@@ -203,45 +203,38 @@ fn measure(socket: &Path, export: &str, image: &Path, cfg: &Config) -> Result<Fi
     ])
 }
 
-fn sparse_copy(from: &Path, to: &Path) -> Result<()> {
-    run(Command::new("cp").arg("--sparse=always").arg(from).arg(to))?;
-    Ok(())
-}
-
-fn bench_qemu_nbd(work: &Path, image: &Path, cfg: &Config) -> Result<Figures> {
-    let file = work.join("qemu-nbd.raw");
-    sparse_copy(image, &file)?;
-    let socket = work.join("qemu-nbd.sock");
-    let pid = work.join("qemu-nbd.pid");
-    let _daemon = Daemon::start(
-        Command::new("qemu-nbd")
-            .args([
-                "--fork",
-                "--persistent",
-                "--format=raw",
-                "--shared=16",
-                "--cache=writeback",
-                "--discard=unmap",
-                "-x",
-                "disk",
-            ])
-            .arg(format!("--socket={}", socket.display()))
-            .arg(format!("--pid-file={}", pid.display()))
-            .arg(&file),
-        pid,
-    )?;
+/// A peer serving a raw copy of the image as export "disk". `command` gets the file, socket
+/// and pid file and must give a command that daemonizes once it is listening.
+fn bench_peer(
+    work: &Path,
+    name: &str,
+    image: &Path,
+    cfg: &Config,
+    command: impl FnOnce(&Path, &Path, &Path) -> Command,
+) -> Result<Figures> {
+    let file = work.join(format!("{name}.raw"));
+    run(Command::new("cp").arg("--sparse=always").arg(image).arg(&file))?;
+    let socket = work.join(format!("{name}.sock"));
+    let pid = work.join(format!("{name}.pid"));
+    let _daemon = Daemon::start(&mut command(&file, &socket, &pid), pid)?;
     measure(&socket, "disk", image, cfg)
 }
 
-fn bench_nbdkit(work: &Path, image: &Path, cfg: &Config) -> Result<Figures> {
-    let file = work.join("nbdkit.raw");
-    sparse_copy(image, &file)?;
-    let socket = work.join("nbdkit.sock");
-    let pid = work.join("nbdkit.pid");
-    // Without -f nbdkit forks into the background once it is listening.
-    let _daemon =
-        Daemon::start(Command::new("nbdkit").arg("-U").arg(&socket).arg("-P").arg(&pid).arg("file").arg(&file), pid)?;
-    measure(&socket, "disk", image, cfg)
+fn qemu_nbd_command(file: &Path, socket: &Path, pid: &Path) -> Command {
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args(["--fork", "--persistent", "--format=raw", "--shared=16", "--cache=writeback", "--discard=unmap"])
+        .args(["-x", "disk"])
+        .arg(format!("--socket={}", socket.display()))
+        .arg(format!("--pid-file={}", pid.display()))
+        .arg(file);
+    cmd
+}
+
+fn nbdkit_command(file: &Path, socket: &Path, pid: &Path) -> Command {
+    // Without -f nbdkit forks into the background once it is listening; it serves any name.
+    let mut cmd = Command::new("nbdkit");
+    cmd.arg("-U").arg(socket).arg("-P").arg(pid).arg("file").arg(file);
+    cmd
 }
 
 /// cairn serving `volume` from `store` in this process, on its own runtime.
@@ -441,8 +434,8 @@ fn main() -> Result<()> {
         for &target in &cfg.targets {
             eprintln!("round {}: {}", round + 1, TARGETS[target]);
             rounds[target].push(match target {
-                0 => bench_qemu_nbd(&dir, &image, &cfg)?,
-                1 => bench_nbdkit(&dir, &image, &cfg)?,
+                0 => bench_peer(&dir, TARGETS[0], &image, &cfg, qemu_nbd_command)?,
+                1 => bench_peer(&dir, TARGETS[1], &image, &cfg, nbdkit_command)?,
                 2 => {
                     fresh_volume(&store, &image, &cfg)?;
                     bench_cairn(&dir, &store, "cairn", &image, &cfg)?

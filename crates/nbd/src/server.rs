@@ -158,7 +158,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let shared = Arc::new(Shared { exports, config, buffers: Arc::default() });
+    let shared = Shared::new(exports, config);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -195,7 +195,7 @@ where
 {
     // Never signalled: the connection ends when the client does.
     let (_stop_tx, stop_rx) = watch::channel(false);
-    run_connection(stream, Arc::new(Shared { exports, config, buffers: Arc::default() }), stop_rx).await;
+    run_connection(stream, Shared::new(exports, config), stop_rx).await;
 }
 
 /// Asks for a send buffer big enough for several large read replies, so the writer fills it
@@ -227,10 +227,17 @@ async fn accept(listener: &Listener) -> io::Result<Connection> {
     })
 }
 
+/// What every connection of one server shares.
 struct Shared {
     exports: Arc<dyn Exports>,
     config: ServerConfig,
     buffers: Arc<BufferPool>,
+}
+
+impl Shared {
+    fn new(exports: Arc<dyn Exports>, config: ServerConfig) -> Arc<Shared> {
+        Arc::new(Shared { exports, config, buffers: Arc::default() })
+    }
 }
 
 /// A byte stream a connection runs over: a socket, or TLS over one.
@@ -425,7 +432,7 @@ async fn negotiate<S: Stream>(
                 let Ok(export) = shared.exports.open(&name) else {
                     return Ok(Outcome::Close);
                 };
-                let session = Session::new(export, state, &name, shared.buffers.clone());
+                let session = Session::new(export, state, &name, shared);
                 stream
                     .write_all(&proto::export_name_reply(session.export.size(), session.flags(), state.no_zeroes))
                     .await?;
@@ -445,7 +452,7 @@ async fn negotiate<S: Stream>(
             ClientOption::Info { go, name, requests } => match shared.exports.open(&name) {
                 Err(e) => lookup_error(&mut out, option, &e),
                 Ok(export) => {
-                    let session = Session::new(export, state, &name, shared.buffers.clone());
+                    let session = Session::new(export, state, &name, shared);
                     let size = session.export.size();
                     proto::option_reply(&mut out, option, proto::REP_INFO, &proto::info_export(size, session.flags()));
                     if requests.contains(&proto::INFO_NAME) {
@@ -550,7 +557,7 @@ fn fail(code: ErrorCode, message: impl Into<String>) -> Failure {
 }
 
 impl Session {
-    fn new(export: Arc<dyn Export>, state: &Negotiation, name: &str, buffers: Arc<BufferPool>) -> Self {
+    fn new(export: Arc<dyn Export>, state: &Negotiation, name: &str, shared: &Shared) -> Self {
         Session {
             export,
             structured: state.structured,
@@ -558,7 +565,7 @@ impl Session {
                 Some((for_name, contexts)) if for_name == name => *contexts,
                 _ => Contexts::default(),
             },
-            buffers,
+            buffers: shared.buffers.clone(),
         }
     }
 

@@ -258,19 +258,8 @@ const DIRECT_PAGES: u64 = 16;
 
 /// The allocation of `[offset, offset + len)`, as extents in order, merged where adjacent.
 pub fn allocation(view: &ViewLock, offset: u64, len: u64) -> Vec<AllocExtent> {
-    let mut extents: Vec<AllocExtent> = Vec::new();
-    let mut push = |offset: u64, length: u64, kind: Allocation| {
-        if length == 0 {
-            return;
-        }
-        if let Some(last) = extents.last_mut() {
-            if last.kind == kind && last.offset + last.length == offset {
-                last.length += length;
-                return;
-            }
-        }
-        extents.push(AllocExtent { offset, length, kind });
-    };
+    let mut runs = Runs::default();
+    let mut push = |offset, length, kind| runs.push(offset, length, kind);
     let end = offset + len;
     let first_page = (offset >> BLOCK_SHIFT) / PAGE_BLOCKS;
     let last_page = (end.saturating_sub(1) >> BLOCK_SHIFT) / PAGE_BLOCKS;
@@ -280,13 +269,7 @@ pub fn allocation(view: &ViewLock, offset: u64, len: u64) -> Vec<AllocExtent> {
     let pages: Vec<u64> = if last_page - first_page < DIRECT_PAGES {
         (first_page..=last_page).collect()
     } else {
-        let v = view.read();
-        let held: std::collections::BTreeSet<u64> = v
-            .chain
-            .iter()
-            .flat_map(|l| l.map().map.page_numbers(first_page, last_page + 1).collect::<Vec<_>>())
-            .collect();
-        held.into_iter().collect()
+        held_pages(&view.read().chain, first_page, last_page)
     };
     let mut pos = offset;
     for page_no in pages {
@@ -310,7 +293,35 @@ pub fn allocation(view: &ViewLock, offset: u64, len: u64) -> Vec<AllocExtent> {
         pos = page_end;
     }
     push(pos, end - pos, Allocation::Hole);
-    extents
+    runs.0.into_iter().map(|(offset, length, kind)| AllocExtent { offset, length, kind }).collect()
+}
+
+/// Byte runs with one value each, in order, joined where adjacent and equal.
+struct Runs<T>(Vec<(u64, u64, T)>);
+
+impl<T> Default for Runs<T> {
+    fn default() -> Self {
+        Runs(Vec::new())
+    }
+}
+
+impl<T: PartialEq> Runs<T> {
+    fn push(&mut self, offset: u64, length: u64, value: T) {
+        if length == 0 {
+            return;
+        }
+        match self.0.last_mut() {
+            Some((o, l, v)) if *v == value && *o + *l == offset => *l += length,
+            _ => self.0.push((offset, length, value)),
+        }
+    }
+}
+
+/// The pages in `[first_page, last_page]` that some layer of `chain` holds, in order.
+fn held_pages(chain: &[Arc<Layer>], first_page: u64, last_page: u64) -> Vec<u64> {
+    let held: std::collections::BTreeSet<u64> =
+        chain.iter().flat_map(|l| l.map().map.page_numbers(first_page, last_page + 1).collect::<Vec<_>>()).collect();
+    held.into_iter().collect()
 }
 
 /// A byte range whose blocks all sit at one depth of the chain.
@@ -329,23 +340,13 @@ pub struct DepthExtent {
 pub fn allocation_depth(view: &ViewLock, offset: u64, len: u64) -> Vec<DepthExtent> {
     let v = view.read();
     let chain = &v.chain;
-    let mut extents: Vec<DepthExtent> = Vec::new();
-    let mut push = |offset: u64, length: u64, depth: u32| {
-        if length == 0 {
-            return;
-        }
-        match extents.last_mut() {
-            Some(last) if last.depth == depth && last.offset + last.length == offset => last.length += length,
-            _ => extents.push(DepthExtent { offset, length, depth }),
-        }
-    };
+    let mut runs = Runs::default();
+    let mut push = |offset, length, depth| runs.push(offset, length, depth);
     let end = offset + len;
     let first_page = (offset >> BLOCK_SHIFT) / PAGE_BLOCKS;
     let last_page = (end.saturating_sub(1) >> BLOCK_SHIFT) / PAGE_BLOCKS;
-    let pages: std::collections::BTreeSet<u64> =
-        chain.iter().flat_map(|l| l.map().map.page_numbers(first_page, last_page + 1).collect::<Vec<_>>()).collect();
     let mut pos = offset;
-    for page_no in pages {
+    for page_no in held_pages(chain, first_page, last_page) {
         let depths = page_depths(chain, page_no);
         let page_first = page_no * PAGE_BLOCKS;
         let from = (page_first << BLOCK_SHIFT).max(offset);
@@ -361,7 +362,7 @@ pub fn allocation_depth(view: &ViewLock, offset: u64, len: u64) -> Vec<DepthExte
         pos = to;
     }
     push(pos, end - pos, 0);
-    extents
+    runs.0.into_iter().map(|(offset, length, depth)| DepthExtent { offset, length, depth }).collect()
 }
 
 /// The depth of each block of page `page_no`: the topmost layer holding it as data or zero,
