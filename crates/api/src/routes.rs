@@ -1,0 +1,338 @@
+//! The routes of docs/api.md, each a thin translation onto [`Control`].
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{middleware, Json, Router};
+use cairn_control::model::{ImageFormat, VmState};
+use cairn_control::names::SizeArg;
+use cairn_control::{CreateVm, ImageSource, RestoreRequest, SnapshotRequest};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::body::{Body, OptionalBody};
+use crate::error::ApiError;
+use crate::{idempotency, metrics, AppState, Caller};
+
+type S = State<Arc<AppState>>;
+type Answer = Result<Response, ApiError>;
+
+fn ok(value: impl serde::Serialize) -> Answer {
+    Ok(Json(value).into_response())
+}
+
+fn created(value: impl serde::Serialize) -> Answer {
+    Ok((StatusCode::CREATED, Json(value)).into_response())
+}
+
+fn accepted(value: Value) -> Answer {
+    Ok((StatusCode::ACCEPTED, Json(value)).into_response())
+}
+
+fn deleted(id: String) -> Answer {
+    ok(json!({ "deleted": id }))
+}
+
+/// Every route of the API.
+pub fn router(state: Arc<AppState>) -> Router {
+    let v1 = Router::new()
+        .route("/whoami", get(whoami))
+        .route("/tenants", post(create_tenant).get(list_tenants))
+        .route("/vms", post(create_vm).get(list_vms))
+        .route("/vms/{vm}", get(get_vm).delete(delete_vm))
+        .route("/vms/{vm}/start", post(start_vm))
+        .route("/vms/{vm}/stop", post(stop_vm))
+        .route("/vms/{vm}/snapshots", post(snapshot_vm).get(list_vm_snapshots))
+        .route("/volumes", post(create_volume).get(list_volumes))
+        .route("/volumes/import", post(import_volume))
+        .route("/volumes/{volume}", get(get_volume).delete(delete_volume))
+        .route("/volumes/{volume}/attach", post(attach_volume))
+        .route("/volumes/{volume}/detach", post(detach_volume))
+        .route("/volumes/{volume}/grow", post(grow_volume))
+        .route("/volumes/{volume}/revert", post(revert_volume))
+        .route("/volumes/{volume}/export", post(export_volume))
+        .route("/volumes/{volume}/snapshots", post(snapshot_volume).get(list_volume_snapshots))
+        .route("/snapshots", get(list_snapshots))
+        .route("/snapshots/{snapshot}", get(get_snapshot).delete(delete_snapshot))
+        .route("/snapshots/{snapshot}/restore", post(restore_snapshot))
+        .route("/snapshots/{snapshot}/export", post(export_snapshot))
+        .route("/templates", post(create_template).get(list_templates))
+        .route("/templates/import", post(import_template))
+        .route("/templates/{template}", get(get_template).delete(delete_template))
+        .route("/jobs", get(list_jobs))
+        .route("/jobs/{job}", get(get_job))
+        .layer(middleware::from_fn_with_state(state.clone(), idempotency::layer))
+        .route("/openapi.json", get(openapi));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/metrics", get(metrics::render))
+        .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
+        .layer(middleware::from_fn_with_state(state.clone(), metrics::count))
+        .with_state(state)
+}
+
+async fn openapi() -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], crate::OPENAPI).into_response()
+}
+
+async fn whoami(Caller(t): Caller) -> Answer {
+    ok(t)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameOnly {
+    name: String,
+}
+
+async fn create_tenant(State(s): S, Caller(t): Caller, Body(r): Body<NameOnly>) -> Answer {
+    let (tenant, token) = s.control.create_tenant(&t, &r.name).await?;
+    created(json!({ "tenant": tenant, "token": token }))
+}
+
+async fn list_tenants(State(s): S, Caller(t): Caller) -> Answer {
+    ok(s.control.list_tenants(&t).await?)
+}
+
+// ---- VMs ----
+
+async fn create_vm(State(s): S, Caller(t): Caller, Body(r): Body<CreateVm>) -> Answer {
+    match s.control.create_vm(&t, r).await? {
+        (vm, Some(job)) => accepted(json!({ "job": job, "vm": vm })),
+        (vm, None) => created(vm),
+    }
+}
+
+async fn list_vms(State(s): S, Caller(t): Caller) -> Answer {
+    ok(s.control.list_vms(&t).await?)
+}
+
+async fn get_vm(State(s): S, Caller(t): Caller, Path(vm): Path<String>) -> Answer {
+    ok(s.control.get_vm(&t, &vm).await?)
+}
+
+async fn start_vm(State(s): S, Caller(t): Caller, Path(vm): Path<String>) -> Answer {
+    ok(s.control.set_vm_state(&t, &vm, VmState::Running).await?)
+}
+
+async fn stop_vm(State(s): S, Caller(t): Caller, Path(vm): Path<String>) -> Answer {
+    ok(s.control.set_vm_state(&t, &vm, VmState::Stopped).await?)
+}
+
+async fn delete_vm(State(s): S, Caller(t): Caller, Path(vm): Path<String>) -> Answer {
+    ok(s.control.delete_vm(&t, &vm).await?)
+}
+
+async fn snapshot_vm(
+    State(s): S,
+    Caller(t): Caller,
+    Path(vm): Path<String>,
+    OptionalBody(r): OptionalBody<SnapshotRequest>,
+) -> Answer {
+    created(s.control.snapshot_vm(&t, &vm, &r).await?)
+}
+
+async fn list_vm_snapshots(State(s): S, Caller(t): Caller, Path(vm): Path<String>) -> Answer {
+    // A deleted VM's id still lists what is left of it (R8), so the VM need not exist.
+    ok(s.control.list_snapshots(&t, None, Some(&vm)).await?)
+}
+
+// ---- volumes ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateVolume {
+    name: String,
+    size: SizeArg,
+    vm: Option<String>,
+}
+
+async fn create_volume(State(s): S, Caller(t): Caller, Body(r): Body<CreateVolume>) -> Answer {
+    created(s.control.create_volume(&t, &r.name, &r.size, r.vm.as_deref()).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportRequest {
+    name: String,
+    path: String,
+    format: Option<ImageFormat>,
+    vm: Option<String>,
+}
+
+async fn import_volume(State(s): S, Caller(t): Caller, Body(r): Body<ImportRequest>) -> Answer {
+    let image = ImageSource { path: r.path, format: r.format };
+    let (job, volume) = s.control.import_volume(&t, &r.name, &image, r.vm.as_deref()).await?;
+    accepted(json!({ "job": job, "volume": volume }))
+}
+
+async fn list_volumes(State(s): S, Caller(t): Caller) -> Answer {
+    ok(s.control.list_volumes(&t).await?)
+}
+
+async fn get_volume(State(s): S, Caller(t): Caller, Path(volume): Path<String>) -> Answer {
+    ok(s.control.get_volume(&t, &volume).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Attach {
+    vm: String,
+}
+
+async fn attach_volume(State(s): S, Caller(t): Caller, Path(volume): Path<String>, Body(r): Body<Attach>) -> Answer {
+    ok(s.control.attach_volume(&t, &volume, &r.vm).await?)
+}
+
+async fn detach_volume(State(s): S, Caller(t): Caller, Path(volume): Path<String>) -> Answer {
+    ok(s.control.detach_volume(&t, &volume).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Grow {
+    size: SizeArg,
+}
+
+async fn grow_volume(State(s): S, Caller(t): Caller, Path(volume): Path<String>, Body(r): Body<Grow>) -> Answer {
+    ok(s.control.grow_volume(&t, &volume, &r.size).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Revert {
+    snapshot: String,
+}
+
+async fn revert_volume(State(s): S, Caller(t): Caller, Path(volume): Path<String>, Body(r): Body<Revert>) -> Answer {
+    ok(s.control.revert_volume(&t, &volume, &r.snapshot).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExportRequest {
+    path: String,
+    format: Option<ImageFormat>,
+}
+
+async fn export_volume(
+    State(s): S,
+    Caller(t): Caller,
+    Path(volume): Path<String>,
+    Body(r): Body<ExportRequest>,
+) -> Answer {
+    accepted(json!({ "job": s.control.export_volume(&t, &volume, &r.path, r.format).await? }))
+}
+
+async fn delete_volume(State(s): S, Caller(t): Caller, Path(volume): Path<String>) -> Answer {
+    deleted(s.control.delete_volume(&t, &volume).await?)
+}
+
+async fn snapshot_volume(
+    State(s): S,
+    Caller(t): Caller,
+    Path(volume): Path<String>,
+    OptionalBody(r): OptionalBody<SnapshotRequest>,
+) -> Answer {
+    created(s.control.snapshot_volume(&t, &volume, &r).await?)
+}
+
+async fn list_volume_snapshots(State(s): S, Caller(t): Caller, Path(volume): Path<String>) -> Answer {
+    ok(s.control.list_snapshots(&t, Some(&volume), None).await?)
+}
+
+// ---- snapshots ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotFilter {
+    volume: Option<String>,
+    vm: Option<String>,
+}
+
+async fn list_snapshots(
+    State(s): S,
+    Caller(t): Caller,
+    filter: Result<Query<SnapshotFilter>, axum::extract::rejection::QueryRejection>,
+) -> Answer {
+    let Query(filter) = filter.map_err(|e| ApiError::invalid(e.body_text(), None))?;
+    ok(s.control.list_snapshots(&t, filter.volume.as_deref(), filter.vm.as_deref()).await?)
+}
+
+async fn get_snapshot(State(s): S, Caller(t): Caller, Path(snapshot): Path<String>) -> Answer {
+    ok(s.control.get_snapshot(&t, &snapshot).await?)
+}
+
+async fn delete_snapshot(State(s): S, Caller(t): Caller, Path(snapshot): Path<String>) -> Answer {
+    deleted(s.control.delete_snapshot(&t, &snapshot).await?)
+}
+
+async fn restore_snapshot(
+    State(s): S,
+    Caller(t): Caller,
+    Path(snapshot): Path<String>,
+    OptionalBody(r): OptionalBody<RestoreRequest>,
+) -> Answer {
+    created(s.control.restore_snapshot(&t, &snapshot, &r).await?)
+}
+
+async fn export_snapshot(
+    State(s): S,
+    Caller(t): Caller,
+    Path(snapshot): Path<String>,
+    Body(r): Body<ExportRequest>,
+) -> Answer {
+    accepted(json!({ "job": s.control.export_snapshot(&t, &snapshot, &r.path, r.format).await? }))
+}
+
+// ---- templates ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateTemplate {
+    name: String,
+    snapshot: String,
+}
+
+async fn create_template(State(s): S, Caller(t): Caller, Body(r): Body<CreateTemplate>) -> Answer {
+    created(s.control.create_template(&t, &r.name, &r.snapshot).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportTemplate {
+    name: String,
+    path: String,
+    format: Option<ImageFormat>,
+}
+
+async fn import_template(State(s): S, Caller(t): Caller, Body(r): Body<ImportTemplate>) -> Answer {
+    let image = ImageSource { path: r.path, format: r.format };
+    let (job, template) = s.control.import_template(&t, &r.name, &image).await?;
+    accepted(json!({ "job": job, "template": template }))
+}
+
+async fn list_templates(State(s): S, Caller(t): Caller) -> Answer {
+    ok(s.control.list_templates(&t).await?)
+}
+
+async fn get_template(State(s): S, Caller(t): Caller, Path(template): Path<String>) -> Answer {
+    ok(s.control.get_template(&t, &template).await?)
+}
+
+async fn delete_template(State(s): S, Caller(t): Caller, Path(template): Path<String>) -> Answer {
+    deleted(s.control.delete_template(&t, &template).await?)
+}
+
+// ---- jobs ----
+
+async fn list_jobs(State(s): S, Caller(t): Caller) -> Answer {
+    ok(s.control.list_jobs(&t).await?)
+}
+
+async fn get_job(State(s): S, Caller(t): Caller, Path(job): Path<String>) -> Answer {
+    ok(s.control.get_job(&t, &job).await?)
+}

@@ -1,0 +1,197 @@
+//! `cairn serve`: the daemon. It opens the volume store and the metadata database in the data
+//! directory, repairs what a crash left, and serves the REST API and NBD until SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use cairn_control::db::MetaStore;
+use cairn_control::{Control, NbdAddress, ServiceExports};
+use cairn_nbd::{Listener, ServerConfig};
+use cairn_volume::{Store, StoreOptions};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+const DEFAULT_DATA_DIR: &str = "cairn-data";
+const DEFAULT_LISTEN: &str = "127.0.0.1:8474";
+const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
+/// How long a shutdown waits for import and export jobs before leaving them to the next start.
+const JOB_GRACE: Duration = Duration::from_secs(5);
+
+/// Options: flags, then CAIRN_* variables, then the TOML file, then the embedded defaults.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// A TOML file with any of: data_dir, listen, nbd_listen, nbd_socket.
+    #[arg(long, env = "CAIRN_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where volumes, metadata and the admin token live [default: ./cairn-data].
+    #[arg(long, env = "CAIRN_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address of the REST API [default: 127.0.0.1:8474]; port 0 picks a free one.
+    #[arg(long, env = "CAIRN_LISTEN", value_name = "ADDR")]
+    listen: Option<String>,
+    /// TCP address of the NBD server [default: 127.0.0.1:10809]; "off" for none.
+    #[arg(long, env = "CAIRN_NBD_LISTEN", value_name = "ADDR")]
+    nbd_listen: Option<String>,
+    /// Unix socket of the NBD server [default: DATA_DIR/nbd.sock].
+    #[arg(long, env = "CAIRN_NBD_SOCKET", value_name = "PATH")]
+    nbd_socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    listen: Option<String>,
+    nbd_listen: Option<String>,
+    nbd_socket: Option<PathBuf>,
+}
+
+/// The settings in force.
+#[derive(Debug)]
+struct Settings {
+    data_dir: PathBuf,
+    listen: String,
+    nbd_listen: Option<String>,
+    nbd_socket: PathBuf,
+}
+
+fn settings(args: ServeArgs) -> Result<Settings> {
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("in {}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
+    let nbd_listen = args.nbd_listen.or(file.nbd_listen).unwrap_or_else(|| DEFAULT_NBD_LISTEN.into());
+    Ok(Settings {
+        nbd_socket: args.nbd_socket.or(file.nbd_socket).unwrap_or_else(|| data_dir.join("nbd.sock")),
+        listen: args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into()),
+        nbd_listen: (nbd_listen != "off").then_some(nbd_listen),
+        data_dir,
+    })
+}
+
+/// Writes a small file whole or not at all.
+fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, text).with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    let settings = settings(args)?;
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(settings))
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match &mut term { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+}
+
+async fn serve(settings: Settings) -> Result<()> {
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("creating the data directory {}", settings.data_dir.display()))?;
+    let data_dir = settings.data_dir.canonicalize()?;
+    let engine = Arc::new(
+        Store::open_dir(data_dir.join("volumes"), StoreOptions::default()).context("opening the volume store")?,
+    );
+    let meta = MetaStore::open_sqlite(&data_dir.join("cairn.db")).await.context("opening the metadata database")?;
+    let exports = Arc::new(ServiceExports::new(engine.clone()));
+
+    if let Some(parent) = settings.nbd_socket.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    // A socket file left by a daemon that was killed would make bind fail.
+    let _ = std::fs::remove_file(&settings.nbd_socket);
+    let unix = tokio::net::UnixListener::bind(&settings.nbd_socket)
+        .with_context(|| format!("binding the NBD socket {}", settings.nbd_socket.display()))?;
+    let nbd_socket = settings.nbd_socket.canonicalize()?;
+    let tcp = match &settings.nbd_listen {
+        Some(addr) => {
+            Some(tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding NBD on {addr}"))?)
+        }
+        None => None,
+    };
+    let nbd_tcp: Option<SocketAddr> = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+
+    let token_path = data_dir.join("admin.token");
+    let (control, recovery) = Control::open(
+        meta,
+        engine.clone(),
+        exports.clone(),
+        NbdAddress { socket: nbd_socket.clone(), tcp: nbd_tcp },
+        &token_path,
+    )
+    .await
+    .context("opening the control plane")?;
+    if recovery.admin_token.is_some() {
+        eprintln!("cairn: first start: created the tenant admin; its API token is in {}", token_path.display());
+    }
+    for job in &recovery.interrupted_jobs {
+        eprintln!("cairn: job {job} was interrupted by a restart; marked failed");
+    }
+    for orphan in &recovery.orphans_removed {
+        eprintln!("cairn: removed {orphan}, left without metadata by a crash");
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mut nbd_servers = tokio::task::JoinSet::new();
+    nbd_servers.spawn(cairn_nbd::serve(
+        Listener::Unix(unix),
+        exports.clone(),
+        ServerConfig::default(),
+        stopped(stop_rx.clone()),
+    ));
+    if let Some(tcp) = tcp {
+        nbd_servers.spawn(cairn_nbd::serve(
+            Listener::Tcp(tcp),
+            exports.clone(),
+            ServerConfig::default(),
+            stopped(stop_rx.clone()),
+        ));
+    }
+
+    let api = tokio::net::TcpListener::bind(&settings.listen)
+        .await
+        .with_context(|| format!("binding the API on {}", settings.listen))?;
+    let url = format!("http://{}", api.local_addr()?);
+    // Written once the API listens, so whoever waits for this file can call at once.
+    write_atomically(&data_dir.join("api.url"), &format!("{url}\n"))?;
+    eprintln!("cairn: API on {url} (OpenAPI at {url}/v1/openapi.json)");
+    match nbd_tcp {
+        Some(addr) => eprintln!("cairn: NBD on nbd://{addr}/ and nbd+unix:///?socket={}", nbd_socket.display()),
+        None => eprintln!("cairn: NBD on nbd+unix:///?socket={}", nbd_socket.display()),
+    }
+
+    let state = cairn_api::AppState::new(control.clone());
+    axum::serve(api, cairn_api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+
+    eprintln!("cairn: shutting down: finishing NBD requests and jobs in flight");
+    let _ = stop_tx.send(true);
+    while let Some(done) = nbd_servers.join_next().await {
+        if let Err(e) = done? {
+            eprintln!("cairn: NBD server: {e}");
+        }
+    }
+    control.drain_jobs(JOB_GRACE).await;
+    control.close().await;
+    drop((control, exports));
+    match Arc::try_unwrap(engine) {
+        Ok(store) => store.close().context("closing the volume store")?,
+        Err(_) => bail!("the volume store was still in use at shutdown; unflushed writes may be lost"),
+    }
+    let _ = std::fs::remove_file(&nbd_socket);
+    Ok(())
+}

@@ -1,0 +1,579 @@
+//! The metadata store: every query cairn makes, over sqlx. Only this module knows SQL. The SQL
+//! is portable (numbered parameters, TEXT/INTEGER/BIGINT columns, no SQLite functions), so a
+//! PostgreSQL pool can serve the same statements later.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{Row, SqliteConnection, SqlitePool};
+
+use crate::model::*;
+use crate::Error;
+
+/// Schema migrations, applied in order; a database records the versions it has.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_initial.sql"))];
+
+/// The metadata database.
+#[derive(Debug, Clone)]
+pub struct MetaStore {
+    pool: SqlitePool,
+}
+
+pub type Conn = SqliteConnection;
+pub type Tx = sqlx::Transaction<'static, sqlx::Sqlite>;
+
+impl MetaStore {
+    /// Opens (creating if needed) the SQLite database at `path` and brings its schema up to date.
+    pub async fn open_sqlite(path: &Path) -> Result<MetaStore, Error> {
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a committed change survives power loss, not only a killed process.
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        let store = MetaStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), Error> {
+        let mut tx = self.begin().await?;
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let applied: Vec<i64> = sqlx::query("SELECT version FROM schema_migrations")
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let known = MIGRATIONS.last().map_or(0, |m| m.0);
+        if let Some(newer) = applied.iter().find(|v| **v > known) {
+            return Err(Error::Internal(format!(
+                "the metadata database has schema version {newer}, newer than this cairn knows ({known}); run a newer cairn"
+            )));
+        }
+        for (version, sql) in MIGRATIONS {
+            if !applied.contains(version) {
+                sqlx::raw_sql(sql).execute(&mut *tx).await?;
+                sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+                    .bind(version)
+                    .bind(crate::now())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn begin(&self) -> Result<Tx, Error> {
+        Ok(self.pool.begin().await?)
+    }
+
+    pub async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Sqlite>, Error> {
+        Ok(self.pool.acquire().await?)
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn u64_of(row: &SqliteRow, column: &str) -> Result<u64, Error> {
+    let value: i64 = row.try_get(column)?;
+    u64::try_from(value).map_err(|_| corrupt(column, &value.to_string()))
+}
+
+fn corrupt(column: &str, value: &str) -> Error {
+    Error::Internal(format!("metadata column {column} holds {value:?}, which this cairn does not understand"))
+}
+
+fn text_enum<T>(row: &SqliteRow, column: &str, parse: fn(&str) -> Option<T>) -> Result<T, Error> {
+    let text: String = row.try_get(column)?;
+    parse(&text).ok_or_else(|| corrupt(column, &text))
+}
+
+fn source_of(row: &SqliteRow) -> Result<Source, Error> {
+    let kind: String = row.try_get("source_kind")?;
+    Source::from_columns(&kind, row.try_get("source_ref")?).ok_or_else(|| corrupt("source_kind", &kind))
+}
+
+fn tenant_of(row: &SqliteRow) -> Result<Tenant, Error> {
+    Ok(Tenant {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        admin: row.try_get::<i64, _>("admin")? != 0,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn vm_of(row: &SqliteRow) -> Result<Vm, Error> {
+    Ok(Vm {
+        id: row.try_get("id")?,
+        tenant: row.try_get("tenant_id")?,
+        name: row.try_get("name")?,
+        state: text_enum(row, "state", VmState::parse)?,
+        root_volume: row.try_get("root_volume_id")?,
+        data_volumes: Vec::new(),
+        template: row.try_get("template_id")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn volume_of(row: &SqliteRow) -> Result<Volume, Error> {
+    Ok(Volume {
+        id: row.try_get("id")?,
+        tenant: row.try_get("tenant_id")?,
+        name: row.try_get("name")?,
+        size: u64_of(row, "size")?,
+        state: text_enum(row, "state", ResourceState::parse)?,
+        vm: row.try_get("vm_id")?,
+        role: text_enum(row, "role", DiskRole::parse)?,
+        source: source_of(row)?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn snapshot_of(row: &SqliteRow) -> Result<Snapshot, Error> {
+    Ok(Snapshot {
+        id: row.try_get("id")?,
+        tenant: row.try_get("tenant_id")?,
+        name: row.try_get("name")?,
+        volume: row.try_get("volume_id")?,
+        volume_name: row.try_get("volume_name")?,
+        vm: row.try_get("vm_id")?,
+        disk_role: text_enum(row, "disk_role", DiskRole::parse)?,
+        group: row.try_get("group_id")?,
+        origin: text_enum(row, "origin", Origin::parse)?,
+        consistency: text_enum(row, "consistency", Consistency::parse)?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn template_of(row: &SqliteRow) -> Result<Template, Error> {
+    Ok(Template {
+        id: row.try_get("id")?,
+        tenant: row.try_get("tenant_id")?,
+        name: row.try_get("name")?,
+        size: u64_of(row, "size")?,
+        state: text_enum(row, "state", ResourceState::parse)?,
+        source: source_of(row)?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn job_of(row: &SqliteRow) -> Result<Job, Error> {
+    Ok(Job {
+        id: row.try_get("id")?,
+        tenant: row.try_get("tenant_id")?,
+        kind: text_enum(row, "kind", JobKind::parse)?,
+        state: text_enum(row, "state", JobState::parse)?,
+        resource: row.try_get("resource_id")?,
+        path: row.try_get("path")?,
+        bytes_done: u64_of(row, "bytes_done")?,
+        bytes_total: u64_of(row, "bytes_total")?,
+        error: row.try_get("error")?,
+        created_at: row.try_get("created_at")?,
+        finished_at: row.try_get("finished_at")?,
+    })
+}
+
+fn all<T>(rows: Vec<SqliteRow>, map: fn(&SqliteRow) -> Result<T, Error>) -> Result<Vec<T>, Error> {
+    rows.iter().map(map).collect()
+}
+
+fn one<T>(row: Option<SqliteRow>, map: fn(&SqliteRow) -> Result<T, Error>) -> Result<Option<T>, Error> {
+    row.as_ref().map(map).transpose()
+}
+
+/// SQLite stores u64 sizes as i64; sizes are at most 16 TiB, far inside.
+fn int(n: u64) -> i64 {
+    i64::try_from(n).expect("sizes are far below 2^63")
+}
+
+// ---- tenants and tokens ----
+
+pub async fn insert_tenant(c: &mut Conn, t: &Tenant) -> Result<(), Error> {
+    sqlx::query("INSERT INTO tenants (id, name, admin, created_at) VALUES ($1, $2, $3, $4)")
+        .bind(&t.id)
+        .bind(&t.name)
+        .bind(t.admin as i64)
+        .bind(&t.created_at)
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
+pub async fn insert_token(c: &mut Conn, hash: &str, tenant: &str) -> Result<(), Error> {
+    sqlx::query("INSERT INTO tokens (hash, tenant_id, created_at) VALUES ($1, $2, $3)")
+        .bind(hash)
+        .bind(tenant)
+        .bind(crate::now())
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
+pub async fn delete_tokens(c: &mut Conn, tenant: &str) -> Result<(), Error> {
+    sqlx::query("DELETE FROM tokens WHERE tenant_id = $1").bind(tenant).execute(c).await?;
+    Ok(())
+}
+
+pub async fn tenant_by_token(c: &mut Conn, hash: &str) -> Result<Option<Tenant>, Error> {
+    let row = sqlx::query("SELECT t.* FROM tenants t JOIN tokens k ON k.tenant_id = t.id WHERE k.hash = $1")
+        .bind(hash)
+        .fetch_optional(c)
+        .await?;
+    one(row, tenant_of)
+}
+
+pub async fn tenant_by_name(c: &mut Conn, name: &str) -> Result<Option<Tenant>, Error> {
+    one(sqlx::query("SELECT * FROM tenants WHERE name = $1").bind(name).fetch_optional(c).await?, tenant_of)
+}
+
+pub async fn list_tenants(c: &mut Conn) -> Result<Vec<Tenant>, Error> {
+    all(sqlx::query("SELECT * FROM tenants ORDER BY created_at, id").fetch_all(c).await?, tenant_of)
+}
+
+// ---- VMs ----
+
+pub async fn insert_vm(c: &mut Conn, vm: &Vm) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO vms (id, tenant_id, name, state, root_volume_id, template_id, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&vm.id)
+    .bind(&vm.tenant)
+    .bind(&vm.name)
+    .bind(vm.state.as_str())
+    .bind(&vm.root_volume)
+    .bind(&vm.template)
+    .bind(&vm.created_at)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+pub async fn set_vm_state(c: &mut Conn, id: &str, state: VmState) -> Result<(), Error> {
+    sqlx::query("UPDATE vms SET state = $1 WHERE id = $2").bind(state.as_str()).bind(id).execute(c).await?;
+    Ok(())
+}
+
+pub async fn set_vm_root(c: &mut Conn, id: &str, root_volume: &str) -> Result<(), Error> {
+    sqlx::query("UPDATE vms SET root_volume_id = $1 WHERE id = $2").bind(root_volume).bind(id).execute(c).await?;
+    Ok(())
+}
+
+pub async fn delete_vm(c: &mut Conn, id: &str) -> Result<(), Error> {
+    sqlx::query("DELETE FROM vms WHERE id = $1").bind(id).execute(c).await?;
+    Ok(())
+}
+
+/// A VM of `tenant` by id or name.
+pub async fn find_vm(c: &mut Conn, tenant: &str, reference: &str) -> Result<Option<Vm>, Error> {
+    let row = sqlx::query("SELECT * FROM vms WHERE tenant_id = $1 AND (id = $2 OR name = $2)")
+        .bind(tenant)
+        .bind(reference)
+        .fetch_optional(c)
+        .await?;
+    one(row, vm_of)
+}
+
+pub async fn list_vms(c: &mut Conn, tenant: Option<&str>) -> Result<Vec<Vm>, Error> {
+    let rows = sqlx::query("SELECT * FROM vms WHERE $1 IS NULL OR tenant_id = $1 ORDER BY created_at, id")
+        .bind(tenant)
+        .fetch_all(c)
+        .await?;
+    all(rows, vm_of)
+}
+
+// ---- volumes ----
+
+pub async fn insert_volume(c: &mut Conn, v: &Volume) -> Result<(), Error> {
+    let (source_kind, source_ref) = v.source.columns();
+    sqlx::query(
+        "INSERT INTO volumes (id, tenant_id, name, size, state, vm_id, role, source_kind, source_ref, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(&v.id)
+    .bind(&v.tenant)
+    .bind(&v.name)
+    .bind(int(v.size))
+    .bind(v.state.as_str())
+    .bind(&v.vm)
+    .bind(v.role.as_str())
+    .bind(source_kind)
+    .bind(source_ref)
+    .bind(&v.created_at)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+/// Writes a volume's changeable columns: state, attachment and size.
+pub async fn update_volume(c: &mut Conn, v: &Volume) -> Result<(), Error> {
+    sqlx::query("UPDATE volumes SET state = $1, vm_id = $2, size = $3 WHERE id = $4")
+        .bind(v.state.as_str())
+        .bind(&v.vm)
+        .bind(int(v.size))
+        .bind(&v.id)
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
+pub async fn delete_volume(c: &mut Conn, id: &str) -> Result<(), Error> {
+    sqlx::query("DELETE FROM volumes WHERE id = $1").bind(id).execute(c).await?;
+    Ok(())
+}
+
+pub async fn find_volume(c: &mut Conn, tenant: &str, reference: &str) -> Result<Option<Volume>, Error> {
+    let row = sqlx::query("SELECT * FROM volumes WHERE tenant_id = $1 AND (id = $2 OR name = $2)")
+        .bind(tenant)
+        .bind(reference)
+        .fetch_optional(c)
+        .await?;
+    one(row, volume_of)
+}
+
+/// Volumes of `tenant` (every tenant's when None), optionally only those attached to `vm`.
+pub async fn list_volumes(c: &mut Conn, tenant: Option<&str>, vm: Option<&str>) -> Result<Vec<Volume>, Error> {
+    let rows = sqlx::query(
+        "SELECT * FROM volumes WHERE ($1 IS NULL OR tenant_id = $1) AND ($2 IS NULL OR vm_id = $2) \
+         ORDER BY created_at, id",
+    )
+    .bind(tenant)
+    .bind(vm)
+    .fetch_all(c)
+    .await?;
+    all(rows, volume_of)
+}
+
+// ---- snapshots ----
+
+pub async fn insert_snapshot(c: &mut Conn, s: &Snapshot) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO snapshots (id, tenant_id, name, volume_id, volume_name, vm_id, disk_role, group_id, origin, \
+         consistency, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(&s.id)
+    .bind(&s.tenant)
+    .bind(&s.name)
+    .bind(&s.volume)
+    .bind(&s.volume_name)
+    .bind(&s.vm)
+    .bind(s.disk_role.as_str())
+    .bind(&s.group)
+    .bind(s.origin.as_str())
+    .bind(s.consistency.as_str())
+    .bind(&s.created_at)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+pub async fn delete_snapshot(c: &mut Conn, id: &str) -> Result<(), Error> {
+    sqlx::query("DELETE FROM snapshots WHERE id = $1").bind(id).execute(c).await?;
+    Ok(())
+}
+
+pub async fn find_snapshot(c: &mut Conn, tenant: &str, reference: &str) -> Result<Option<Snapshot>, Error> {
+    let row = sqlx::query("SELECT * FROM snapshots WHERE tenant_id = $1 AND (id = $2 OR name = $2)")
+        .bind(tenant)
+        .bind(reference)
+        .fetch_optional(c)
+        .await?;
+    one(row, snapshot_of)
+}
+
+/// Snapshots, oldest first, filtered by tenant (None: all), volume id and VM id.
+pub async fn list_snapshots(
+    c: &mut Conn,
+    tenant: Option<&str>,
+    volume: Option<&str>,
+    vm: Option<&str>,
+) -> Result<Vec<Snapshot>, Error> {
+    let rows = sqlx::query(
+        "SELECT * FROM snapshots WHERE ($1 IS NULL OR tenant_id = $1) AND ($2 IS NULL OR volume_id = $2) \
+         AND ($3 IS NULL OR vm_id = $3) ORDER BY created_at, id",
+    )
+    .bind(tenant)
+    .bind(volume)
+    .bind(vm)
+    .fetch_all(c)
+    .await?;
+    all(rows, snapshot_of)
+}
+
+// ---- templates ----
+
+pub async fn insert_template(c: &mut Conn, t: &Template) -> Result<(), Error> {
+    let (source_kind, source_ref) = t.source.columns();
+    sqlx::query(
+        "INSERT INTO templates (id, tenant_id, name, size, state, source_kind, source_ref, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(&t.id)
+    .bind(&t.tenant)
+    .bind(&t.name)
+    .bind(int(t.size))
+    .bind(t.state.as_str())
+    .bind(source_kind)
+    .bind(source_ref)
+    .bind(&t.created_at)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+pub async fn set_template_state(c: &mut Conn, id: &str, state: ResourceState) -> Result<(), Error> {
+    sqlx::query("UPDATE templates SET state = $1 WHERE id = $2").bind(state.as_str()).bind(id).execute(c).await?;
+    Ok(())
+}
+
+pub async fn delete_template(c: &mut Conn, id: &str) -> Result<(), Error> {
+    sqlx::query("DELETE FROM templates WHERE id = $1").bind(id).execute(c).await?;
+    Ok(())
+}
+
+pub async fn find_template(c: &mut Conn, tenant: &str, reference: &str) -> Result<Option<Template>, Error> {
+    let row = sqlx::query("SELECT * FROM templates WHERE tenant_id = $1 AND (id = $2 OR name = $2)")
+        .bind(tenant)
+        .bind(reference)
+        .fetch_optional(c)
+        .await?;
+    one(row, template_of)
+}
+
+pub async fn list_templates(c: &mut Conn, tenant: Option<&str>) -> Result<Vec<Template>, Error> {
+    let rows = sqlx::query("SELECT * FROM templates WHERE $1 IS NULL OR tenant_id = $1 ORDER BY created_at, id")
+        .bind(tenant)
+        .fetch_all(c)
+        .await?;
+    all(rows, template_of)
+}
+
+// ---- jobs ----
+
+pub async fn insert_job(c: &mut Conn, j: &Job) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO jobs (id, tenant_id, kind, state, resource_id, path, bytes_done, bytes_total, error, created_at, \
+         finished_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(&j.id)
+    .bind(&j.tenant)
+    .bind(j.kind.as_str())
+    .bind(j.state.as_str())
+    .bind(&j.resource)
+    .bind(&j.path)
+    .bind(int(j.bytes_done))
+    .bind(int(j.bytes_total))
+    .bind(&j.error)
+    .bind(&j.created_at)
+    .bind(&j.finished_at)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+/// Records how a job ended.
+pub async fn finish_job(c: &mut Conn, j: &Job) -> Result<(), Error> {
+    sqlx::query("UPDATE jobs SET state = $1, bytes_done = $2, error = $3, finished_at = $4 WHERE id = $5")
+        .bind(j.state.as_str())
+        .bind(int(j.bytes_done))
+        .bind(&j.error)
+        .bind(&j.finished_at)
+        .bind(&j.id)
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
+pub async fn find_job(c: &mut Conn, tenant: &str, id: &str) -> Result<Option<Job>, Error> {
+    let row = sqlx::query("SELECT * FROM jobs WHERE tenant_id = $1 AND id = $2")
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(c)
+        .await?;
+    one(row, job_of)
+}
+
+/// Jobs, newest first, of one tenant or (None) of all; optionally only those in `state`.
+pub async fn list_jobs(c: &mut Conn, tenant: Option<&str>, state: Option<JobState>) -> Result<Vec<Job>, Error> {
+    let rows = sqlx::query(
+        "SELECT * FROM jobs WHERE ($1 IS NULL OR tenant_id = $1) AND ($2 IS NULL OR state = $2) \
+         ORDER BY created_at DESC, id DESC",
+    )
+    .bind(tenant)
+    .bind(state.map(JobState::as_str))
+    .fetch_all(c)
+    .await?;
+    all(rows, job_of)
+}
+
+// ---- idempotency keys ----
+
+/// A stored answer to a creating call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAnswer {
+    pub fingerprint: String,
+    pub status: u16,
+    pub body: String,
+}
+
+pub async fn find_answer(
+    c: &mut Conn,
+    tenant: &str,
+    key: &str,
+    not_before: &str,
+) -> Result<Option<StoredAnswer>, Error> {
+    let row = sqlx::query(
+        "SELECT fingerprint, status, body FROM idempotency_keys WHERE tenant_id = $1 AND key = $2 AND created_at >= $3",
+    )
+    .bind(tenant)
+    .bind(key)
+    .bind(not_before)
+    .fetch_optional(c)
+    .await?;
+    row.map(|r| {
+        Ok(StoredAnswer {
+            fingerprint: r.try_get("fingerprint")?,
+            status: u16::try_from(r.try_get::<i64, _>("status")?).map_err(|_| corrupt("status", "?"))?,
+            body: r.try_get("body")?,
+        })
+    })
+    .transpose()
+}
+
+/// Stores an answer, replacing an expired one under the same key.
+pub async fn store_answer(c: &mut Conn, tenant: &str, key: &str, answer: &StoredAnswer) -> Result<(), Error> {
+    sqlx::query("DELETE FROM idempotency_keys WHERE tenant_id = $1 AND key = $2")
+        .bind(tenant)
+        .bind(key)
+        .execute(&mut *c)
+        .await?;
+    sqlx::query(
+        "INSERT INTO idempotency_keys (tenant_id, key, fingerprint, status, body, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(tenant)
+    .bind(key)
+    .bind(&answer.fingerprint)
+    .bind(i64::from(answer.status))
+    .bind(&answer.body)
+    .bind(crate::now())
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+pub async fn forget_answers_before(c: &mut Conn, not_before: &str) -> Result<(), Error> {
+    sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1").bind(not_before).execute(c).await?;
+    Ok(())
+}

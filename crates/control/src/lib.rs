@@ -1,0 +1,31 @@
+//! cairn's control plane: tenants, VMs, volumes, snapshots, templates and jobs, kept in a
+//! metadata database ([`db`]) and carried out on the volume engine. [`Control`] enforces the
+//! lifecycle rules of the product (R1–R8 in DESIGN.md); the API crate only translates HTTP.
+
+pub mod db;
+mod error;
+mod exports;
+mod jobs;
+pub mod model;
+pub mod names;
+mod service;
+
+pub use cairn_volume as volume;
+pub use error::Error;
+pub use exports::ServiceExports;
+pub use jobs::parse_progress;
+pub use service::{
+    Control, CreateVm, DeleteVmOutcome, ImageSource, NbdAddress, Recovery, RestoreRequest, SnapshotRequest, StoreCounts,
+};
+
+/// Now, as the RFC 3339 UTC text every record carries (millisecond precision, so records
+/// made in the same second still sort in order).
+pub fn now() -> String {
+    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+/// `seconds` before now, in the same form as [`now`].
+pub fn now_minus(seconds: i64) -> String {
+    let then = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(seconds);
+    then.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}

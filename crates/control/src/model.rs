@@ -1,0 +1,208 @@
+//! The resources the control plane keeps, as stored and as the API shows them.
+
+use serde::Serialize;
+
+/// An enum stored as text and shown as the same lowercase word.
+macro_rules! text_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+        pub enum $name {
+            $(#[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            /// The variant named `text`; `None` for a word this version does not know.
+            pub fn parse(text: &str) -> Option<Self> {
+                match text { $($text => Some($name::$variant),)+ _ => None }
+            }
+        }
+    };
+}
+
+text_enum!(
+    /// Whether a VM runs; a stopped VM keeps its disks.
+    VmState { Running = "running", Stopped = "stopped" }
+);
+text_enum!(
+    /// A volume or template is `importing` while a job fills it.
+    ResourceState { Ready = "ready", Importing = "importing" }
+);
+text_enum!(
+    /// A VM's root disk never becomes a data disk or a standalone volume (R7).
+    DiskRole { Root = "root", Data = "data" }
+);
+text_enum!(
+    /// Who asked for a snapshot.
+    Origin { Manual = "manual", Scheduled = "scheduled" }
+);
+text_enum!(
+    /// Whether the guest was quiesced by hooks (application) or not (crash).
+    Consistency { Crash = "crash", Application = "application" }
+);
+text_enum!(
+    JobKind { Import = "import", Export = "export" }
+);
+text_enum!(
+    JobState { Running = "running", Succeeded = "succeeded", Failed = "failed" }
+);
+text_enum!(
+    /// Formats qemu-img reads and writes for import and export.
+    ImageFormat { Raw = "raw", Qcow2 = "qcow2" }
+);
+
+/// Where a volume's or template's first content came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Source {
+    Blank,
+    Snapshot { id: String },
+    Template { id: String },
+    Image { path: String },
+}
+
+impl Source {
+    /// The two columns it is stored in.
+    pub fn columns(&self) -> (&'static str, Option<&str>) {
+        match self {
+            Source::Blank => ("blank", None),
+            Source::Snapshot { id } => ("snapshot", Some(id)),
+            Source::Template { id } => ("template", Some(id)),
+            Source::Image { path } => ("image", Some(path)),
+        }
+    }
+
+    pub fn from_columns(kind: &str, reference: Option<String>) -> Option<Source> {
+        Some(match (kind, reference) {
+            ("blank", _) => Source::Blank,
+            ("snapshot", Some(id)) => Source::Snapshot { id },
+            ("template", Some(id)) => Source::Template { id },
+            ("image", Some(path)) => Source::Image { path },
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Tenant {
+    pub id: String,
+    pub name: String,
+    pub admin: bool,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Vm {
+    pub id: String,
+    #[serde(skip)]
+    pub tenant: String,
+    pub name: String,
+    pub state: VmState,
+    pub root_volume: String,
+    /// Filled from the volumes table when shown.
+    pub data_volumes: Vec<String>,
+    pub template: Option<String>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Volume {
+    pub id: String,
+    #[serde(skip)]
+    pub tenant: String,
+    pub name: String,
+    pub size: u64,
+    pub state: ResourceState,
+    pub vm: Option<String>,
+    pub role: DiskRole,
+    pub source: Source,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Snapshot {
+    pub id: String,
+    #[serde(skip)]
+    pub tenant: String,
+    pub name: String,
+    pub volume: String,
+    pub volume_name: String,
+    pub vm: Option<String>,
+    pub disk_role: DiskRole,
+    pub group: Option<String>,
+    pub origin: Origin,
+    pub consistency: Consistency,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Template {
+    pub id: String,
+    #[serde(skip)]
+    pub tenant: String,
+    pub name: String,
+    pub size: u64,
+    pub state: ResourceState,
+    pub source: Source,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Job {
+    pub id: String,
+    #[serde(skip)]
+    pub tenant: String,
+    pub kind: JobKind,
+    pub state: JobState,
+    pub resource: String,
+    pub path: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+}
+
+/// How to reach an export over NBD.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Nbd {
+    pub export: String,
+    pub uri: Option<String>,
+    pub unix_uri: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeView {
+    #[serde(flatten)]
+    pub volume: Volume,
+    pub nbd: Nbd,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotView {
+    #[serde(flatten)]
+    pub snapshot: Snapshot,
+    pub logical_bytes: u64,
+    pub exclusive_bytes: u64,
+    pub shared_bytes: u64,
+    pub nbd: Nbd,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TemplateView {
+    #[serde(flatten)]
+    pub template: Template,
+    pub nbd: Nbd,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobView {
+    #[serde(flatten)]
+    pub job: Job,
+    pub rate_bytes_per_sec: u64,
+    pub eta_seconds: Option<u64>,
+}
