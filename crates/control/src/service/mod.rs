@@ -1,0 +1,452 @@
+//! [`Control`]: every operation of the lifecycle, with its rules. Metadata changes are one
+//! transaction each; engine objects are made before the rows that name them and removed after
+//! the rows are gone, so a crash leaves at worst an engine object no row names, which
+//! [`Control::open`] removes (see docs/architecture.md, "Control plane").
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use cairn_volume::{SnapshotId, Store, VolumeId};
+use serde::Deserialize;
+
+mod snapshots;
+mod templates;
+mod tenants;
+mod transfers;
+mod vms;
+mod volumes;
+
+use crate::db::{self, MetaStore};
+use crate::exports::{ServiceExports, TEMPLATE_SNAPSHOT};
+use crate::jobs::{self, Progress};
+use crate::model::*;
+use crate::names::{self, new_id, Kind, SizeArg};
+use crate::{now, now_minus, Error};
+
+/// How long an idempotency key's answer is replayed.
+const IDEMPOTENCY_SECONDS: i64 = 24 * 3600;
+
+/// Where the NBD server listens, to tell clients in every answer.
+#[derive(Debug, Clone)]
+pub struct NbdAddress {
+    pub socket: PathBuf,
+    pub tcp: Option<SocketAddr>,
+}
+
+/// A request to snapshot a volume or a VM.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    pub name: Option<String>,
+    pub consistency: Option<Consistency>,
+}
+
+/// An image file on the daemon's machine to import.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSource {
+    pub path: String,
+    pub format: Option<ImageFormat>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub name: String,
+    pub size: Option<SizeArg>,
+    pub template: Option<String>,
+    pub image: Option<ImageSource>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    pub name: Option<String>,
+    pub vm: Option<String>,
+    #[serde(rename = "as")]
+    pub role: Option<DiskRole>,
+}
+
+/// What deleting a VM did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeleteVmOutcome {
+    pub deleted: String,
+    pub deleted_volumes: Vec<String>,
+    pub detached_volumes: Vec<String>,
+}
+
+/// What [`Control::open`] found and repaired after the previous run.
+#[derive(Debug, Clone, Default)]
+pub struct Recovery {
+    /// The admin token, when this start created the admin tenant.
+    pub admin_token: Option<String>,
+    pub interrupted_jobs: Vec<String>,
+    /// Engine volumes and snapshots no metadata named (left by a crash), now removed.
+    pub orphans_removed: Vec<String>,
+}
+
+/// Resource counts for metrics.
+#[derive(Debug, Clone, Default)]
+pub struct StoreCounts {
+    pub tenants: u64,
+    pub vms_running: u64,
+    pub vms_stopped: u64,
+    pub volumes: u64,
+    pub volume_bytes: u64,
+    pub snapshots: u64,
+    pub templates: u64,
+    pub jobs_running: u64,
+    pub engine_layers: u64,
+}
+
+/// The control plane of one cairn daemon.
+#[derive(Debug)]
+pub struct Control {
+    meta: MetaStore,
+    engine: Arc<Store>,
+    exports: Arc<ServiceExports>,
+    nbd: NbdAddress,
+    /// Mutating operations run one at a time: their checks (names free, VM stopped...) and
+    /// their changes must not interleave, and they take milliseconds.
+    ops: tokio::sync::Mutex<()>,
+    jobs: Mutex<HashMap<String, Arc<Progress>>>,
+    /// Signalled whenever a job ends, for a shutdown that waits for them.
+    job_ended: tokio::sync::Notify,
+}
+
+fn token_hash(token: &str) -> String {
+    blake3::hash(token.as_bytes()).to_hex().to_string()
+}
+
+fn new_token() -> String {
+    format!("cairn_{}", names::to_hex(&names::random_bytes::<24>()))
+}
+
+/// Admin tokens are written to DATA_DIR/admin.token readable by the owner only, replacing
+/// the file whole so a crash never leaves half a token.
+fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let partial = path.with_extension("partial");
+    let _ = std::fs::remove_file(&partial);
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&partial)?;
+    file.write_all(text.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    std::fs::rename(&partial, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl Control {
+    /// Opens the control plane: brings the schema up to date, creates the admin tenant on first
+    /// start (its token goes to `admin_token_path`), fails jobs a crash interrupted and removes
+    /// what they were making, and removes engine objects no metadata names.
+    pub async fn open(
+        meta: MetaStore,
+        engine: Arc<Store>,
+        exports: Arc<ServiceExports>,
+        nbd: NbdAddress,
+        admin_token_path: &Path,
+    ) -> Result<(Arc<Control>, Recovery), Error> {
+        let control = Arc::new(Control {
+            meta,
+            engine,
+            exports,
+            nbd,
+            ops: tokio::sync::Mutex::new(()),
+            jobs: Mutex::default(),
+            job_ended: Default::default(),
+        });
+        let mut recovery = Recovery::default();
+        {
+            let mut c = control.meta.conn().await?;
+            if db::tenant_by_name(&mut c, "admin").await?.is_none() {
+                let token = new_token();
+                // The file first: a crash before the row leaves no tenant, and the next start
+                // makes both again.
+                write_secret(admin_token_path, &token)?;
+                let mut tx = control.meta.begin().await?;
+                let tenant = Tenant { id: new_id(Kind::Tenant), name: "admin".into(), admin: true, created_at: now() };
+                db::insert_tenant(&mut tx, &tenant).await?;
+                db::insert_token(&mut tx, &token_hash(&token), &tenant.id).await?;
+                tx.commit().await?;
+                recovery.admin_token = Some(token);
+            }
+        }
+        recovery.interrupted_jobs = control.fail_interrupted_jobs().await?;
+        recovery.orphans_removed = control.remove_orphans().await?;
+        Ok((control, recovery))
+    }
+
+    pub fn engine(&self) -> &Arc<Store> {
+        &self.engine
+    }
+
+    async fn fail_interrupted_jobs(&self) -> Result<Vec<String>, Error> {
+        let mut c = self.meta.conn().await?;
+        let running = db::list_jobs(&mut c, None, Some(JobState::Running)).await?;
+        drop(c);
+        let mut failed = Vec::new();
+        for mut job in running {
+            job.state = JobState::Failed;
+            job.error = Some("interrupted by a restart".into());
+            job.finished_at = Some(now());
+            let mut tx = self.meta.begin().await?;
+            db::finish_job(&mut tx, &job).await?;
+            tx.commit().await?;
+            match job.kind {
+                JobKind::Import => self.discard_import(&job.tenant, &job.resource).await?,
+                JobKind::Export => {
+                    let _ = std::fs::remove_file(partial_path(&job.path, &job.id));
+                }
+            }
+            failed.push(job.id);
+        }
+        Ok(failed)
+    }
+
+    /// Removes what a failed import was making: the volume (and the VM it was the root of) or
+    /// the template.
+    async fn discard_import(&self, tenant: &str, resource: &str) -> Result<(), Error> {
+        let mut tx = self.meta.begin().await?;
+        if let Some(volume) = db::find_volume(&mut tx, tenant, resource).await? {
+            if let (DiskRole::Root, Some(vm)) = (volume.role, &volume.vm) {
+                db::delete_vm(&mut tx, vm).await?;
+            }
+            db::delete_volume(&mut tx, &volume.id).await?;
+        }
+        if db::find_template(&mut tx, tenant, resource).await?.is_some() {
+            db::delete_template(&mut tx, resource).await?;
+        }
+        tx.commit().await?;
+        self.remove_engine_volume(resource)?;
+        Ok(())
+    }
+
+    /// Deletes engine volumes and snapshots whose ids no metadata row names: made just before a
+    /// crash that came before their row, or whose row went just before a crash.
+    async fn remove_orphans(&self) -> Result<Vec<String>, Error> {
+        let mut c = self.meta.conn().await?;
+        let volumes: Vec<String> = db::list_volumes(&mut c, None, None).await?.into_iter().map(|v| v.id).collect();
+        let templates: Vec<String> = db::list_templates(&mut c, None).await?.into_iter().map(|t| t.id).collect();
+        let snapshots: Vec<String> =
+            db::list_snapshots(&mut c, None, None, None).await?.into_iter().map(|s| s.id).collect();
+        drop(c);
+        let mut removed = Vec::new();
+        let engine_volumes = self.engine.list_volumes();
+        for s in self.engine.list_snapshots(None) {
+            let orphan = if s.name.starts_with(Kind::Snapshot.prefix()) {
+                !snapshots.contains(&s.name)
+            } else {
+                // A template's base snapshot goes with its template.
+                s.name == TEMPLATE_SNAPSHOT
+                    && engine_volumes
+                        .iter()
+                        .find(|v| v.id == s.volume)
+                        .is_some_and(|v| v.name.starts_with(Kind::Template.prefix()) && !templates.contains(&v.name))
+            };
+            if orphan {
+                self.engine.delete_snapshot(s.id, false)?;
+                removed.push(format!("snapshot {}", s.name));
+            }
+        }
+        for v in engine_volumes {
+            let known = if v.name.starts_with(Kind::Volume.prefix()) {
+                volumes.contains(&v.name)
+            } else if v.name.starts_with(Kind::Template.prefix()) {
+                templates.contains(&v.name)
+            } else {
+                // Not one of ours by name (made by the engine's own tools): leave it.
+                true
+            };
+            if !known {
+                self.engine.delete_volume(v.id)?;
+                removed.push(format!("volume {}", v.name));
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn vm(&self, c: &mut db::Conn, t: &Tenant, reference: &str) -> Result<Vm, Error> {
+        let mut vm = db::find_vm(c, &t.id, reference).await?.ok_or_else(|| Error::not_found("vm", reference))?;
+        vm.data_volumes = db::list_volumes(c, Some(&t.id), Some(&vm.id))
+            .await?
+            .into_iter()
+            .filter(|v| v.role == DiskRole::Data)
+            .map(|v| v.id)
+            .collect();
+        Ok(vm)
+    }
+
+    async fn volume(&self, c: &mut db::Conn, t: &Tenant, reference: &str) -> Result<Volume, Error> {
+        db::find_volume(c, &t.id, reference).await?.ok_or_else(|| Error::not_found("volume", reference))
+    }
+
+    async fn snapshot(&self, c: &mut db::Conn, t: &Tenant, reference: &str) -> Result<Snapshot, Error> {
+        db::find_snapshot(c, &t.id, reference).await?.ok_or_else(|| Error::not_found("snapshot", reference))
+    }
+
+    async fn template(&self, c: &mut db::Conn, t: &Tenant, reference: &str) -> Result<Template, Error> {
+        db::find_template(c, &t.id, reference).await?.ok_or_else(|| Error::not_found("template", reference))
+    }
+
+    fn nbd_for(&self, export: String) -> Nbd {
+        Nbd {
+            uri: self.nbd.tcp.map(|addr| format!("nbd://{addr}/{export}")),
+            unix_uri: format!("nbd+unix:///{export}?socket={}", self.nbd.socket.display()),
+            export,
+        }
+    }
+
+    fn volume_view(&self, volume: Volume) -> VolumeView {
+        VolumeView { nbd: self.nbd_for(volume.id.clone()), volume }
+    }
+
+    fn template_view(&self, template: Template) -> TemplateView {
+        TemplateView { nbd: self.nbd_for(template.id.clone()), template }
+    }
+
+    /// Views of snapshots with their sizes, looking each up in one listing of the engine's.
+    fn snapshot_views(&self, snapshots: Vec<Snapshot>) -> Result<Vec<SnapshotView>, Error> {
+        let engine: HashMap<String, (SnapshotId, VolumeId)> =
+            self.engine.list_snapshots(None).into_iter().map(|s| (s.name, (s.id, s.volume))).collect();
+        let live_volumes: HashMap<VolumeId, String> =
+            self.engine.list_volumes().into_iter().map(|v| (v.id, v.name)).collect();
+        snapshots
+            .into_iter()
+            .map(|snapshot| {
+                let (engine_id, engine_volume) = *engine.get(&snapshot.id).ok_or_else(|| {
+                    Error::Internal(format!("snapshot {} is in the metadata but not in the volume store", snapshot.id))
+                })?;
+                let usage = self.engine.snapshot_usage(engine_id)?;
+                // `VOLUME@SNAPSHOT` while the volume lives; the bare id always works.
+                let export = match live_volumes.get(&engine_volume) {
+                    Some(volume) if *volume == snapshot.volume => format!("{volume}@{}", snapshot.id),
+                    _ => snapshot.id.clone(),
+                };
+                Ok(SnapshotView {
+                    logical_bytes: usage.logical_bytes,
+                    exclusive_bytes: usage.exclusive_bytes,
+                    shared_bytes: usage.shared_bytes,
+                    nbd: self.nbd_for(export),
+                    snapshot,
+                })
+            })
+            .collect()
+    }
+
+    fn snapshot_view(&self, snapshot: Snapshot) -> Result<SnapshotView, Error> {
+        Ok(self.snapshot_views(vec![snapshot])?.remove(0))
+    }
+
+    fn engine_volume(&self, id: &str) -> Result<VolumeId, Error> {
+        Ok(self.engine.volume_id(id)?)
+    }
+
+    fn engine_snapshot(&self, id: &str) -> Result<SnapshotId, Error> {
+        self.exports
+            .engine_snapshot(id)
+            .map(|(s, _)| s)
+            .ok_or_else(|| Error::Internal(format!("snapshot {id} is in the metadata but not in the volume store")))
+    }
+
+    fn template_snapshot(&self, template_id: &str) -> Result<SnapshotId, Error> {
+        Ok(self.engine.snapshot_id(self.engine_volume(template_id)?, TEMPLATE_SNAPSHOT)?)
+    }
+
+    fn remove_engine_volume(&self, id: &str) -> Result<(), Error> {
+        if let Ok(volume) = self.engine.volume_id(id) {
+            if let Ok(snapshot) = self.engine.snapshot_id(volume, TEMPLATE_SNAPSHOT) {
+                self.engine.delete_snapshot(snapshot, false)?;
+            }
+            self.engine.delete_volume(volume)?;
+        }
+        Ok(())
+    }
+
+    /// Fails when `name` is taken by a resource of this kind in the tenant.
+    async fn name_free(c: &mut db::Conn, t: &Tenant, kind: Kind, name: &str) -> Result<(), Error> {
+        let taken = match kind {
+            Kind::Vm => db::find_vm(c, &t.id, name).await?.is_some(),
+            Kind::Volume => db::find_volume(c, &t.id, name).await?.is_some(),
+            Kind::Snapshot => db::find_snapshot(c, &t.id, name).await?.is_some(),
+            Kind::Template => db::find_template(c, &t.id, name).await?.is_some(),
+            _ => false,
+        };
+        if taken {
+            return Err(Error::conflict(format!("a {} named {name:?} exists", kind.noun())));
+        }
+        Ok(())
+    }
+
+    /// `base`, or `base-2`, `base-3`... whichever is free first.
+    async fn free_name(c: &mut db::Conn, t: &Tenant, kind: Kind, base: &str) -> Result<String, Error> {
+        let base = &base[..base.len().min(56)];
+        let mut candidate = base.to_string();
+        for n in 2.. {
+            if Self::name_free(c, t, kind, &candidate).await.is_ok() {
+                break;
+            }
+            candidate = format!("{base}-{n}");
+        }
+        Ok(candidate)
+    }
+
+    pub async fn stored_answer(&self, t: &Tenant, key: &str) -> Result<Option<db::StoredAnswer>, Error> {
+        db::find_answer(&mut *self.meta.conn().await?, &t.id, key, &now_minus(IDEMPOTENCY_SECONDS)).await
+    }
+
+    pub async fn store_answer(&self, t: &Tenant, key: &str, answer: &db::StoredAnswer) -> Result<(), Error> {
+        let mut tx = self.meta.begin().await?;
+        db::forget_answers_before(&mut tx, &now_minus(IDEMPOTENCY_SECONDS)).await?;
+        db::store_answer(&mut tx, &t.id, key, answer).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn counts(&self) -> Result<StoreCounts, Error> {
+        let mut c = self.meta.conn().await?;
+        let vms = db::list_vms(&mut c, None).await?;
+        let volumes = db::list_volumes(&mut c, None, None).await?;
+        Ok(StoreCounts {
+            tenants: db::list_tenants(&mut c).await?.len() as u64,
+            vms_running: vms.iter().filter(|v| v.state == VmState::Running).count() as u64,
+            vms_stopped: vms.iter().filter(|v| v.state == VmState::Stopped).count() as u64,
+            volumes: volumes.len() as u64,
+            volume_bytes: volumes.iter().map(|v| v.size).sum(),
+            snapshots: db::list_snapshots(&mut c, None, None, None).await?.len() as u64,
+            templates: db::list_templates(&mut c, None).await?.len() as u64,
+            jobs_running: self.jobs.lock().expect("jobs lock").len() as u64,
+            engine_layers: self.engine.layer_count() as u64,
+        })
+    }
+
+    /// Waits for jobs in flight to end, for a graceful shutdown; what is still running after
+    /// `grace` is failed as interrupted at the next start.
+    pub async fn drain_jobs(&self, grace: std::time::Duration) {
+        let wait_all = async {
+            loop {
+                let ended = self.job_ended.notified();
+                if self.jobs.lock().expect("jobs lock").is_empty() {
+                    return;
+                }
+                ended.await;
+            }
+        };
+        let _ = tokio::time::timeout(grace, wait_all).await;
+    }
+
+    pub async fn close(&self) {
+        self.meta.close().await;
+    }
+}
+
+/// Where an export job writes before the file is complete.
+fn partial_path(path: &str, job: &str) -> PathBuf {
+    PathBuf::from(format!("{path}.{job}.partial"))
+}

@@ -1,0 +1,233 @@
+//! Snapshots of volumes and VMs (R1), and restore into fresh volumes (R5, R7).
+
+use crate::db;
+use crate::model::*;
+use crate::names::{check_name, new_id, Kind};
+use crate::{now, Error};
+
+use super::*;
+
+impl Control {
+    /// Snapshots a volume, or (with `vm`) every disk of a VM at one instant.
+    async fn take_snapshots(
+        &self,
+        t: &Tenant,
+        volumes: Vec<Volume>,
+        vm: Option<&Vm>,
+        request: &SnapshotRequest,
+    ) -> Result<Vec<SnapshotView>, Error> {
+        if let Some(name) = &request.name {
+            check_name("name", name)?;
+        }
+        if let Some(busy) = volumes.iter().find(|v| v.state != ResourceState::Ready) {
+            return Err(Error::conflict(format!("volume {} is being imported", busy.name)));
+        }
+        let mut tx = self.meta.begin().await?;
+        let group = (volumes.len() > 1).then(|| new_id(Kind::SnapshotGroup));
+        let mut snapshots = Vec::new();
+        for volume in &volumes {
+            let id = new_id(Kind::Snapshot);
+            let name = match (&request.name, volumes.len()) {
+                (Some(name), 1) => name.clone(),
+                (Some(name), _) => format!("{name}-{}", volume.name),
+                (None, _) => id.clone(),
+            };
+            let name = name[..name.len().min(63)].to_string();
+            Self::name_free(&mut tx, t, Kind::Snapshot, &name).await?;
+            snapshots.push(Snapshot {
+                id,
+                tenant: t.id.clone(),
+                name,
+                volume: volume.id.clone(),
+                volume_name: volume.name.clone(),
+                vm: vm.map(|vm| vm.id.clone()).or_else(|| volume.vm.clone()),
+                disk_role: volume.role,
+                group: group.clone(),
+                origin: Origin::Manual,
+                consistency: request.consistency.unwrap_or(Consistency::Crash),
+                created_at: now(),
+            });
+        }
+        let engine_ids: Vec<VolumeId> = volumes.iter().map(|v| self.engine_volume(&v.id)).collect::<Result<_, _>>()?;
+        let requests: Vec<(VolumeId, &str)> =
+            engine_ids.iter().zip(&snapshots).map(|(v, s)| (*v, s.id.as_str())).collect();
+        self.engine.snapshot_group(&requests)?;
+        for snapshot in &snapshots {
+            db::insert_snapshot(&mut tx, snapshot).await?;
+        }
+        tx.commit().await?;
+        self.snapshot_views(snapshots)
+    }
+
+    pub async fn snapshot_volume(
+        &self,
+        t: &Tenant,
+        reference: &str,
+        request: &SnapshotRequest,
+    ) -> Result<SnapshotView, Error> {
+        let _ops = self.ops.lock().await;
+        let volume = self.volume(&mut *self.meta.conn().await?, t, reference).await?;
+        Ok(self.take_snapshots(t, vec![volume], None, request).await?.remove(0))
+    }
+
+    /// All disks of a VM at one instant: multi-disk crash consistency.
+    pub async fn snapshot_vm(
+        &self,
+        t: &Tenant,
+        reference: &str,
+        request: &SnapshotRequest,
+    ) -> Result<Vec<SnapshotView>, Error> {
+        let _ops = self.ops.lock().await;
+        let mut c = self.meta.conn().await?;
+        let vm = self.vm(&mut c, t, reference).await?;
+        let mut volumes = db::list_volumes(&mut c, Some(&t.id), Some(&vm.id)).await?;
+        // Root first, so the answer reads in a stable order.
+        volumes.sort_by_key(|v| (v.role != DiskRole::Root, v.created_at.clone()));
+        drop(c);
+        self.take_snapshots(t, volumes, Some(&vm), request).await
+    }
+
+    /// Snapshots filtered by volume and VM, each given by id or name; the id of a deleted
+    /// volume or VM still finds the snapshots left of it.
+    pub async fn list_snapshots(
+        &self,
+        t: &Tenant,
+        volume: Option<&str>,
+        vm: Option<&str>,
+    ) -> Result<Vec<SnapshotView>, Error> {
+        let mut c = self.meta.conn().await?;
+        let volume = match volume {
+            Some(r) => Some(db::find_volume(&mut c, &t.id, r).await?.map_or(r.to_string(), |v| v.id)),
+            None => None,
+        };
+        let vm = match vm {
+            Some(r) => Some(db::find_vm(&mut c, &t.id, r).await?.map_or(r.to_string(), |v| v.id)),
+            None => None,
+        };
+        let snapshots = db::list_snapshots(&mut c, Some(&t.id), volume.as_deref(), vm.as_deref()).await?;
+        self.snapshot_views(snapshots)
+    }
+
+    pub async fn get_snapshot(&self, t: &Tenant, reference: &str) -> Result<SnapshotView, Error> {
+        let snapshot = self.snapshot(&mut *self.meta.conn().await?, t, reference).await?;
+        self.snapshot_view(snapshot)
+    }
+
+    pub async fn delete_snapshot(&self, t: &Tenant, reference: &str) -> Result<String, Error> {
+        let _ops = self.ops.lock().await;
+        let mut tx = self.meta.begin().await?;
+        let snapshot = self.snapshot(&mut tx, t, reference).await?;
+        let engine_id = self.engine_snapshot(&snapshot.id)?;
+        db::delete_snapshot(&mut tx, &snapshot.id).await?;
+        tx.commit().await?;
+        self.engine.delete_snapshot(engine_id, false)?;
+        Ok(snapshot.id)
+    }
+
+    /// A fresh volume from a snapshot (R5, R7); see docs/api.md, "Restore rules".
+    pub async fn restore_snapshot(
+        &self,
+        t: &Tenant,
+        reference: &str,
+        request: &RestoreRequest,
+    ) -> Result<VolumeView, Error> {
+        if let Some(name) = &request.name {
+            check_name("name", name)?;
+        }
+        let _ops = self.ops.lock().await;
+        let mut tx = self.meta.begin().await?;
+        let snapshot = self.snapshot(&mut tx, t, reference).await?;
+        let vm = match &request.vm {
+            Some(r) => Some(self.vm(&mut tx, t, r).await?),
+            None => None,
+        };
+        let role = request.role.unwrap_or(DiskRole::Data);
+        if snapshot.disk_role == DiskRole::Root {
+            let own_vm = vm.as_ref().is_some_and(|vm| snapshot.vm.as_deref() == Some(vm.id.as_str()));
+            if !own_vm {
+                return Err(Error::conflict(format!(
+                    "snapshot {} is of a VM's root disk: it can not become a standalone volume or be attached to \
+                     another VM; restore it to its own VM, or make a template from it",
+                    snapshot.name
+                )));
+            }
+        }
+        if role == DiskRole::Root {
+            let Some(vm) = &vm else {
+                return Err(Error::invalid("vm", "restoring as a root disk needs the vm"));
+            };
+            if snapshot.disk_role == DiskRole::Data {
+                return Err(Error::conflict(format!(
+                    "snapshot {} is of a data disk; it can not become a root disk",
+                    snapshot.name
+                )));
+            }
+            if vm.state == VmState::Running {
+                return Err(Error::conflict(format!(
+                    "VM {} is running; stop it before replacing its root disk",
+                    vm.name
+                )));
+            }
+        }
+        let name = match &request.name {
+            Some(name) => {
+                Self::name_free(&mut tx, t, Kind::Volume, name).await?;
+                name.clone()
+            }
+            None => Self::free_name(&mut tx, t, Kind::Volume, &format!("{}-restore", snapshot.name)).await?,
+        };
+        let volume = Volume {
+            id: new_id(Kind::Volume),
+            tenant: t.id.clone(),
+            name,
+            size: 0,
+            state: ResourceState::Ready,
+            vm: vm.as_ref().map(|vm| vm.id.clone()),
+            role,
+            source: Source::Snapshot { id: snapshot.id.clone() },
+            created_at: now(),
+        };
+        let old_root = match (&vm, role) {
+            (Some(vm), DiskRole::Root) => Some(self.volume(&mut tx, t, &vm.root_volume).await?),
+            _ => None,
+        };
+        // Before anything changes: the old root's content is kept as a snapshot, so replacing
+        // a root disk loses nothing.
+        let kept = match &old_root {
+            Some(old) => {
+                let stamp = jiff::Timestamp::now().strftime("%Y%m%dT%H%M%S").to_string();
+                let kept_name =
+                    Self::free_name(&mut tx, t, Kind::Snapshot, &format!("{}-replaced-{stamp}", old.name)).await?;
+                let kept = Snapshot {
+                    id: new_id(Kind::Snapshot),
+                    tenant: t.id.clone(),
+                    name: kept_name,
+                    volume: old.id.clone(),
+                    volume_name: old.name.clone(),
+                    vm: old.vm.clone(),
+                    disk_role: DiskRole::Root,
+                    group: None,
+                    origin: Origin::Manual,
+                    consistency: Consistency::Crash,
+                    created_at: now(),
+                };
+                self.engine.snapshot(self.engine_volume(&old.id)?, &kept.id)?;
+                Some(kept)
+            }
+            None => None,
+        };
+        let info = self.engine.clone_snapshot(self.engine_snapshot(&snapshot.id)?, &volume.id, None)?;
+        let volume = Volume { size: info.size, ..volume };
+        db::insert_volume(&mut tx, &volume).await?;
+        if let (Some(old), Some(kept), Some(vm)) = (&old_root, &kept, &vm) {
+            db::insert_snapshot(&mut tx, kept).await?;
+            db::set_vm_root(&mut tx, &vm.id, &volume.id).await?;
+            db::delete_volume(&mut tx, &old.id).await?;
+        }
+        tx.commit().await?;
+        if let Some(old) = &old_root {
+            self.remove_engine_volume(&old.id)?;
+        }
+        Ok(self.volume_view(volume))
+    }
+}

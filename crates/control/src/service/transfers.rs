@@ -1,0 +1,316 @@
+//! Import and export jobs: qemu-img between image files and private or read-only NBD exports.
+
+use std::sync::Arc;
+
+use crate::db;
+use crate::model::*;
+use crate::names::{check_name, new_id, Kind, SizeArg};
+use crate::{now, Error};
+
+use super::*;
+
+impl Control {
+    pub(super) async fn inspect_image(&self, image: &ImageSource) -> Result<(ImageFormat, u64), Error> {
+        let path = Path::new(&image.path);
+        if !path.is_absolute() {
+            return Err(Error::invalid(
+                "path",
+                format!("path {:?} must be absolute (a path on the daemon's machine)", image.path),
+            ));
+        }
+        if !path.is_file() {
+            return Err(Error::invalid("path", format!("{} is not a file on the daemon's machine", image.path)));
+        }
+        let (format, size) = jobs::image_info(path, image.format).await?;
+        // Volumes are whole sectors; the tail past the image reads as zeros.
+        let size = size.div_ceil(names::SECTOR) * names::SECTOR;
+        SizeArg::Bytes(size.max(names::SECTOR)).volume_bytes("path").map(|size| (format, size))
+    }
+
+    pub(super) fn new_job(
+        &self,
+        t: &Tenant,
+        kind: JobKind,
+        resource: &str,
+        path: &str,
+        total: u64,
+    ) -> (Job, ImageFormat) {
+        let job = Job {
+            id: new_id(Kind::Job),
+            tenant: t.id.clone(),
+            kind,
+            state: JobState::Running,
+            resource: resource.into(),
+            path: path.into(),
+            bytes_done: 0,
+            bytes_total: total,
+            error: None,
+            created_at: now(),
+            finished_at: None,
+        };
+        (job, ImageFormat::Raw)
+    }
+
+    fn track(&self, job: &Job) -> Arc<Progress> {
+        let progress = Arc::new(Progress::new(job.bytes_total));
+        self.jobs.lock().expect("jobs lock").insert(job.id.clone(), progress.clone());
+        progress
+    }
+
+    fn job_view(&self, job: Job) -> JobView {
+        let progress = self.jobs.lock().expect("jobs lock").get(&job.id).cloned();
+        match progress {
+            Some(p) if job.state == JobState::Running => {
+                let (rate, eta) = p.rate_and_eta();
+                JobView { job: Job { bytes_done: p.done(), ..job }, rate_bytes_per_sec: rate, eta_seconds: eta }
+            }
+            _ => JobView { job, rate_bytes_per_sec: 0, eta_seconds: None },
+        }
+    }
+
+    /// Records a job's end and forgets its live progress.
+    async fn finish(&self, mut job: Job, result: Result<(), String>) -> Result<Job, Error> {
+        let progress = self.jobs.lock().expect("jobs lock").remove(&job.id);
+        self.job_ended.notify_waiters();
+        job.bytes_done = progress.map_or(job.bytes_done, |p| p.done());
+        job.finished_at = Some(now());
+        match result {
+            Ok(()) => job.state = JobState::Succeeded,
+            Err(e) => {
+                job.state = JobState::Failed;
+                job.error = Some(e);
+            }
+        }
+        let mut tx = self.meta.begin().await?;
+        db::finish_job(&mut tx, &job).await?;
+        tx.commit().await?;
+        Ok(job)
+    }
+
+    /// Starts filling the volume or template `job.resource` from `job.path` through a private
+    /// NBD export; on success the resource becomes ready, on failure it is removed.
+    pub(super) fn start_import(self: &Arc<Self>, job: Job, format: ImageFormat) -> JobView {
+        let progress = self.track(&job);
+        let view = self.job_view(job.clone());
+        let control = self.clone();
+        tokio::spawn(async move {
+            let result = control.run_import(&job, format, &progress).await;
+            let failed = result.is_err();
+            let tenant = job.tenant.clone();
+            let resource = job.resource.clone();
+            if let Err(e) = control.finish(job, result).await {
+                eprintln!("cairn: recording the end of an import job: {e}");
+            }
+            if failed {
+                if let Err(e) = control.discard_import(&tenant, &resource).await {
+                    eprintln!("cairn: removing the remains of a failed import of {resource}: {e}");
+                }
+            }
+        });
+        view
+    }
+
+    async fn run_import(&self, job: &Job, format: ImageFormat, progress: &Progress) -> Result<(), String> {
+        let volume = self.engine.volume_id(&job.resource).map_err(|e| e.to_string())?;
+        let export = format!("import-{}", job.id);
+        self.exports.set_import(&export, Some(volume));
+        let target = format!("nbd+unix:///{export}?socket={}", self.nbd.socket.display());
+        let args: Vec<&std::ffi::OsStr> = vec![
+            "-n".as_ref(),
+            // The new volume reads as zeros, so qemu-img skips writing zeros: imports stay sparse.
+            "--target-is-zero".as_ref(),
+            "-f".as_ref(),
+            format.as_str().as_ref(),
+            "-O".as_ref(),
+            "raw".as_ref(),
+            job.path.as_ref(),
+            target.as_ref(),
+        ];
+        let result = jobs::convert(&args, progress).await;
+        self.exports.set_import(&export, None);
+        result?;
+        let _ops = self.ops.lock().await;
+        let mut tx = self.meta.begin().await.map_err(|e| e.to_string())?;
+        let finish = async {
+            if let Some(mut volume) = db::find_volume(&mut tx, &job.tenant, &job.resource).await? {
+                volume.state = ResourceState::Ready;
+                db::update_volume(&mut tx, &volume).await?;
+            } else {
+                // A template: freeze what was imported as its content.
+                self.engine.snapshot(volume, TEMPLATE_SNAPSHOT)?;
+                db::set_template_state(&mut tx, &job.resource, ResourceState::Ready).await?;
+            }
+            tx.commit().await?;
+            Ok::<(), Error>(())
+        };
+        finish.await.map_err(|e| e.to_string())
+    }
+
+    /// Imports a raw or qcow2 file into a new data volume (attached to `vm` if given).
+    pub async fn import_volume(
+        self: &Arc<Self>,
+        t: &Tenant,
+        name: &str,
+        image: &ImageSource,
+        vm: Option<&str>,
+    ) -> Result<(JobView, VolumeView), Error> {
+        check_name("name", name)?;
+        let (format, size) = self.inspect_image(image).await?;
+        let _ops = self.ops.lock().await;
+        let mut tx = self.meta.begin().await?;
+        Self::name_free(&mut tx, t, Kind::Volume, name).await?;
+        let vm = match vm {
+            Some(reference) => Some(self.vm(&mut tx, t, reference).await?.id),
+            None => None,
+        };
+        let volume = Volume {
+            id: new_id(Kind::Volume),
+            tenant: t.id.clone(),
+            name: name.into(),
+            size,
+            state: ResourceState::Importing,
+            vm,
+            role: DiskRole::Data,
+            source: Source::Image { path: image.path.clone() },
+            created_at: now(),
+        };
+        self.engine.create_volume(&volume.id, size)?;
+        db::insert_volume(&mut tx, &volume).await?;
+        let (job, _) = self.new_job(t, JobKind::Import, &volume.id, &image.path, size);
+        db::insert_job(&mut tx, &job).await?;
+        tx.commit().await?;
+        Ok((self.start_import(job, format), self.volume_view(volume)))
+    }
+
+    /// Imports a raw or qcow2 file as a template.
+    pub async fn import_template(
+        self: &Arc<Self>,
+        t: &Tenant,
+        name: &str,
+        image: &ImageSource,
+    ) -> Result<(JobView, TemplateView), Error> {
+        check_name("name", name)?;
+        let (format, size) = self.inspect_image(image).await?;
+        let _ops = self.ops.lock().await;
+        let mut tx = self.meta.begin().await?;
+        Self::name_free(&mut tx, t, Kind::Template, name).await?;
+        let template = Template {
+            id: new_id(Kind::Template),
+            tenant: t.id.clone(),
+            name: name.into(),
+            size,
+            state: ResourceState::Importing,
+            source: Source::Image { path: image.path.clone() },
+            created_at: now(),
+        };
+        self.engine.create_volume(&template.id, size)?;
+        db::insert_template(&mut tx, &template).await?;
+        let (job, _) = self.new_job(t, JobKind::Import, &template.id, &image.path, size);
+        db::insert_job(&mut tx, &job).await?;
+        tx.commit().await?;
+        Ok((self.start_import(job, format), self.template_view(template)))
+    }
+
+    /// Exports a volume or a snapshot to a new raw or qcow2 file on the daemon's machine.
+    async fn export(
+        self: &Arc<Self>,
+        t: &Tenant,
+        resource: &str,
+        nbd_export: String,
+        size: u64,
+        path: &str,
+        format: Option<ImageFormat>,
+    ) -> Result<JobView, Error> {
+        let target = Path::new(path);
+        if !target.is_absolute() {
+            return Err(Error::invalid(
+                "path",
+                format!("path {path:?} must be absolute (a path on the daemon's machine)"),
+            ));
+        }
+        if !target.parent().is_some_and(Path::is_dir) {
+            return Err(Error::invalid("path", format!("the directory of {path} does not exist")));
+        }
+        if target.exists() {
+            return Err(Error::conflict(format!("{path} exists; cairn does not overwrite files")));
+        }
+        let (job, _) = self.new_job(t, JobKind::Export, resource, path, size);
+        let mut tx = self.meta.begin().await?;
+        db::insert_job(&mut tx, &job).await?;
+        tx.commit().await?;
+        let progress = self.track(&job);
+        let view = self.job_view(job.clone());
+        let control = self.clone();
+        let format = format.unwrap_or(ImageFormat::Raw);
+        tokio::spawn(async move {
+            let result = control.run_export(&job, &nbd_export, format, &progress).await;
+            if let Err(e) = control.finish(job, result).await {
+                eprintln!("cairn: recording the end of an export job: {e}");
+            }
+        });
+        Ok(view)
+    }
+
+    /// Writes to a partial file and links it into place at the end, so the path never holds
+    /// half an image and a file that appeared meanwhile is not overwritten.
+    async fn run_export(
+        &self,
+        job: &Job,
+        export: &str,
+        format: ImageFormat,
+        progress: &Progress,
+    ) -> Result<(), String> {
+        let source = format!("nbd+unix:///{export}?socket={}", self.nbd.socket.display());
+        let partial = partial_path(&job.path, &job.id);
+        let args: Vec<&std::ffi::OsStr> = vec![
+            "-f".as_ref(),
+            "raw".as_ref(),
+            "-O".as_ref(),
+            format.as_str().as_ref(),
+            source.as_ref(),
+            partial.as_ref(),
+        ];
+        let result = jobs::convert(&args, progress).await.and_then(|()| {
+            std::fs::File::open(&partial).and_then(|f| f.sync_all()).map_err(|e| format!("syncing the export: {e}"))?;
+            std::fs::hard_link(&partial, &job.path).map_err(|e| format!("placing the export at {}: {e}", job.path))
+        });
+        let _ = std::fs::remove_file(&partial);
+        result
+    }
+
+    pub async fn export_volume(
+        self: &Arc<Self>,
+        t: &Tenant,
+        reference: &str,
+        path: &str,
+        format: Option<ImageFormat>,
+    ) -> Result<JobView, Error> {
+        let volume = self.volume(&mut *self.meta.conn().await?, t, reference).await?;
+        if volume.state != ResourceState::Ready {
+            return Err(Error::conflict(format!("volume {} is being imported", volume.name)));
+        }
+        self.export(t, &volume.id, volume.id.clone(), volume.size, path, format).await
+    }
+
+    pub async fn export_snapshot(
+        self: &Arc<Self>,
+        t: &Tenant,
+        reference: &str,
+        path: &str,
+        format: Option<ImageFormat>,
+    ) -> Result<JobView, Error> {
+        let snapshot = self.get_snapshot(t, reference).await?;
+        self.export(t, &snapshot.snapshot.id, snapshot.snapshot.id.clone(), snapshot.logical_bytes, path, format).await
+    }
+
+    pub async fn list_jobs(&self, t: &Tenant) -> Result<Vec<JobView>, Error> {
+        let jobs = db::list_jobs(&mut *self.meta.conn().await?, Some(&t.id), None).await?;
+        Ok(jobs.into_iter().map(|j| self.job_view(j)).collect())
+    }
+
+    pub async fn get_job(&self, t: &Tenant, id: &str) -> Result<JobView, Error> {
+        let job =
+            db::find_job(&mut *self.meta.conn().await?, &t.id, id).await?.ok_or_else(|| Error::not_found("job", id))?;
+        Ok(self.job_view(job))
+    }
+}

@@ -1,0 +1,137 @@
+//! What a crash leaves between the metadata and the volume engine is repaired when the control
+//! plane opens: engine objects without rows go, jobs in flight are failed and what they were
+//! making is removed, and everything the metadata names is untouched.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use cairn_control::db::{self, MetaStore};
+use cairn_control::model::*;
+use cairn_control::names::{new_id, Kind, SizeArg};
+use cairn_control::{Control, NbdAddress, Recovery, ServiceExports};
+use cairn_volume::{Store, StoreOptions};
+
+async fn open(dir: &Path) -> (Arc<Control>, Recovery) {
+    let engine = Arc::new(Store::open_dir(dir.join("volumes"), StoreOptions::default()).unwrap());
+    let meta = MetaStore::open_sqlite(&dir.join("cairn.db")).await.unwrap();
+    let exports = Arc::new(ServiceExports::new(engine.clone()));
+    let nbd = NbdAddress { socket: dir.join("nbd.sock"), tcp: None };
+    Control::open(meta, engine, exports, nbd, &dir.join("admin.token")).await.unwrap()
+}
+
+async fn admin(control: &Control, dir: &Path) -> Tenant {
+    let token = std::fs::read_to_string(dir.join("admin.token")).unwrap();
+    control.authenticate(token.trim()).await.unwrap()
+}
+
+/// Closes everything, as a clean stop would; the next `open` sees what is on disk.
+async fn close(control: Arc<Control>) {
+    control.close().await;
+    let engine = control.engine().clone();
+    drop(control);
+    // The exports and control held the other references; the store flushes as it goes.
+    drop(engine);
+}
+
+#[tokio::test]
+async fn engine_objects_without_metadata_are_removed_and_the_rest_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let (control, recovery) = open(dir.path()).await;
+    assert!(recovery.admin_token.is_some());
+    let t = admin(&control, dir.path()).await;
+    let kept = control.create_volume(&t, "kept", &SizeArg::Text("1M".into()), None).await.unwrap();
+    let snap = control.snapshot_volume(&t, "kept", &Default::default()).await.unwrap();
+    // What a crash between the engine's change and the metadata's leaves behind:
+    let engine = control.engine();
+    let orphan_volume = new_id(Kind::Volume);
+    engine.create_volume(&orphan_volume, 1 << 20).unwrap();
+    let orphan_snapshot = new_id(Kind::Snapshot);
+    engine.snapshot(engine.volume_id(&kept.volume.id).unwrap(), &orphan_snapshot).unwrap();
+    let orphan_template = new_id(Kind::Template);
+    let tpl_volume = engine.create_volume(&orphan_template, 1 << 20).unwrap();
+    engine.snapshot(tpl_volume.id, "base").unwrap();
+    // Not named like a cairn resource: not the control plane's to judge.
+    engine.create_volume("made-by-hand", 1 << 20).unwrap();
+    close(control).await;
+
+    let (control, recovery) = open(dir.path()).await;
+    assert_eq!(recovery.admin_token, None, "the admin is made once");
+    let mut removed = recovery.orphans_removed.clone();
+    removed.sort();
+    let mut expected = vec![
+        format!("volume {orphan_volume}"),
+        format!("snapshot {orphan_snapshot}"),
+        format!("volume {orphan_template}"),
+        "snapshot base".to_string(),
+    ];
+    expected.sort();
+    assert_eq!(removed, expected);
+    let names: Vec<String> = control.engine().list_volumes().into_iter().map(|v| v.name).collect();
+    assert!(names.contains(&kept.volume.id) && names.contains(&"made-by-hand".to_string()), "{names:?}");
+    let t = admin(&control, dir.path()).await;
+    assert_eq!(control.get_snapshot(&t, &snap.snapshot.id).await.unwrap().snapshot.volume, kept.volume.id);
+    // A second start finds nothing more to do.
+    close(control).await;
+    assert!(open(dir.path()).await.1.orphans_removed.is_empty());
+}
+
+#[tokio::test]
+async fn a_job_cut_short_fails_and_its_half_made_resources_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let (control, _) = open(dir.path()).await;
+    let t = admin(&control, dir.path()).await;
+    // An import into a new VM's root disk, as `create_vm` leaves it the moment before a kill.
+    let vm = Vm {
+        id: new_id(Kind::Vm),
+        tenant: t.id.clone(),
+        name: "half".into(),
+        state: VmState::Running,
+        root_volume: new_id(Kind::Volume),
+        data_volumes: vec![],
+        template: None,
+        created_at: cairn_control::now(),
+    };
+    let volume = Volume {
+        id: vm.root_volume.clone(),
+        tenant: t.id.clone(),
+        name: "half-root".into(),
+        size: 1 << 20,
+        state: ResourceState::Importing,
+        vm: Some(vm.id.clone()),
+        role: DiskRole::Root,
+        source: Source::Image { path: "/nowhere.raw".into() },
+        created_at: cairn_control::now(),
+    };
+    let job = Job {
+        id: new_id(Kind::Job),
+        tenant: t.id.clone(),
+        kind: JobKind::Import,
+        state: JobState::Running,
+        resource: volume.id.clone(),
+        path: "/nowhere.raw".into(),
+        bytes_done: 0,
+        bytes_total: 1 << 20,
+        error: None,
+        created_at: cairn_control::now(),
+        finished_at: None,
+    };
+    control.engine().create_volume(&volume.id, volume.size).unwrap();
+    let meta = MetaStore::open_sqlite(&dir.path().join("cairn.db")).await.unwrap();
+    let mut tx = meta.begin().await.unwrap();
+    db::insert_volume(&mut tx, &volume).await.unwrap();
+    db::insert_vm(&mut tx, &vm).await.unwrap();
+    db::insert_job(&mut tx, &job).await.unwrap();
+    tx.commit().await.unwrap();
+    meta.close().await;
+    close(control).await;
+
+    let (control, recovery) = open(dir.path()).await;
+    assert_eq!(recovery.interrupted_jobs, vec![job.id.clone()]);
+    let t = admin(&control, dir.path()).await;
+    let failed = control.get_job(&t, &job.id).await.unwrap();
+    assert_eq!(failed.job.state, JobState::Failed);
+    assert_eq!(failed.job.error.as_deref(), Some("interrupted by a restart"));
+    assert!(matches!(control.get_vm(&t, "half").await, Err(cairn_control::Error::NotFound { .. })));
+    assert!(matches!(control.get_volume(&t, &volume.id).await, Err(cairn_control::Error::NotFound { .. })));
+    assert!(control.engine().volume_id(&volume.id).is_err(), "the engine volume went too");
+}
