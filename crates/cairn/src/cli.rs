@@ -1,11 +1,659 @@
-//! The command-line client (being written).
+//! The command-line client: one command per REST call (see docs/api.md and docs/cli.md), with
+//! tables for people and the API's own JSON for scripts.
+
+mod client;
+mod output;
+mod progress;
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Subcommand, ValueEnum};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use client::{encode, Client};
+use output::{item_rows, object_rows, render_block, render_table, Field};
+
+/// Kept apart in every command's help, where they mix with the command's own options otherwise.
+const GLOBAL_OPTIONS: &str = "Global options";
 
 #[derive(Debug, clap::Args)]
-pub struct Global {}
+pub struct Global {
+    /// Base URL of the cairn API [default: the one in $CAIRN_DATA_DIR/api.url or
+    /// ./cairn-data/api.url, else http://127.0.0.1:8474]
+    #[arg(long, global = true, env = "CAIRN_URL", value_name = "URL", help_heading = GLOBAL_OPTIONS)]
+    url: Option<String>,
+    /// API token [default: $CAIRN_DATA_DIR/admin.token or ./cairn-data/admin.token]
+    #[arg(long, global = true, env = "CAIRN_TOKEN", hide_env_values = true, value_name = "TOKEN", help_heading = GLOBAL_OPTIONS)]
+    token: Option<String>,
+    /// Print the API's JSON answer instead of tables
+    #[arg(long, global = true, help_heading = GLOBAL_OPTIONS)]
+    json: bool,
+}
 
-#[derive(Debug, clap::Subcommand)]
-pub enum Command {}
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Virtual machines: a root disk and any attached data disks
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Disks: create, attach, grow, revert, import and export
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Point-in-time snapshots of disks
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Golden images that new VMs start from
+    #[command(subcommand)]
+    Template(TemplateCommand),
+    /// Long operations (import, export) and their progress
+    #[command(subcommand)]
+    Job(JobCommand),
+    /// Tenants and their tokens (administrators only)
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+    /// Show the tenant the token belongs to
+    Whoami,
+}
 
-pub fn run(_global: &Global, command: Command) -> anyhow::Result<()> {
-    match command {}
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM (running) with a blank root disk, a template's clone or an imported image
+    Create {
+        name: String,
+        /// Size of a blank root disk (10G, 512M…), or of a template's clone to make it larger
+        #[arg(long, required_unless_present_any = ["template", "image"], conflicts_with = "image")]
+        size: Option<String>,
+        /// Template (id or name) to clone the root disk from
+        #[arg(long, conflicts_with = "image")]
+        template: Option<String>,
+        /// Image file on the daemon's machine to import as the root disk
+        #[arg(long, value_name = "PATH")]
+        image: Option<PathBuf>,
+        /// Format of the image [default: detected]
+        // Conflicting too, because clap lets `requires` pass when the required flag conflicts
+        // with one that is present.
+        #[arg(long, requires = "image", conflicts_with_all = ["size", "template"])]
+        format: Option<DiskFormat>,
+        #[command(flatten)]
+        wait: NoWait,
+    },
+    /// List VMs
+    List,
+    /// Show a VM
+    Show { vm: String },
+    /// Start a VM
+    Start { vm: String },
+    /// Stop a VM (it keeps its disks)
+    Stop { vm: String },
+    /// Delete a VM and its root disk; data disks are detached and kept, snapshots stay
+    Delete { vm: String },
+    /// Snapshot all disks of a VM at one instant
+    Snapshot {
+        vm: String,
+        #[command(flatten)]
+        options: SnapshotOptions,
+    },
+    /// List the snapshots of a VM's disks (also of a deleted VM, by its id)
+    Snapshots { vm: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a blank data volume
+    Create {
+        name: String,
+        /// Size (10G, 512M…)
+        #[arg(long)]
+        size: String,
+        /// VM to attach it to
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// List volumes
+    List,
+    /// Show a volume, with its NBD URIs
+    Show { volume: String },
+    /// Attach a data volume to a VM
+    Attach { volume: String, vm: String },
+    /// Detach a data volume from its VM
+    Detach { volume: String },
+    /// Grow a volume to a new size
+    Grow { volume: String, size: String },
+    /// Roll a volume back to one of its snapshots (its VM must be stopped)
+    Revert { volume: String, snapshot: String },
+    /// Delete a detached volume (its snapshots stay)
+    Delete { volume: String },
+    /// Import a raw or qcow2 file on the daemon's machine as a new data volume
+    Import {
+        path: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Format of the file [default: detected]
+        #[arg(long)]
+        format: Option<DiskFormat>,
+        /// VM to attach it to
+        #[arg(long)]
+        vm: Option<String>,
+        #[command(flatten)]
+        wait: NoWait,
+    },
+    /// Export a volume to a new file on the daemon's machine
+    Export {
+        volume: String,
+        #[command(flatten)]
+        to: ExportTo,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Snapshot one volume
+    Create {
+        volume: String,
+        #[command(flatten)]
+        options: SnapshotOptions,
+    },
+    /// List snapshots, oldest first
+    List {
+        /// Only the snapshots of this volume
+        #[arg(long)]
+        volume: Option<String>,
+        /// Only the snapshots of this VM's disks
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Show a snapshot, with its NBD URIs
+    Show { snapshot: String },
+    /// Delete a snapshot
+    Delete { snapshot: String },
+    /// Make a new volume from a snapshot, usable at once
+    Restore {
+        snapshot: String,
+        /// Name of the new volume [default: SNAPSHOTNAME-restore]
+        #[arg(long)]
+        name: Option<String>,
+        /// VM to attach the new volume to (a root-disk snapshot only goes back to its own VM)
+        #[arg(long)]
+        vm: Option<String>,
+        /// Attach as the VM's root disk (VM stopped; the old root is snapshotted, then deleted)
+        /// or as a data disk [default: data]
+        #[arg(long = "as", value_name = "ROLE")]
+        role: Option<DiskRole>,
+    },
+    /// Export a snapshot to a new file on the daemon's machine
+    Export {
+        snapshot: String,
+        #[command(flatten)]
+        to: ExportTo,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    /// Make a template from a root-disk snapshot
+    Create {
+        name: String,
+        #[arg(long)]
+        snapshot: String,
+    },
+    /// Import a raw or qcow2 file on the daemon's machine as a template
+    Import {
+        path: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// Format of the file [default: detected]
+        #[arg(long)]
+        format: Option<DiskFormat>,
+        #[command(flatten)]
+        wait: NoWait,
+    },
+    /// List templates
+    List,
+    /// Show a template, with its NBD URIs
+    Show { template: String },
+    /// Delete a template (VMs made from it keep working)
+    Delete { template: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// List jobs, newest first
+    List,
+    /// Show a job
+    Show { job: String },
+    /// Wait for a job to finish (fails if the job fails)
+    Wait { job: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Create a tenant and print its token (shown only this once)
+    Create { name: String },
+    /// List tenants
+    List,
+}
+
+/// Where and how an export writes, shared by volume and snapshot exports.
+#[derive(Debug, clap::Args)]
+pub struct ExportTo {
+    /// The new file, on the daemon's machine (a relative path is taken from here)
+    path: PathBuf,
+    /// Format of the file [default: raw]
+    #[arg(long)]
+    format: Option<DiskFormat>,
+    #[command(flatten)]
+    wait: NoWait,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct NoWait {
+    /// Return at once with the running job instead of waiting for it
+    #[arg(long)]
+    no_wait: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SnapshotOptions {
+    /// Name of the snapshot [default: its id]
+    #[arg(long)]
+    name: Option<String>,
+    /// Crash-consistent, or application-consistent (runs the pre/post hooks) [default: crash]
+    #[arg(long)]
+    consistency: Option<Consistency>,
+}
+
+impl SnapshotOptions {
+    fn body(&self) -> Value {
+        json!({"name": self.name, "consistency": self.consistency})
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    Crash,
+    Application,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskRole {
+    Root,
+    Data,
+}
+
+/// The kinds of resource the API serves, with where they live and how people see them.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Vm,
+    Volume,
+    Snapshot,
+    Template,
+    Job,
+    Tenant,
+}
+
+impl Kind {
+    fn collection(self) -> &'static str {
+        match self {
+            Kind::Vm => "/v1/vms",
+            Kind::Volume => "/v1/volumes",
+            Kind::Snapshot => "/v1/snapshots",
+            Kind::Template => "/v1/templates",
+            Kind::Job => "/v1/jobs",
+            Kind::Tenant => "/v1/tenants",
+        }
+    }
+
+    /// The path of one resource, or of an action on it (`suffix` like `/start`).
+    fn item(self, id_or_name: &str, suffix: &str) -> String {
+        format!("{}/{}{suffix}", self.collection(), encode(id_or_name))
+    }
+
+    /// The member that holds this kind in answers that carry several things (`{"job", "vm"}`).
+    fn member(self) -> &'static str {
+        match self {
+            Kind::Vm => "vm",
+            Kind::Volume => "volume",
+            Kind::Snapshot => "snapshot",
+            Kind::Template => "template",
+            Kind::Job => "job",
+            Kind::Tenant => "tenant",
+        }
+    }
+
+    fn fields(self) -> &'static [Field] {
+        match self {
+            Kind::Vm => output::VM_FIELDS,
+            Kind::Volume => output::VOLUME_FIELDS,
+            Kind::Snapshot => output::SNAPSHOT_FIELDS,
+            Kind::Template => output::TEMPLATE_FIELDS,
+            Kind::Job => output::JOB_FIELDS,
+            Kind::Tenant => output::TENANT_FIELDS,
+        }
+    }
+}
+
+pub fn run(global: &Global, command: Command) -> Result<()> {
+    let data_dir = client::data_dir();
+    let url = client::resolve_url(global.url.as_deref(), &data_dir);
+    let token = client::resolve_token(global.token.as_deref(), &data_dir)?;
+    let session = Session { client: Client::new(&url, token), json: global.json };
+    match command {
+        Command::Vm(command) => session.vm(command),
+        Command::Volume(command) => session.volume(command),
+        Command::Snapshot(command) => session.snapshot(command),
+        Command::Template(command) => session.template(command),
+        Command::Job(command) => session.job(command),
+        Command::Tenant(command) => session.tenant(command),
+        Command::Whoami => session.print_item(Kind::Tenant, &session.client.get("/v1/whoami")?),
+    }
+}
+
+#[derive(Debug)]
+struct Session {
+    client: Client,
+    json: bool,
+}
+
+impl Session {
+    fn vm(&self, command: VmCommand) -> Result<()> {
+        let api = &self.client;
+        match command {
+            VmCommand::Create { name, image: Some(image), format, wait, .. } => {
+                let image = json!({"path": daemon_path(&image)?, "format": format});
+                let accepted =
+                    api.create(Kind::Vm.collection(), &without_nulls(json!({"name": name, "image": image})))?;
+                self.follow_job(accepted, Some(Kind::Vm), wait)
+            }
+            VmCommand::Create { name, size, template, image: None, .. } => {
+                let body = json!({"name": name, "size": size, "template": template});
+                self.print_item(Kind::Vm, &api.create(Kind::Vm.collection(), &without_nulls(body))?)
+            }
+            VmCommand::List => self.print_list(Kind::Vm, &api.get(Kind::Vm.collection())?),
+            VmCommand::Show { vm } => self.print_item(Kind::Vm, &api.get(&Kind::Vm.item(&vm, ""))?),
+            VmCommand::Start { vm } => self.print_item(Kind::Vm, &api.post(&Kind::Vm.item(&vm, "/start"), &json!({}))?),
+            VmCommand::Stop { vm } => self.print_item(Kind::Vm, &api.post(&Kind::Vm.item(&vm, "/stop"), &json!({}))?),
+            VmCommand::Delete { vm } => self.print_deleted(&api.delete(&Kind::Vm.item(&vm, ""))?),
+            VmCommand::Snapshot { vm, options } => {
+                let snapshots = api.create(&Kind::Vm.item(&vm, "/snapshots"), &without_nulls(options.body()))?;
+                self.print_list(Kind::Snapshot, &snapshots)
+            }
+            VmCommand::Snapshots { vm } => {
+                self.print_list(Kind::Snapshot, &api.get(&Kind::Vm.item(&vm, "/snapshots"))?)
+            }
+        }
+    }
+
+    fn volume(&self, command: VolumeCommand) -> Result<()> {
+        let api = &self.client;
+        let print = |answer: Value| self.print_item(Kind::Volume, &answer);
+        match command {
+            VolumeCommand::Create { name, size, vm } => {
+                let body = json!({"name": name, "size": size, "vm": vm});
+                print(api.create(Kind::Volume.collection(), &without_nulls(body))?)
+            }
+            VolumeCommand::List => self.print_list(Kind::Volume, &api.get(Kind::Volume.collection())?),
+            VolumeCommand::Show { volume } => print(api.get(&Kind::Volume.item(&volume, ""))?),
+            VolumeCommand::Attach { volume, vm } => {
+                print(api.post(&Kind::Volume.item(&volume, "/attach"), &json!({"vm": vm}))?)
+            }
+            VolumeCommand::Detach { volume } => print(api.post(&Kind::Volume.item(&volume, "/detach"), &json!({}))?),
+            VolumeCommand::Grow { volume, size } => {
+                print(api.post(&Kind::Volume.item(&volume, "/grow"), &json!({"size": size}))?)
+            }
+            VolumeCommand::Revert { volume, snapshot } => {
+                print(api.post(&Kind::Volume.item(&volume, "/revert"), &json!({"snapshot": snapshot}))?)
+            }
+            VolumeCommand::Delete { volume } => self.print_deleted(&api.delete(&Kind::Volume.item(&volume, ""))?),
+            VolumeCommand::Import { path, name, format, vm, wait } => {
+                let body = json!({"name": name, "path": daemon_path(&path)?, "format": format, "vm": vm});
+                let accepted = api.create("/v1/volumes/import", &without_nulls(body))?;
+                self.follow_job(accepted, Some(Kind::Volume), wait)
+            }
+            VolumeCommand::Export { volume, to } => self.export(&Kind::Volume.item(&volume, "/export"), to),
+        }
+    }
+
+    fn snapshot(&self, command: SnapshotCommand) -> Result<()> {
+        let api = &self.client;
+        match command {
+            SnapshotCommand::Create { volume, options } => {
+                let snapshot = api.create(&Kind::Volume.item(&volume, "/snapshots"), &without_nulls(options.body()))?;
+                self.print_item(Kind::Snapshot, &snapshot)
+            }
+            SnapshotCommand::List { volume, vm } => {
+                let filters = [("volume", volume), ("vm", vm)];
+                let query: Vec<String> = filters
+                    .iter()
+                    .filter_map(|(key, value)| value.as_deref().map(|value| format!("{key}={}", encode(value))))
+                    .collect();
+                let path = if query.is_empty() {
+                    Kind::Snapshot.collection().to_owned()
+                } else {
+                    format!("{}?{}", Kind::Snapshot.collection(), query.join("&"))
+                };
+                self.print_list(Kind::Snapshot, &api.get(&path)?)
+            }
+            SnapshotCommand::Show { snapshot } => {
+                self.print_item(Kind::Snapshot, &api.get(&Kind::Snapshot.item(&snapshot, ""))?)
+            }
+            SnapshotCommand::Delete { snapshot } => {
+                self.print_deleted(&api.delete(&Kind::Snapshot.item(&snapshot, ""))?)
+            }
+            SnapshotCommand::Restore { snapshot, name, vm, role } => {
+                let body = json!({"name": name, "vm": vm, "as": role});
+                let volume = api.create(&Kind::Snapshot.item(&snapshot, "/restore"), &without_nulls(body))?;
+                self.print_item(Kind::Volume, &volume)
+            }
+            SnapshotCommand::Export { snapshot, to } => self.export(&Kind::Snapshot.item(&snapshot, "/export"), to),
+        }
+    }
+
+    fn template(&self, command: TemplateCommand) -> Result<()> {
+        let api = &self.client;
+        match command {
+            TemplateCommand::Create { name, snapshot } => {
+                let template = api.create(Kind::Template.collection(), &json!({"name": name, "snapshot": snapshot}))?;
+                self.print_item(Kind::Template, &template)
+            }
+            TemplateCommand::Import { path, name, format, wait } => {
+                let body = json!({"name": name, "path": daemon_path(&path)?, "format": format});
+                let accepted = api.create("/v1/templates/import", &without_nulls(body))?;
+                self.follow_job(accepted, Some(Kind::Template), wait)
+            }
+            TemplateCommand::List => self.print_list(Kind::Template, &api.get(Kind::Template.collection())?),
+            TemplateCommand::Show { template } => {
+                self.print_item(Kind::Template, &api.get(&Kind::Template.item(&template, ""))?)
+            }
+            TemplateCommand::Delete { template } => {
+                self.print_deleted(&api.delete(&Kind::Template.item(&template, ""))?)
+            }
+        }
+    }
+
+    fn job(&self, command: JobCommand) -> Result<()> {
+        let api = &self.client;
+        match command {
+            JobCommand::List => self.print_list(Kind::Job, &api.get(Kind::Job.collection())?),
+            JobCommand::Show { job } => self.print_item(Kind::Job, &api.get(&Kind::Job.item(&job, ""))?),
+            JobCommand::Wait { job } => {
+                let job = api.get(&Kind::Job.item(&job, ""))?;
+                self.print_item(Kind::Job, &progress::wait_for_job(api, job)?)
+            }
+        }
+    }
+
+    fn tenant(&self, command: TenantCommand) -> Result<()> {
+        let api = &self.client;
+        match command {
+            TenantCommand::Create { name } => {
+                let created = api.create(Kind::Tenant.collection(), &json!({"name": name}))?;
+                self.emit(&created, || {
+                    let mut rows = item_rows(Kind::Tenant.fields(), &created["tenant"]);
+                    rows.push(("token".to_owned(), output::text(&created["token"])));
+                    eprintln!("The token is shown only this once: keep it.");
+                    Ok(render_block(&rows))
+                })
+            }
+            TenantCommand::List => self.print_list(Kind::Tenant, &api.get(Kind::Tenant.collection())?),
+        }
+    }
+
+    /// Starts an export job (of a volume or a snapshot) and follows it.
+    fn export(&self, path: &str, to: ExportTo) -> Result<()> {
+        let body = json!({"path": daemon_path(&to.path)?, "format": to.format});
+        self.follow_job(self.client.create(path, &without_nulls(body))?, None, to.wait)
+    }
+
+    /// Handles a `202 Accepted` answer: waits for its job unless told not to, then prints the
+    /// job and the resource it makes (`made`, a member of the answer) as they are at the end.
+    /// With `--json` that is the final job, or the answer itself when not waiting.
+    fn follow_job(&self, accepted: Value, made: Option<Kind>, wait: NoWait) -> Result<()> {
+        if wait.no_wait {
+            return self.emit(&accepted, || {
+                Ok(job_report(&accepted["job"], made.map(|kind| (kind, &accepted[kind.member()]))))
+            });
+        }
+        let job = progress::wait_for_job(&self.client, accepted["job"].clone())?;
+        self.emit(&job, || {
+            let resource = match made {
+                Some(kind) => {
+                    let id = accepted[kind.member()]["id"].as_str().context("the API's answer names no resource")?;
+                    Some((kind, self.client.get(&kind.item(id, ""))?))
+                }
+                None => None,
+            };
+            Ok(job_report(&job, resource.as_ref().map(|(kind, resource)| (*kind, resource))))
+        })
+    }
+
+    fn print_item(&self, kind: Kind, item: &Value) -> Result<()> {
+        self.emit(item, || Ok(render_block(&item_rows(kind.fields(), item))))
+    }
+
+    fn print_list(&self, kind: Kind, items: &Value) -> Result<()> {
+        self.emit(items, || Ok(render_table(kind.fields(), items)))
+    }
+
+    /// What a delete removed (and, for a VM, which disks it detached).
+    fn print_deleted(&self, answer: &Value) -> Result<()> {
+        self.emit(answer, || Ok(render_block(&object_rows(answer))))
+    }
+
+    /// Prints the API's answer as JSON with `--json`, else what `for_people` makes of it. The
+    /// people's version may need more calls, so it is only made when it is shown.
+    fn emit(&self, answer: &Value, for_people: impl FnOnce() -> Result<String>) -> Result<()> {
+        let text = if self.json { serde_json::to_string_pretty(answer)? } else { for_people()? };
+        match writeln!(io::stdout().lock(), "{text}") {
+            // A reader that stopped early (`| head`) has what it wanted.
+            Err(error) if error.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+            written => written.context("writing to stdout"),
+        }
+    }
+}
+
+/// A job's block, followed by the block of the resource it makes.
+fn job_report(job: &Value, made: Option<(Kind, &Value)>) -> String {
+    let mut report = render_block(&item_rows(Kind::Job.fields(), job));
+    if let Some((kind, resource)) = made {
+        report += &format!("\n\n{}", render_block(&item_rows(kind.fields(), resource)));
+    }
+    report
+}
+
+/// Import and export paths are read on the daemon's machine, which wants them absolute; a
+/// relative one is taken from here, which is right when the daemon runs on this machine.
+fn daemon_path(path: &Path) -> Result<String> {
+    let absolute = std::path::absolute(path).with_context(|| format!("making {} absolute", path.display()))?;
+    absolute.to_str().map(str::to_owned).with_context(|| format!("{} is not UTF-8", absolute.display()))
+}
+
+/// Leaves out the optional members the user did not give, so the daemon applies its defaults.
+fn without_nulls(mut body: Value) -> Value {
+    if let Value::Object(members) = &mut body {
+        members.retain(|_, value| !value.is_null());
+        members.values_mut().for_each(|value| *value = without_nulls(value.take()));
+    }
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// The client's commands as main.rs mounts them.
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        global: Global,
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cairn").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn command_tree_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_go_anywhere() {
+        let cli = parse(&["vm", "list", "--json", "--url", "http://h:1", "--token", "t"]).unwrap();
+        assert!(cli.global.json);
+        assert_eq!(cli.global.url.as_deref(), Some("http://h:1"));
+        assert_eq!(cli.global.token.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn vm_create_takes_exactly_one_source() {
+        assert!(parse(&["vm", "create", "web1"]).is_err(), "a source is needed");
+        assert!(parse(&["vm", "create", "web1", "--size", "1G"]).is_ok());
+        assert!(parse(&["vm", "create", "web1", "--template", "golden", "--size", "20G"]).is_ok());
+        assert!(parse(&["vm", "create", "web1", "--image", "/a.raw", "--format", "raw"]).is_ok());
+        assert!(parse(&["vm", "create", "web1", "--image", "/a.raw", "--size", "1G"]).is_err());
+        assert!(parse(&["vm", "create", "web1", "--image", "/a.raw", "--template", "golden"]).is_err());
+        assert!(parse(&["vm", "create", "web1", "--size", "1G", "--format", "raw"]).is_err());
+    }
+
+    #[test]
+    fn restore_role_is_spelled_as() {
+        let cli = parse(&["snapshot", "restore", "s1", "--vm", "web1", "--as", "root"]).unwrap();
+        let Command::Snapshot(SnapshotCommand::Restore { role, .. }) = cli.command else { panic!("not a restore") };
+        assert_eq!(json!(role), json!("root"));
+    }
+
+    #[test]
+    fn nulls_are_left_out_at_every_depth() {
+        let body = json!({"name": "web1", "size": null, "image": {"path": "/a", "format": null}});
+        assert_eq!(without_nulls(body), json!({"name": "web1", "image": {"path": "/a"}}));
+    }
+
+    #[test]
+    fn relative_paths_become_absolute() {
+        let here = std::env::current_dir().unwrap();
+        assert_eq!(daemon_path(Path::new("disk.raw")).unwrap(), here.join("disk.raw").to_str().unwrap());
+        assert_eq!(daemon_path(Path::new("/img/disk.raw")).unwrap(), "/img/disk.raw");
+    }
+
+    #[test]
+    fn paths_are_percent_encoded_segments() {
+        assert_eq!(Kind::Vm.item("web1", "/start"), "/v1/vms/web1/start");
+        assert_eq!(Kind::Snapshot.item("a b", ""), "/v1/snapshots/a%20b");
+    }
 }

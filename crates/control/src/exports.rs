@@ -13,9 +13,21 @@ use crate::names::Kind;
 /// written, so this snapshot is its whole state.
 pub const TEMPLATE_SNAPSHOT: &str = "base";
 
-/// Resolves export names straight from the engine, whose volume and snapshot names are the
-/// control plane's ids: `vol-…` (read-write), `vol-…@snap-…` or `snap-…` (read-only),
-/// `tpl-…` (read-only), and `import-job-…` while an import job fills a volume.
+/// The engine's name for a snapshot: the ids of the volume it was taken of and its own. The
+/// engine forgets a deleted volume's name, so the snapshot's name carries it, and
+/// `VOLUME@SNAPSHOT` keeps working after the volume is gone (R8).
+pub fn engine_snapshot_name(volume_id: &str, snapshot_id: &str) -> String {
+    format!("{volume_id}+{snapshot_id}")
+}
+
+/// The (volume id, snapshot id) an engine snapshot name stands for, if it is one of ours.
+pub fn parse_engine_snapshot_name(name: &str) -> Option<(&str, &str)> {
+    name.split_once('+').filter(|(v, s)| v.starts_with(Kind::Volume.prefix()) && s.starts_with(Kind::Snapshot.prefix()))
+}
+
+/// Resolves export names straight from the engine, whose volume names are the control plane's
+/// ids: `vol-…` (read-write), `vol-…@snap-…` or `snap-…` (read-only), `tpl-…` (read-only),
+/// and `import-job-…` while an import job fills a volume.
 #[derive(Debug)]
 pub struct ServiceExports {
     engine: Arc<Store>,
@@ -36,9 +48,13 @@ impl ServiceExports {
         };
     }
 
-    /// The engine snapshot whose name is `snapshot_id`, if it exists.
-    pub(crate) fn engine_snapshot(&self, snapshot_id: &str) -> Option<(SnapshotId, VolumeId)> {
-        self.engine.list_snapshots(None).into_iter().find(|s| s.name == snapshot_id).map(|s| (s.id, s.volume))
+    /// The engine snapshot of the control plane's snapshot `snapshot_id`, if it exists, with the
+    /// id of the volume it was taken of.
+    pub(crate) fn engine_snapshot(&self, snapshot_id: &str) -> Option<(SnapshotId, String)> {
+        self.engine.list_snapshots(None).into_iter().find_map(|s| {
+            let (volume, snapshot) = parse_engine_snapshot_name(&s.name)?;
+            (snapshot == snapshot_id).then(|| (s.id, volume.to_string()))
+        })
     }
 
     fn open_named(&self, name: &str) -> Option<Arc<dyn Export>> {
@@ -58,14 +74,9 @@ impl ServiceExports {
             let snapshot = self.engine.snapshot_id(volume, TEMPLATE_SNAPSHOT).ok()?;
             return Some(Arc::new(self.engine.open_snapshot(snapshot).ok()?));
         }
-        if !snapshot_part.starts_with(Kind::Snapshot.prefix()) {
-            return None;
-        }
         let (snapshot, of_volume) = self.engine_snapshot(snapshot_part)?;
-        if let Some(volume_name) = volume_part {
-            if self.engine.volume_id(volume_name).ok()? != of_volume {
-                return None;
-            }
+        if volume_part.is_some_and(|v| v != of_volume) {
+            return None;
         }
         Some(Arc::new(self.engine.open_snapshot(snapshot).ok()?))
     }

@@ -12,7 +12,7 @@ mod service;
 
 pub use cairn_volume as volume;
 pub use error::Error;
-pub use exports::ServiceExports;
+pub use exports::{engine_snapshot_name, ServiceExports};
 pub use jobs::parse_progress;
 pub use service::{
     Control, CreateVm, DeleteVmOutcome, ImageSource, NbdAddress, Recovery, RestoreRequest, SnapshotRequest, StoreCounts,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cairn_control::db::{self, MetaStore};
 use cairn_control::model::*;
 use cairn_control::names::{new_id, Kind, SizeArg};
-use cairn_control::{Control, NbdAddress, Recovery, ServiceExports};
+use cairn_control::{engine_snapshot_name, Control, NbdAddress, Recovery, ServiceExports};
 use cairn_volume::{Store, StoreOptions};
 
 async fn open(dir: &Path) -> (Arc<Control>, Recovery) {
@@ -45,7 +45,7 @@ async fn engine_objects_without_metadata_are_removed_and_the_rest_kept() {
     let engine = control.engine();
     let orphan_volume = new_id(Kind::Volume);
     engine.create_volume(&orphan_volume, 1 << 20).unwrap();
-    let orphan_snapshot = new_id(Kind::Snapshot);
+    let orphan_snapshot = engine_snapshot_name(&kept.volume.id, &new_id(Kind::Snapshot));
     engine.snapshot(engine.volume_id(&kept.volume.id).unwrap(), &orphan_snapshot).unwrap();
     let orphan_template = new_id(Kind::Template);
     let tpl_volume = engine.create_volume(&orphan_template, 1 << 20).unwrap();

@@ -19,7 +19,7 @@ mod vms;
 mod volumes;
 
 use crate::db::{self, MetaStore};
-use crate::exports::{ServiceExports, TEMPLATE_SNAPSHOT};
+use crate::exports::{engine_snapshot_name, parse_engine_snapshot_name, ServiceExports, TEMPLATE_SNAPSHOT};
 use crate::jobs::{self, Progress};
 use crate::model::*;
 use crate::names::{self, new_id, Kind, SizeArg};
@@ -240,8 +240,8 @@ impl Control {
         let mut removed = Vec::new();
         let engine_volumes = self.engine.list_volumes();
         for s in self.engine.list_snapshots(None) {
-            let orphan = if s.name.starts_with(Kind::Snapshot.prefix()) {
-                !snapshots.contains(&s.name)
+            let orphan = if let Some((_, id)) = parse_engine_snapshot_name(&s.name) {
+                !snapshots.iter().any(|known| known == id)
             } else {
                 // A template's base snapshot goes with its template.
                 s.name == TEMPLATE_SNAPSHOT
@@ -313,27 +313,24 @@ impl Control {
 
     /// Views of snapshots with their sizes, looking each up in one listing of the engine's.
     fn snapshot_views(&self, snapshots: Vec<Snapshot>) -> Result<Vec<SnapshotView>, Error> {
-        let engine: HashMap<String, (SnapshotId, VolumeId)> =
-            self.engine.list_snapshots(None).into_iter().map(|s| (s.name, (s.id, s.volume))).collect();
-        let live_volumes: HashMap<VolumeId, String> =
-            self.engine.list_volumes().into_iter().map(|v| (v.id, v.name)).collect();
+        let engine: HashMap<String, SnapshotId> = self
+            .engine
+            .list_snapshots(None)
+            .into_iter()
+            .filter_map(|s| Some((parse_engine_snapshot_name(&s.name)?.1.to_string(), s.id)))
+            .collect();
         snapshots
             .into_iter()
             .map(|snapshot| {
-                let (engine_id, engine_volume) = *engine.get(&snapshot.id).ok_or_else(|| {
+                let engine_id = *engine.get(&snapshot.id).ok_or_else(|| {
                     Error::Internal(format!("snapshot {} is in the metadata but not in the volume store", snapshot.id))
                 })?;
                 let usage = self.engine.snapshot_usage(engine_id)?;
-                // `VOLUME@SNAPSHOT` while the volume lives; the bare id always works.
-                let export = match live_volumes.get(&engine_volume) {
-                    Some(volume) if *volume == snapshot.volume => format!("{volume}@{}", snapshot.id),
-                    _ => snapshot.id.clone(),
-                };
                 Ok(SnapshotView {
                     logical_bytes: usage.logical_bytes,
                     exclusive_bytes: usage.exclusive_bytes,
                     shared_bytes: usage.shared_bytes,
-                    nbd: self.nbd_for(export),
+                    nbd: self.nbd_for(format!("{}@{}", snapshot.volume, snapshot.id)),
                     snapshot,
                 })
             })

@@ -49,8 +49,9 @@ impl Control {
             });
         }
         let engine_ids: Vec<VolumeId> = volumes.iter().map(|v| self.engine_volume(&v.id)).collect::<Result<_, _>>()?;
+        let engine_names: Vec<String> = snapshots.iter().map(|s| engine_snapshot_name(&s.volume, &s.id)).collect();
         let requests: Vec<(VolumeId, &str)> =
-            engine_ids.iter().zip(&snapshots).map(|(v, s)| (*v, s.id.as_str())).collect();
+            engine_ids.iter().zip(&engine_names).map(|(v, name)| (*v, name.as_str())).collect();
         self.engine.snapshot_group(&requests)?;
         for snapshot in &snapshots {
             db::insert_snapshot(&mut tx, snapshot).await?;
@@ -96,15 +97,28 @@ impl Control {
         vm: Option<&str>,
     ) -> Result<Vec<SnapshotView>, Error> {
         let mut c = self.meta.conn().await?;
-        let volume = match volume {
-            Some(r) => Some(db::find_volume(&mut c, &t.id, r).await?.map_or(r.to_string(), |v| v.id)),
+        // A live volume or VM by id or name; otherwise the id of a deleted one, which still
+        // lists the snapshots left of it (R8). An unknown one with nothing left is not found.
+        let volume_id = match volume {
+            Some(r) => Some(db::find_volume(&mut c, &t.id, r).await?.map(|v| v.id).ok_or(r)),
             None => None,
         };
-        let vm = match vm {
-            Some(r) => Some(db::find_vm(&mut c, &t.id, r).await?.map_or(r.to_string(), |v| v.id)),
+        let vm_id = match vm {
+            Some(r) => Some(db::find_vm(&mut c, &t.id, r).await?.map(|v| v.id).ok_or(r)),
             None => None,
         };
-        let snapshots = db::list_snapshots(&mut c, Some(&t.id), volume.as_deref(), vm.as_deref()).await?;
+        let id_of =
+            |found: &Option<Result<String, &str>>| found.as_ref().map(|f| f.clone().unwrap_or_else(|r| r.to_string()));
+        let snapshots =
+            db::list_snapshots(&mut c, Some(&t.id), id_of(&volume_id).as_deref(), id_of(&vm_id).as_deref()).await?;
+        if snapshots.is_empty() {
+            if let Some(Err(r)) = volume_id {
+                return Err(Error::not_found("volume", r));
+            }
+            if let Some(Err(r)) = vm_id {
+                return Err(Error::not_found("vm", r));
+            }
+        }
         self.snapshot_views(snapshots)
     }
 
@@ -211,7 +225,7 @@ impl Control {
                     consistency: Consistency::Crash,
                     created_at: now(),
                 };
-                self.engine.snapshot(self.engine_volume(&old.id)?, &kept.id)?;
+                self.engine.snapshot(self.engine_volume(&old.id)?, &engine_snapshot_name(&old.id, &kept.id))?;
                 Some(kept)
             }
             None => None,

@@ -4,10 +4,10 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::Arc;
 
 use cairn_nbd::{Listener, ServerConfig, VolumeExports};
+pub use cairn_testkit::{have, pattern, run, run_failing};
 use cairn_volume::{Store, StoreOptions};
 
 /// A running server; dropping it shuts the server down gracefully and waits for it.
@@ -97,53 +97,6 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// Checks that a client tool is installed. Under CI a missing tool fails the test; elsewhere
-/// the test says it is skipped and returns false.
-pub fn have(tool: &str) -> bool {
-    let found =
-        Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success());
-    if !found {
-        if std::env::var_os("CI").is_some() {
-            panic!("{tool} is not installed; .ci/run installs it");
-        }
-        eprintln!("SKIPPED: {tool} is not installed");
-    }
-    found
-}
-
-/// Runs a command and returns its output, failing the test with its stderr if it fails.
-pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Runs a command expected to fail; returns its stderr.
-pub fn run_failing(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(!out.status.success(), "{cmd:?} succeeded but should have failed");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Deterministic bytes that differ per position and seed.
-pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 pub fn write_file(path: &Path, data: &[u8]) {

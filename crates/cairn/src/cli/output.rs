@@ -1,0 +1,340 @@
+//! What people see: aligned tables, `key: value` blocks and human-readable sizes, made from the
+//! API's JSON. Pure functions, so the layout is tested without a server.
+
+use serde_json::Value;
+
+/// One attribute of a resource as people see it. The label is the API's key wherever the value
+/// is one member of the object, so a reader can map the table to `--json` output.
+#[derive(Debug)]
+pub struct Field {
+    pub label: &'static str,
+    /// Shown as a column of `list` tables too (blocks show every field).
+    pub listed: bool,
+    pub render: fn(&Value) -> String,
+}
+
+pub const VM_FIELDS: &[Field] = &[
+    Field { label: "id", listed: true, render: |v| text(&v["id"]) },
+    Field { label: "name", listed: true, render: |v| text(&v["name"]) },
+    Field { label: "state", listed: true, render: |v| text(&v["state"]) },
+    Field { label: "root_volume", listed: true, render: |v| text(&v["root_volume"]) },
+    Field { label: "data_volumes", listed: true, render: |v| text(&v["data_volumes"]) },
+    Field { label: "template", listed: true, render: |v| text(&v["template"]) },
+    Field { label: "created_at", listed: true, render: |v| text(&v["created_at"]) },
+];
+
+pub const VOLUME_FIELDS: &[Field] = &[
+    Field { label: "id", listed: true, render: |v| text(&v["id"]) },
+    Field { label: "name", listed: true, render: |v| text(&v["name"]) },
+    Field { label: "size", listed: true, render: |v| size(&v["size"]) },
+    Field { label: "state", listed: true, render: |v| text(&v["state"]) },
+    Field { label: "vm", listed: true, render: |v| text(&v["vm"]) },
+    Field { label: "role", listed: true, render: |v| text(&v["role"]) },
+    Field { label: "source", listed: true, render: |v| source(&v["source"]) },
+    Field { label: "created_at", listed: false, render: |v| text(&v["created_at"]) },
+    Field { label: "uri", listed: true, render: |v| text(&v["nbd"]["uri"]) },
+    Field { label: "unix_uri", listed: false, render: |v| text(&v["nbd"]["unix_uri"]) },
+];
+
+pub const SNAPSHOT_FIELDS: &[Field] = &[
+    Field { label: "id", listed: true, render: |v| text(&v["id"]) },
+    Field { label: "name", listed: true, render: |v| text(&v["name"]) },
+    Field { label: "volume", listed: false, render: |v| text(&v["volume"]) },
+    Field { label: "volume_name", listed: true, render: |v| text(&v["volume_name"]) },
+    Field { label: "vm", listed: false, render: |v| text(&v["vm"]) },
+    Field { label: "disk_role", listed: true, render: |v| text(&v["disk_role"]) },
+    Field { label: "group", listed: false, render: |v| text(&v["group"]) },
+    Field { label: "origin", listed: true, render: |v| text(&v["origin"]) },
+    Field { label: "consistency", listed: true, render: |v| text(&v["consistency"]) },
+    Field { label: "created_at", listed: true, render: |v| text(&v["created_at"]) },
+    Field { label: "logical_bytes", listed: true, render: |v| size(&v["logical_bytes"]) },
+    Field { label: "exclusive_bytes", listed: true, render: |v| size(&v["exclusive_bytes"]) },
+    Field { label: "shared_bytes", listed: false, render: |v| size(&v["shared_bytes"]) },
+    Field { label: "uri", listed: false, render: |v| text(&v["nbd"]["uri"]) },
+    Field { label: "unix_uri", listed: false, render: |v| text(&v["nbd"]["unix_uri"]) },
+];
+
+pub const TEMPLATE_FIELDS: &[Field] = &[
+    Field { label: "id", listed: true, render: |v| text(&v["id"]) },
+    Field { label: "name", listed: true, render: |v| text(&v["name"]) },
+    Field { label: "size", listed: true, render: |v| size(&v["size"]) },
+    Field { label: "state", listed: true, render: |v| text(&v["state"]) },
+    Field { label: "source", listed: true, render: |v| source(&v["source"]) },
+    Field { label: "created_at", listed: true, render: |v| text(&v["created_at"]) },
+    Field { label: "uri", listed: false, render: |v| text(&v["nbd"]["uri"]) },
+    Field { label: "unix_uri", listed: false, render: |v| text(&v["nbd"]["unix_uri"]) },
+];
+
+pub const JOB_FIELDS: &[Field] = &[
+    Field { label: "id", listed: true, render: |v| text(&v["id"]) },
+    Field { label: "kind", listed: true, render: |v| text(&v["kind"]) },
+    Field { label: "state", listed: true, render: |v| text(&v["state"]) },
+    Field { label: "resource", listed: true, render: |v| text(&v["resource"]) },
+    Field { label: "path", listed: false, render: |v| text(&v["path"]) },
+    Field {
+        label: "progress",
+        listed: true,
+        render: |v| amount_done(number(&v["bytes_done"]), number(&v["bytes_total"])),
+    },
+    Field { label: "rate", listed: false, render: |v| rate(number(&v["rate_bytes_per_sec"])).unwrap_or_else(none) },
+    Field { label: "eta", listed: false, render: |v| v["eta_seconds"].as_u64().map_or_else(none, duration) },
+    Field { label: "error", listed: false, render: |v| text(&v["error"]) },
+    Field { label: "created_at", listed: true, render: |v| text(&v["created_at"]) },
+    Field { label: "finished_at", listed: false, render: |v| text(&v["finished_at"]) },
+];
+
+pub const TENANT_FIELDS: &[Field] = &[
+    Field { label: "id", listed: true, render: |v| text(&v["id"]) },
+    Field { label: "name", listed: true, render: |v| text(&v["name"]) },
+    Field { label: "admin", listed: true, render: |v| text(&v["admin"]) },
+    Field { label: "created_at", listed: true, render: |v| text(&v["created_at"]) },
+];
+
+/// Shown for an absent value, so that table columns never collapse.
+const NONE: &str = "-";
+
+fn none() -> String {
+    NONE.to_owned()
+}
+
+/// A JSON value as plain text: strings without quotes, lists joined by commas, null as `-`.
+pub fn text(value: &Value) -> String {
+    match value {
+        Value::Null => none(),
+        Value::String(s) => s.clone(),
+        Value::Array(items) if items.is_empty() => none(),
+        Value::Array(items) => items.iter().map(text).collect::<Vec<_>>().join(", "),
+        other => other.to_string(),
+    }
+}
+
+fn number(value: &Value) -> u64 {
+    value.as_u64().unwrap_or(0)
+}
+
+fn size(value: &Value) -> String {
+    value.as_u64().map_or_else(none, human_size)
+}
+
+/// Where a volume or template came from: `blank`, `snapshot snap-…`, `image /path`.
+fn source(value: &Value) -> String {
+    let origin = value["id"].as_str().or(value["path"].as_str());
+    match (value["kind"].as_str(), origin) {
+        (Some(kind), Some(origin)) => format!("{kind} {origin}"),
+        (Some(kind), None) => kind.to_owned(),
+        (None, _) => none(),
+    }
+}
+
+/// Bytes in binary units with one decimal (`10.0 GiB`); exact below 1 KiB.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    // Move up while the value would print as 1024.0 or more.
+    while value >= 1023.95 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// A transfer rate, `None` while the daemon has measured none (zero).
+pub fn rate(bytes_per_sec: u64) -> Option<String> {
+    (bytes_per_sec > 0).then(|| format!("{}/s", human_size(bytes_per_sec)))
+}
+
+/// A duration for people: `9s`, `2m05s`, `1h02m`.
+pub fn duration(seconds: u64) -> String {
+    match seconds {
+        0..60 => format!("{seconds}s"),
+        60..3600 => format!("{}m{:02}s", seconds / 60, seconds % 60),
+        _ => format!("{}h{:02}m", seconds / 3600, seconds % 3600 / 60),
+    }
+}
+
+/// Whole percent done, `None` while the total is unknown (zero).
+pub fn percent(done: u64, total: u64) -> Option<u64> {
+    (total > 0).then(|| (u128::from(done.min(total)) * 100 / u128::from(total)) as u64)
+}
+
+/// `45%  1.2 GiB / 4.0 GiB`, or only the bytes done while the total is unknown.
+pub fn amount_done(done: u64, total: u64) -> String {
+    match percent(done, total) {
+        Some(percent) => format!("{percent}%  {} / {}", human_size(done), human_size(total)),
+        None => human_size(done),
+    }
+}
+
+/// The `show` rows of one resource.
+pub fn item_rows(fields: &[Field], item: &Value) -> Vec<(String, String)> {
+    fields.iter().map(|field| (field.label.to_owned(), (field.render)(item))).collect()
+}
+
+/// The rows of an object the API answers without a fixed shape (what a delete removed).
+pub fn object_rows(object: &Value) -> Vec<(String, String)> {
+    object.as_object().into_iter().flatten().map(|(key, value)| (key.clone(), text(value))).collect()
+}
+
+/// `key: value` lines with the values aligned.
+pub fn render_block(rows: &[(String, String)]) -> String {
+    let width = rows.iter().map(|(key, _)| key.chars().count() + 1).max().unwrap_or(0);
+    let lines: Vec<String> = rows.iter().map(|(key, value)| format!("{:width$}  {value}", format!("{key}:"))).collect();
+    lines.join("\n")
+}
+
+/// A table of the listed fields, one row per item, columns two spaces apart, no trailing blanks.
+pub fn render_table(fields: &[Field], items: &Value) -> String {
+    let columns: Vec<&Field> = fields.iter().filter(|field| field.listed).collect();
+    let header = columns.iter().map(|field| field.label.to_uppercase()).collect();
+    let items = items.as_array().map(Vec::as_slice).unwrap_or_default();
+    let rows: Vec<Vec<String>> = std::iter::once(header)
+        .chain(items.iter().map(|item| columns.iter().map(|field| (field.render)(item)).collect()))
+        .collect();
+    let widths: Vec<usize> = (0..columns.len())
+        .map(|column| rows.iter().map(|row| row[column].chars().count()).max().unwrap_or(0))
+        .collect();
+    let lines: Vec<String> = rows
+        .iter()
+        .map(|row| {
+            let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, &width)| format!("{cell:width$}")).collect();
+            cells.join("  ").trim_end().to_owned()
+        })
+        .collect();
+    lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(1024), "1.0 KiB");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(10 << 30), "10.0 GiB");
+        assert_eq!(human_size(1_288_490_189), "1.2 GiB");
+        assert_eq!(human_size(16 << 40), "16.0 TiB");
+        // Just below 1 MiB rounds up into the next unit, never to `1024.0 KiB`.
+        assert_eq!(human_size((1 << 20) - 1), "1.0 MiB");
+        assert_eq!(human_size(u64::MAX), "16384.0 PiB");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration(0), "0s");
+        assert_eq!(duration(59), "59s");
+        assert_eq!(duration(125), "2m05s");
+        assert_eq!(duration(3720), "1h02m");
+    }
+
+    #[test]
+    fn amounts() {
+        assert_eq!(amount_done(0, 0), "0 B");
+        assert_eq!(amount_done(45, 100), "45%  45 B / 100 B");
+        assert_eq!(amount_done(4 << 30, 4 << 30), "100%  4.0 GiB / 4.0 GiB");
+        assert_eq!(percent(u64::MAX, u64::MAX), Some(100));
+        assert_eq!(percent(7, 3), Some(100), "a done count past the total is capped");
+    }
+
+    #[test]
+    fn text_of_values() {
+        assert_eq!(text(&json!(null)), "-");
+        assert_eq!(text(&json!("web1")), "web1");
+        assert_eq!(text(&json!([])), "-");
+        assert_eq!(text(&json!(["vol-1", "vol-2"])), "vol-1, vol-2");
+        assert_eq!(text(&json!(true)), "true");
+        assert_eq!(text(&json!({})["missing"]), "-");
+    }
+
+    #[test]
+    fn sources() {
+        assert_eq!(source(&json!({"kind": "blank"})), "blank");
+        assert_eq!(source(&json!({"kind": "snapshot", "id": "snap-1"})), "snapshot snap-1");
+        assert_eq!(source(&json!({"kind": "image", "path": "/img/a.qcow2"})), "image /img/a.qcow2");
+        assert_eq!(source(&json!(null)), "-");
+    }
+
+    #[test]
+    fn table_aligns_listed_columns() {
+        let vms = json!([
+            {"id": "vm-1", "name": "web1", "state": "running", "root_volume": "vol-1",
+             "data_volumes": ["vol-2", "vol-3"], "template": null, "created_at": "2026-01-01T00:00:00Z"},
+            {"id": "vm-22", "name": "db", "state": "stopped", "root_volume": "vol-4",
+             "data_volumes": [], "template": "tpl-1", "created_at": "2026-01-02T00:00:00Z"},
+        ]);
+        let expected = "\
+ID     NAME  STATE    ROOT_VOLUME  DATA_VOLUMES  TEMPLATE  CREATED_AT
+vm-1   web1  running  vol-1        vol-2, vol-3  -         2026-01-01T00:00:00Z
+vm-22  db    stopped  vol-4        -             tpl-1     2026-01-02T00:00:00Z";
+        assert_eq!(render_table(VM_FIELDS, &vms), expected);
+    }
+
+    #[test]
+    fn table_of_nothing_is_its_header() {
+        assert_eq!(render_table(TENANT_FIELDS, &json!([])), "ID  NAME  ADMIN  CREATED_AT");
+    }
+
+    #[test]
+    fn table_leaves_out_unlisted_fields_and_trailing_blanks() {
+        let volumes = json!([{"id": "vol-1", "name": "a", "size": 1073741824, "state": "ready",
+            "vm": null, "role": "data", "source": {"kind": "blank"},
+            "created_at": "2026-01-01T00:00:00Z", "nbd": {"uri": null, "unix_uri": "nbd+unix:///vol-1"}}]);
+        let expected = "\
+ID     NAME  SIZE     STATE  VM  ROLE  SOURCE  URI
+vol-1  a     1.0 GiB  ready  -   data  blank   -";
+        assert_eq!(render_table(VOLUME_FIELDS, &volumes), expected);
+    }
+
+    #[test]
+    fn block_aligns_values() {
+        let volume = json!({"id": "vol-1", "name": "web1-root", "size": 10737418240u64, "state": "ready",
+            "vm": "vm-1", "role": "root", "source": {"kind": "template", "id": "tpl-1"},
+            "created_at": "2026-01-01T00:00:00Z",
+            "nbd": {"export": "vol-1", "uri": "nbd://127.0.0.1:10809/vol-1",
+                    "unix_uri": "nbd+unix:///vol-1?socket=/d/nbd.sock"}});
+        let expected = "\
+id:          vol-1
+name:        web1-root
+size:        10.0 GiB
+state:       ready
+vm:          vm-1
+role:        root
+source:      template tpl-1
+created_at:  2026-01-01T00:00:00Z
+uri:         nbd://127.0.0.1:10809/vol-1
+unix_uri:    nbd+unix:///vol-1?socket=/d/nbd.sock";
+        assert_eq!(render_block(&item_rows(VOLUME_FIELDS, &volume)), expected);
+    }
+
+    #[test]
+    fn block_of_a_free_form_object() {
+        let deleted = json!({"deleted": "vm-1", "deleted_volumes": ["vol-1"], "detached_volumes": []});
+        let expected = "\
+deleted:           vm-1
+deleted_volumes:   vol-1
+detached_volumes:  -";
+        assert_eq!(render_block(&object_rows(&deleted)), expected);
+    }
+
+    #[test]
+    fn job_fields() {
+        let job = json!({"id": "job-1", "kind": "import", "state": "running", "resource": "vol-1",
+            "path": "/img/a.raw", "bytes_done": 512, "bytes_total": 2048, "rate_bytes_per_sec": 1048576,
+            "eta_seconds": null, "error": null, "created_at": "2026-01-01T00:00:00Z", "finished_at": null});
+        let rows = item_rows(JOB_FIELDS, &job);
+        let value = |label: &str| rows.iter().find(|(key, _)| key == label).map(|(_, value)| value.as_str());
+        assert_eq!(value("progress"), Some("25%  512 B / 2.0 KiB"));
+        assert_eq!(value("rate"), Some("1.0 MiB/s"));
+        assert_eq!(value("eta"), Some("-"));
+        let finished = json!({"rate_bytes_per_sec": 0});
+        assert_eq!(item_rows(JOB_FIELDS, &finished)[6], ("rate".to_owned(), "-".to_owned()), "no rate is known");
+    }
+}
