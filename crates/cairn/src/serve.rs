@@ -193,5 +193,7 @@ async fn serve(settings: Settings) -> Result<()> {
         Err(_) => bail!("the volume store was still in use at shutdown; unflushed writes may be lost"),
     }
     let _ = std::fs::remove_file(&nbd_socket);
+    // Nobody listens there any more; a client finding no file says so more plainly.
+    let _ = std::fs::remove_file(data_dir.join("api.url"));
     Ok(())
 }
