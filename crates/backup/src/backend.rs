@@ -1,0 +1,211 @@
+//! Where a repository's objects live. [`Backend`] is the narrow, blocking interface the
+//! repository needs; [`ObjectStoreBackend`] serves it from any `object_store` store (a local
+//! directory, memory, S3), and [`FaultyBackend`] injects failures for tests.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::ObjectStore;
+
+/// Why a backend call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("object {0} not found")]
+    NotFound(String),
+    #[error("backend: {0}")]
+    Other(String),
+}
+
+/// An object as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    pub modified: SystemTime,
+}
+
+/// A flat store of immutable objects by key. Calls block; the repository calls them from
+/// its own threads.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Stores an object whole; readers never see part of it.
+    fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError>;
+    fn get(&self, key: &str) -> Result<Bytes, BackendError>;
+    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, BackendError>;
+    /// Every object whose key starts with `prefix`.
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError>;
+    /// Deletes an object; deleting a missing one is not an error.
+    fn delete(&self, key: &str) -> Result<(), BackendError>;
+}
+
+/// A [`Backend`] over an `object_store` store, running its async calls on a runtime of its own,
+/// so it can be called from any thread that is not itself a runtime worker.
+#[derive(Debug)]
+pub struct ObjectStoreBackend {
+    store: Arc<dyn ObjectStore>,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl ObjectStoreBackend {
+    pub fn new(store: Arc<dyn ObjectStore>) -> Result<Self, BackendError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("cairn-backup-io")
+            .enable_all()
+            .build()
+            .map_err(|e| BackendError::Other(format!("starting the I/O runtime: {e}")))?;
+        Ok(Self { store, runtime })
+    }
+
+    /// A repository in a local directory (created if missing).
+    pub fn local_dir(dir: &std::path::Path) -> Result<Self, BackendError> {
+        std::fs::create_dir_all(dir).map_err(|e| BackendError::Other(format!("creating {}: {e}", dir.display())))?;
+        let store = object_store::local::LocalFileSystem::new_with_prefix(dir)
+            .map_err(|e| BackendError::Other(e.to_string()))?;
+        Self::new(Arc::new(store))
+    }
+
+    /// A repository in memory: the test double.
+    pub fn memory() -> Self {
+        Self::new(Arc::new(object_store::memory::InMemory::new())).expect("an in-memory store")
+    }
+}
+
+fn convert(key: &str, e: object_store::Error) -> BackendError {
+    match e {
+        object_store::Error::NotFound { .. } => BackendError::NotFound(key.to_string()),
+        other => BackendError::Other(format!("{key}: {other}")),
+    }
+}
+
+impl Backend for ObjectStoreBackend {
+    fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        let path = ObjectPath::from(key);
+        self.runtime.block_on(self.store.put(&path, data.into())).map(|_| ()).map_err(|e| convert(key, e))
+    }
+
+    fn get(&self, key: &str) -> Result<Bytes, BackendError> {
+        let path = ObjectPath::from(key);
+        self.runtime.block_on(async { self.store.get(&path).await?.bytes().await }).map_err(|e| convert(key, e))
+    }
+
+    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, BackendError> {
+        let path = ObjectPath::from(key);
+        self.runtime.block_on(self.store.get_range(&path, range)).map_err(|e| convert(key, e))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
+        let path = ObjectPath::from(prefix.trim_end_matches('/'));
+        let listed: Vec<object_store::ObjectMeta> =
+            self.runtime.block_on(self.store.list(Some(&path)).try_collect()).map_err(|e| convert(prefix, e))?;
+        Ok(listed
+            .into_iter()
+            .map(|m| ObjectInfo { key: m.location.to_string(), size: m.size, modified: m.last_modified.into() })
+            .filter(|o| o.key.starts_with(prefix))
+            .collect())
+    }
+
+    fn delete(&self, key: &str) -> Result<(), BackendError> {
+        let path = ObjectPath::from(key);
+        match self.runtime.block_on(self.store.delete(&path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(convert(key, e)),
+        }
+    }
+}
+
+/// What a [`FaultyBackend`] does to the call it fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The call fails and does nothing.
+    Error,
+    /// A put stores only the first half of the object, then fails (a torn upload on a backend
+    /// without atomic puts).
+    PartialWrite,
+}
+
+/// Wraps a backend and fails calls on command: after `n` more calls, every call (or only
+/// writes) fails until healed.
+#[derive(Debug)]
+pub struct FaultyBackend {
+    inner: Arc<dyn Backend>,
+    calls: AtomicU64,
+    plan: Mutex<Option<(u64, Fault, bool)>>,
+}
+
+impl FaultyBackend {
+    pub fn new(inner: Arc<dyn Backend>) -> Self {
+        Self { inner, calls: AtomicU64::new(0), plan: Mutex::new(None) }
+    }
+
+    /// From the `after`-th call on, fail with `fault`; reads too when `reads`.
+    pub fn fail_after(&self, after: u64, fault: Fault, reads: bool) {
+        *self.plan.lock().expect("plan lock") = Some((self.calls.load(Ordering::SeqCst) + after, fault, reads));
+    }
+
+    pub fn heal(&self) {
+        *self.plan.lock().expect("plan lock") = None;
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// The fault this call suffers, if any.
+    fn fault(&self, is_read: bool) -> Option<Fault> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        match *self.plan.lock().expect("plan lock") {
+            Some((from, fault, reads)) if call >= from && (reads || !is_read) => Some(fault),
+            _ => None,
+        }
+    }
+}
+
+fn injected() -> BackendError {
+    BackendError::Other("injected fault".into())
+}
+
+impl Backend for FaultyBackend {
+    fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        match self.fault(false) {
+            None => self.inner.put(key, data),
+            Some(Fault::Error) => Err(injected()),
+            Some(Fault::PartialWrite) => {
+                let _ = self.inner.put(key, data.slice(..data.len() / 2));
+                Err(injected())
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<Bytes, BackendError> {
+        match self.fault(true) {
+            None => self.inner.get(key),
+            Some(_) => Err(injected()),
+        }
+    }
+
+    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, BackendError> {
+        match self.fault(true) {
+            None => self.inner.get_range(key, range),
+            Some(_) => Err(injected()),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
+        match self.fault(true) {
+            None => self.inner.list(prefix),
+            Some(_) => Err(injected()),
+        }
+    }
+
+    fn delete(&self, key: &str) -> Result<(), BackendError> {
+        match self.fault(false) {
+            None => self.inner.delete(key),
+            Some(_) => Err(injected()),
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! cairn's backup repository: disks cut into 64 KiB chunks, named by (keyed) BLAKE3,
+//! compressed with zstd, optionally sealed with XChaCha20-Poly1305, packed into large objects
+//! on any [`Backend`]. Backups are incremental by changed-block tracking and dedup across every
+//! disk in the repository. The byte format is in docs/backup-format.md.
+
+pub mod backend;
+pub mod crypto;
+pub mod format;
+mod repo;
+
+pub use backend::{Backend, BackendError, Fault, FaultyBackend, ObjectInfo, ObjectStoreBackend};
+pub use crypto::{ChunkId, CryptoError, KdfParams};
+pub use format::{BackupRecord, BackupStats, FormatError, CHUNK_SIZE};
+pub use repo::{BackupRequest, BlockSink, BlockSource, Progress, Repository, RestoreStats, VerifyReport};
+
+/// Everything that can go wrong with a repository.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error("no repository here (no config object)")]
+    NoRepository,
+    #[error("a repository exists here already")]
+    AlreadyExists,
+    #[error("the repository is encrypted: a passphrase is needed")]
+    NeedPassphrase,
+    #[error("backup {0} not found")]
+    BackupNotFound(String),
+    #[error("{what} {id:?} is missing from the repository")]
+    Missing { what: &'static str, id: ChunkId },
+    #[error("blob {id:?} is corrupt: {why}")]
+    Corrupt { id: ChunkId, why: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("disk I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
