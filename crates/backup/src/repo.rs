@@ -373,8 +373,9 @@ impl Repository {
                 (ids, chunks_of(&ranges, size))
             }
             None => {
-                let all = [0..size];
-                (vec![ChunkId::ZERO; chunk_count], chunks_of(request.allocated.unwrap_or(&all), size))
+                let whole_disk = Range { start: 0, end: size };
+                let ranges = request.allocated.unwrap_or(std::slice::from_ref(&whole_disk));
+                (vec![ChunkId::ZERO; chunk_count], chunks_of(ranges, size))
             }
         };
         if let Some(allocated) = request.allocated {
@@ -489,18 +490,19 @@ impl Repository {
                 let differing: Mutex<Vec<usize>> = Mutex::default();
                 parallel(ids.len().div_ceil(16), |run| {
                     let mut buf = vec![0u8; CHUNK_SIZE as usize];
-                    for chunk in run * 16..((run + 1) * 16).min(ids.len()) {
+                    let end = ((run + 1) * 16).min(ids.len());
+                    for (chunk, &wanted_id) in ids.iter().enumerate().take(end).skip(run * 16) {
                         let (offset, len) = extent(chunk);
                         existing.read_at(&mut buf[..len], offset)?;
                         let data = &buf[..len];
                         let current =
                             if data.iter().all(|b| *b == 0) { ChunkId::ZERO } else { self.keys.chunk_id(data) };
-                        if current == ids[chunk] {
+                        if current == wanted_id {
                             stats.lock().expect("stats lock").chunks_unchanged += 1;
                             if let Some(p) = progress {
                                 p.done.fetch_add(len as u64, Ordering::Relaxed);
                             }
-                        } else if ids[chunk] == ChunkId::ZERO {
+                        } else if wanted_id == ChunkId::ZERO {
                             sink.write_zeroes(offset, len as u64)?;
                             stats.lock().expect("stats lock").chunks_zero += 1;
                         } else {
