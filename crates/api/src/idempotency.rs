@@ -62,26 +62,30 @@ async fn run(state: &Arc<AppState>, request: Request, next: Next) -> Result<Resp
     let bytes = axum::body::to_bytes(body, 1 << 20)
         .await
         .map_err(|e| ApiError::invalid(format!("the request body could not be read: {e}"), None))?;
-    let uri = parts.uri.to_string();
+    // The path as the client sent it (nesting under /v1 strips the prefix from `parts.uri`).
+    let uri = parts.extensions.get::<axum::extract::OriginalUri>().map_or(parts.uri.to_string(), |o| o.0.to_string());
     let print = fingerprint(&[parts.method.as_str().as_bytes(), uri.as_bytes(), &bytes]);
+    // Claim the key before looking for its answer: a retry arriving just as the first request
+    // ends then either sees the stored answer or waits its turn, never runs the work again.
+    let entry = (tenant.id.clone(), key.clone());
+    if !state.keys_in_flight.lock().expect("keys lock").insert(entry.clone()) {
+        return Err(ApiError::conflict("a request with this Idempotency-Key is still running; retry later"));
+    }
+    let _in_flight = InFlight { state, entry };
     if let Some(answer) = state.control.stored_answer(&tenant, &key).await? {
         if answer.fingerprint != print {
             return Err(ApiError::conflict("this Idempotency-Key was used for a different request"));
         }
         return Ok(replay(answer));
     }
-    let entry = (tenant.id.clone(), key.clone());
-    if !state.keys_in_flight.lock().expect("keys lock").insert(entry.clone()) {
-        return Err(ApiError::conflict("a request with this Idempotency-Key is still running; retry later"));
-    }
-    let _in_flight = InFlight { state, entry };
     let response = next.run(Request::from_parts(parts, Body::from(bytes))).await;
     let (parts, body) = response.into_parts();
     let bytes = axum::body::to_bytes(body, MAX_STORED_ANSWER)
         .await
         .map_err(|e| ApiError::invalid(format!("the answer could not be read: {e}"), None))?;
-    // Server errors are not remembered: a retry should get a fresh try.
-    if !parts.status.is_server_error() {
+    // Server errors are not remembered: a retry should get a fresh try. Nor is a new tenant's
+    // answer: it holds a token, and tokens are only ever stored hashed.
+    if !parts.status.is_server_error() && uri.trim_end_matches('/') != "/v1/tenants" {
         let answer = StoredAnswer {
             fingerprint: print,
             status: parts.status.as_u16(),

@@ -70,6 +70,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .nest("/v1", v1)
         .route("/metrics", get(metrics::render))
         .fallback(|| async { ApiError::not_found("no such endpoint; see /v1/openapi.json") })
+        .method_not_allowed_fallback(|| async {
+            ApiError {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                code: "invalid",
+                message: "this endpoint does not take that method; see /v1/openapi.json".into(),
+                field: None,
+            }
+        })
         .layer(middleware::from_fn_with_state(state.clone(), metrics::count))
         .with_state(state)
 }

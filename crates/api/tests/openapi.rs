@@ -6,7 +6,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use cairn_control::db::MetaStore;
-use cairn_control::{Control, NbdAddress, ServiceExports};
+use cairn_control::{Control, NbdAddress, ServiceExports, Settings};
 use cairn_volume::{Store, StoreOptions};
 use serde_json::Value;
 use tower::ServiceExt;
@@ -16,7 +16,8 @@ async fn router(dir: &std::path::Path) -> axum::Router {
     let meta = MetaStore::open_sqlite(&dir.join("cairn.db")).await.unwrap();
     let exports = Arc::new(ServiceExports::new(engine.clone()));
     let nbd = NbdAddress { socket: dir.join("nbd.sock"), tcp: None };
-    let (control, recovery) = Control::open(meta, engine, exports, nbd, &dir.join("admin.token")).await.unwrap();
+    let settings = Settings { nbd, data_dir: dir.to_path_buf(), transfer_dir: None };
+    let (control, recovery) = Control::open(meta, engine, exports, settings).await.unwrap();
     assert!(recovery.admin_token.is_some(), "a new data directory gets an admin token");
     cairn_api::router(cairn_api::AppState::new(control))
 }

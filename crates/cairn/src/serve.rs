@@ -23,7 +23,7 @@ const JOB_GRACE: Duration = Duration::from_secs(5);
 /// Options: flags, then CAIRN_* variables, then the TOML file, then the embedded defaults.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// A TOML file with any of: data_dir, listen, nbd_listen, nbd_socket.
+    /// A TOML file with any of: data_dir, listen, nbd_listen, nbd_socket, transfer_dir.
     #[arg(long, env = "CAIRN_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     /// Where volumes, metadata and the admin token live [default: ./cairn-data].
@@ -38,6 +38,10 @@ pub struct ServeArgs {
     /// Unix socket of the NBD server [default: DATA_DIR/nbd.sock].
     #[arg(long, env = "CAIRN_NBD_SOCKET", value_name = "PATH")]
     nbd_socket: Option<PathBuf>,
+    /// Directory under which each tenant may import and export image files, in
+    /// TRANSFER_DIR/TENANT_NAME [default: none; only the administrator may].
+    #[arg(long, env = "CAIRN_TRANSFER_DIR", value_name = "DIR")]
+    transfer_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -47,6 +51,7 @@ struct FileConfig {
     listen: Option<String>,
     nbd_listen: Option<String>,
     nbd_socket: Option<PathBuf>,
+    transfer_dir: Option<PathBuf>,
 }
 
 /// The settings in force.
@@ -56,6 +61,7 @@ struct Settings {
     listen: String,
     nbd_listen: Option<String>,
     nbd_socket: PathBuf,
+    transfer_dir: Option<PathBuf>,
 }
 
 fn settings(args: ServeArgs) -> Result<Settings> {
@@ -72,6 +78,7 @@ fn settings(args: ServeArgs) -> Result<Settings> {
         nbd_socket: args.nbd_socket.or(file.nbd_socket).unwrap_or_else(|| data_dir.join("nbd.sock")),
         listen: args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into()),
         nbd_listen: (nbd_listen != "off").then_some(nbd_listen),
+        transfer_dir: args.transfer_dir.or(file.transfer_dir),
         data_dir,
     })
 }
@@ -123,17 +130,20 @@ async fn serve(settings: Settings) -> Result<()> {
     };
     let nbd_tcp: Option<SocketAddr> = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
 
-    let token_path = data_dir.join("admin.token");
-    let (control, recovery) = Control::open(
-        meta,
-        engine.clone(),
-        exports.clone(),
-        NbdAddress { socket: nbd_socket.clone(), tcp: nbd_tcp },
-        &token_path,
-    )
-    .await
-    .context("opening the control plane")?;
+    let transfer_dir = match &settings.transfer_dir {
+        Some(dir) => Some(dir.canonicalize().with_context(|| format!("the transfer directory {}", dir.display()))?),
+        None => None,
+    };
+    let control_settings = cairn_control::Settings {
+        nbd: NbdAddress { socket: nbd_socket.clone(), tcp: nbd_tcp },
+        data_dir: data_dir.clone(),
+        transfer_dir,
+    };
+    let (control, recovery) = Control::open(meta, engine.clone(), exports.clone(), control_settings)
+        .await
+        .context("opening the control plane")?;
     if recovery.admin_token.is_some() {
+        let token_path = data_dir.join("admin.token");
         eprintln!("cairn: first start: created the tenant admin; its API token is in {}", token_path.display());
     }
     for job in &recovery.interrupted_jobs {
@@ -178,13 +188,17 @@ async fn serve(settings: Settings) -> Result<()> {
     let state = cairn_api::AppState::new(control.clone());
     axum::serve(api, cairn_api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
 
-    eprintln!("cairn: shutting down: finishing NBD requests and jobs in flight");
+    eprintln!("cairn: shutting down: finishing jobs and NBD requests in flight");
+    // Jobs first: imports and exports run through the NBD socket.
+    control.drain_jobs(JOB_GRACE).await;
     let _ = stop_tx.send(true);
     while let Some(done) = nbd_servers.join_next().await {
         if let Err(e) = done? {
             eprintln!("cairn: NBD server: {e}");
         }
     }
+    // Jobs still running have lost their NBD connection and end now; the next start marks any
+    // that did not as interrupted.
     control.drain_jobs(JOB_GRACE).await;
     control.close().await;
     drop((control, exports));

@@ -92,3 +92,40 @@ fn a_bad_config_file_is_refused_by_name() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.starts_with("error:") && stderr.contains("bad.toml") && stderr.contains("data_dri"), "{stderr}");
 }
+
+#[test]
+fn with_a_transfer_directory_each_tenant_uses_its_own_part() {
+    if !cairn_testkit::have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let transfer = dir.path().join("transfer");
+    for tenant in ["alice", "bob"] {
+        std::fs::create_dir_all(transfer.join(tenant)).unwrap();
+        std::fs::write(transfer.join(tenant).join("disk.raw"), vec![7u8; 1 << 20]).unwrap();
+    }
+    let child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--nbd-listen", "off", "--data-dir", data.to_str().unwrap()])
+        .args(["--transfer-dir", transfer.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon(child);
+    let url = wait_for_url(&mut daemon, &data);
+    let admin = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let alice = post(&url, admin.trim(), "/v1/tenants", serde_json::json!({"name": "alice"}));
+    let alice = alice["token"].as_str().unwrap();
+    let own = transfer.join("alice/disk.raw");
+    let accepted = post(&url, alice, "/v1/volumes/import", serde_json::json!({"name": "a", "path": own}));
+    assert_eq!(accepted["job"]["state"], "running", "{accepted}");
+    let bobs = transfer.join("bob/disk.raw");
+    let refused = ureq::post(&format!("{url}/v1/volumes/import"))
+        .set("Authorization", &format!("Bearer {alice}"))
+        .send_json(serde_json::json!({"name": "b", "path": bobs}));
+    match refused {
+        Err(ureq::Error::Status(403, _)) => {}
+        other => panic!("alice importing bob's file: {other:?}"),
+    }
+}

@@ -2,7 +2,7 @@
 CREATE TABLE tenants (
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
-    admin INTEGER NOT NULL,
+    admin BIGINT NOT NULL,
     created_at TEXT NOT NULL
 );
 -- Only a hash of each token is kept, so a copy of the database does not hand out access.
@@ -29,6 +29,8 @@ CREATE TABLE volumes (
     state TEXT NOT NULL,
     vm_id TEXT,
     role TEXT NOT NULL,
+    -- A root disk, or a data disk restored from a root-disk snapshot: R7 keeps it with its VM.
+    from_root_disk BIGINT NOT NULL,
     source_kind TEXT NOT NULL,
     source_ref TEXT,
     created_at TEXT NOT NULL,
@@ -81,7 +83,7 @@ CREATE TABLE idempotency_keys (
     tenant_id TEXT NOT NULL,
     key TEXT NOT NULL,
     fingerprint TEXT NOT NULL,
-    status INTEGER NOT NULL,
+    status BIGINT NOT NULL,
     body TEXT NOT NULL,
     created_at TEXT NOT NULL,
     PRIMARY KEY (tenant_id, key)

@@ -73,8 +73,11 @@ impl MetaStore {
         Ok(())
     }
 
+    /// A write transaction. IMMEDIATE takes SQLite's write lock at the start: a deferred
+    /// transaction that reads, then writes after another connection committed, fails at once
+    /// (SQLITE_BUSY_SNAPSHOT in WAL mode) instead of waiting its turn.
     pub async fn begin(&self) -> Result<Tx, Error> {
-        Ok(self.pool.begin().await?)
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 
     pub async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Sqlite>, Error> {
@@ -136,6 +139,7 @@ fn volume_of(row: &SqliteRow) -> Result<Volume, Error> {
         state: text_enum(row, "state", ResourceState::parse)?,
         vm: row.try_get("vm_id")?,
         role: text_enum(row, "role", DiskRole::parse)?,
+        from_root_disk: row.try_get::<i64, _>("from_root_disk")? != 0,
         source: source_of(row)?,
         created_at: row.try_get("created_at")?,
     })
@@ -299,8 +303,8 @@ pub async fn list_vms(c: &mut Conn, tenant: Option<&str>) -> Result<Vec<Vm>, Err
 pub async fn insert_volume(c: &mut Conn, v: &Volume) -> Result<(), Error> {
     let (source_kind, source_ref) = v.source.columns();
     sqlx::query(
-        "INSERT INTO volumes (id, tenant_id, name, size, state, vm_id, role, source_kind, source_ref, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        "INSERT INTO volumes (id, tenant_id, name, size, state, vm_id, role, from_root_disk, source_kind, source_ref, \
+         created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(&v.id)
     .bind(&v.tenant)
@@ -309,6 +313,7 @@ pub async fn insert_volume(c: &mut Conn, v: &Volume) -> Result<(), Error> {
     .bind(v.state.as_str())
     .bind(&v.vm)
     .bind(v.role.as_str())
+    .bind(v.from_root_disk as i64)
     .bind(source_kind)
     .bind(source_ref)
     .bind(&v.created_at)

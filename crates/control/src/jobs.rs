@@ -66,6 +66,14 @@ pub async fn image_info(path: &Path, format: Option<ImageFormat>) -> Result<(Ima
     }
     let info: serde_json::Value = serde_json::from_slice(&output.stdout)
         .map_err(|e| Error::Internal(format!("qemu-img info printed something unexpected: {e}")))?;
+    // A backing file or an external data file would make qemu-img read another file, which
+    // the caller's path checks never saw.
+    if info.get("backing-filename").is_some() || info["format-specific"]["data"].get("data-file").is_some() {
+        return Err(Error::invalid(
+            "path",
+            format!("{} refers to other files (a backing or data file); import a standalone image", path.display()),
+        ));
+    }
     let detected = info["format"].as_str().unwrap_or("");
     let format = ImageFormat::parse(detected).ok_or_else(|| {
         Error::invalid("path", format!("{} is a {detected} image; cairn imports raw and qcow2", path.display()))

@@ -15,7 +15,8 @@ pub use error::Error;
 pub use exports::{engine_snapshot_name, ServiceExports};
 pub use jobs::parse_progress;
 pub use service::{
-    Control, CreateVm, DeleteVmOutcome, ImageSource, NbdAddress, Recovery, RestoreRequest, SnapshotRequest, StoreCounts,
+    Control, CreateVm, DeleteVmOutcome, ImageSource, NbdAddress, Recovery, RestoreRequest, Settings, SnapshotRequest,
+    StoreCounts,
 };
 
 /// Now, as the RFC 3339 UTC text every record carries (millisecond precision, so records

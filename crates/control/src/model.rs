@@ -119,6 +119,9 @@ pub struct Volume {
     pub state: ResourceState,
     pub vm: Option<String>,
     pub role: DiskRole,
+    /// A root disk, or a data disk restored from a root-disk snapshot: it stays with its VM
+    /// and its snapshots count as root-disk snapshots (R7).
+    pub from_root_disk: bool,
     pub source: Source,
     pub created_at: String,
 }

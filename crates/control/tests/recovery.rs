@@ -8,7 +8,7 @@ use std::sync::Arc;
 use cairn_control::db::{self, MetaStore};
 use cairn_control::model::*;
 use cairn_control::names::{new_id, Kind, SizeArg};
-use cairn_control::{engine_snapshot_name, Control, NbdAddress, Recovery, ServiceExports};
+use cairn_control::{engine_snapshot_name, Control, NbdAddress, Recovery, ServiceExports, Settings};
 use cairn_volume::{Store, StoreOptions};
 
 async fn open(dir: &Path) -> (Arc<Control>, Recovery) {
@@ -16,7 +16,8 @@ async fn open(dir: &Path) -> (Arc<Control>, Recovery) {
     let meta = MetaStore::open_sqlite(&dir.join("cairn.db")).await.unwrap();
     let exports = Arc::new(ServiceExports::new(engine.clone()));
     let nbd = NbdAddress { socket: dir.join("nbd.sock"), tcp: None };
-    Control::open(meta, engine, exports, nbd, &dir.join("admin.token")).await.unwrap()
+    let settings = Settings { nbd, data_dir: dir.to_path_buf(), transfer_dir: None };
+    Control::open(meta, engine, exports, settings).await.unwrap()
 }
 
 async fn admin(control: &Control, dir: &Path) -> Tenant {
@@ -99,6 +100,7 @@ async fn a_job_cut_short_fails_and_its_half_made_resources_go() {
         state: ResourceState::Importing,
         vm: Some(vm.id.clone()),
         role: DiskRole::Root,
+        from_root_disk: true,
         source: Source::Image { path: "/nowhere.raw".into() },
         created_at: cairn_control::now(),
     };
@@ -134,4 +136,27 @@ async fn a_job_cut_short_fails_and_its_half_made_resources_go() {
     assert!(matches!(control.get_vm(&t, "half").await, Err(cairn_control::Error::NotFound { .. })));
     assert!(matches!(control.get_volume(&t, &volume.id).await, Err(cairn_control::Error::NotFound { .. })));
     assert!(control.engine().volume_id(&volume.id).is_err(), "the engine volume went too");
+}
+
+#[tokio::test]
+async fn a_lost_database_over_existing_volumes_is_refused_not_taken_for_orphans() {
+    let dir = tempfile::tempdir().unwrap();
+    let (control, _) = open(dir.path()).await;
+    let t = admin(&control, dir.path()).await;
+    let volume = control.create_volume(&t, "precious", &SizeArg::Text("1M".into()), None).await.unwrap();
+    close(control).await;
+    for file in ["cairn.db", "cairn.db-wal", "cairn.db-shm"] {
+        let _ = std::fs::remove_file(dir.path().join(file));
+    }
+    let engine = Arc::new(Store::open_dir(dir.path().join("volumes"), StoreOptions::default()).unwrap());
+    let meta = MetaStore::open_sqlite(&dir.path().join("cairn.db")).await.unwrap();
+    let exports = Arc::new(ServiceExports::new(engine.clone()));
+    let settings = Settings {
+        nbd: NbdAddress { socket: dir.path().join("nbd.sock"), tcp: None },
+        data_dir: dir.path().to_path_buf(),
+        transfer_dir: None,
+    };
+    let refused = Control::open(meta, engine.clone(), exports, settings).await;
+    assert!(matches!(&refused, Err(cairn_control::Error::Internal(m)) if m.contains("refusing")), "{refused:?}");
+    assert!(engine.volume_id(&volume.volume.id).is_ok(), "the volume is still there");
 }

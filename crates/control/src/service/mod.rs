@@ -35,6 +35,18 @@ pub struct NbdAddress {
     pub tcp: Option<SocketAddr>,
 }
 
+/// What the control plane needs to know of its daemon.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub nbd: NbdAddress,
+    /// The data directory, resolved: the admin token goes there, and no import or export may
+    /// touch it.
+    pub data_dir: PathBuf,
+    /// Where tenants other than the administrator may import from and export to: each under
+    /// its own TRANSFER_DIR/TENANT_NAME. None: only the administrator may.
+    pub transfer_dir: Option<PathBuf>,
+}
+
 /// A request to snapshot a volume or a VM.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,7 +119,7 @@ pub struct Control {
     meta: MetaStore,
     engine: Arc<Store>,
     exports: Arc<ServiceExports>,
-    nbd: NbdAddress,
+    settings: Settings,
     /// Mutating operations run one at a time: their checks (names free, VM stopped...) and
     /// their changes must not interleave, and they take milliseconds.
     ops: tokio::sync::Mutex<()>,
@@ -144,20 +156,19 @@ fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
 
 impl Control {
     /// Opens the control plane: brings the schema up to date, creates the admin tenant on first
-    /// start (its token goes to `admin_token_path`), fails jobs a crash interrupted and removes
+    /// start (its token goes to DATA_DIR/admin.token), fails jobs a crash interrupted and removes
     /// what they were making, and removes engine objects no metadata names.
     pub async fn open(
         meta: MetaStore,
         engine: Arc<Store>,
         exports: Arc<ServiceExports>,
-        nbd: NbdAddress,
-        admin_token_path: &Path,
+        settings: Settings,
     ) -> Result<(Arc<Control>, Recovery), Error> {
         let control = Arc::new(Control {
             meta,
             engine,
             exports,
-            nbd,
+            settings,
             ops: tokio::sync::Mutex::new(()),
             jobs: Mutex::default(),
             job_ended: Default::default(),
@@ -166,10 +177,20 @@ impl Control {
         {
             let mut c = control.meta.conn().await?;
             if db::tenant_by_name(&mut c, "admin").await?.is_none() {
+                // A new database over a store that has cairn's volumes means the database was
+                // lost or replaced: starting would take every volume for an orphan.
+                let ours = control.engine.list_volumes().into_iter().filter(|v| names::looks_like_id(&v.name)).count();
+                if ours > 0 {
+                    return Err(Error::Internal(format!(
+                        "the metadata database is new, but the volume store holds {ours} cairn volumes; refusing \
+                         to start (restore cairn.db from a copy, or move the volumes directory away)"
+                    )));
+                }
+                let admin_token_path = control.settings.data_dir.join("admin.token");
                 let token = new_token();
                 // The file first: a crash before the row leaves no tenant, and the next start
                 // makes both again.
-                write_secret(admin_token_path, &token)?;
+                write_secret(&admin_token_path, &token)?;
                 let mut tx = control.meta.begin().await?;
                 let tenant = Tenant { id: new_id(Kind::Tenant), name: "admin".into(), admin: true, created_at: now() };
                 db::insert_tenant(&mut tx, &tenant).await?;
@@ -196,36 +217,50 @@ impl Control {
             job.state = JobState::Failed;
             job.error = Some("interrupted by a restart".into());
             job.finished_at = Some(now());
+            // The job's end and the removal of what it was making commit together.
             let mut tx = self.meta.begin().await?;
             db::finish_job(&mut tx, &job).await?;
+            let discarded = match job.kind {
+                JobKind::Import => Self::discard_import(&mut tx, &job.tenant, &job.resource).await?,
+                JobKind::Export => false,
+            };
             tx.commit().await?;
-            match job.kind {
-                JobKind::Import => self.discard_import(&job.tenant, &job.resource).await?,
-                JobKind::Export => {
-                    let _ = std::fs::remove_file(partial_path(&job.path, &job.id));
-                }
+            if discarded {
+                self.remove_engine_volume(&job.resource)?;
+            }
+            if job.kind == JobKind::Export {
+                let _ = std::fs::remove_file(partial_path(&job.path, &job.id));
             }
             failed.push(job.id);
         }
         Ok(failed)
     }
 
-    /// Removes what a failed import was making: the volume (and the VM it was the root of) or
-    /// the template.
-    async fn discard_import(&self, tenant: &str, resource: &str) -> Result<(), Error> {
-        let mut tx = self.meta.begin().await?;
-        if let Some(volume) = db::find_volume(&mut tx, tenant, resource).await? {
-            if let (DiskRole::Root, Some(vm)) = (volume.role, &volume.vm) {
-                db::delete_vm(&mut tx, vm).await?;
+    /// Removes the rows of what a failed import was making, if it is still importing: the
+    /// volume (and the VM it is the root of, whose other disks are detached) or the template.
+    /// Returns whether there was something, whose engine volume the caller removes after commit.
+    async fn discard_import(tx: &mut db::Conn, tenant: &str, resource: &str) -> Result<bool, Error> {
+        if let Some(volume) = db::find_volume(tx, tenant, resource).await? {
+            if volume.state != ResourceState::Importing {
+                return Ok(false);
             }
-            db::delete_volume(&mut tx, &volume.id).await?;
+            if let (DiskRole::Root, Some(vm)) = (volume.role, &volume.vm) {
+                for mut disk in db::list_volumes(tx, Some(tenant), Some(vm)).await? {
+                    disk.vm = None;
+                    db::update_volume(tx, &disk).await?;
+                }
+                db::delete_vm(tx, vm).await?;
+            }
+            db::delete_volume(tx, &volume.id).await?;
+            return Ok(true);
         }
-        if db::find_template(&mut tx, tenant, resource).await?.is_some() {
-            db::delete_template(&mut tx, resource).await?;
+        match db::find_template(tx, tenant, resource).await? {
+            Some(template) if template.state == ResourceState::Importing => {
+                db::delete_template(tx, resource).await?;
+                Ok(true)
+            }
+            _ => Ok(false),
         }
-        tx.commit().await?;
-        self.remove_engine_volume(resource)?;
-        Ok(())
     }
 
     /// Deletes engine volumes and snapshots whose ids no metadata row names: made just before a
@@ -297,8 +332,8 @@ impl Control {
 
     fn nbd_for(&self, export: String) -> Nbd {
         Nbd {
-            uri: self.nbd.tcp.map(|addr| format!("nbd://{addr}/{export}")),
-            unix_uri: format!("nbd+unix:///{export}?socket={}", self.nbd.socket.display()),
+            uri: self.settings.nbd.tcp.map(|addr| format!("nbd://{addr}/{export}")),
+            unix_uri: format!("nbd+unix:///{export}?socket={}", self.settings.nbd.socket.display()),
             export,
         }
     }
@@ -311,7 +346,9 @@ impl Control {
         TemplateView { nbd: self.nbd_for(template.id.clone()), template }
     }
 
-    /// Views of snapshots with their sizes, looking each up in one listing of the engine's.
+    /// Views of snapshots with their sizes, looking each up in one listing of the engine's. A
+    /// snapshot whose engine object is gone (deleted a moment ago, between its row's removal and
+    /// the engine's) is left out.
     fn snapshot_views(&self, snapshots: Vec<Snapshot>) -> Result<Vec<SnapshotView>, Error> {
         let engine: HashMap<String, SnapshotId> = self
             .engine
@@ -319,26 +356,28 @@ impl Control {
             .into_iter()
             .filter_map(|s| Some((parse_engine_snapshot_name(&s.name)?.1.to_string(), s.id)))
             .collect();
-        snapshots
-            .into_iter()
-            .map(|snapshot| {
-                let engine_id = *engine.get(&snapshot.id).ok_or_else(|| {
-                    Error::Internal(format!("snapshot {} is in the metadata but not in the volume store", snapshot.id))
-                })?;
-                let usage = self.engine.snapshot_usage(engine_id)?;
-                Ok(SnapshotView {
-                    logical_bytes: usage.logical_bytes,
-                    exclusive_bytes: usage.exclusive_bytes,
-                    shared_bytes: usage.shared_bytes,
-                    nbd: self.nbd_for(format!("{}@{}", snapshot.volume, snapshot.id)),
-                    snapshot,
-                })
-            })
-            .collect()
+        let mut views = Vec::with_capacity(snapshots.len());
+        for snapshot in snapshots {
+            let Some(engine_id) = engine.get(&snapshot.id) else { continue };
+            let usage = match self.engine.snapshot_usage(*engine_id) {
+                Ok(usage) => usage,
+                Err(cairn_volume::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            views.push(SnapshotView {
+                logical_bytes: usage.logical_bytes,
+                exclusive_bytes: usage.exclusive_bytes,
+                shared_bytes: usage.shared_bytes,
+                nbd: self.nbd_for(format!("{}@{}", snapshot.volume, snapshot.id)),
+                snapshot,
+            });
+        }
+        Ok(views)
     }
 
     fn snapshot_view(&self, snapshot: Snapshot) -> Result<SnapshotView, Error> {
-        Ok(self.snapshot_views(vec![snapshot])?.remove(0))
+        let id = snapshot.id.clone();
+        self.snapshot_views(vec![snapshot])?.pop().ok_or_else(|| Error::not_found("snapshot", &id))
     }
 
     fn engine_volume(&self, id: &str) -> Result<VolumeId, Error> {

@@ -23,16 +23,23 @@ impl Control {
             return Err(Error::conflict(format!("volume {} is being imported", busy.name)));
         }
         let mut tx = self.meta.begin().await?;
-        let group = (volumes.len() > 1).then(|| new_id(Kind::SnapshotGroup));
-        let mut snapshots = Vec::new();
+        // Every snapshot of a VM belongs to its group, even a one-disk VM's.
+        let group = vm.map(|_| new_id(Kind::SnapshotGroup));
+        let mut snapshots: Vec<Snapshot> = Vec::new();
         for volume in &volumes {
             let id = new_id(Kind::Snapshot);
-            let name = match (&request.name, volumes.len()) {
-                (Some(name), 1) => name.clone(),
-                (Some(name), _) => format!("{name}-{}", volume.name),
-                (None, _) => id.clone(),
+            let name = match &request.name {
+                Some(name) if volumes.len() == 1 => name.clone(),
+                // One name per disk: NAME-VOLUMENAME, checked like any name.
+                Some(name) => format!("{name}-{}", volume.name),
+                None => id.clone(),
             };
-            let name = name[..name.len().min(63)].to_string();
+            if name != id {
+                check_name("name", &name)?;
+            }
+            if snapshots.iter().any(|s| s.name == name) {
+                return Err(Error::invalid("name", format!("two disks' snapshots would both be named {name:?}")));
+            }
             Self::name_free(&mut tx, t, Kind::Snapshot, &name).await?;
             snapshots.push(Snapshot {
                 id,
@@ -41,7 +48,7 @@ impl Control {
                 volume: volume.id.clone(),
                 volume_name: volume.name.clone(),
                 vm: vm.map(|vm| vm.id.clone()).or_else(|| volume.vm.clone()),
-                disk_role: volume.role,
+                disk_role: if volume.from_root_disk { DiskRole::Root } else { DiskRole::Data },
                 group: group.clone(),
                 origin: Origin::Manual,
                 consistency: request.consistency.unwrap_or(Consistency::Crash),
@@ -198,6 +205,8 @@ impl Control {
             state: ResourceState::Ready,
             vm: vm.as_ref().map(|vm| vm.id.clone()),
             role,
+            // A copy of a root disk stays a root disk's copy, whatever it is attached as (R7).
+            from_root_disk: snapshot.disk_role == DiskRole::Root,
             source: Source::Snapshot { id: snapshot.id.clone() },
             created_at: now(),
         };

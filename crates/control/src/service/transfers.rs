@@ -10,32 +10,66 @@ use crate::{now, Error};
 use super::*;
 
 impl Control {
-    pub(super) async fn inspect_image(&self, image: &ImageSource) -> Result<(ImageFormat, u64), Error> {
-        let path = Path::new(&image.path);
-        if !path.is_absolute() {
+    /// Where a tenant may read and write image files: anywhere outside the data directory for an
+    /// administrator (the operator, who can read the machine anyway); for other tenants only
+    /// under TRANSFER_DIR/TENANT, and nowhere when the daemon has no transfer directory. Paths
+    /// are resolved (symlinks followed) before they are checked. Returns the resolved path.
+    fn transfer_path(&self, t: &Tenant, path: &str, for_export: bool) -> Result<PathBuf, Error> {
+        let given = Path::new(path);
+        if !given.is_absolute() {
             return Err(Error::invalid(
                 "path",
-                format!("path {:?} must be absolute (a path on the daemon's machine)", image.path),
+                format!("path {path:?} must be absolute (a path on the daemon's machine)"),
             ));
         }
-        if !path.is_file() {
-            return Err(Error::invalid("path", format!("{} is not a file on the daemon's machine", image.path)));
+        let resolved = if for_export {
+            let parent = given.parent().and_then(|p| p.canonicalize().ok()).ok_or_else(|| {
+                Error::invalid("path", format!("the directory of {path} does not exist on the daemon's machine"))
+            })?;
+            let name = given.file_name().ok_or_else(|| Error::invalid("path", format!("{path} names no file")))?;
+            parent.join(name)
+        } else {
+            given
+                .canonicalize()
+                .ok()
+                .filter(|p| p.is_file())
+                .ok_or_else(|| Error::invalid("path", format!("{path} is not a file on the daemon's machine")))?
+        };
+        if resolved.starts_with(&self.settings.data_dir) {
+            return Err(Error::Forbidden(format!("{path} is inside cairn's data directory")));
         }
-        let (format, size) = jobs::image_info(path, image.format).await?;
-        // Volumes are whole sectors; the tail past the image reads as zeros.
-        let size = size.div_ceil(names::SECTOR) * names::SECTOR;
-        SizeArg::Bytes(size.max(names::SECTOR)).volume_bytes("path").map(|size| (format, size))
+        if !t.admin {
+            let Some(transfer_dir) = &self.settings.transfer_dir else {
+                return Err(Error::Forbidden(
+                    "this daemon has no transfer directory (--transfer-dir), so only an administrator may import \
+                     and export files"
+                        .into(),
+                ));
+            };
+            let own = transfer_dir.join(&t.name);
+            if !resolved.starts_with(&own) {
+                return Err(Error::Forbidden(format!("{path} is not under your transfer directory {}", own.display())));
+            }
+        }
+        Ok(resolved)
     }
 
-    pub(super) fn new_job(
+    /// Checks an image to import; returns its resolved path, format and the volume size for it.
+    pub(super) async fn inspect_image(
         &self,
         t: &Tenant,
-        kind: JobKind,
-        resource: &str,
-        path: &str,
-        total: u64,
-    ) -> (Job, ImageFormat) {
-        let job = Job {
+        image: &ImageSource,
+    ) -> Result<(String, ImageFormat, u64), Error> {
+        let path = self.transfer_path(t, &image.path, false)?;
+        let (format, size) = jobs::image_info(&path, image.format).await?;
+        // Volumes are whole sectors; the tail past the image reads as zeros.
+        let size = size.div_ceil(names::SECTOR) * names::SECTOR;
+        let size = SizeArg::Bytes(size.max(names::SECTOR)).volume_bytes("path")?;
+        Ok((path.to_string_lossy().into_owned(), format, size))
+    }
+
+    pub(super) fn new_job(&self, t: &Tenant, kind: JobKind, resource: &str, path: &str, total: u64) -> Job {
+        Job {
             id: new_id(Kind::Job),
             tenant: t.id.clone(),
             kind,
@@ -47,8 +81,7 @@ impl Control {
             error: None,
             created_at: now(),
             finished_at: None,
-        };
-        (job, ImageFormat::Raw)
+        }
     }
 
     fn track(&self, job: &Job) -> Arc<Progress> {
@@ -68,23 +101,46 @@ impl Control {
         }
     }
 
-    /// Records a job's end and forgets its live progress.
-    async fn finish(&self, mut job: Job, result: Result<(), String>) -> Result<Job, Error> {
-        let progress = self.jobs.lock().expect("jobs lock").remove(&job.id);
-        self.job_ended.notify_waiters();
-        job.bytes_done = progress.map_or(job.bytes_done, |p| p.done());
+    /// Records a job's end — for an import, in the same transaction that makes its resource
+    /// ready or removes it — then forgets its live progress.
+    async fn finish(&self, mut job: Job, result: Result<(), String>) -> Result<(), Error> {
+        let _ops = self.ops.lock().await;
+        if let Some(p) = self.jobs.lock().expect("jobs lock").get(&job.id) {
+            job.bytes_done = p.done();
+        }
         job.finished_at = Some(now());
-        match result {
-            Ok(()) => job.state = JobState::Succeeded,
-            Err(e) => {
+        let mut tx = self.meta.begin().await?;
+        let mut discarded = false;
+        match (result, job.kind) {
+            (Ok(()), JobKind::Import) => {
+                job.state = JobState::Succeeded;
+                if let Some(mut volume) = db::find_volume(&mut tx, &job.tenant, &job.resource).await? {
+                    volume.state = ResourceState::Ready;
+                    db::update_volume(&mut tx, &volume).await?;
+                } else {
+                    // A template: what was imported is frozen as its content.
+                    self.engine.snapshot(self.engine_volume(&job.resource)?, TEMPLATE_SNAPSHOT)?;
+                    db::set_template_state(&mut tx, &job.resource, ResourceState::Ready).await?;
+                }
+            }
+            (Ok(()), JobKind::Export) => job.state = JobState::Succeeded,
+            (Err(e), kind) => {
                 job.state = JobState::Failed;
                 job.error = Some(e);
+                if kind == JobKind::Import {
+                    discarded = Self::discard_import(&mut tx, &job.tenant, &job.resource).await?;
+                }
             }
         }
-        let mut tx = self.meta.begin().await?;
         db::finish_job(&mut tx, &job).await?;
         tx.commit().await?;
-        Ok(job)
+        if discarded {
+            self.remove_engine_volume(&job.resource)?;
+        }
+        self.jobs.lock().expect("jobs lock").remove(&job.id);
+        // After the commit: a shutdown waiting for jobs may close the database next.
+        self.job_ended.notify_waiters();
+        Ok(())
     }
 
     /// Starts filling the volume or template `job.resource` from `job.path` through a private
@@ -95,16 +151,9 @@ impl Control {
         let control = self.clone();
         tokio::spawn(async move {
             let result = control.run_import(&job, format, &progress).await;
-            let failed = result.is_err();
-            let tenant = job.tenant.clone();
-            let resource = job.resource.clone();
+            let id = job.id.clone();
             if let Err(e) = control.finish(job, result).await {
-                eprintln!("cairn: recording the end of an import job: {e}");
-            }
-            if failed {
-                if let Err(e) = control.discard_import(&tenant, &resource).await {
-                    eprintln!("cairn: removing the remains of a failed import of {resource}: {e}");
-                }
+                eprintln!("cairn: recording the end of import job {id}: {e}");
             }
         });
         view
@@ -114,7 +163,7 @@ impl Control {
         let volume = self.engine.volume_id(&job.resource).map_err(|e| e.to_string())?;
         let export = format!("import-{}", job.id);
         self.exports.set_import(&export, Some(volume));
-        let target = format!("nbd+unix:///{export}?socket={}", self.nbd.socket.display());
+        let target = format!("nbd+unix:///{export}?socket={}", self.settings.nbd.socket.display());
         let args: Vec<&std::ffi::OsStr> = vec![
             "-n".as_ref(),
             // The new volume reads as zeros, so qemu-img skips writing zeros: imports stay sparse.
@@ -128,22 +177,7 @@ impl Control {
         ];
         let result = jobs::convert(&args, progress).await;
         self.exports.set_import(&export, None);
-        result?;
-        let _ops = self.ops.lock().await;
-        let mut tx = self.meta.begin().await.map_err(|e| e.to_string())?;
-        let finish = async {
-            if let Some(mut volume) = db::find_volume(&mut tx, &job.tenant, &job.resource).await? {
-                volume.state = ResourceState::Ready;
-                db::update_volume(&mut tx, &volume).await?;
-            } else {
-                // A template: freeze what was imported as its content.
-                self.engine.snapshot(volume, TEMPLATE_SNAPSHOT)?;
-                db::set_template_state(&mut tx, &job.resource, ResourceState::Ready).await?;
-            }
-            tx.commit().await?;
-            Ok::<(), Error>(())
-        };
-        finish.await.map_err(|e| e.to_string())
+        result
     }
 
     /// Imports a raw or qcow2 file into a new data volume (attached to `vm` if given).
@@ -155,7 +189,7 @@ impl Control {
         vm: Option<&str>,
     ) -> Result<(JobView, VolumeView), Error> {
         check_name("name", name)?;
-        let (format, size) = self.inspect_image(image).await?;
+        let (path, format, size) = self.inspect_image(t, image).await?;
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
         Self::name_free(&mut tx, t, Kind::Volume, name).await?;
@@ -171,12 +205,13 @@ impl Control {
             state: ResourceState::Importing,
             vm,
             role: DiskRole::Data,
-            source: Source::Image { path: image.path.clone() },
+            from_root_disk: false,
+            source: Source::Image { path: path.clone() },
             created_at: now(),
         };
         self.engine.create_volume(&volume.id, size)?;
         db::insert_volume(&mut tx, &volume).await?;
-        let (job, _) = self.new_job(t, JobKind::Import, &volume.id, &image.path, size);
+        let job = self.new_job(t, JobKind::Import, &volume.id, &path, size);
         db::insert_job(&mut tx, &job).await?;
         tx.commit().await?;
         Ok((self.start_import(job, format), self.volume_view(volume)))
@@ -190,7 +225,7 @@ impl Control {
         image: &ImageSource,
     ) -> Result<(JobView, TemplateView), Error> {
         check_name("name", name)?;
-        let (format, size) = self.inspect_image(image).await?;
+        let (path, format, size) = self.inspect_image(t, image).await?;
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
         Self::name_free(&mut tx, t, Kind::Template, name).await?;
@@ -200,12 +235,12 @@ impl Control {
             name: name.into(),
             size,
             state: ResourceState::Importing,
-            source: Source::Image { path: image.path.clone() },
+            source: Source::Image { path: path.clone() },
             created_at: now(),
         };
         self.engine.create_volume(&template.id, size)?;
         db::insert_template(&mut tx, &template).await?;
-        let (job, _) = self.new_job(t, JobKind::Import, &template.id, &image.path, size);
+        let job = self.new_job(t, JobKind::Import, &template.id, &path, size);
         db::insert_job(&mut tx, &job).await?;
         tx.commit().await?;
         Ok((self.start_import(job, format), self.template_view(template)))
@@ -221,20 +256,11 @@ impl Control {
         path: &str,
         format: Option<ImageFormat>,
     ) -> Result<JobView, Error> {
-        let target = Path::new(path);
-        if !target.is_absolute() {
-            return Err(Error::invalid(
-                "path",
-                format!("path {path:?} must be absolute (a path on the daemon's machine)"),
-            ));
-        }
-        if !target.parent().is_some_and(Path::is_dir) {
-            return Err(Error::invalid("path", format!("the directory of {path} does not exist")));
-        }
-        if target.exists() {
+        let target = self.transfer_path(t, path, true)?;
+        if target.symlink_metadata().is_ok() {
             return Err(Error::conflict(format!("{path} exists; cairn does not overwrite files")));
         }
-        let (job, _) = self.new_job(t, JobKind::Export, resource, path, size);
+        let job = self.new_job(t, JobKind::Export, resource, &target.to_string_lossy(), size);
         let mut tx = self.meta.begin().await?;
         db::insert_job(&mut tx, &job).await?;
         tx.commit().await?;
@@ -244,8 +270,9 @@ impl Control {
         let format = format.unwrap_or(ImageFormat::Raw);
         tokio::spawn(async move {
             let result = control.run_export(&job, &nbd_export, format, &progress).await;
+            let id = job.id.clone();
             if let Err(e) = control.finish(job, result).await {
-                eprintln!("cairn: recording the end of an export job: {e}");
+                eprintln!("cairn: recording the end of export job {id}: {e}");
             }
         });
         Ok(view)
@@ -260,7 +287,7 @@ impl Control {
         format: ImageFormat,
         progress: &Progress,
     ) -> Result<(), String> {
-        let source = format!("nbd+unix:///{export}?socket={}", self.nbd.socket.display());
+        let source = format!("nbd+unix:///{export}?socket={}", self.settings.nbd.socket.display());
         let partial = partial_path(&job.path, &job.id);
         let args: Vec<&std::ffi::OsStr> = vec![
             "-f".as_ref(),

@@ -23,7 +23,7 @@ impl Control {
             ));
         }
         let image = match &request.image {
-            Some(image) => Some(self.inspect_image(image).await?),
+            Some(image) => Some(self.inspect_image(t, image).await?),
             None => None,
         };
         let _ops = self.ops.lock().await;
@@ -55,6 +55,7 @@ impl Control {
             state: ResourceState::Ready,
             vm: Some(vm.id.clone()),
             role: DiskRole::Root,
+            from_root_disk: true,
             source: Source::Blank,
             created_at: now(),
         };
@@ -66,13 +67,12 @@ impl Control {
             let info = self.engine.clone_snapshot(self.template_snapshot(&tpl.id)?, &root.id, size)?;
             root.size = info.size;
             root.source = Source::Template { id: tpl.id.clone() };
-        } else if let (Some(image), Some((format, image_size))) = (&request.image, image) {
+        } else if let Some((path, format, image_size)) = image {
             root.size = image_size;
             root.state = ResourceState::Importing;
-            root.source = Source::Image { path: image.path.clone() };
+            root.source = Source::Image { path: path.clone() };
             self.engine.create_volume(&root.id, image_size)?;
-            job = Some(self.new_job(t, JobKind::Import, &root.id, &image.path, image_size));
-            job.as_mut().expect("just set").1 = format;
+            job = Some((self.new_job(t, JobKind::Import, &root.id, &path, image_size), format));
         } else {
             root.size = size.expect("checked above");
             self.engine.create_volume(&root.id, root.size)?;
@@ -121,27 +121,31 @@ impl Control {
         Ok(vm)
     }
 
-    /// Deletes a VM and its root volume; data volumes are detached and stay, snapshots stay (R8).
+    /// Deletes a VM and its root volume (and data volumes restored from its root-disk snapshots,
+    /// which R7 keeps with it); other data volumes are detached and stay; snapshots stay (R8).
     pub async fn delete_vm(&self, t: &Tenant, reference: &str) -> Result<DeleteVmOutcome, Error> {
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
         let vm = self.vm(&mut tx, t, reference).await?;
-        let root = self.volume(&mut tx, t, &vm.root_volume).await?;
-        if root.state == ResourceState::Importing {
+        if self.volume(&mut tx, t, &vm.root_volume).await?.state == ResourceState::Importing {
             return Err(Error::conflict("the VM's root disk is being imported; wait for the job"));
         }
-        let mut detached = Vec::new();
+        let (mut deleted, mut detached) = (Vec::new(), Vec::new());
         for mut volume in db::list_volumes(&mut tx, Some(&t.id), Some(&vm.id)).await? {
-            if volume.role == DiskRole::Data {
+            if volume.from_root_disk {
+                db::delete_volume(&mut tx, &volume.id).await?;
+                deleted.push(volume.id);
+            } else {
                 volume.vm = None;
                 db::update_volume(&mut tx, &volume).await?;
                 detached.push(volume.id);
             }
         }
-        db::delete_volume(&mut tx, &root.id).await?;
         db::delete_vm(&mut tx, &vm.id).await?;
         tx.commit().await?;
-        self.remove_engine_volume(&root.id)?;
-        Ok(DeleteVmOutcome { deleted: vm.id, deleted_volumes: vec![root.id], detached_volumes: detached })
+        for id in &deleted {
+            self.remove_engine_volume(id)?;
+        }
+        Ok(DeleteVmOutcome { deleted: vm.id, deleted_volumes: deleted, detached_volumes: detached })
     }
 }

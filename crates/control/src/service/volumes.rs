@@ -32,6 +32,7 @@ impl Control {
             state: ResourceState::Ready,
             vm,
             role: DiskRole::Data,
+            from_root_disk: false,
             source: Source::Blank,
             created_at: now(),
         };
@@ -55,8 +56,11 @@ impl Control {
         let mut tx = self.meta.begin().await?;
         let mut volume = self.volume(&mut tx, t, reference).await?;
         let vm = self.vm(&mut tx, t, vm).await?;
-        if volume.role == DiskRole::Root {
-            return Err(Error::conflict(format!("volume {} is a VM's root disk and stays with that VM", volume.name)));
+        if volume.from_root_disk {
+            return Err(Error::conflict(format!(
+                "volume {} holds a VM's root disk and stays with that VM (R7)",
+                volume.name
+            )));
         }
         if let Some(current) = &volume.vm {
             return Err(Error::conflict(format!("volume {} is attached to {current}; detach it first", volume.name)));
@@ -71,9 +75,10 @@ impl Control {
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
         let mut volume = self.volume(&mut tx, t, reference).await?;
-        if volume.role == DiskRole::Root {
+        if volume.from_root_disk {
             return Err(Error::conflict(format!(
-                "volume {} is a VM's root disk; it can not be detached (delete the VM, or restore a snapshot as its root)",
+                "volume {} holds a VM's root disk; it can not be detached or become a standalone volume (R7): \
+                 delete it, or the VM",
                 volume.name
             )));
         }
@@ -141,10 +146,11 @@ impl Control {
             (Some(vm), DiskRole::Root) => {
                 return Err(Error::conflict(format!("volume {} is the root disk of {vm}; delete the VM", volume.name)))
             }
-            (Some(vm), DiskRole::Data) => {
+            // A copy of a root disk can not be detached (R7), so it may be deleted attached.
+            (Some(vm), DiskRole::Data) if !volume.from_root_disk => {
                 return Err(Error::conflict(format!("volume {} is attached to {vm}; detach it first", volume.name)))
             }
-            (None, _) => {}
+            _ => {}
         }
         if volume.state == ResourceState::Importing {
             return Err(Error::conflict(format!("volume {} is being imported", volume.name)));
