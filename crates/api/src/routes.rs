@@ -62,6 +62,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/templates", post(create_template).get(list_templates))
         .route("/templates/import", post(import_template))
         .route("/templates/{template}", get(get_template).delete(delete_template))
+        .route("/volumes/{volume}/backups", post(back_up_volume))
+        .route("/volumes/{volume}/restore", post(restore_over_volume))
+        .route("/vms/{vm}/backups", post(back_up_vm))
+        .route("/backups", get(list_backups))
+        .route("/backups/{backup}", get(get_backup))
+        .route("/backups/{backup}/restore", post(restore_backup))
+        .route("/repository/verify", post(verify_repository))
         .route("/jobs", get(list_jobs))
         .route("/jobs/{job}", get(get_job))
         .layer(middleware::from_fn_with_state(state.clone(), idempotency::layer))
@@ -333,6 +340,64 @@ async fn get_template(State(s): S, Caller(t): Caller, Path(template): Path<Strin
 
 async fn delete_template(State(s): S, Caller(t): Caller, Path(template): Path<String>) -> Answer {
     deleted(s.control.delete_template(&t, &template).await?)
+}
+
+// ---- backups ----
+
+async fn back_up_volume(State(s): S, Caller(t): Caller, Path(volume): Path<String>) -> Answer {
+    accepted(json!({ "job": s.control.start_backup(&t, Some(&volume), None).await? }))
+}
+
+async fn back_up_vm(State(s): S, Caller(t): Caller, Path(vm): Path<String>) -> Answer {
+    accepted(json!({ "job": s.control.start_backup(&t, None, Some(&vm)).await? }))
+}
+
+async fn list_backups(
+    State(s): S,
+    Caller(t): Caller,
+    filter: Result<Query<SnapshotFilter>, axum::extract::rejection::QueryRejection>,
+) -> Answer {
+    let Query(filter) = filter.map_err(|e| ApiError::invalid(e.body_text(), None))?;
+    ok(s.control.list_backups(&t, filter.volume.as_deref(), filter.vm.as_deref()).await?)
+}
+
+async fn get_backup(State(s): S, Caller(t): Caller, Path(backup): Path<String>) -> Answer {
+    ok(s.control.get_backup(&t, &backup).await?)
+}
+
+async fn restore_backup(
+    State(s): S,
+    Caller(t): Caller,
+    Path(backup): Path<String>,
+    OptionalBody(r): OptionalBody<RestoreRequest>,
+) -> Answer {
+    let (job, volume) = s.control.restore_backup(&t, &backup, &r).await?;
+    accepted(json!({ "job": job, "volume": volume }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreOver {
+    backup: String,
+}
+
+async fn restore_over_volume(
+    State(s): S,
+    Caller(t): Caller,
+    Path(volume): Path<String>,
+    Body(r): Body<RestoreOver>,
+) -> Answer {
+    accepted(json!({ "job": s.control.restore_backup_over(&t, &volume, &r.backup).await? }))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct VerifyRequest {
+    sample_percent: Option<f64>,
+}
+
+async fn verify_repository(State(s): S, Caller(t): Caller, OptionalBody(r): OptionalBody<VerifyRequest>) -> Answer {
+    ok(s.control.verify_repository(&t, r.sample_percent).await?)
 }
 
 // ---- jobs ----

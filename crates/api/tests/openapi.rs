@@ -16,7 +16,13 @@ async fn router(dir: &std::path::Path) -> axum::Router {
     let meta = MetaStore::open_sqlite(&dir.join("cairn.db")).await.unwrap();
     let exports = Arc::new(ServiceExports::new(engine.clone()));
     let nbd = NbdAddress { socket: dir.join("nbd.sock"), tcp: None };
-    let settings = Settings { nbd, data_dir: dir.to_path_buf(), transfer_dir: None };
+    let settings = Settings {
+        nbd,
+        data_dir: dir.to_path_buf(),
+        transfer_dir: None,
+        backup_repository: None,
+        backup_passphrase: None,
+    };
     let (control, recovery) = Control::open(meta, engine, exports, settings).await.unwrap();
     assert!(recovery.admin_token.is_some(), "a new data directory gets an admin token");
     cairn_api::router(cairn_api::AppState::new(control))

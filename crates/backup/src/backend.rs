@@ -47,7 +47,16 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub struct ObjectStoreBackend {
     store: Arc<dyn ObjectStore>,
-    runtime: tokio::runtime::Runtime,
+    /// Taken out on drop: a runtime must not be dropped (which blocks) inside another one.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for ObjectStoreBackend {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl ObjectStoreBackend {
@@ -58,7 +67,7 @@ impl ObjectStoreBackend {
             .enable_all()
             .build()
             .map_err(|e| BackendError::Other(format!("starting the I/O runtime: {e}")))?;
-        Ok(Self { store, runtime })
+        Ok(Self { store, runtime: Some(runtime) })
     }
 
     /// A repository in a local directory (created if missing).
@@ -82,26 +91,32 @@ fn convert(key: &str, e: object_store::Error) -> BackendError {
     }
 }
 
+impl ObjectStoreBackend {
+    fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.as_ref().expect("the runtime lives until drop").block_on(future)
+    }
+}
+
 impl Backend for ObjectStoreBackend {
     fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
         let path = ObjectPath::from(key);
-        self.runtime.block_on(self.store.put(&path, data.into())).map(|_| ()).map_err(|e| convert(key, e))
+        self.block_on(self.store.put(&path, data.into())).map(|_| ()).map_err(|e| convert(key, e))
     }
 
     fn get(&self, key: &str) -> Result<Bytes, BackendError> {
         let path = ObjectPath::from(key);
-        self.runtime.block_on(async { self.store.get(&path).await?.bytes().await }).map_err(|e| convert(key, e))
+        self.block_on(async { self.store.get(&path).await?.bytes().await }).map_err(|e| convert(key, e))
     }
 
     fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, BackendError> {
         let path = ObjectPath::from(key);
-        self.runtime.block_on(self.store.get_range(&path, range)).map_err(|e| convert(key, e))
+        self.block_on(self.store.get_range(&path, range)).map_err(|e| convert(key, e))
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
         let path = ObjectPath::from(prefix.trim_end_matches('/'));
         let listed: Vec<object_store::ObjectMeta> =
-            self.runtime.block_on(self.store.list(Some(&path)).try_collect()).map_err(|e| convert(prefix, e))?;
+            self.block_on(self.store.list(Some(&path)).try_collect()).map_err(|e| convert(prefix, e))?;
         Ok(listed
             .into_iter()
             .map(|m| ObjectInfo { key: m.location.to_string(), size: m.size, modified: m.last_modified.into() })
@@ -111,7 +126,7 @@ impl Backend for ObjectStoreBackend {
 
     fn delete(&self, key: &str) -> Result<(), BackendError> {
         let path = ObjectPath::from(key);
-        match self.runtime.block_on(self.store.delete(&path)) {
+        match self.block_on(self.store.delete(&path)) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(convert(key, e)),
         }

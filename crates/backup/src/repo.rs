@@ -26,7 +26,8 @@ pub trait BlockSink: Sync {
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
 }
 
-/// Bytes done out of bytes to do, updated as work goes; read from any thread.
+/// Bytes done out of bytes to do, updated as work goes; read from any thread. Each backup or
+/// restore adds its work to both, so one `Progress` can follow several disks.
 #[derive(Debug, Default)]
 pub struct Progress {
     pub done: AtomicU64,
@@ -396,7 +397,7 @@ impl Repository {
         };
         let progress = request.progress;
         if let Some(p) = progress {
-            p.total.store(to_read.len() as u64 * CHUNK_SIZE, Ordering::Relaxed);
+            p.total.fetch_add(to_read.len() as u64 * CHUNK_SIZE, Ordering::Relaxed);
         }
         let session = Session::new(self);
         let found: Mutex<Vec<(usize, ChunkId)>> = Mutex::new(Vec::with_capacity(to_read.len()));
@@ -471,7 +472,7 @@ impl Repository {
             }
         }
         if let Some(p) = progress {
-            p.total.store(size, Ordering::Relaxed);
+            p.total.fetch_add(size, Ordering::Relaxed);
         }
         let stats = Mutex::new(RestoreStats::default());
         let extent = |chunk: usize| {

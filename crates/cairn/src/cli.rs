@@ -47,6 +47,12 @@ pub enum Command {
     /// Golden images that new VMs start from
     #[command(subcommand)]
     Template(TemplateCommand),
+    /// Backups in the backup repository, off the disks' own storage
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// The backup repository (administrators only)
+    #[command(subcommand)]
+    Repo(RepoCommand),
     /// Long operations (import, export) and their progress
     #[command(subcommand)]
     Job(JobCommand),
@@ -191,6 +197,57 @@ pub enum SnapshotCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Back up a volume, or every disk of a VM at one instant (incremental after the first)
+    Create {
+        /// The volume to back up
+        #[arg(required_unless_present = "vm", conflicts_with = "vm")]
+        volume: Option<String>,
+        /// Back up all of this VM's disks instead
+        #[arg(long)]
+        vm: Option<String>,
+        #[command(flatten)]
+        wait: NoWait,
+    },
+    /// List backups, oldest first
+    List {
+        /// Only the backups of this volume
+        #[arg(long)]
+        volume: Option<String>,
+        /// Only the backups of this VM's disks
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Show a backup
+    Show { backup: String },
+    /// Restore a backup into a new volume, or over the volume it was taken of (--over)
+    Restore {
+        backup: String,
+        /// Name of the new volume [default: VOLUMENAME-restore]
+        #[arg(long, conflicts_with = "over")]
+        name: Option<String>,
+        /// VM to attach the new volume to (a root disk's backup only goes back to its own VM)
+        #[arg(long, conflicts_with = "over")]
+        vm: Option<String>,
+        /// Write over this existing volume, only where it differs (its VM must be stopped)
+        #[arg(long, value_name = "VOLUME")]
+        over: Option<String>,
+        #[command(flatten)]
+        wait: NoWait,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RepoCommand {
+    /// Re-read and re-hash the repository's chunks; names every backup that could not be restored
+    Verify {
+        /// Check only about this percentage of the packs [default: all]
+        #[arg(long, value_name = "PERCENT")]
+        sample: Option<f64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum TemplateCommand {
     /// Make a template from a root-disk snapshot
     Create {
@@ -298,6 +355,7 @@ enum Kind {
     Volume,
     Snapshot,
     Template,
+    Backup,
     Job,
     Tenant,
 }
@@ -309,6 +367,7 @@ impl Kind {
             Kind::Volume => "/v1/volumes",
             Kind::Snapshot => "/v1/snapshots",
             Kind::Template => "/v1/templates",
+            Kind::Backup => "/v1/backups",
             Kind::Job => "/v1/jobs",
             Kind::Tenant => "/v1/tenants",
         }
@@ -326,6 +385,7 @@ impl Kind {
             Kind::Volume => "volume",
             Kind::Snapshot => "snapshot",
             Kind::Template => "template",
+            Kind::Backup => "backup",
             Kind::Job => "job",
             Kind::Tenant => "tenant",
         }
@@ -337,6 +397,7 @@ impl Kind {
             Kind::Volume => output::VOLUME_FIELDS,
             Kind::Snapshot => output::SNAPSHOT_FIELDS,
             Kind::Template => output::TEMPLATE_FIELDS,
+            Kind::Backup => output::BACKUP_FIELDS,
             Kind::Job => output::JOB_FIELDS,
             Kind::Tenant => output::TENANT_FIELDS,
         }
@@ -353,9 +414,33 @@ pub fn run(global: &Global, command: Command) -> Result<()> {
         Command::Volume(command) => session.volume(command),
         Command::Snapshot(command) => session.snapshot(command),
         Command::Template(command) => session.template(command),
+        Command::Backup(command) => session.backup(command),
+        Command::Repo(RepoCommand::Verify { sample }) => {
+            let report =
+                session.client.post("/v1/repository/verify", &without_nulls(json!({"sample_percent": sample})))?;
+            session.emit(&report, || Ok(output::render_block(&output::object_rows(&report))))?;
+            if report["ok"] != true {
+                let damaged = report["damaged_backups"].as_array().map_or(0, Vec::len);
+                anyhow::bail!("the repository has problems: {damaged} backup(s) can not be fully restored");
+            }
+            Ok(())
+        }
         Command::Job(command) => session.job(command),
         Command::Tenant(command) => session.tenant(command),
         Command::Whoami => session.print_item(Kind::Tenant, &session.client.get("/v1/whoami")?),
+    }
+}
+
+/// `?key=value&...` for the filters that are set, or nothing.
+fn filter_query(filters: &[(&str, Option<String>)]) -> String {
+    let query: Vec<String> = filters
+        .iter()
+        .filter_map(|(key, value)| value.as_deref().map(|value| format!("{key}={}", encode(value))))
+        .collect();
+    if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", query.join("&"))
     }
 }
 
@@ -432,17 +517,8 @@ impl Session {
                 self.print_item(Kind::Snapshot, &snapshot)
             }
             SnapshotCommand::List { volume, vm } => {
-                let filters = [("volume", volume), ("vm", vm)];
-                let query: Vec<String> = filters
-                    .iter()
-                    .filter_map(|(key, value)| value.as_deref().map(|value| format!("{key}={}", encode(value))))
-                    .collect();
-                let path = if query.is_empty() {
-                    Kind::Snapshot.collection().to_owned()
-                } else {
-                    format!("{}?{}", Kind::Snapshot.collection(), query.join("&"))
-                };
-                self.print_list(Kind::Snapshot, &api.get(&path)?)
+                let query = filter_query(&[("volume", volume), ("vm", vm)]);
+                self.print_list(Kind::Snapshot, &api.get(&format!("{}{query}", Kind::Snapshot.collection()))?)
             }
             SnapshotCommand::Show { snapshot } => {
                 self.print_item(Kind::Snapshot, &api.get(&Kind::Snapshot.item(&snapshot, ""))?)
@@ -477,6 +553,33 @@ impl Session {
             }
             TemplateCommand::Delete { template } => {
                 self.print_deleted(&api.delete(&Kind::Template.item(&template, ""))?)
+            }
+        }
+    }
+
+    fn backup(&self, command: BackupCommand) -> Result<()> {
+        let api = &self.client;
+        match command {
+            BackupCommand::Create { volume: Some(volume), wait, .. } => {
+                self.follow_job(api.create(&Kind::Volume.item(&volume, "/backups"), &json!({}))?, None, wait)
+            }
+            BackupCommand::Create { vm, wait, .. } => {
+                let vm = vm.context("give a volume or --vm")?;
+                self.follow_job(api.create(&Kind::Vm.item(&vm, "/backups"), &json!({}))?, None, wait)
+            }
+            BackupCommand::List { volume, vm } => {
+                let query = filter_query(&[("volume", volume), ("vm", vm)]);
+                self.print_list(Kind::Backup, &api.get(&format!("{}{query}", Kind::Backup.collection()))?)
+            }
+            BackupCommand::Show { backup } => self.print_item(Kind::Backup, &api.get(&Kind::Backup.item(&backup, ""))?),
+            BackupCommand::Restore { backup, over: Some(volume), wait, .. } => {
+                let accepted = api.create(&Kind::Volume.item(&volume, "/restore"), &json!({"backup": backup}))?;
+                self.follow_job(accepted, None, wait)
+            }
+            BackupCommand::Restore { backup, name, vm, wait, .. } => {
+                let body = without_nulls(json!({"name": name, "vm": vm}));
+                let accepted = api.create(&Kind::Backup.item(&backup, "/restore"), &body)?;
+                self.follow_job(accepted, Some(Kind::Volume), wait)
             }
         }
     }

@@ -23,7 +23,8 @@ const JOB_GRACE: Duration = Duration::from_secs(5);
 /// Options: flags, then CAIRN_* variables, then the TOML file, then the embedded defaults.
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
-    /// A TOML file with any of: data_dir, listen, nbd_listen, nbd_socket, transfer_dir.
+    /// A TOML file with any of: data_dir, listen, nbd_listen, nbd_socket, transfer_dir,
+    /// backup_repo.
     #[arg(long, env = "CAIRN_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     /// Where volumes, metadata and the admin token live [default: ./cairn-data].
@@ -42,6 +43,12 @@ pub struct ServeArgs {
     /// TRANSFER_DIR/TENANT_NAME [default: none; only the administrator may].
     #[arg(long, env = "CAIRN_TRANSFER_DIR", value_name = "DIR")]
     transfer_dir: Option<PathBuf>,
+    /// The backup repository, a directory on another disk [default: cairn-backups beside the
+    /// data directory]; "off"
+    /// for none. Encrypted when CAIRN_BACKUP_PASSPHRASE is set (read from the environment
+    /// only, so it never shows in a process list).
+    #[arg(long, env = "CAIRN_BACKUP_REPO", value_name = "DIR")]
+    backup_repo: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -52,6 +59,7 @@ struct FileConfig {
     nbd_listen: Option<String>,
     nbd_socket: Option<PathBuf>,
     transfer_dir: Option<PathBuf>,
+    backup_repo: Option<PathBuf>,
 }
 
 /// The settings in force.
@@ -62,7 +70,10 @@ struct Settings {
     nbd_listen: Option<String>,
     nbd_socket: PathBuf,
     transfer_dir: Option<PathBuf>,
+    backup_repo: Option<PathBuf>,
 }
+
+const DEFAULT_BACKUP_REPO: &str = "cairn-backups";
 
 fn settings(args: ServeArgs) -> Result<Settings> {
     let file = match &args.config {
@@ -79,6 +90,12 @@ fn settings(args: ServeArgs) -> Result<Settings> {
         listen: args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into()),
         nbd_listen: (nbd_listen != "off").then_some(nbd_listen),
         transfer_dir: args.transfer_dir.or(file.transfer_dir),
+        // Beside the data directory by default (./cairn-backups for ./cairn-data); another
+        // disk in earnest, since a backup on the disk's own storage is not a backup (R12).
+        backup_repo: Some(
+            args.backup_repo.or(file.backup_repo).unwrap_or_else(|| data_dir.with_file_name(DEFAULT_BACKUP_REPO)),
+        )
+        .filter(|dir| dir.as_os_str() != "off"),
         data_dir,
     })
 }
@@ -138,6 +155,8 @@ async fn serve(settings: Settings) -> Result<()> {
         nbd: NbdAddress { socket: nbd_socket.clone(), tcp: nbd_tcp },
         data_dir: data_dir.clone(),
         transfer_dir,
+        backup_repository: settings.backup_repo.clone(),
+        backup_passphrase: std::env::var("CAIRN_BACKUP_PASSPHRASE").ok().filter(|p| !p.is_empty()),
     };
     let (control, recovery) = Control::open(meta, engine.clone(), exports.clone(), control_settings)
         .await
@@ -180,6 +199,9 @@ async fn serve(settings: Settings) -> Result<()> {
     // Written once the API listens, so whoever waits for this file can call at once.
     write_atomically(&data_dir.join("api.url"), &format!("{url}\n"))?;
     eprintln!("cairn: API on {url} (OpenAPI at {url}/v1/openapi.json)");
+    if let Some(repo) = &settings.backup_repo {
+        eprintln!("cairn: backups go to {}", repo.display());
+    }
     match nbd_tcp {
         Some(addr) => eprintln!("cairn: NBD on nbd://{addr}/ and nbd+unix:///?socket={}", nbd_socket.display()),
         None => eprintln!("cairn: NBD on nbd+unix:///?socket={}", nbd_socket.display()),

@@ -12,7 +12,8 @@ use crate::model::*;
 use crate::Error;
 
 /// Schema migrations, applied in order; a database records the versions it has.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_initial.sql"))];
+const MIGRATIONS: &[(i64, &str)] =
+    &[(1, include_str!("../migrations/0001_initial.sql")), (2, include_str!("../migrations/0002_backups.sql"))];
 
 /// The metadata database.
 #[derive(Debug, Clone)]
@@ -521,6 +522,87 @@ pub async fn list_jobs(c: &mut Conn, tenant: Option<&str>, state: Option<JobStat
     .fetch_all(c)
     .await?;
     all(rows, job_of)
+}
+
+// ---- backups ----
+
+fn backup_of(row: &SqliteRow) -> Result<Backup, Error> {
+    Ok(Backup {
+        id: row.try_get("id")?,
+        tenant: row.try_get("tenant_id")?,
+        record: row.try_get("record_id")?,
+        volume: row.try_get("volume_id")?,
+        volume_name: row.try_get("volume_name")?,
+        vm: row.try_get("vm_id")?,
+        disk_role: text_enum(row, "disk_role", DiskRole::parse)?,
+        group: row.try_get("group_id")?,
+        created_at: row.try_get("created_at")?,
+        size: u64_of(row, "size")?,
+        bytes_read: u64_of(row, "bytes_read")?,
+        bytes_added: u64_of(row, "bytes_added")?,
+        checkpoint: row.try_get::<Option<i64>, _>("checkpoint")?.map(|c| c as u64),
+    })
+}
+
+pub async fn insert_backup(c: &mut Conn, b: &Backup) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO backups (id, tenant_id, record_id, volume_id, volume_name, vm_id, disk_role, group_id, created_at, \
+         size, bytes_read, bytes_added, checkpoint) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+    )
+    .bind(&b.id)
+    .bind(&b.tenant)
+    .bind(&b.record)
+    .bind(&b.volume)
+    .bind(&b.volume_name)
+    .bind(&b.vm)
+    .bind(b.disk_role.as_str())
+    .bind(&b.group)
+    .bind(&b.created_at)
+    .bind(int(b.size))
+    .bind(int(b.bytes_read))
+    .bind(int(b.bytes_added))
+    .bind(b.checkpoint.map(int))
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+/// Forgets the checkpoint of every backup of `volume` but `keep`.
+pub async fn drop_checkpoints(c: &mut Conn, volume: &str, keep: &str) -> Result<(), Error> {
+    sqlx::query("UPDATE backups SET checkpoint = NULL WHERE volume_id = $1 AND id <> $2")
+        .bind(volume)
+        .bind(keep)
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
+pub async fn find_backup(c: &mut Conn, tenant: &str, id: &str) -> Result<Option<Backup>, Error> {
+    let row = sqlx::query("SELECT * FROM backups WHERE tenant_id = $1 AND id = $2")
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(c)
+        .await?;
+    one(row, backup_of)
+}
+
+/// Backups, oldest first, by tenant (None: all), volume id and VM id.
+pub async fn list_backups(
+    c: &mut Conn,
+    tenant: Option<&str>,
+    volume: Option<&str>,
+    vm: Option<&str>,
+) -> Result<Vec<Backup>, Error> {
+    let rows = sqlx::query(
+        "SELECT * FROM backups WHERE ($1 IS NULL OR tenant_id = $1) AND ($2 IS NULL OR volume_id = $2) \
+         AND ($3 IS NULL OR vm_id = $3) ORDER BY created_at, id",
+    )
+    .bind(tenant)
+    .bind(volume)
+    .bind(vm)
+    .fetch_all(c)
+    .await?;
+    all(rows, backup_of)
 }
 
 // ---- idempotency keys ----

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use tokio::io::AsyncReadExt;
@@ -11,26 +11,33 @@ use tokio::process::Command;
 use crate::model::ImageFormat;
 use crate::Error;
 
-/// A running job's progress, shared between the task doing the work and readers.
+/// A running job's progress, shared between the task doing the work and readers. The counters
+/// are the backup repository's own, so backup and restore jobs feed them directly.
 #[derive(Debug)]
 pub struct Progress {
-    done: AtomicU64,
-    pub total: u64,
+    pub counters: cairn_backup::Progress,
     started: Instant,
 }
 
 impl Progress {
     pub fn new(total: u64) -> Self {
-        Self { done: AtomicU64::new(0), total, started: Instant::now() }
+        let counters = cairn_backup::Progress::default();
+        counters.total.store(total, Ordering::Relaxed);
+        Self { counters, started: Instant::now() }
     }
 
     pub fn done(&self) -> u64 {
-        self.done.load(Ordering::Relaxed)
+        self.counters.done.load(Ordering::Relaxed)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.counters.total.load(Ordering::Relaxed)
     }
 
     fn set_percent(&self, percent: f64) {
-        let done = (self.total as f64 * percent / 100.0) as u64;
-        self.done.store(done.min(self.total), Ordering::Relaxed);
+        let total = self.total();
+        let done = (total as f64 * percent / 100.0) as u64;
+        self.counters.done.store(done.min(total), Ordering::Relaxed);
     }
 
     /// Bytes per second so far, and seconds left at that rate.
@@ -41,7 +48,7 @@ impl Progress {
             return (0, None);
         }
         let rate = done as f64 / elapsed;
-        (rate as u64, Some(((self.total - done) as f64 / rate).ceil() as u64))
+        (rate as u64, Some((self.total().saturating_sub(done) as f64 / rate).ceil() as u64))
     }
 }
 

@@ -45,7 +45,7 @@ text_enum!(
     Consistency { Crash = "crash", Application = "application" }
 );
 text_enum!(
-    JobKind { Import = "import", Export = "export" }
+    JobKind { Import = "import", Export = "export", Backup = "backup", Restore = "restore" }
 );
 text_enum!(
     JobState { Running = "running", Succeeded = "succeeded", Failed = "failed" }
@@ -63,6 +63,7 @@ pub enum Source {
     Snapshot { id: String },
     Template { id: String },
     Image { path: String },
+    Backup { id: String },
 }
 
 impl Source {
@@ -73,6 +74,7 @@ impl Source {
             Source::Snapshot { id } => ("snapshot", Some(id)),
             Source::Template { id } => ("template", Some(id)),
             Source::Image { path } => ("image", Some(path)),
+            Source::Backup { id } => ("backup", Some(id)),
         }
     }
 
@@ -82,6 +84,7 @@ impl Source {
             ("snapshot", Some(id)) => Source::Snapshot { id },
             ("template", Some(id)) => Source::Template { id },
             ("image", Some(path)) => Source::Image { path },
+            ("backup", Some(id)) => Source::Backup { id },
             _ => return None,
         })
     }
@@ -168,6 +171,32 @@ pub struct Job {
     pub error: Option<String>,
     pub created_at: String,
     pub finished_at: Option<String>,
+}
+
+/// A backup of one disk, kept in the backup repository, off the disk's own storage (R12).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Backup {
+    pub id: String,
+    #[serde(skip)]
+    pub tenant: String,
+    /// The backup's record in the repository.
+    pub record: String,
+    pub volume: String,
+    pub volume_name: String,
+    pub vm: Option<String>,
+    pub disk_role: DiskRole,
+    /// Backups of a VM's disks taken at one instant share a group.
+    pub group: Option<String>,
+    /// When the disk was captured (R13: backups are dated).
+    pub created_at: String,
+    pub size: u64,
+    /// Disk bytes read for it: all allocated data for a first backup, the changes since the
+    /// previous backup of the disk after that.
+    pub bytes_read: u64,
+    /// Bytes it added to the repository after dedup and compression.
+    pub bytes_added: u64,
+    #[serde(skip)]
+    pub checkpoint: Option<u64>,
 }
 
 /// How to reach an export over NBD.

@@ -16,11 +16,20 @@ pub enum Kind {
     SnapshotGroup,
     Template,
     Job,
+    Backup,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] =
-        [Kind::Tenant, Kind::Vm, Kind::Volume, Kind::Snapshot, Kind::SnapshotGroup, Kind::Template, Kind::Job];
+    pub const ALL: [Kind; 8] = [
+        Kind::Tenant,
+        Kind::Vm,
+        Kind::Volume,
+        Kind::Snapshot,
+        Kind::SnapshotGroup,
+        Kind::Template,
+        Kind::Job,
+        Kind::Backup,
+    ];
 
     pub fn prefix(self) -> &'static str {
         match self {
@@ -31,6 +40,7 @@ impl Kind {
             Kind::SnapshotGroup => "grp-",
             Kind::Template => "tpl-",
             Kind::Job => "job-",
+            Kind::Backup => "bkp-",
         }
     }
 
@@ -44,6 +54,7 @@ impl Kind {
             Kind::SnapshotGroup => "snapshot group",
             Kind::Template => "template",
             Kind::Job => "job",
+            Kind::Backup => "backup",
         }
     }
 }

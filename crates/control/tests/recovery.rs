@@ -16,7 +16,13 @@ async fn open(dir: &Path) -> (Arc<Control>, Recovery) {
     let meta = MetaStore::open_sqlite(&dir.join("cairn.db")).await.unwrap();
     let exports = Arc::new(ServiceExports::new(engine.clone()));
     let nbd = NbdAddress { socket: dir.join("nbd.sock"), tcp: None };
-    let settings = Settings { nbd, data_dir: dir.to_path_buf(), transfer_dir: None };
+    let settings = Settings {
+        nbd,
+        data_dir: dir.to_path_buf(),
+        transfer_dir: None,
+        backup_repository: None,
+        backup_passphrase: None,
+    };
     Control::open(meta, engine, exports, settings).await.unwrap()
 }
 
@@ -155,6 +161,8 @@ async fn a_lost_database_over_existing_volumes_is_refused_not_taken_for_orphans(
         nbd: NbdAddress { socket: dir.path().join("nbd.sock"), tcp: None },
         data_dir: dir.path().to_path_buf(),
         transfer_dir: None,
+        backup_repository: None,
+        backup_passphrase: None,
     };
     let refused = Control::open(meta, engine.clone(), exports, settings).await;
     assert!(matches!(&refused, Err(cairn_control::Error::Internal(m)) if m.contains("refusing")), "{refused:?}");

@@ -65,6 +65,20 @@ pub const TEMPLATE_FIELDS: &[Field] = &[
     Field { label: "unix_uri", listed: false, render: |v| text(&v["nbd"]["unix_uri"]) },
 ];
 
+pub const BACKUP_FIELDS: &[Field] = &[
+    Field { label: "id", listed: true, render: |v| text(&v["id"]) },
+    Field { label: "volume", listed: false, render: |v| text(&v["volume"]) },
+    Field { label: "volume_name", listed: true, render: |v| text(&v["volume_name"]) },
+    Field { label: "vm", listed: true, render: |v| text(&v["vm"]) },
+    Field { label: "disk_role", listed: true, render: |v| text(&v["disk_role"]) },
+    Field { label: "group", listed: false, render: |v| text(&v["group"]) },
+    Field { label: "created_at", listed: true, render: |v| text(&v["created_at"]) },
+    Field { label: "size", listed: true, render: |v| size(&v["size"]) },
+    Field { label: "bytes_read", listed: false, render: |v| size(&v["bytes_read"]) },
+    Field { label: "bytes_added", listed: true, render: |v| size(&v["bytes_added"]) },
+    Field { label: "record", listed: false, render: |v| text(&v["record"]) },
+];
+
 pub const JOB_FIELDS: &[Field] = &[
     Field { label: "id", listed: true, render: |v| text(&v["id"]) },
     Field { label: "kind", listed: true, render: |v| text(&v["kind"]) },

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use cairn_volume::{SnapshotId, Store, VolumeId};
 use serde::Deserialize;
 
+mod backups;
 mod snapshots;
 mod templates;
 mod tenants;
@@ -45,6 +46,10 @@ pub struct Settings {
     /// Where tenants other than the administrator may import from and export to: each under
     /// its own TRANSFER_DIR/TENANT_NAME. None: only the administrator may.
     pub transfer_dir: Option<PathBuf>,
+    /// The backup repository's directory (created on first use), and the passphrase that
+    /// encrypts it (None: not encrypted). None: no backups.
+    pub backup_repository: Option<PathBuf>,
+    pub backup_passphrase: Option<String>,
 }
 
 /// A request to snapshot a volume or a VM.
@@ -120,6 +125,7 @@ pub struct Control {
     engine: Arc<Store>,
     exports: Arc<ServiceExports>,
     settings: Settings,
+    repo: Option<Arc<cairn_backup::Repository>>,
     /// Mutating operations run one at a time: their checks (names free, VM stopped...) and
     /// their changes must not interleave, and they take milliseconds.
     ops: tokio::sync::Mutex<()>,
@@ -164,10 +170,15 @@ impl Control {
         exports: Arc<ServiceExports>,
         settings: Settings,
     ) -> Result<(Arc<Control>, Recovery), Error> {
+        let repo = match &settings.backup_repository {
+            Some(dir) => Some(Arc::new(open_repository(dir.clone(), settings.backup_passphrase.clone()).await?)),
+            None => None,
+        };
         let control = Arc::new(Control {
             meta,
             engine,
             exports,
+            repo,
             settings,
             ops: tokio::sync::Mutex::new(()),
             jobs: Mutex::default(),
@@ -221,8 +232,9 @@ impl Control {
             let mut tx = self.meta.begin().await?;
             db::finish_job(&mut tx, &job).await?;
             let discarded = match job.kind {
-                JobKind::Import => Self::discard_import(&mut tx, &job.tenant, &job.resource).await?,
-                JobKind::Export => false,
+                JobKind::Import | JobKind::Restore => Self::discard_import(&mut tx, &job.tenant, &job.resource).await?,
+                // A backup's snapshots are left without a row: the orphan sweep removes them.
+                JobKind::Export | JobKind::Backup => false,
             };
             tx.commit().await?;
             if discarded {
@@ -277,6 +289,9 @@ impl Control {
         for s in self.engine.list_snapshots(None) {
             let orphan = if let Some((_, id)) = parse_engine_snapshot_name(&s.name) {
                 !snapshots.iter().any(|known| known == id)
+            } else if s.name.contains(&format!("+{}", Kind::Backup.prefix())) {
+                // A backup's snapshot lives only while its job runs.
+                true
             } else {
                 // A template's base snapshot goes with its template.
                 s.name == TEMPLATE_SNAPSHOT
@@ -480,6 +495,22 @@ impl Control {
     pub async fn close(&self) {
         self.meta.close().await;
     }
+}
+
+/// Opens the backup repository in `dir`, creating it on first use.
+async fn open_repository(dir: PathBuf, passphrase: Option<String>) -> Result<cairn_backup::Repository, Error> {
+    tokio::task::spawn_blocking(move || {
+        let backend: Arc<dyn cairn_backup::Backend> = Arc::new(cairn_backup::ObjectStoreBackend::local_dir(&dir)?);
+        match cairn_backup::Repository::open(backend.clone(), passphrase.as_deref()) {
+            Err(cairn_backup::Error::NoRepository) => {
+                cairn_backup::Repository::init(backend, passphrase.as_deref(), cairn_backup::KdfParams::standard())
+            }
+            other => other,
+        }
+    })
+    .await
+    .map_err(|e| Error::Internal(e.to_string()))?
+    .map_err(|e| Error::Internal(format!("the backup repository: {e}")))
 }
 
 /// Where an export job writes before the file is complete.

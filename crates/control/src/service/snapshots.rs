@@ -8,6 +8,24 @@ use crate::{now, Error};
 use super::*;
 
 impl Control {
+    /// R7: a copy of a root disk (from a snapshot or a backup named `what`) only goes back to
+    /// the VM it was taken of; a data disk's copy goes anywhere.
+    pub(super) fn check_restore_target(
+        disk_role: DiskRole,
+        taken_of: Option<&str>,
+        vm: Option<&Vm>,
+        what: &str,
+    ) -> Result<(), Error> {
+        let own_vm = vm.is_some_and(|vm| taken_of == Some(vm.id.as_str()));
+        if disk_role == DiskRole::Root && !own_vm {
+            return Err(Error::conflict(format!(
+                "{what} is of a VM's root disk: it can not become a standalone volume or be attached to another VM; \
+                 restore it to its own VM, or make a template from it"
+            )));
+        }
+        Ok(())
+    }
+
     /// Snapshots a volume, or (with `vm`) every disk of a VM at one instant.
     async fn take_snapshots(
         &self,
@@ -163,16 +181,7 @@ impl Control {
             None => None,
         };
         let role = request.role.unwrap_or(DiskRole::Data);
-        if snapshot.disk_role == DiskRole::Root {
-            let own_vm = vm.as_ref().is_some_and(|vm| snapshot.vm.as_deref() == Some(vm.id.as_str()));
-            if !own_vm {
-                return Err(Error::conflict(format!(
-                    "snapshot {} is of a VM's root disk: it can not become a standalone volume or be attached to \
-                     another VM; restore it to its own VM, or make a template from it",
-                    snapshot.name
-                )));
-            }
-        }
+        Self::check_restore_target(snapshot.disk_role, snapshot.vm.as_deref(), vm.as_ref(), &snapshot.name)?;
         if role == DiskRole::Root {
             let Some(vm) = &vm else {
                 return Err(Error::invalid("vm", "restoring as a root disk needs the vm"));

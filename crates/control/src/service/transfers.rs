@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use super::backups::NewBackup;
 use crate::db;
 use crate::model::*;
 use crate::names::{check_name, new_id, Kind, SizeArg};
@@ -84,35 +85,39 @@ impl Control {
         }
     }
 
-    fn track(&self, job: &Job) -> Arc<Progress> {
+    pub(super) fn track(&self, job: &Job) -> Arc<Progress> {
         let progress = Arc::new(Progress::new(job.bytes_total));
         self.jobs.lock().expect("jobs lock").insert(job.id.clone(), progress.clone());
         progress
     }
 
-    fn job_view(&self, job: Job) -> JobView {
+    pub(super) fn job_view(&self, job: Job) -> JobView {
         let progress = self.jobs.lock().expect("jobs lock").get(&job.id).cloned();
         match progress {
             Some(p) if job.state == JobState::Running => {
                 let (rate, eta) = p.rate_and_eta();
-                JobView { job: Job { bytes_done: p.done(), ..job }, rate_bytes_per_sec: rate, eta_seconds: eta }
+                let job = Job { bytes_done: p.done(), bytes_total: p.total(), ..job };
+                JobView { job, rate_bytes_per_sec: rate, eta_seconds: eta }
             }
             _ => JobView { job, rate_bytes_per_sec: 0, eta_seconds: None },
         }
     }
 
-    /// Records a job's end — for an import, in the same transaction that makes its resource
-    /// ready or removes it — then forgets its live progress.
-    async fn finish(&self, mut job: Job, result: Result<(), String>) -> Result<(), Error> {
+    /// Records a job's end — for an import or restore, in the same transaction that makes its
+    /// volume ready or removes it; for a backup, with the backups it made — then forgets its
+    /// live progress.
+    pub(super) async fn finish(&self, mut job: Job, result: Result<Vec<NewBackup>, String>) -> Result<(), Error> {
         let _ops = self.ops.lock().await;
         if let Some(p) = self.jobs.lock().expect("jobs lock").get(&job.id) {
             job.bytes_done = p.done();
+            job.bytes_total = p.total();
         }
         job.finished_at = Some(now());
         let mut tx = self.meta.begin().await?;
         let mut discarded = false;
+        let mut made = Vec::new();
         match (result, job.kind) {
-            (Ok(()), JobKind::Import) => {
+            (Ok(_), JobKind::Import | JobKind::Restore) => {
                 job.state = JobState::Succeeded;
                 if let Some(mut volume) = db::find_volume(&mut tx, &job.tenant, &job.resource).await? {
                     volume.state = ResourceState::Ready;
@@ -123,11 +128,19 @@ impl Control {
                     db::set_template_state(&mut tx, &job.resource, ResourceState::Ready).await?;
                 }
             }
-            (Ok(()), JobKind::Export) => job.state = JobState::Succeeded,
+            (Ok(backups), JobKind::Backup) => {
+                job.state = JobState::Succeeded;
+                for new in &backups {
+                    db::insert_backup(&mut tx, &new.backup).await?;
+                    db::drop_checkpoints(&mut tx, &new.backup.volume, &new.backup.id).await?;
+                }
+                made = backups;
+            }
+            (Ok(_), JobKind::Export) => job.state = JobState::Succeeded,
             (Err(e), kind) => {
                 job.state = JobState::Failed;
                 job.error = Some(e);
-                if kind == JobKind::Import {
+                if matches!(kind, JobKind::Import | JobKind::Restore) {
                     discarded = Self::discard_import(&mut tx, &job.tenant, &job.resource).await?;
                 }
             }
@@ -136,6 +149,14 @@ impl Control {
         tx.commit().await?;
         if discarded {
             self.remove_engine_volume(&job.resource)?;
+        }
+        // Each backup's snapshot goes, keeping its change tracking for the next backup; the
+        // older backups' tracking is no longer needed.
+        for new in made {
+            self.engine.delete_snapshot(new.snapshot, true)?;
+            for old in new.older_checkpoints {
+                let _ = self.engine.forget_checkpoint(SnapshotId(old));
+            }
         }
         self.jobs.lock().expect("jobs lock").remove(&job.id);
         // After the commit: a shutdown waiting for jobs may close the database next.
@@ -150,7 +171,7 @@ impl Control {
         let view = self.job_view(job.clone());
         let control = self.clone();
         tokio::spawn(async move {
-            let result = control.run_import(&job, format, &progress).await;
+            let result = control.run_import(&job, format, &progress).await.map(|()| Vec::new());
             let id = job.id.clone();
             if let Err(e) = control.finish(job, result).await {
                 eprintln!("cairn: recording the end of import job {id}: {e}");
@@ -269,7 +290,7 @@ impl Control {
         let control = self.clone();
         let format = format.unwrap_or(ImageFormat::Raw);
         tokio::spawn(async move {
-            let result = control.run_export(&job, &nbd_export, format, &progress).await;
+            let result = control.run_export(&job, &nbd_export, format, &progress).await.map(|()| Vec::new());
             let id = job.id.clone();
             if let Err(e) = control.finish(job, result).await {
                 eprintln!("cairn: recording the end of export job {id}: {e}");
