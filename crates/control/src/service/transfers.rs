@@ -24,10 +24,10 @@ impl Control {
             ));
         }
         let resolved = if for_export {
+            let name = given.file_name().ok_or_else(|| Error::invalid("path", format!("{path} names no file")))?;
             let parent = given.parent().and_then(|p| p.canonicalize().ok()).ok_or_else(|| {
                 Error::invalid("path", format!("the directory of {path} does not exist on the daemon's machine"))
             })?;
-            let name = given.file_name().ok_or_else(|| Error::invalid("path", format!("{path} names no file")))?;
             parent.join(name)
         } else {
             given
