@@ -87,3 +87,37 @@ fn a_data_disks_backup_restores_anywhere_and_survives_its_volume() {
     assert_reads(&unix_uri(&again), 0x5a, 100 << 10, 1 << 20);
     assert_reads(&unix_uri(&again), 0, 0, 100 << 10);
 }
+
+#[test]
+fn a_backup_cut_by_kill_9_leaves_the_repository_sound() {
+    if !have_all(&["qemu-io", "qemu-img"]) {
+        return;
+    }
+    let mut srv = TestServer::start();
+    let volume = srv.cli_json(&["volume", "create", "big", "--size", "256M"]);
+    let uri = unix_uri(&volume);
+    qemu_write(&uri, 0x11, 0, 1 << 20);
+    job(&srv, &["backup", "create", "big"]);
+    let first = id(&srv.cli_json(&["backup", "list"])[0]);
+    // Enough new data that the next backup is still running when the daemon dies.
+    for (i, pattern) in [0x21u8, 0x22, 0x23, 0x24].iter().enumerate() {
+        qemu_write(&uri, *pattern, (8 + 48 * i as u64) << 20, 48 << 20);
+    }
+    let accepted = srv.cli_json(&["backup", "create", "big", "--no-wait"]);
+    let job_id = id(&accepted["job"]);
+    srv.kill9();
+    srv.restart();
+    // The cut job is failed, not left running; whatever it wrote leaves the repository sound.
+    let cut = srv.cli_json(&["job", "show", &job_id]);
+    assert_eq!((&cut["state"], &cut["error"]), (&"failed".into(), &"interrupted by a restart".into()), "{cut}");
+    let report = srv.cli_json(&["repo", "verify"]);
+    assert_eq!(report["ok"], true, "{report}");
+    // The earlier backup restores, and a new backup of the disk works and is complete.
+    srv.cli_json(&["backup", "restore", &first, "--name", "early"]);
+    assert_reads(&unix_uri(&srv.cli_json(&["volume", "show", "early"])), 0x11, 0, 1 << 20);
+    job(&srv, &["backup", "create", "big"]);
+    let newest = srv.cli_json(&["backup", "list", "--volume", "big"]);
+    let newest = id(newest.as_array().unwrap().last().unwrap());
+    srv.cli_json(&["backup", "restore", &newest, "--name", "late"]);
+    assert_same(&uri, &unix_uri(&srv.cli_json(&["volume", "show", "late"])));
+}
