@@ -34,7 +34,7 @@ usage: backup-bench [options]
 
   --dir DIR         where to put the image, volumes and repositories (default /var/tmp; a fresh
                     directory is made in it and removed at the end; keep it off tmpfs)
-  --size SIZE       image size, a multiple of 1 MiB (default 4G, as in DESIGN.md)
+  --size SIZE       image size, a multiple of 1 MiB, such as 256M (default 4G, as in DESIGN.md)
   --rounds N        rounds, each from a fresh image and fresh repositories; each figure is the
                     median (default 1)
   --mkimage PATH    the image generator (default ../shared/bench/mkimage.py from the project root)
@@ -578,6 +578,7 @@ fn median(values: &[f64]) -> f64 {
 
 struct Report {
     load: String,
+    cores: usize,
     caches_dropped: bool,
     restic_version: String,
     borg_version: String,
@@ -674,10 +675,15 @@ impl Report {
         out += &format!(
             "- Peers: {}, {}. All three repositories are encrypted with a passphrase and on the same disk: cairn \
              XChaCha20-Poly1305 under an Argon2id-wrapped key (KdfParams::standard), zstd level 1 on 64 KiB chunks; \
-             restic repository format 2 with its default compression (auto: zstd, fast), content-defined chunks of \
-             about 1 MiB; borg init --encryption=repokey-blake2 with its default compression (lz4), content-defined \
-             chunks of about 2 MiB.\n",
+             restic repository format 2 with its default compression (auto: klauspost/compress zstd at its default \
+             level, about zstd 3), content-defined chunks of about 1 MiB; borg init --encryption=repokey-blake2 with \
+             its default compression (lz4), content-defined chunks of about 2 MiB.\n",
             self.restic_version, self.borg_version
+        );
+        out += &format!(
+            "- {} cores, shared with whatever else runs (see the load average). cairn and restic back up and restore \
+             on several threads; borg 1.x on one.\n",
+            self.cores
         );
         out += &format!(
             "- The change: {} blocks of 64 KiB ({:.1} MiB) overwritten with random data by mkimage.py --mutate in the \
@@ -731,8 +737,8 @@ impl Report {
             .enumerate()
             .map(|(tool, name)| {
                 let sizes = json!({
-                    "after_full": self.repo_size(tool, false),
-                    "after_incremental": self.repo_size(tool, true),
+                    "after_full": self.repo_size(tool, false) as u64,
+                    "after_incremental": self.repo_size(tool, true) as u64,
                 });
                 (name.to_string(), sizes)
             })
@@ -757,6 +763,7 @@ impl Report {
                 "change_seed": CHANGE_SEED,
                 "change_percent": CHANGE_PERCENT,
                 "load_average": self.load,
+                "cores": self.cores,
                 "page_cache_dropped": self.caches_dropped,
                 "restic": self.restic_version,
                 "borg": self.borg_version,
@@ -814,7 +821,8 @@ fn main() -> Result<()> {
         rounds.push(run_round(&cfg, &dir, &image, round)?);
         std::fs::remove_dir_all(&dir)?;
     }
-    let report = Report { load, caches_dropped, restic_version, borg_version, rounds };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let report = Report { load, cores, caches_dropped, restic_version, borg_version, rounds };
     if cfg.json {
         println!("{}", serde_json::to_string_pretty(&report.json(&cfg))?);
     } else {
