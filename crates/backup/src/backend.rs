@@ -70,14 +70,6 @@ impl ObjectStoreBackend {
         Ok(Self { store, runtime: Some(runtime) })
     }
 
-    /// A repository in a local directory (created if missing).
-    pub fn local_dir(dir: &std::path::Path) -> Result<Self, BackendError> {
-        std::fs::create_dir_all(dir).map_err(|e| BackendError::Other(format!("creating {}: {e}", dir.display())))?;
-        let store = object_store::local::LocalFileSystem::new_with_prefix(dir)
-            .map_err(|e| BackendError::Other(e.to_string()))?;
-        Self::new(Arc::new(store))
-    }
-
     /// A repository in memory: the test double.
     pub fn memory() -> Self {
         Self::new(Arc::new(object_store::memory::InMemory::new())).expect("an in-memory store")
@@ -129,6 +121,120 @@ impl Backend for ObjectStoreBackend {
         match self.block_on(self.store.delete(&path)) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(convert(key, e)),
+        }
+    }
+}
+
+/// A repository in a local directory: each object a file, written to a temporary name, synced
+/// and renamed into place, its directory synced too, so an object that exists is whole and
+/// survives power loss — a backup record never outlives the packs it names. (object_store's
+/// local store renames without syncing.)
+#[derive(Debug)]
+pub struct DirBackend {
+    root: std::path::PathBuf,
+}
+
+impl DirBackend {
+    /// Opens the directory, creating it if missing.
+    pub fn new(root: &std::path::Path) -> Result<Self, BackendError> {
+        std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
+        Ok(Self { root: root.to_path_buf() })
+    }
+
+    fn path(&self, key: &str) -> Result<std::path::PathBuf, BackendError> {
+        // Keys are the repository's own (`packs/ab/…`); anything climbing out is a bug.
+        if key.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
+            return Err(BackendError::Other(format!("bad object key {key:?}")));
+        }
+        Ok(self.root.join(key))
+    }
+}
+
+fn io(path: &std::path::Path, e: std::io::Error) -> BackendError {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        BackendError::NotFound(path.display().to_string())
+    } else {
+        BackendError::Other(format!("{}: {e}", path.display()))
+    }
+}
+
+fn sync_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl Backend for DirBackend {
+    fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        use std::io::Write;
+        let path = self.path(key)?;
+        let dir = path.parent().expect("keys have a directory or the root");
+        let created = !dir.exists();
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        if created {
+            sync_dir(dir.parent().unwrap_or(dir)).map_err(|e| io(dir, e))?;
+        }
+        let partial = dir.join(format!(".{}.partial", crate::crypto::hex(&crate::crypto::random::<8>())));
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&partial)?;
+            file.write_all(&data)?;
+            file.sync_all()?;
+            std::fs::rename(&partial, &path)?;
+            sync_dir(dir)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&partial);
+            io(&path, e)
+        })
+    }
+
+    fn get(&self, key: &str) -> Result<Bytes, BackendError> {
+        let path = self.path(key)?;
+        std::fs::read(&path).map(Bytes::from).map_err(|e| io(&path, e))
+    }
+
+    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, BackendError> {
+        use std::os::unix::fs::FileExt;
+        let path = self.path(key)?;
+        let file = std::fs::File::open(&path).map_err(|e| io(&path, e))?;
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        file.read_exact_at(&mut buf, range.start).map_err(|e| io(&path, e))?;
+        Ok(Bytes::from(buf))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
+        let mut found = Vec::new();
+        let mut pending = vec![self.root.clone()];
+        while let Some(dir) = pending.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io(&dir, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| io(&dir, e))?;
+                let path = entry.path();
+                let meta = entry.metadata().map_err(|e| io(&path, e))?;
+                let key = path.strip_prefix(&self.root).expect("under the root").to_string_lossy().into_owned();
+                if meta.is_dir() {
+                    // Only directories that can hold keys with the prefix.
+                    if prefix.starts_with(&format!("{key}/")) || key.starts_with(prefix) || prefix.is_empty() {
+                        pending.push(path);
+                    }
+                } else if key.starts_with(prefix) && !entry.file_name().to_string_lossy().starts_with('.') {
+                    let modified = meta.modified().map_err(|e| io(&path, e))?;
+                    found.push(ObjectInfo { key, size: meta.len(), modified });
+                }
+            }
+        }
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(found)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), BackendError> {
+        let path = self.path(key)?;
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&path, e)),
         }
     }
 }

@@ -181,9 +181,25 @@ pub fn pack_trailer(pack: &[u8]) -> Result<&[u8], FormatError> {
 const RAW: u8 = 0;
 const ZSTD: u8 = 1;
 
+thread_local! {
+    /// One zstd context per thread and level: making one per chunk showed in profiles.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        if cell.as_ref().is_none_or(|(l, _)| *l != level) {
+            *cell = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        cell.as_mut().expect("just set").1.compress(data)
+    })
+}
+
 /// Compresses with zstd when that saves space; incompressible data is stored as it is.
 pub fn pack_blob(data: &[u8], level: i32) -> Vec<u8> {
-    if let Ok(compressed) = zstd::bulk::compress(data, level) {
+    if let Ok(compressed) = compress(data, level) {
         if compressed.len() + 64 < data.len() {
             let mut out = Vec::with_capacity(1 + compressed.len());
             out.push(ZSTD);

@@ -8,7 +8,7 @@ pub mod crypto;
 pub mod format;
 mod repo;
 
-pub use backend::{Backend, BackendError, Fault, FaultyBackend, ObjectInfo, ObjectStoreBackend};
+pub use backend::{Backend, BackendError, DirBackend, Fault, FaultyBackend, ObjectInfo, ObjectStoreBackend};
 pub use crypto::{ChunkId, CryptoError, KdfParams};
 pub use format::{BackupRecord, BackupStats, FormatError, CHUNK_SIZE};
 pub use repo::{BackupRequest, BlockSink, BlockSource, Progress, Repository, RestoreStats, VerifyReport};

@@ -163,7 +163,7 @@ fn an_encrypted_repository_needs_its_passphrase() {
 #[test]
 fn a_tampered_chunk_is_found_and_named_by_backup() {
     let dir = tempfile::tempdir().unwrap();
-    let backend: Arc<dyn Backend> = Arc::new(ObjectStoreBackend::local_dir(dir.path()).unwrap());
+    let backend: Arc<dyn Backend> = Arc::new(DirBackend::new(dir.path()).unwrap());
     let repo = Repository::init(backend.clone(), Some("p"), KdfParams::cheap()).unwrap();
     let disk = Disk::new(2 << 20);
     disk.write(0, &noise(2 << 20, 9));

@@ -500,7 +500,7 @@ impl Control {
 /// Opens the backup repository in `dir`, creating it on first use.
 async fn open_repository(dir: PathBuf, passphrase: Option<String>) -> Result<cairn_backup::Repository, Error> {
     tokio::task::spawn_blocking(move || {
-        let backend: Arc<dyn cairn_backup::Backend> = Arc::new(cairn_backup::ObjectStoreBackend::local_dir(&dir)?);
+        let backend: Arc<dyn cairn_backup::Backend> = Arc::new(cairn_backup::DirBackend::new(&dir)?);
         match cairn_backup::Repository::open(backend.clone(), passphrase.as_deref()) {
             Err(cairn_backup::Error::NoRepository) => {
                 cairn_backup::Repository::init(backend, passphrase.as_deref(), cairn_backup::KdfParams::standard())
