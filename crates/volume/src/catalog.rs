@@ -328,7 +328,7 @@ impl Catalog {
         }
     }
 
-    fn merge_task_for(&self, layer: u64) -> Option<MergeTask> {
+    pub(crate) fn merge_task_for(&self, layer: u64) -> Option<MergeTask> {
         let rec = self.layers.get(&layer)?;
         if self.is_head(layer) || self.has_live_snapshot(layer) {
             return None;

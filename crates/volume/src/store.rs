@@ -846,7 +846,8 @@ impl StoreInner {
         let mut probe = cat.state.clone();
         let target = if children == 1 {
             probe.apply(&Event::DeleteSnapshot { snapshot: snapshot.0, keep_checkpoint: false })?;
-            probe.merge_tasks().into_iter().find(|t| t.layer == snap.layer).and_then(|t| t.data_into)
+            // Only this layer's task: computing every layer's made listing N snapshots cost N³.
+            probe.merge_task_for(snap.layer).and_then(|t| t.data_into)
         } else {
             None
         };
