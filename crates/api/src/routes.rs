@@ -68,6 +68,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/backups", get(list_backups))
         .route("/backups/{backup}", get(get_backup))
         .route("/backups/{backup}/restore", post(restore_backup))
+        .route("/backups/{backup}/export", post(export_backup))
         .route("/repository/verify", post(verify_repository))
         .route("/jobs", get(list_jobs))
         .route("/jobs/{job}", get(get_job))
@@ -373,6 +374,15 @@ async fn restore_backup(
 ) -> Answer {
     let (job, volume) = s.control.restore_backup(&t, &backup, &r).await?;
     accepted(json!({ "job": job, "volume": volume }))
+}
+
+async fn export_backup(
+    State(s): S,
+    Caller(t): Caller,
+    Path(backup): Path<String>,
+    Body(r): Body<ExportRequest>,
+) -> Answer {
+    accepted(json!({ "job": s.control.export_backup(&t, &backup, &r.path, r.format).await? }))
 }
 
 #[derive(Deserialize)]

@@ -235,6 +235,12 @@ pub enum BackupCommand {
         #[command(flatten)]
         wait: NoWait,
     },
+    /// Export a backup to a new raw or qcow2 file on the daemon's machine
+    Export {
+        backup: String,
+        #[command(flatten)]
+        to: ExportTo,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -576,6 +582,7 @@ impl Session {
                 let accepted = api.create(&Kind::Volume.item(&volume, "/restore"), &json!({"backup": backup}))?;
                 self.follow_job(accepted, None, wait)
             }
+            BackupCommand::Export { backup, to } => self.export(&Kind::Backup.item(&backup, "/export"), to),
             BackupCommand::Restore { backup, name, vm, wait, .. } => {
                 let body = without_nulls(json!({"name": name, "vm": vm}));
                 let accepted = api.create(&Kind::Backup.item(&backup, "/restore"), &body)?;

@@ -64,6 +64,14 @@ fn backups_are_incremental_and_restore_byte_for_byte() {
     let report = srv.cli_json(&["repo", "verify"]);
     assert_eq!(report["ok"], true, "{report}");
     assert_eq!(report["backups"], 2);
+
+    // Out of cairn, for the user's own infrastructure: raw and qcow2 files equal to the disk.
+    for format in ["raw", "qcow2"] {
+        let file = srv.dir.path().join(format!("first.{format}"));
+        job(&srv, &["backup", "export", &id(first), common::p(&file), "--format", format]);
+        assert_eq!(common::qemu_img_format(&file), format);
+        assert!(common::images_equal("raw", &back_uri, format, common::p(&file)), "{format} export differs");
+    }
 }
 
 #[test]

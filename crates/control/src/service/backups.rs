@@ -306,6 +306,21 @@ impl Control {
         Ok(view)
     }
 
+    /// Exports a backup to a new raw or qcow2 file on the daemon's machine, for the user's own
+    /// infrastructure (R12), as a job.
+    pub async fn export_backup(
+        self: &Arc<Self>,
+        t: &Tenant,
+        id: &str,
+        path: &str,
+        format: Option<ImageFormat>,
+    ) -> Result<JobView, Error> {
+        let repo = self.repository()?;
+        let backup = self.get_backup(t, id).await?;
+        let source = super::transfers::ExportSource::Backup { repo, record: backup.record, size: backup.size };
+        self.export(t, &backup.id, source, backup.size, path, format).await
+    }
+
     /// Checks the repository: every backup's chunks are there and sound (all, or a sample).
     pub async fn verify_repository(&self, t: &Tenant, sample_percent: Option<f64>) -> Result<serde_json::Value, Error> {
         if !t.admin {

@@ -242,6 +242,7 @@ impl Control {
             }
             if job.kind == JobKind::Export {
                 let _ = std::fs::remove_file(partial_path(&job.path, &job.id));
+                let _ = std::fs::remove_file(raw_partial_path(&job.path, &job.id));
             }
             failed.push(job.id);
         }
@@ -516,4 +517,9 @@ async fn open_repository(dir: PathBuf, passphrase: Option<String>) -> Result<cai
 /// Where an export job writes before the file is complete.
 fn partial_path(path: &str, job: &str) -> PathBuf {
     PathBuf::from(format!("{path}.{job}.partial"))
+}
+
+/// Where an export of a backup to qcow2 first restores the raw image.
+fn raw_partial_path(path: &str, job: &str) -> PathBuf {
+    PathBuf::from(format!("{path}.{job}.partial.raw"))
 }

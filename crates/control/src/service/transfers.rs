@@ -268,11 +268,11 @@ impl Control {
     }
 
     /// Exports a volume or a snapshot to a new raw or qcow2 file on the daemon's machine.
-    async fn export(
+    pub(super) async fn export(
         self: &Arc<Self>,
         t: &Tenant,
         resource: &str,
-        nbd_export: String,
+        source: ExportSource,
         size: u64,
         path: &str,
         format: Option<ImageFormat>,
@@ -290,7 +290,7 @@ impl Control {
         let control = self.clone();
         let format = format.unwrap_or(ImageFormat::Raw);
         tokio::spawn(async move {
-            let result = control.run_export(&job, &nbd_export, format, &progress).await.map(|()| Vec::new());
+            let result = control.run_export(&job, source, format, &progress).await.map(|()| Vec::new());
             let id = job.id.clone();
             if let Err(e) = control.finish(job, result).await {
                 eprintln!("cairn: recording the end of export job {id}: {e}");
@@ -304,25 +304,38 @@ impl Control {
     async fn run_export(
         &self,
         job: &Job,
-        export: &str,
+        source: ExportSource,
         format: ImageFormat,
-        progress: &Progress,
+        progress: &Arc<Progress>,
     ) -> Result<(), String> {
-        let source = format!("nbd+unix:///{export}?socket={}", self.settings.nbd.socket.display());
         let partial = partial_path(&job.path, &job.id);
-        let args: Vec<&std::ffi::OsStr> = vec![
-            "-f".as_ref(),
-            "raw".as_ref(),
-            "-O".as_ref(),
-            format.as_str().as_ref(),
-            source.as_ref(),
-            partial.as_ref(),
-        ];
-        let result = jobs::convert(&args, progress).await.and_then(|()| {
+        let raw = raw_partial_path(&job.path, &job.id);
+        let converted = match source {
+            ExportSource::Nbd(export) => {
+                let source = format!("nbd+unix:///{export}?socket={}", self.settings.nbd.socket.display());
+                convert_image(&source, &partial, format, progress).await
+            }
+            ExportSource::Backup { repo, record, size } => {
+                // The backup is restored into a sparse raw file first; qcow2 is made from it.
+                let target = if format == ImageFormat::Raw { partial.clone() } else { raw.clone() };
+                let counters = progress.clone();
+                let restored =
+                    tokio::task::spawn_blocking(move || restore_to_file(&repo, &record, size, &target, &counters))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("the export task failed: {e}")));
+                match (restored, format) {
+                    (Err(e), _) => Err(e),
+                    (Ok(()), ImageFormat::Raw) => Ok(()),
+                    (Ok(()), _) => convert_image(&raw.to_string_lossy(), &partial, format, progress).await,
+                }
+            }
+        };
+        let result = converted.and_then(|()| {
             std::fs::File::open(&partial).and_then(|f| f.sync_all()).map_err(|e| format!("syncing the export: {e}"))?;
             std::fs::hard_link(&partial, &job.path).map_err(|e| format!("placing the export at {}: {e}", job.path))
         });
         let _ = std::fs::remove_file(&partial);
+        let _ = std::fs::remove_file(&raw);
         result
     }
 
@@ -337,7 +350,7 @@ impl Control {
         if volume.state != ResourceState::Ready {
             return Err(Error::conflict(format!("volume {} is being imported", volume.name)));
         }
-        self.export(t, &volume.id, volume.id.clone(), volume.size, path, format).await
+        self.export(t, &volume.id, ExportSource::Nbd(volume.id.clone()), volume.size, path, format).await
     }
 
     pub async fn export_snapshot(
@@ -348,7 +361,8 @@ impl Control {
         format: Option<ImageFormat>,
     ) -> Result<JobView, Error> {
         let snapshot = self.get_snapshot(t, reference).await?;
-        self.export(t, &snapshot.snapshot.id, snapshot.snapshot.id.clone(), snapshot.logical_bytes, path, format).await
+        let source = ExportSource::Nbd(snapshot.snapshot.id.clone());
+        self.export(t, &snapshot.snapshot.id, source, snapshot.logical_bytes, path, format).await
     }
 
     pub async fn list_jobs(&self, t: &Tenant) -> Result<Vec<JobView>, Error> {
@@ -361,4 +375,43 @@ impl Control {
             db::find_job(&mut *self.meta.conn().await?, &t.id, id).await?.ok_or_else(|| Error::not_found("job", id))?;
         Ok(self.job_view(job))
     }
+}
+
+/// What an export job reads.
+pub(super) enum ExportSource {
+    /// An NBD export of this daemon (a volume or a snapshot).
+    Nbd(String),
+    /// A backup in the repository.
+    Backup { repo: Arc<cairn_backup::Repository>, record: String, size: u64 },
+}
+
+async fn convert_image(source: &str, target: &Path, format: ImageFormat, progress: &Progress) -> Result<(), String> {
+    let args: Vec<&std::ffi::OsStr> =
+        vec!["-f".as_ref(), "raw".as_ref(), "-O".as_ref(), format.as_str().as_ref(), source.as_ref(), target.as_ref()];
+    jobs::convert(&args, progress).await
+}
+
+/// A raw image file as a restore target: zero chunks are never written, so it stays sparse.
+struct FileSink(std::fs::File);
+
+impl cairn_backup::BlockSink for FileSink {
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.0, data, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(&self.0, &vec![0; len as usize], offset)
+    }
+}
+
+fn restore_to_file(
+    repo: &cairn_backup::Repository,
+    record: &str,
+    size: u64,
+    path: &Path,
+    progress: &Progress,
+) -> Result<(), String> {
+    let file = std::fs::File::create_new(path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+    file.set_len(size).map_err(|e| e.to_string())?;
+    repo.restore(record, &FileSink(file), None, Some(&progress.counters)).map(|_| ()).map_err(|e| e.to_string())
 }
