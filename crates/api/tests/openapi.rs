@@ -1,29 +1,14 @@
 //! The OpenAPI document and the router agree: every documented operation is routed (a request
 //! without a token reaches authentication, not a 404 or 405), and the document is the one served.
 
-use std::sync::Arc;
-
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
-use cairn_control::db::MetaStore;
-use cairn_control::{Control, NbdAddress, ServiceExports, Settings};
-use cairn_volume::{Store, StoreOptions};
+use cairn_control::{Control, Settings};
 use serde_json::Value;
 use tower::ServiceExt;
 
 async fn router(dir: &std::path::Path) -> axum::Router {
-    let engine = Arc::new(Store::open_dir(dir.join("volumes"), StoreOptions::default()).unwrap());
-    let meta = MetaStore::open_sqlite(&dir.join("cairn.db")).await.unwrap();
-    let exports = Arc::new(ServiceExports::new(engine.clone()));
-    let nbd = NbdAddress { socket: dir.join("nbd.sock"), tcp: None };
-    let settings = Settings {
-        nbd,
-        data_dir: dir.to_path_buf(),
-        transfer_dir: None,
-        backup_repository: None,
-        backup_passphrase: None,
-    };
-    let (control, recovery) = Control::open(meta, engine, exports, settings).await.unwrap();
+    let (control, recovery) = Control::open_dir(Settings::in_dir(dir)).await.unwrap();
     assert!(recovery.admin_token.is_some(), "a new data directory gets an admin token");
     cairn_api::router(cairn_api::AppState::new(control))
 }

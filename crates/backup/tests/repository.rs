@@ -6,6 +6,7 @@ use std::ops::Range;
 use std::sync::{Arc, RwLock};
 
 use cairn_backup::*;
+use cairn_testkit::pattern as noise;
 use proptest::prelude::*;
 
 /// A disk in memory, usable as a backup source and a restore target.
@@ -47,19 +48,6 @@ impl BlockSink for Disk {
         self.0.write().unwrap()[offset as usize..(offset + len) as usize].fill(0);
         Ok(())
     }
-}
-
-/// Bytes that differ by position and seed, and do not compress to nothing.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 fn labels() -> BTreeMap<String, String> {

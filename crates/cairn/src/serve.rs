@@ -7,10 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use cairn_control::db::MetaStore;
-use cairn_control::{Control, NbdAddress, ServiceExports};
+use cairn_control::{Control, NbdAddress};
 use cairn_nbd::{Listener, ServerConfig};
-use cairn_volume::{Store, StoreOptions};
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -125,11 +123,6 @@ async fn serve(settings: Settings) -> Result<()> {
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("creating the data directory {}", settings.data_dir.display()))?;
     let data_dir = settings.data_dir.canonicalize()?;
-    let engine = Arc::new(
-        Store::open_dir(data_dir.join("volumes"), StoreOptions::default()).context("opening the volume store")?,
-    );
-    let meta = MetaStore::open_sqlite(&data_dir.join("cairn.db")).await.context("opening the metadata database")?;
-    let exports = Arc::new(ServiceExports::new(engine.clone()));
 
     if let Some(parent) = settings.nbd_socket.parent() {
         std::fs::create_dir_all(parent)?;
@@ -158,9 +151,9 @@ async fn serve(settings: Settings) -> Result<()> {
         backup_repository: settings.backup_repo.clone(),
         backup_passphrase: std::env::var("CAIRN_BACKUP_PASSPHRASE").ok().filter(|p| !p.is_empty()),
     };
-    let (control, recovery) = Control::open(meta, engine.clone(), exports.clone(), control_settings)
-        .await
-        .context("opening the control plane")?;
+    let (control, recovery) = Control::open_dir(control_settings).await.context("opening the control plane")?;
+    let engine = control.engine().clone();
+    let exports: Arc<dyn cairn_nbd::Exports> = control.exports().clone();
     if recovery.admin_token.is_some() {
         let token_path = data_dir.join("admin.token");
         eprintln!("cairn: first start: created the tenant admin; its API token is in {}", token_path.display());

@@ -203,6 +203,56 @@ fn int(n: u64) -> i64 {
     i64::try_from(n).expect("sizes are far below 2^63")
 }
 
+/// The row of `table` that belongs to `tenant` and has `reference` as its id or its name.
+async fn find_by_reference<T>(
+    c: &mut Conn,
+    table: &'static str,
+    tenant: &str,
+    reference: &str,
+    map: fn(&SqliteRow) -> Result<T, Error>,
+) -> Result<Option<T>, Error> {
+    let sql = format!("SELECT * FROM {table} WHERE tenant_id = $1 AND (id = $2 OR name = $2)");
+    one(sqlx::query(&sql).bind(tenant).bind(reference).fetch_optional(c).await?, map)
+}
+
+/// The row of `table` that belongs to `tenant` and has id `id` (for kinds without names).
+async fn find_by_id<T>(
+    c: &mut Conn,
+    table: &'static str,
+    tenant: &str,
+    id: &str,
+    map: fn(&SqliteRow) -> Result<T, Error>,
+) -> Result<Option<T>, Error> {
+    let sql = format!("SELECT * FROM {table} WHERE tenant_id = $1 AND id = $2");
+    one(sqlx::query(&sql).bind(tenant).bind(id).fetch_optional(c).await?, map)
+}
+
+/// Rows of `table`, oldest first, of `tenant` (None: every tenant's).
+async fn list_of_tenant<T>(
+    c: &mut Conn,
+    table: &'static str,
+    tenant: Option<&str>,
+    map: fn(&SqliteRow) -> Result<T, Error>,
+) -> Result<Vec<T>, Error> {
+    let sql = format!("SELECT * FROM {table} WHERE $1 IS NULL OR tenant_id = $1 ORDER BY created_at, id");
+    all(sqlx::query(&sql).bind(tenant).fetch_all(c).await?, map)
+}
+
+/// Rows of a table of copies of disks (snapshots, backups), oldest first, filtered by tenant
+/// (None: all), volume id and VM id.
+async fn list_of_disks<T>(
+    c: &mut Conn,
+    table: &'static str,
+    (tenant, volume, vm): (Option<&str>, Option<&str>, Option<&str>),
+    map: fn(&SqliteRow) -> Result<T, Error>,
+) -> Result<Vec<T>, Error> {
+    let sql = format!(
+        "SELECT * FROM {table} WHERE ($1 IS NULL OR tenant_id = $1) AND ($2 IS NULL OR volume_id = $2) \
+         AND ($3 IS NULL OR vm_id = $3) ORDER BY created_at, id"
+    );
+    all(sqlx::query(&sql).bind(tenant).bind(volume).bind(vm).fetch_all(c).await?, map)
+}
+
 // ---- tenants and tokens ----
 
 pub async fn insert_tenant(c: &mut Conn, t: &Tenant) -> Result<(), Error> {
@@ -283,20 +333,11 @@ pub async fn delete_vm(c: &mut Conn, id: &str) -> Result<(), Error> {
 
 /// A VM of `tenant` by id or name.
 pub async fn find_vm(c: &mut Conn, tenant: &str, reference: &str) -> Result<Option<Vm>, Error> {
-    let row = sqlx::query("SELECT * FROM vms WHERE tenant_id = $1 AND (id = $2 OR name = $2)")
-        .bind(tenant)
-        .bind(reference)
-        .fetch_optional(c)
-        .await?;
-    one(row, vm_of)
+    find_by_reference(c, "vms", tenant, reference, vm_of).await
 }
 
 pub async fn list_vms(c: &mut Conn, tenant: Option<&str>) -> Result<Vec<Vm>, Error> {
-    let rows = sqlx::query("SELECT * FROM vms WHERE $1 IS NULL OR tenant_id = $1 ORDER BY created_at, id")
-        .bind(tenant)
-        .fetch_all(c)
-        .await?;
-    all(rows, vm_of)
+    list_of_tenant(c, "vms", tenant, vm_of).await
 }
 
 // ---- volumes ----
@@ -341,12 +382,7 @@ pub async fn delete_volume(c: &mut Conn, id: &str) -> Result<(), Error> {
 }
 
 pub async fn find_volume(c: &mut Conn, tenant: &str, reference: &str) -> Result<Option<Volume>, Error> {
-    let row = sqlx::query("SELECT * FROM volumes WHERE tenant_id = $1 AND (id = $2 OR name = $2)")
-        .bind(tenant)
-        .bind(reference)
-        .fetch_optional(c)
-        .await?;
-    one(row, volume_of)
+    find_by_reference(c, "volumes", tenant, reference, volume_of).await
 }
 
 /// Volumes of `tenant` (every tenant's when None), optionally only those attached to `vm`.
@@ -391,12 +427,7 @@ pub async fn delete_snapshot(c: &mut Conn, id: &str) -> Result<(), Error> {
 }
 
 pub async fn find_snapshot(c: &mut Conn, tenant: &str, reference: &str) -> Result<Option<Snapshot>, Error> {
-    let row = sqlx::query("SELECT * FROM snapshots WHERE tenant_id = $1 AND (id = $2 OR name = $2)")
-        .bind(tenant)
-        .bind(reference)
-        .fetch_optional(c)
-        .await?;
-    one(row, snapshot_of)
+    find_by_reference(c, "snapshots", tenant, reference, snapshot_of).await
 }
 
 /// Snapshots, oldest first, filtered by tenant (None: all), volume id and VM id.
@@ -406,16 +437,7 @@ pub async fn list_snapshots(
     volume: Option<&str>,
     vm: Option<&str>,
 ) -> Result<Vec<Snapshot>, Error> {
-    let rows = sqlx::query(
-        "SELECT * FROM snapshots WHERE ($1 IS NULL OR tenant_id = $1) AND ($2 IS NULL OR volume_id = $2) \
-         AND ($3 IS NULL OR vm_id = $3) ORDER BY created_at, id",
-    )
-    .bind(tenant)
-    .bind(volume)
-    .bind(vm)
-    .fetch_all(c)
-    .await?;
-    all(rows, snapshot_of)
+    list_of_disks(c, "snapshots", (tenant, volume, vm), snapshot_of).await
 }
 
 // ---- templates ----
@@ -450,20 +472,11 @@ pub async fn delete_template(c: &mut Conn, id: &str) -> Result<(), Error> {
 }
 
 pub async fn find_template(c: &mut Conn, tenant: &str, reference: &str) -> Result<Option<Template>, Error> {
-    let row = sqlx::query("SELECT * FROM templates WHERE tenant_id = $1 AND (id = $2 OR name = $2)")
-        .bind(tenant)
-        .bind(reference)
-        .fetch_optional(c)
-        .await?;
-    one(row, template_of)
+    find_by_reference(c, "templates", tenant, reference, template_of).await
 }
 
 pub async fn list_templates(c: &mut Conn, tenant: Option<&str>) -> Result<Vec<Template>, Error> {
-    let rows = sqlx::query("SELECT * FROM templates WHERE $1 IS NULL OR tenant_id = $1 ORDER BY created_at, id")
-        .bind(tenant)
-        .fetch_all(c)
-        .await?;
-    all(rows, template_of)
+    list_of_tenant(c, "templates", tenant, template_of).await
 }
 
 // ---- jobs ----
@@ -503,12 +516,7 @@ pub async fn finish_job(c: &mut Conn, j: &Job) -> Result<(), Error> {
 }
 
 pub async fn find_job(c: &mut Conn, tenant: &str, id: &str) -> Result<Option<Job>, Error> {
-    let row = sqlx::query("SELECT * FROM jobs WHERE tenant_id = $1 AND id = $2")
-        .bind(tenant)
-        .bind(id)
-        .fetch_optional(c)
-        .await?;
-    one(row, job_of)
+    find_by_id(c, "jobs", tenant, id, job_of).await
 }
 
 /// Jobs, newest first, of one tenant or (None) of all; optionally only those in `state`.
@@ -578,12 +586,7 @@ pub async fn drop_checkpoints(c: &mut Conn, volume: &str, keep: &str) -> Result<
 }
 
 pub async fn find_backup(c: &mut Conn, tenant: &str, id: &str) -> Result<Option<Backup>, Error> {
-    let row = sqlx::query("SELECT * FROM backups WHERE tenant_id = $1 AND id = $2")
-        .bind(tenant)
-        .bind(id)
-        .fetch_optional(c)
-        .await?;
-    one(row, backup_of)
+    find_by_id(c, "backups", tenant, id, backup_of).await
 }
 
 /// Backups, oldest first, by tenant (None: all), volume id and VM id.
@@ -593,16 +596,7 @@ pub async fn list_backups(
     volume: Option<&str>,
     vm: Option<&str>,
 ) -> Result<Vec<Backup>, Error> {
-    let rows = sqlx::query(
-        "SELECT * FROM backups WHERE ($1 IS NULL OR tenant_id = $1) AND ($2 IS NULL OR volume_id = $2) \
-         AND ($3 IS NULL OR vm_id = $3) ORDER BY created_at, id",
-    )
-    .bind(tenant)
-    .bind(volume)
-    .bind(vm)
-    .fetch_all(c)
-    .await?;
-    all(rows, backup_of)
+    list_of_disks(c, "backups", (tenant, volume, vm), backup_of).await
 }
 
 // ---- idempotency keys ----

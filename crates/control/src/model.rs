@@ -129,6 +129,24 @@ pub struct Volume {
     pub created_at: String,
 }
 
+impl Volume {
+    /// A new, ready volume with a fresh id; a root volume is marked as a root disk (R7).
+    pub fn new(tenant: &str, name: String, size: u64, vm: Option<String>, role: DiskRole, source: Source) -> Volume {
+        Volume {
+            id: crate::names::new_id(crate::names::Kind::Volume),
+            tenant: tenant.to_string(),
+            name,
+            size,
+            state: ResourceState::Ready,
+            vm,
+            role,
+            from_root_disk: role == DiskRole::Root,
+            source,
+            created_at: crate::now(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Snapshot {
     pub id: String,

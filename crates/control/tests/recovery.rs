@@ -8,22 +8,11 @@ use std::sync::Arc;
 use cairn_control::db::{self, MetaStore};
 use cairn_control::model::*;
 use cairn_control::names::{new_id, Kind, SizeArg};
-use cairn_control::{engine_snapshot_name, Control, NbdAddress, Recovery, ServiceExports, Settings};
+use cairn_control::{engine_snapshot_name, Control, Recovery, Settings};
 use cairn_volume::{Store, StoreOptions};
 
 async fn open(dir: &Path) -> (Arc<Control>, Recovery) {
-    let engine = Arc::new(Store::open_dir(dir.join("volumes"), StoreOptions::default()).unwrap());
-    let meta = MetaStore::open_sqlite(&dir.join("cairn.db")).await.unwrap();
-    let exports = Arc::new(ServiceExports::new(engine.clone()));
-    let nbd = NbdAddress { socket: dir.join("nbd.sock"), tcp: None };
-    let settings = Settings {
-        nbd,
-        data_dir: dir.to_path_buf(),
-        transfer_dir: None,
-        backup_repository: None,
-        backup_passphrase: None,
-    };
-    Control::open(meta, engine, exports, settings).await.unwrap()
+    Control::open_dir(Settings::in_dir(dir)).await.unwrap()
 }
 
 async fn admin(control: &Control, dir: &Path) -> Tenant {
@@ -154,17 +143,8 @@ async fn a_lost_database_over_existing_volumes_is_refused_not_taken_for_orphans(
     for file in ["cairn.db", "cairn.db-wal", "cairn.db-shm"] {
         let _ = std::fs::remove_file(dir.path().join(file));
     }
-    let engine = Arc::new(Store::open_dir(dir.path().join("volumes"), StoreOptions::default()).unwrap());
-    let meta = MetaStore::open_sqlite(&dir.path().join("cairn.db")).await.unwrap();
-    let exports = Arc::new(ServiceExports::new(engine.clone()));
-    let settings = Settings {
-        nbd: NbdAddress { socket: dir.path().join("nbd.sock"), tcp: None },
-        data_dir: dir.path().to_path_buf(),
-        transfer_dir: None,
-        backup_repository: None,
-        backup_passphrase: None,
-    };
-    let refused = Control::open(meta, engine.clone(), exports, settings).await;
+    let refused = Control::open_dir(Settings::in_dir(dir.path())).await;
     assert!(matches!(&refused, Err(cairn_control::Error::Internal(m)) if m.contains("refusing")), "{refused:?}");
+    let engine = Store::open_dir(dir.path().join("volumes"), StoreOptions::default()).unwrap();
     assert!(engine.volume_id(&volume.volume.id).is_ok(), "the volume is still there");
 }

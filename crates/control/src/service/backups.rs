@@ -172,16 +172,8 @@ impl Control {
 
     pub async fn list_backups(&self, t: &Tenant, volume: Option<&str>, vm: Option<&str>) -> Result<Vec<Backup>, Error> {
         let mut c = self.meta.conn().await?;
-        // Like snapshots, backups outlive their volume and VM: a deleted one's id still lists them.
-        let volume = match volume {
-            Some(r) => Some(db::find_volume(&mut c, &t.id, r).await?.map_or(r.to_string(), |v| v.id)),
-            None => None,
-        };
-        let vm = match vm {
-            Some(r) => Some(db::find_vm(&mut c, &t.id, r).await?.map_or(r.to_string(), |v| v.id)),
-            None => None,
-        };
-        db::list_backups(&mut c, Some(&t.id), volume.as_deref(), vm.as_deref()).await
+        let filter = DiskFilter::resolve(&mut c, t, volume, vm).await?;
+        db::list_backups(&mut c, Some(&t.id), filter.volume_id(), filter.vm_id()).await
     }
 
     pub async fn get_backup(&self, t: &Tenant, id: &str) -> Result<Backup, Error> {
@@ -203,10 +195,7 @@ impl Control {
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
         let backup = db::find_backup(&mut tx, &t.id, id).await?.ok_or_else(|| Error::not_found("backup", id))?;
-        let vm = match &request.vm {
-            Some(r) => Some(self.vm(&mut tx, t, r).await?),
-            None => None,
-        };
+        let vm = self.optional_vm(&mut tx, t, request.vm.as_deref()).await?;
         if request.role == Some(DiskRole::Root) {
             return Err(Error::invalid(
                 "as",
@@ -215,24 +204,13 @@ impl Control {
             ));
         }
         Self::check_restore_target(backup.disk_role, backup.vm.as_deref(), vm.as_ref(), &backup.id)?;
-        let name = match &request.name {
-            Some(name) => {
-                Self::name_free(&mut tx, t, Kind::Volume, name).await?;
-                name.clone()
-            }
-            None => Self::free_name(&mut tx, t, Kind::Volume, &format!("{}-restore", backup.volume_name)).await?,
-        };
+        let name = Self::restore_name(&mut tx, t, request.name.as_deref(), &backup.volume_name).await?;
+        let source = Source::Backup { id: backup.id.clone() };
+        let vm_id = vm.as_ref().map(|vm| vm.id.clone());
         let volume = Volume {
-            id: new_id(Kind::Volume),
-            tenant: t.id.clone(),
-            name,
-            size: backup.size,
             state: ResourceState::Importing,
-            vm: vm.as_ref().map(|vm| vm.id.clone()),
-            role: DiskRole::Data,
             from_root_disk: backup.disk_role == DiskRole::Root,
-            source: Source::Backup { id: backup.id.clone() },
-            created_at: now(),
+            ..Volume::new(&t.id, name, backup.size, vm_id, DiskRole::Data, source)
         };
         self.engine.create_volume(&volume.id, volume.size)?;
         db::insert_volume(&mut tx, &volume).await?;

@@ -52,6 +52,19 @@ pub struct Settings {
     pub backup_passphrase: Option<String>,
 }
 
+impl Settings {
+    /// Everything in `dir`, NBD on its unix socket only, no transfer directory, no backups.
+    pub fn in_dir(dir: &Path) -> Settings {
+        Settings {
+            nbd: NbdAddress { socket: dir.join("nbd.sock"), tcp: None },
+            data_dir: dir.to_path_buf(),
+            transfer_dir: None,
+            backup_repository: None,
+            backup_passphrase: None,
+        }
+    }
+}
+
 /// A request to snapshot a volume or a VM.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -161,10 +174,20 @@ fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 impl Control {
+    /// Opens the control plane over the data directory's volume store (`volumes/`) and
+    /// metadata database (`cairn.db`); see [`Control::open`].
+    pub async fn open_dir(settings: Settings) -> Result<(Arc<Control>, Recovery), Error> {
+        let engine =
+            Arc::new(Store::open_dir(settings.data_dir.join("volumes"), cairn_volume::StoreOptions::default())?);
+        let meta = MetaStore::open_sqlite(&settings.data_dir.join("cairn.db")).await?;
+        let exports = Arc::new(ServiceExports::new(engine.clone()));
+        Self::open(meta, engine, exports, settings).await
+    }
+
     /// Opens the control plane: brings the schema up to date, creates the admin tenant on first
     /// start (its token goes to DATA_DIR/admin.token), fails jobs a crash interrupted and removes
     /// what they were making, and removes engine objects no metadata names.
-    pub async fn open(
+    async fn open(
         meta: MetaStore,
         engine: Arc<Store>,
         exports: Arc<ServiceExports>,
@@ -217,6 +240,11 @@ impl Control {
 
     pub fn engine(&self) -> &Arc<Store> {
         &self.engine
+    }
+
+    /// What the NBD server serves.
+    pub fn exports(&self) -> &Arc<ServiceExports> {
+        &self.exports
     }
 
     async fn fail_interrupted_jobs(&self) -> Result<Vec<String>, Error> {
@@ -421,6 +449,26 @@ impl Control {
         Ok(())
     }
 
+    /// The VM a request names, if it names one.
+    async fn optional_vm(&self, c: &mut db::Conn, t: &Tenant, reference: Option<&str>) -> Result<Option<Vm>, Error> {
+        match reference {
+            Some(r) => Ok(Some(self.vm(c, t, r).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The name of a volume restored from a copy: the one asked for if it is free, else
+    /// `BASE-restore` made unique.
+    async fn restore_name(c: &mut db::Conn, t: &Tenant, requested: Option<&str>, base: &str) -> Result<String, Error> {
+        match requested {
+            Some(name) => {
+                Self::name_free(c, t, Kind::Volume, name).await?;
+                Ok(name.to_string())
+            }
+            None => Self::free_name(c, t, Kind::Volume, &format!("{base}-restore")).await,
+        }
+    }
+
     /// Fails when `name` is taken by a resource of this kind in the tenant.
     async fn name_free(c: &mut db::Conn, t: &Tenant, kind: Kind, name: &str) -> Result<(), Error> {
         let taken = match kind {
@@ -495,6 +543,45 @@ impl Control {
 
     pub async fn close(&self) {
         self.meta.close().await;
+    }
+}
+
+/// Which disk's snapshots or backups to list: a live volume or VM by id or name, or else the
+/// text taken as the id of a deleted one, whose copies outlive it (R8).
+struct DiskFilter {
+    /// (id, whether it names a live resource) for the volume and the VM.
+    volume: Option<(String, bool)>,
+    vm: Option<(String, bool)>,
+}
+
+impl DiskFilter {
+    async fn resolve(c: &mut db::Conn, t: &Tenant, volume: Option<&str>, vm: Option<&str>) -> Result<Self, Error> {
+        let volume = match volume {
+            Some(r) => Some(db::find_volume(c, &t.id, r).await?.map_or((r.to_string(), false), |v| (v.id, true))),
+            None => None,
+        };
+        let vm = match vm {
+            Some(r) => Some(db::find_vm(c, &t.id, r).await?.map_or((r.to_string(), false), |v| (v.id, true))),
+            None => None,
+        };
+        Ok(DiskFilter { volume, vm })
+    }
+
+    fn volume_id(&self) -> Option<&str> {
+        self.volume.as_ref().map(|(id, _)| id.as_str())
+    }
+
+    fn vm_id(&self) -> Option<&str> {
+        self.vm.as_ref().map(|(id, _)| id.as_str())
+    }
+
+    /// The first reference that names no live resource, as a not-found error.
+    fn unknown(&self) -> Option<Error> {
+        match (&self.volume, &self.vm) {
+            (Some((r, false)), _) => Some(Error::not_found("volume", r)),
+            (_, Some((r, false))) => Some(Error::not_found("vm", r)),
+            _ => None,
+        }
     }
 }
 

@@ -122,27 +122,11 @@ impl Control {
         vm: Option<&str>,
     ) -> Result<Vec<SnapshotView>, Error> {
         let mut c = self.meta.conn().await?;
-        // A live volume or VM by id or name; otherwise the id of a deleted one, which still
-        // lists the snapshots left of it (R8). An unknown one with nothing left is not found.
-        let volume_id = match volume {
-            Some(r) => Some(db::find_volume(&mut c, &t.id, r).await?.map(|v| v.id).ok_or(r)),
-            None => None,
-        };
-        let vm_id = match vm {
-            Some(r) => Some(db::find_vm(&mut c, &t.id, r).await?.map(|v| v.id).ok_or(r)),
-            None => None,
-        };
-        let id_of =
-            |found: &Option<Result<String, &str>>| found.as_ref().map(|f| f.clone().unwrap_or_else(|r| r.to_string()));
-        let snapshots =
-            db::list_snapshots(&mut c, Some(&t.id), id_of(&volume_id).as_deref(), id_of(&vm_id).as_deref()).await?;
-        if snapshots.is_empty() {
-            if let Some(Err(r)) = volume_id {
-                return Err(Error::not_found("volume", r));
-            }
-            if let Some(Err(r)) = vm_id {
-                return Err(Error::not_found("vm", r));
-            }
+        let filter = DiskFilter::resolve(&mut c, t, volume, vm).await?;
+        let snapshots = db::list_snapshots(&mut c, Some(&t.id), filter.volume_id(), filter.vm_id()).await?;
+        // An unknown volume or VM with nothing left of it is not found.
+        if let (true, Some(unknown)) = (snapshots.is_empty(), filter.unknown()) {
+            return Err(unknown);
         }
         self.snapshot_views(snapshots)
     }
@@ -176,10 +160,7 @@ impl Control {
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
         let snapshot = self.snapshot(&mut tx, t, reference).await?;
-        let vm = match &request.vm {
-            Some(r) => Some(self.vm(&mut tx, t, r).await?),
-            None => None,
-        };
+        let vm = self.optional_vm(&mut tx, t, request.vm.as_deref()).await?;
         let role = request.role.unwrap_or(DiskRole::Data);
         Self::check_restore_target(snapshot.disk_role, snapshot.vm.as_deref(), vm.as_ref(), &snapshot.name)?;
         if role == DiskRole::Root {
@@ -199,25 +180,12 @@ impl Control {
                 )));
             }
         }
-        let name = match &request.name {
-            Some(name) => {
-                Self::name_free(&mut tx, t, Kind::Volume, name).await?;
-                name.clone()
-            }
-            None => Self::free_name(&mut tx, t, Kind::Volume, &format!("{}-restore", snapshot.name)).await?,
-        };
+        let name = Self::restore_name(&mut tx, t, request.name.as_deref(), &snapshot.name).await?;
+        let source = Source::Snapshot { id: snapshot.id.clone() };
         let volume = Volume {
-            id: new_id(Kind::Volume),
-            tenant: t.id.clone(),
-            name,
-            size: 0,
-            state: ResourceState::Ready,
-            vm: vm.as_ref().map(|vm| vm.id.clone()),
-            role,
             // A copy of a root disk stays a root disk's copy, whatever it is attached as (R7).
             from_root_disk: snapshot.disk_role == DiskRole::Root,
-            source: Source::Snapshot { id: snapshot.id.clone() },
-            created_at: now(),
+            ..Volume::new(&t.id, name, 0, vm.as_ref().map(|vm| vm.id.clone()), role, source)
         };
         let old_root = match (&vm, role) {
             (Some(vm), DiskRole::Root) => Some(self.volume(&mut tx, t, &vm.root_volume).await?),

@@ -214,21 +214,11 @@ impl Control {
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
         Self::name_free(&mut tx, t, Kind::Volume, name).await?;
-        let vm = match vm {
-            Some(reference) => Some(self.vm(&mut tx, t, reference).await?.id),
-            None => None,
-        };
+        let vm = self.optional_vm(&mut tx, t, vm).await?.map(|vm| vm.id);
+        let source = Source::Image { path: path.clone() };
         let volume = Volume {
-            id: new_id(Kind::Volume),
-            tenant: t.id.clone(),
-            name: name.into(),
-            size,
             state: ResourceState::Importing,
-            vm,
-            role: DiskRole::Data,
-            from_root_disk: false,
-            source: Source::Image { path: path.clone() },
-            created_at: now(),
+            ..Volume::new(&t.id, name.into(), size, vm, DiskRole::Data, source)
         };
         self.engine.create_volume(&volume.id, size)?;
         db::insert_volume(&mut tx, &volume).await?;

@@ -49,15 +49,7 @@ impl Control {
         };
         let mut root = Volume {
             id: vm.root_volume.clone(),
-            tenant: t.id.clone(),
-            name: root_name,
-            size: 0,
-            state: ResourceState::Ready,
-            vm: Some(vm.id.clone()),
-            role: DiskRole::Root,
-            from_root_disk: true,
-            source: Source::Blank,
-            created_at: now(),
+            ..Volume::new(&t.id, root_name, 0, Some(vm.id.clone()), DiskRole::Root, Source::Blank)
         };
         let mut job = None;
         if let Some(tpl) = &template {

@@ -2,8 +2,8 @@
 
 use crate::db;
 use crate::model::*;
-use crate::names::{check_name, new_id, Kind, SizeArg};
-use crate::{now, Error};
+use crate::names::{check_name, Kind, SizeArg};
+use crate::Error;
 
 use super::*;
 
@@ -20,22 +20,8 @@ impl Control {
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
         Self::name_free(&mut tx, t, Kind::Volume, name).await?;
-        let vm = match vm {
-            Some(reference) => Some(self.vm(&mut tx, t, reference).await?.id),
-            None => None,
-        };
-        let volume = Volume {
-            id: new_id(Kind::Volume),
-            tenant: t.id.clone(),
-            name: name.into(),
-            size,
-            state: ResourceState::Ready,
-            vm,
-            role: DiskRole::Data,
-            from_root_disk: false,
-            source: Source::Blank,
-            created_at: now(),
-        };
+        let vm = self.optional_vm(&mut tx, t, vm).await?.map(|vm| vm.id);
+        let volume = Volume::new(&t.id, name.into(), size, vm, DiskRole::Data, Source::Blank);
         self.engine.create_volume(&volume.id, size)?;
         db::insert_volume(&mut tx, &volume).await?;
         tx.commit().await?;
