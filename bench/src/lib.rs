@@ -1,8 +1,9 @@
 //! What the benchmark runners share: sizes, argument parsing, the work directory and the
 //! machine's load, which every report prints because other work skews the figures.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 pub const KIB: u64 = 1 << 10;
 pub const MIB: u64 = 1 << 20;
@@ -64,4 +65,31 @@ pub fn human_size(bytes: u64) -> String {
         b if b >= GIB && b % GIB == 0 => format!("{} GiB", b / GIB),
         b => format!("{} MiB", b / MIB),
     }
+}
+
+/// The standard image generator, ../shared/bench/mkimage.py from the project root.
+pub fn default_mkimage() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/mkimage.py")
+}
+
+/// Runs a command to the end; its stdout, or an error with its stderr.
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.stderr(Stdio::piped()).output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(out.status.success(), "{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Writes back dirty data and empties the page cache, so every measured program starts from
+/// the same cold state. Needs root; returns whether it worked.
+pub fn drop_caches() -> bool {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+/// The middle value (the upper one of an even count).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }

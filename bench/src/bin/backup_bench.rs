@@ -15,7 +15,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use cairn_backup::{BackupRequest, BlockSink, BlockSource, DirBackend, KdfParams, Repository};
-use cairn_bench::{human_size, load_average, parse_size, WorkDir, KIB, MIB};
+use cairn_bench::{default_mkimage, drop_caches, human_size, load_average, median, parse_size, run, WorkDir, KIB, MIB};
 use cairn_volume::{Allocation, ChangeTarget, SnapshotId, SnapshotView, Store, StoreOptions, Volume};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -96,7 +96,7 @@ impl Config {
             dir: PathBuf::from("/var/tmp"),
             size: 4 << 30,
             rounds: 1,
-            mkimage: Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/mkimage.py"),
+            mkimage: default_mkimage(),
             json: false,
         };
         while let Some(arg) = args.next() {
@@ -116,20 +116,6 @@ impl Config {
         ensure!(cfg.mkimage.exists(), "{} not found (use --mkimage)", cfg.mkimage.display());
         Ok(Some(cfg))
     }
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stderr(Stdio::piped()).output().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(out.status.success(), "{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Writes back dirty data and empties the page cache, so that every tool reads its input
-/// from the disk, as a backup of a large disk does. Needs root; returns whether it worked.
-fn drop_caches() -> bool {
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
-    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
 }
 
 /// Bytes a directory takes on disk, as du counts them.
@@ -548,12 +534,6 @@ fn run_round(cfg: &Config, dir: &Path, image: &Path, round: usize) -> Result<Rou
         changed_blocks,
         cairn_details: [full_cairn.detail, incremental_cairn.detail, restore_cairn.detail],
     })
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 struct Report {

@@ -9,7 +9,7 @@
 //! Prints a markdown table with cairn / best-peer ratios, or JSON with `--json`.
 
 use anyhow::{bail, ensure, Context, Result};
-use cairn_bench::{human_size, load_average, parse_size, WorkDir, MIB};
+use cairn_bench::{default_mkimage, drop_caches, human_size, load_average, median, parse_size, run, WorkDir, MIB};
 use cairn_nbd::{Listener, ServerConfig, VolumeExports};
 use cairn_volume::{Store, StoreOptions, Volume};
 use serde_json::json;
@@ -59,7 +59,7 @@ impl Config {
             seconds: 10,
             layers: 32,
             rounds: 1,
-            mkimage: Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/mkimage.py"),
+            mkimage: default_mkimage(),
             targets: (0..TARGETS.len()).collect(),
             json: false,
         };
@@ -127,12 +127,6 @@ impl Drop for Daemon {
     }
 }
 
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd.stderr(Stdio::piped()).output().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(out.status.success(), "{cmd:?} failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn uri(socket: &Path, export: &str) -> String {
     format!("nbd+unix:///{export}?socket={}", socket.display())
 }
@@ -171,19 +165,12 @@ fn fio(uri: &str, size: u64, seconds: u64, write: bool) -> Result<f64> {
     report["jobs"][0][side]["iops"].as_f64().context("fio reported no IOPS")
 }
 
-/// Writes back dirty data and empties the page cache, so that every server starts from the
-/// same cold state. How data entered the cache matters a lot: after large writes, ext4 keeps
-/// large folios, and 4 KiB writes into those cost several times more than into small ones.
-/// Needs root; returns whether it worked.
-fn drop_caches() -> bool {
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
-    std::fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
-}
-
 fn measure(socket: &Path, export: &str, image: &Path, cfg: &Config) -> Result<Figures> {
     let uri = uri(socket, export);
     let image = image.to_str().context("image path is not UTF-8")?;
+    // Every server starts cold. How data entered the cache matters a lot: after large writes,
+    // ext4 keeps large folios, and 4 KiB writes into those cost several times more than into
+    // small ones.
     drop_caches();
     // Untimed: fills the page cache through this server's own reads, as for every server.
     nbdcopy(cfg.size, &uri, "null:", false)?;
@@ -288,12 +275,6 @@ fn layered_volume(store: &Store, image: &Path, cfg: &Config) -> Result<()> {
         store.snapshot(info.id, &format!("layer-{layer}"))?;
     }
     Ok(())
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 struct Report {

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use cairn_bench::{human_size, load_average, parse_size, WorkDir, GIB, MIB, TIB};
+use cairn_bench::{default_mkimage, human_size, load_average, parse_size, run, WorkDir, GIB, MIB, TIB};
 use serde_json::{json, Value};
 
 const USAGE: &str = "\
@@ -31,12 +31,7 @@ struct Config {
 }
 
 fn parse_args() -> Result<Option<Config>> {
-    let mut cfg = Config {
-        dir: PathBuf::from("/var/tmp"),
-        image_size: GIB,
-        runs: 50,
-        mkimage: Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/mkimage.py"),
-    };
+    let mut cfg = Config { dir: PathBuf::from("/var/tmp"), image_size: GIB, runs: 50, mkimage: default_mkimage() };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -117,12 +112,6 @@ impl Daemon {
         let answer = self.call(method, path, body)?;
         Ok((start.elapsed(), answer))
     }
-}
-
-fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    ensure!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(())
 }
 
 /// p50, p99 and max in milliseconds.
