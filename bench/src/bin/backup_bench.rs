@@ -111,7 +111,7 @@ impl Config {
                 _ => bail!("unknown argument {arg:?}\n\n{USAGE}"),
             }
         }
-        ensure!(cfg.size % MIB == 0 && cfg.size > 0, "--size must be a positive multiple of 1 MiB");
+        ensure!(cfg.size.is_multiple_of(MIB) && cfg.size > 0, "--size must be a positive multiple of 1 MiB");
         ensure!(cfg.rounds >= 1, "--rounds must be positive");
         ensure!(cfg.mkimage.exists(), "{} not found (use --mkimage)", cfg.mkimage.display());
         Ok(Some(cfg))
@@ -347,7 +347,7 @@ impl Cairn {
 
     /// Fails unless the repository verifies clean (untimed).
     fn verify(&self) -> Result<()> {
-        let report = self.open_repo()?.verify(None)?;
+        let report = self.open_repo()?.verify(None, None)?;
         ensure!(report.problems.is_empty(), "cairn's repository does not verify: {:?}", report.problems);
         Ok(())
     }

@@ -83,7 +83,7 @@ impl Config {
                 _ => bail!("unknown argument {arg:?}\n\n{USAGE}"),
             }
         }
-        ensure!(cfg.size % MIB == 0 && cfg.size > 0, "--size must be a positive multiple of 1 MiB");
+        ensure!(cfg.size.is_multiple_of(MIB) && cfg.size > 0, "--size must be a positive multiple of 1 MiB");
         ensure!(cfg.layers >= 1 && cfg.size >= cfg.layers as u64 * MIB, "--layers must be 1..=size in MiB");
         ensure!(cfg.seconds >= 1 && cfg.rounds >= 1, "--seconds and --rounds must be positive");
         ensure!(cfg.mkimage.exists(), "{} not found (use --mkimage)", cfg.mkimage.display());

@@ -44,7 +44,10 @@ fn parse_args() -> Result<Option<Config>> {
             _ => bail!("unknown argument {arg:?}\n\n{USAGE}"),
         }
     }
-    ensure!(cfg.image_size % MIB == 0 && cfg.image_size > 0, "--image-size must be a positive multiple of 1 MiB");
+    ensure!(
+        cfg.image_size.is_multiple_of(MIB) && cfg.image_size > 0,
+        "--image-size must be a positive multiple of 1 MiB"
+    );
     ensure!(cfg.runs >= 2, "--runs must be at least 2");
     ensure!(cfg.mkimage.exists(), "{} not found (use --mkimage)", cfg.mkimage.display());
     Ok(Some(cfg))

@@ -86,7 +86,7 @@ impl Config {
                 _ => bail!("unknown argument {arg:?}\n\n{USAGE}"),
             }
         }
-        ensure!(cfg.size % SEQ_REQUEST == 0, "--size must be a multiple of 1 MiB");
+        ensure!(cfg.size.is_multiple_of(SEQ_REQUEST), "--size must be a multiple of 1 MiB");
         ensure!(cfg.layers >= 1 && cfg.size >= cfg.layers as u64 * SEQ_REQUEST, "--layers must be 1..=size in MiB");
         ensure!(
             cfg.threads >= 1 && !cfg.random_time.is_zero() && cfg.snapshots >= 1 && cfg.rounds >= 1,
@@ -217,7 +217,7 @@ fn run_writer(volume: &Volume, stop: &AtomicBool) -> Result<u64> {
     while !stop.load(Ordering::Relaxed) {
         volume.write(&data, rng.below(blocks) * RAND_REQUEST, false)?;
         writes += 1;
-        if writes % WRITER_FLUSH_EVERY == 0 {
+        if writes.is_multiple_of(WRITER_FLUSH_EVERY) {
             volume.flush()?;
         }
     }

@@ -1,6 +1,7 @@
 //! The routes of docs/api.md, each a thin translation onto [`Control`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -9,7 +10,8 @@ use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use cairn_control::model::{ImageFormat, VmState};
 use cairn_control::names::SizeArg;
-use cairn_control::{CreateVm, ImageSource, RestoreRequest, SnapshotRequest};
+use cairn_control::retention::RetentionRules;
+use cairn_control::{CreateVm, GcOptions, ImageSource, PruneRequest, RestoreRequest, SnapshotRequest};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -66,10 +68,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/volumes/{volume}/restore", post(restore_over_volume))
         .route("/vms/{vm}/backups", post(back_up_vm))
         .route("/backups", get(list_backups))
-        .route("/backups/{backup}", get(get_backup))
+        .route("/backups/prune", post(prune_backups))
+        .route("/backups/{backup}", get(get_backup).delete(delete_backup))
         .route("/backups/{backup}/restore", post(restore_backup))
         .route("/backups/{backup}/export", post(export_backup))
         .route("/repository/verify", post(verify_repository))
+        .route("/repository/gc", post(gc_repository))
         .route("/jobs", get(list_jobs))
         .route("/jobs/{job}", get(get_job))
         .layer(middleware::from_fn_with_state(state.clone(), idempotency::layer))
@@ -407,7 +411,66 @@ struct VerifyRequest {
 }
 
 async fn verify_repository(State(s): S, Caller(t): Caller, OptionalBody(r): OptionalBody<VerifyRequest>) -> Answer {
-    ok(s.control.verify_repository(&t, r.sample_percent).await?)
+    accepted(json!({ "job": s.control.start_verify(&t, r.sample_percent).await? }))
+}
+
+async fn delete_backup(State(s): S, Caller(t): Caller, Path(backup): Path<String>) -> Answer {
+    deleted(s.control.delete_backup(&t, &backup).await?.id)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PruneBody {
+    volume: Option<String>,
+    vm: Option<String>,
+    keep_last: Option<u32>,
+    keep_daily: Option<u32>,
+    keep_weekly: Option<u32>,
+    keep_monthly: Option<u32>,
+    keep_yearly: Option<u32>,
+    time_zone: Option<String>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn prune_backups(State(s): S, Caller(t): Caller, Body(r): Body<PruneBody>) -> Answer {
+    let request = PruneRequest {
+        volume: r.volume,
+        vm: r.vm,
+        rules: RetentionRules {
+            keep_last: r.keep_last,
+            keep_daily: r.keep_daily,
+            keep_weekly: r.keep_weekly,
+            keep_monthly: r.keep_monthly,
+            keep_yearly: r.keep_yearly,
+        },
+        time_zone: r.time_zone,
+        dry_run: r.dry_run,
+    };
+    ok(s.control.prune_backups(&t, &request).await?)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct GcBody {
+    grace_seconds: Option<u64>,
+    repack_unused_percent: Option<u8>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn gc_repository(State(s): S, Caller(t): Caller, OptionalBody(r): OptionalBody<GcBody>) -> Answer {
+    let defaults = GcOptions::default();
+    if r.repack_unused_percent.is_some_and(|p| p > 100) {
+        return Err(ApiError::invalid("a percentage, 0 to 100", Some("repack_unused_percent".into())));
+    }
+    let options = GcOptions {
+        grace: r.grace_seconds.map_or(defaults.grace, Duration::from_secs),
+        repack_unused_percent: r.repack_unused_percent.unwrap_or(defaults.repack_unused_percent),
+        dry_run: r.dry_run,
+        ..defaults
+    };
+    accepted(json!({ "job": s.control.start_gc(&t, options).await? }))
 }
 
 // ---- jobs ----

@@ -226,7 +226,7 @@ pub fn encode_segment(ids: &[ChunkId]) -> Vec<u8> {
 }
 
 pub fn decode_segment(bytes: &[u8]) -> Result<Vec<ChunkId>, FormatError> {
-    if bytes.len() % 32 != 0 || bytes.len() > SEGMENT_CHUNKS * 32 {
+    if !bytes.len().is_multiple_of(32) || bytes.len() > SEGMENT_CHUNKS * 32 {
         return Err(malformed("segment", format!("{} bytes", bytes.len())));
     }
     Ok(bytes.chunks_exact(32).map(|c| ChunkId(c.try_into().expect("32 bytes"))).collect())
@@ -270,6 +270,35 @@ impl BackupRecord {
     }
 }
 
+/// A condemned list (`gc/ID`): packs GC found unreferenced and will delete once every live
+/// session has seen this list. Sessions that have seen it neither dedup against nor read from
+/// these packs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CondemnedList {
+    pub version: u32,
+    /// Seconds since the Unix epoch, UTC.
+    pub time: u64,
+    /// Pack ids, hex.
+    pub packs: Vec<String>,
+}
+
+impl CondemnedList {
+    pub fn decode(bytes: &[u8]) -> Result<CondemnedList, FormatError> {
+        let list: CondemnedList = serde_json::from_slice(bytes).map_err(|e| malformed("gc list", e.to_string()))?;
+        if list.version > FORMAT_VERSION {
+            return Err(FormatError::NewerVersion(list.version));
+        }
+        Ok(list)
+    }
+
+    pub fn pack_ids(&self) -> Result<Vec<ChunkId>, FormatError> {
+        self.packs
+            .iter()
+            .map(|p| ChunkId::from_hex(p).ok_or_else(|| malformed("gc list", format!("pack id {p:?}"))))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,7 +308,7 @@ mod tests {
         IndexEntry {
             id: ChunkId([seed; 32]),
             location: Location {
-                kind: if seed % 2 == 0 { BlobKind::Data } else { BlobKind::Segment },
+                kind: if seed.is_multiple_of(2) { BlobKind::Data } else { BlobKind::Segment },
                 pack: ChunkId([seed.wrapping_add(1); 32]),
                 offset: seed as u32 * 1000,
                 length: 77,

@@ -6,12 +6,17 @@
 pub mod backend;
 pub mod crypto;
 pub mod format;
+mod gc;
+mod marker;
 mod repo;
+pub mod s3;
 
 pub use backend::{Backend, BackendError, DirBackend, Fault, FaultyBackend, ObjectInfo, ObjectStoreBackend};
 pub use crypto::{ChunkId, CryptoError, KdfParams};
 pub use format::{BackupRecord, BackupStats, FormatError, CHUNK_SIZE};
+pub use gc::{GcOptions, GcReport};
 pub use repo::{BackupRequest, BlockSink, BlockSource, Progress, Repository, RestoreStats, VerifyReport};
+pub use s3::S3Location;
 
 /// Everything that can go wrong with a repository.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +41,8 @@ pub enum Error {
     Corrupt { id: ChunkId, why: String },
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    Busy(String),
     #[error("disk I/O: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -1,5 +1,6 @@
 //! [`Repository`]: open or create one, back a disk up into it, restore, verify.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::ops::Range;
@@ -12,6 +13,7 @@ use bytes::Bytes;
 use crate::backend::{Backend, BackendError};
 use crate::crypto::{hex, random, ChunkId, KdfParams, Keys};
 use crate::format::*;
+use crate::marker::Marker;
 use crate::Error;
 
 /// What a backup reads: a disk (a snapshot, in cairn).
@@ -63,11 +65,11 @@ pub struct VerifyReport {
     pub damaged_backups: Vec<String>,
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn pack_key(id: ChunkId) -> String {
+pub(crate) fn pack_key(id: ChunkId) -> String {
     let hex = id.to_hex();
     format!("packs/{}/{hex}", &hex[..2])
 }
@@ -85,7 +87,7 @@ struct OpenPack {
 }
 
 /// The state of one backup session, shared by its workers.
-struct Session<'r> {
+pub(crate) struct Session<'r> {
     repo: &'r Repository,
     pack: Mutex<OpenPack>,
     /// Blobs stored in this session so far, for the session's index object.
@@ -97,7 +99,7 @@ struct Session<'r> {
 }
 
 impl<'r> Session<'r> {
-    fn new(repo: &'r Repository) -> Self {
+    pub(crate) fn new(repo: &'r Repository) -> Self {
         Session {
             repo,
             pack: Mutex::default(),
@@ -108,13 +110,22 @@ impl<'r> Session<'r> {
         }
     }
 
-    /// Stores a blob unless the repository has it; returns its id.
+    /// Stores a blob unless the repository has it; returns its id. A blob that is only in a
+    /// condemned pack counts as absent: GC may delete that pack once this session ends.
     fn store(&self, kind: BlobKind, content: &[u8]) -> Result<ChunkId, Error> {
         let id = self.repo.keys.chunk_id(content);
-        if self.repo.index.read().expect("index lock").contains_key(&id)
-            || !self.claimed.lock().expect("claims lock").insert(id)
-        {
+        if self.repo.has_live_blob(id) {
             return Ok(id);
+        }
+        self.store_copy(id, kind, content)?;
+        Ok(id)
+    }
+
+    /// Stores a blob whatever the index says (GC's repacking moves live blobs this way), once
+    /// per session.
+    pub(crate) fn store_copy(&self, id: ChunkId, kind: BlobKind, content: &[u8]) -> Result<(), Error> {
+        if !self.claimed.lock().expect("claims lock").insert(id) {
+            return Ok(());
         }
         let level = if kind == BlobKind::Data { 1 } else { 0 };
         let sealed = self.repo.keys.seal(pack_blob(content, level));
@@ -129,7 +140,7 @@ impl<'r> Session<'r> {
         if let Some(pack) = full {
             self.upload(pack)?;
         }
-        Ok(id)
+        Ok(())
     }
 
     /// Writes a pack and makes its blobs known.
@@ -161,13 +172,12 @@ impl<'r> Session<'r> {
 
     /// Uploads the last pack and the session's index object. Until the index object exists,
     /// the session's packs are unreferenced (a crash leaves them to garbage collection).
-    fn finish(self) -> Result<(u64, u64), Error> {
+    pub(crate) fn finish(self) -> Result<(u64, u64), Error> {
         let last = std::mem::take(&mut *self.pack.lock().expect("pack lock"));
         self.upload(last)?;
         let written = std::mem::take(&mut *self.written.lock().expect("written lock"));
         if !written.is_empty() {
-            let sealed = self.repo.keys.seal(encode_index(&written));
-            self.repo.backend.put(&format!("index/{}", hex(&random::<16>())), Bytes::from(sealed))?;
+            self.repo.write_index_object(&written)?;
         }
         Ok((self.chunks_new.load(Ordering::Relaxed), self.bytes_added.load(Ordering::Relaxed)))
     }
@@ -191,7 +201,7 @@ fn chunks_of(ranges: &[Range<u64>], size: u64) -> Vec<usize> {
 }
 
 /// Runs `work(i)` for every i in 0..count on the worker threads; the first error stops all.
-fn parallel<F>(count: usize, work: F) -> Result<(), Error>
+pub(crate) fn parallel<F>(count: usize, work: F) -> Result<(), Error>
 where
     F: Fn(usize) -> Result<(), Error> + Sync,
 {
@@ -223,10 +233,16 @@ where
 /// An open repository.
 #[derive(Debug)]
 pub struct Repository {
-    backend: Arc<dyn Backend>,
-    keys: Keys,
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) keys: Keys,
     config: RepoConfig,
-    index: RwLock<HashMap<ChunkId, Location>>,
+    /// Where each blob is. With several copies (after a repack, or two sessions storing one
+    /// chunk at once), one outside the condemned packs.
+    pub(crate) index: RwLock<HashMap<ChunkId, Location>>,
+    /// The index objects loaded into `index`, so a refresh loads only new ones.
+    index_objects: Mutex<HashSet<String>>,
+    /// Packs on a condemned list when the index was last refreshed.
+    pub(crate) condemned: RwLock<HashSet<ChunkId>>,
 }
 
 impl Repository {
@@ -254,7 +270,18 @@ impl Repository {
         };
         let text = serde_json::to_vec_pretty(&config).expect("a config serialises");
         backend.put("config", Bytes::from(text))?;
-        Ok(Repository { backend, keys, config, index: RwLock::default() })
+        Ok(Repository::new(backend, keys, config))
+    }
+
+    fn new(backend: Arc<dyn Backend>, keys: Keys, config: RepoConfig) -> Repository {
+        Repository {
+            backend,
+            keys,
+            config,
+            index: RwLock::default(),
+            index_objects: Mutex::default(),
+            condemned: RwLock::default(),
+        }
     }
 
     /// Opens a repository and loads its index.
@@ -269,8 +296,8 @@ impl Repository {
             (Some(_), None) => return Err(Error::NeedPassphrase),
             (None, _) => Keys::plain(),
         };
-        let repo = Repository { backend, keys, config, index: RwLock::default() };
-        repo.load_index()?;
+        let repo = Repository::new(backend, keys, config);
+        repo.refresh_index()?;
         Ok(repo)
     }
 
@@ -282,20 +309,106 @@ impl Repository {
         self.keys.encrypted()
     }
 
-    fn load_index(&self) -> Result<(), Error> {
-        let objects = self.backend.list("index/")?;
+    /// Whether the repository holds `id` in a pack that is not condemned.
+    pub(crate) fn has_live_blob(&self, id: ChunkId) -> bool {
+        let index = self.index.read().expect("index lock");
+        index.get(&id).is_some_and(|l| !self.condemned.read().expect("condemned lock").contains(&l.pack))
+    }
+
+    /// Positions in `ids` of non-zero blobs the repository lacks or holds only in condemned packs.
+    fn missing_blobs(&self, ids: &[ChunkId]) -> Vec<usize> {
+        let index = self.index.read().expect("index lock");
+        let condemned = self.condemned.read().expect("condemned lock");
+        let live = |id: &ChunkId| index.get(id).is_some_and(|l| !condemned.contains(&l.pack));
+        (0..ids.len()).filter(|&i| ids[i] != ChunkId::ZERO && !live(&ids[i])).collect()
+    }
+
+    /// Writes an index object for `entries` and counts it as loaded.
+    pub(crate) fn write_index_object(&self, entries: &[IndexEntry]) -> Result<(), Error> {
+        let key = format!("index/{}", hex(&random::<16>()));
+        self.backend.put(&key, Bytes::from(self.keys.seal(encode_index(entries))))?;
+        self.index_objects.lock().expect("index objects lock").insert(key);
+        Ok(())
+    }
+
+    /// Reads one index object.
+    pub(crate) fn read_index_object(&self, key: &str) -> Result<Vec<IndexEntry>, Error> {
+        Ok(decode_index(&self.keys.open(&self.backend.get(key)?)?)?)
+    }
+
+    /// Brings the index up to date with the backend: loads index objects written since the
+    /// last refresh, or everything again when some were removed (GC rewrote them) or the
+    /// condemned packs changed.
+    pub(crate) fn refresh_index(&self) -> Result<(), Error> {
+        // GC may delete an index object between our listing and our reading it, having
+        // written its replacement first: list again then.
+        let mut attempts = 0;
+        loop {
+            match self.try_refresh_index() {
+                Err(Error::Backend(BackendError::NotFound(_))) if attempts < 5 => attempts += 1,
+                other => return other,
+            }
+        }
+    }
+
+    fn try_refresh_index(&self) -> Result<(), Error> {
+        let listed: HashSet<String> = self.backend.list("index/")?.into_iter().map(|o| o.key).collect();
+        let mut loaded_keys = self.index_objects.lock().expect("index objects lock");
+        let full = !loaded_keys.is_subset(&listed);
+        let to_load: Vec<&String> = listed.iter().filter(|k| full || !loaded_keys.contains(*k)).collect();
         let loaded: Mutex<Vec<IndexEntry>> = Mutex::default();
-        parallel(objects.len(), |i| {
-            let sealed = self.backend.get(&objects[i].key)?;
-            let entries = decode_index(&self.keys.open(&sealed)?)?;
+        parallel(to_load.len(), |i| {
+            let entries = self.read_index_object(to_load[i])?;
             loaded.lock().expect("loaded lock").extend(entries);
             Ok(())
         })?;
+        let condemned = self.condemned.read().expect("condemned lock");
         let mut index = self.index.write().expect("index lock");
-        for e in loaded.into_inner().expect("loaded lock") {
-            index.insert(e.id, e.location);
+        if full {
+            index.clear();
         }
+        for e in loaded.into_inner().expect("loaded lock") {
+            match index.entry(e.id) {
+                Entry::Vacant(slot) => {
+                    slot.insert(e.location);
+                }
+                Entry::Occupied(mut slot) => {
+                    if condemned.contains(&slot.get().pack) && !condemned.contains(&e.location.pack) {
+                        slot.insert(e.location);
+                    }
+                }
+            }
+        }
+        *loaded_keys = listed;
         Ok(())
+    }
+
+    /// Starts a session of `kind`: writes its marker, takes note of the condemned packs (so
+    /// the session neither dedups against nor reads from them), then refreshes the index.
+    /// The marker must exist before the condemned lists are read, for GC's protocol.
+    pub(crate) fn begin(&self, kind: &str) -> Result<Marker, Error> {
+        let marker = Marker::create(self.backend.clone(), kind)?;
+        let mut seen = Vec::new();
+        let mut condemned = HashSet::new();
+        for object in self.backend.list("gc/")? {
+            let list = match self.backend.get(&object.key) {
+                Ok(sealed) => CondemnedList::decode(&self.keys.open(&sealed)?)?,
+                // GC finished with it between the listing and now.
+                Err(BackendError::NotFound(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            condemned.extend(list.pack_ids()?);
+            seen.push(object.key);
+        }
+        marker.set_seen(seen)?;
+        let changed = *self.condemned.read().expect("condemned lock") != condemned;
+        if changed {
+            *self.condemned.write().expect("condemned lock") = condemned;
+            // Preferences between copies depend on the condemned set: load everything again.
+            self.index_objects.lock().expect("index objects lock").clear();
+        }
+        self.refresh_index()?;
+        Ok(marker)
     }
 
     /// Every backup, oldest first.
@@ -303,7 +416,12 @@ impl Repository {
         let objects = self.backend.list("backups/")?;
         let mut records = Vec::with_capacity(objects.len());
         for o in objects {
-            records.push(self.read_record(&o.key)?);
+            match self.read_record(&o.key) {
+                Ok(record) => records.push(record),
+                // Forgotten between the listing and now.
+                Err(Error::Backend(BackendError::NotFound(_))) => {}
+                Err(e) => return Err(e),
+            }
         }
         records.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
         Ok(records)
@@ -320,15 +438,22 @@ impl Repository {
         }
     }
 
+    /// Forgets a backup: deletes its record. Its chunks stay until GC finds them unreferenced.
+    pub fn forget(&self, id: &str) -> Result<(), Error> {
+        self.backup_record(id)?;
+        self.backend.delete(&format!("backups/{id}"))?;
+        Ok(())
+    }
+
     /// A blob's content, checked against its id.
-    fn read_blob(&self, id: ChunkId, kind: &'static str) -> Result<Vec<u8>, Error> {
+    pub(crate) fn read_blob(&self, id: ChunkId, kind: &'static str) -> Result<Vec<u8>, Error> {
         let location = *self.index.read().expect("index lock").get(&id).ok_or(Error::Missing { what: kind, id })?;
         let start = location.offset as u64;
         let sealed = self.backend.get_range(&pack_key(location.pack), start..start + location.length as u64)?;
         self.blob_content(id, &location, &sealed)
     }
 
-    fn blob_content(&self, id: ChunkId, location: &Location, sealed: &[u8]) -> Result<Vec<u8>, Error> {
+    pub(crate) fn blob_content(&self, id: ChunkId, location: &Location, sealed: &[u8]) -> Result<Vec<u8>, Error> {
         let corrupt = |why: String| Error::Corrupt { id, why };
         let plain = self.keys.open(sealed).map_err(|e| corrupt(e.to_string()))?;
         let content = unpack_blob(&plain, location.raw_length as usize).map_err(|e| corrupt(e.to_string()))?;
@@ -339,7 +464,7 @@ impl Repository {
     }
 
     /// A backup's chunk ids, in disk order.
-    fn manifest(&self, record: &BackupRecord) -> Result<Vec<ChunkId>, Error> {
+    pub(crate) fn manifest(&self, record: &BackupRecord) -> Result<Vec<ChunkId>, Error> {
         let mut ids = Vec::with_capacity(record.size.div_ceil(CHUNK_SIZE) as usize);
         for segment in &record.segments {
             let id = ChunkId::from_hex(segment).ok_or_else(|| Error::Invalid(format!("segment id {segment:?}")))?;
@@ -360,6 +485,7 @@ impl Repository {
     /// parent), stores the new ones, and writes the manifest and the backup record last.
     pub fn backup(&self, source: &dyn BlockSource, request: BackupRequest<'_>) -> Result<BackupRecord, Error> {
         let started = Instant::now();
+        let _marker = self.begin("backup")?;
         let size = source.size();
         let chunk_count = size.div_ceil(CHUNK_SIZE) as usize;
         let (mut ids, to_read) = match request.parent {
@@ -371,7 +497,13 @@ impl Repository {
                 if size > parent.size {
                     ranges.push(parent.size..size);
                 }
-                (ids, chunks_of(&ranges, size))
+                let mut to_read = chunks_of(&ranges, size);
+                // The parent's chunks are reused unread only where the repository still holds
+                // them outside condemned packs (the parent may have been pruned meanwhile).
+                to_read.extend(self.missing_blobs(&ids));
+                to_read.sort_unstable();
+                to_read.dedup();
+                (ids, to_read)
             }
             None => {
                 let whole_disk = Range { start: 0, end: size };
@@ -460,6 +592,7 @@ impl Repository {
         existing: Option<&dyn BlockSource>,
         progress: Option<&Progress>,
     ) -> Result<RestoreStats, Error> {
+        let _marker = self.begin("restore")?;
         let record = self.backup_record(backup_id)?;
         let ids = self.manifest(&record)?;
         let size = record.size;
@@ -570,7 +703,8 @@ impl Repository {
     /// Checks that every backup can be restored: its record, segments and chunks are indexed,
     /// and the packs holding them (all, or about `sample_percent` of them) read back, decrypt,
     /// decompress and hash to their ids. Every problem is reported with the backups it hits.
-    pub fn verify(&self, sample_percent: Option<f64>) -> Result<VerifyReport, Error> {
+    pub fn verify(&self, sample_percent: Option<f64>, progress: Option<&Progress>) -> Result<VerifyReport, Error> {
+        let _marker = self.begin("verify")?;
         let mut report = VerifyReport::default();
         let mut uses: HashMap<ChunkId, Vec<String>> = HashMap::new();
         let mut damaged: HashSet<String> = HashSet::new();
@@ -617,8 +751,15 @@ impl Repository {
         let packs: Vec<(ChunkId, Vec<(ChunkId, Location)>)> = by_pack.into_iter().filter(|(p, _)| keep(p)).collect();
         let problems: Mutex<Vec<(String, Vec<ChunkId>)>> = Mutex::default();
         let checked = AtomicU64::new(0);
+        if let Some(p) = progress {
+            let bytes: u64 = packs.iter().flat_map(|(_, blobs)| blobs).map(|(_, l)| l.length as u64).sum();
+            p.total.fetch_add(bytes, Ordering::Relaxed);
+        }
         parallel(packs.len(), |i| {
             let (pack, blobs) = &packs[i];
+            if let Some(p) = progress {
+                p.done.fetch_add(blobs.iter().map(|(_, l)| l.length as u64).sum(), Ordering::Relaxed);
+            }
             match self.backend.get(&pack_key(*pack)) {
                 Ok(bytes) => {
                     for (id, location) in blobs {

@@ -1,33 +1,12 @@
 //! One conformance suite for every backend: what the repository relies on.
 
+mod common;
+
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cairn_backup::{Backend, BackendError, DirBackend, Fault, FaultyBackend, ObjectStoreBackend};
-
-fn conforms(backend: &dyn Backend) {
-    backend.put("packs/ab/one", Bytes::from_static(b"hello world")).unwrap();
-    backend.put("index/two", Bytes::from_static(b"xyz")).unwrap();
-    backend.put("config", Bytes::from_static(b"{}")).unwrap();
-    assert_eq!(&backend.get("packs/ab/one").unwrap()[..], b"hello world");
-    assert_eq!(&backend.get_range("packs/ab/one", 6..11).unwrap()[..], b"world");
-    // A put replaces an object whole.
-    backend.put("index/two", Bytes::from_static(b"abc")).unwrap();
-    assert_eq!(&backend.get("index/two").unwrap()[..], b"abc");
-    let keys = |prefix: &str| -> Vec<String> {
-        let mut keys: Vec<String> = backend.list(prefix).unwrap().into_iter().map(|o| o.key).collect();
-        keys.sort();
-        keys
-    };
-    assert_eq!(keys("packs/"), ["packs/ab/one"]);
-    assert_eq!(keys(""), ["config", "index/two", "packs/ab/one"]);
-    assert_eq!(backend.list("index/").unwrap()[0].size, 3);
-    assert!(keys("backups/").is_empty(), "listing a prefix nothing was put under is empty");
-    assert!(matches!(backend.get("missing"), Err(BackendError::NotFound(_))));
-    backend.delete("index/two").unwrap();
-    backend.delete("index/two").unwrap();
-    assert!(matches!(backend.get("index/two"), Err(BackendError::NotFound(_))));
-}
+use cairn_backup::{Backend, DirBackend, Fault, FaultyBackend, ObjectStoreBackend};
+use common::conforms;
 
 #[test]
 fn the_directory_backend_conforms_and_rejects_keys_that_climb_out() {

@@ -1,73 +1,15 @@
 //! Backups round-trip byte for byte, incrementally, deduplicated and encrypted; damage and
 //! backend faults are reported, never silent.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::ops::Range;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use cairn_backup::*;
 use cairn_testkit::pattern as noise;
+use common::{full, incremental, labels, restored, Disk};
 use proptest::prelude::*;
-
-/// A disk in memory, usable as a backup source and a restore target.
-struct Disk(RwLock<Vec<u8>>);
-
-impl Disk {
-    fn new(size: usize) -> Disk {
-        Disk(RwLock::new(vec![0; size]))
-    }
-
-    fn bytes(&self) -> Vec<u8> {
-        self.0.read().unwrap().clone()
-    }
-
-    fn write(&self, offset: usize, data: &[u8]) {
-        self.0.write().unwrap()[offset..offset + data.len()].copy_from_slice(data);
-    }
-}
-
-impl BlockSource for Disk {
-    fn size(&self) -> u64 {
-        self.0.read().unwrap().len() as u64
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let disk = self.0.read().unwrap();
-        buf.copy_from_slice(&disk[offset as usize..offset as usize + buf.len()]);
-        Ok(())
-    }
-}
-
-impl BlockSink for Disk {
-    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
-        self.write(offset as usize, data);
-        Ok(())
-    }
-
-    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.0.write().unwrap()[offset as usize..(offset + len) as usize].fill(0);
-        Ok(())
-    }
-}
-
-fn labels() -> BTreeMap<String, String> {
-    BTreeMap::from([("volume".to_string(), "vol-test".to_string())])
-}
-
-fn full(repo: &Repository, disk: &Disk) -> BackupRecord {
-    repo.backup(disk, BackupRequest { labels: labels(), parent: None, allocated: None, progress: None }).unwrap()
-}
-
-fn incremental(repo: &Repository, disk: &Disk, parent: &BackupRecord, changed: &[Range<u64>]) -> BackupRecord {
-    let request = BackupRequest { labels: labels(), parent: Some((parent, changed)), allocated: None, progress: None };
-    repo.backup(disk, request).unwrap()
-}
-
-fn restored(repo: &Repository, backup: &BackupRecord) -> Vec<u8> {
-    let target = Disk::new(backup.size as usize);
-    repo.restore(&backup.id, &target, None, None).unwrap();
-    target.bytes()
-}
 
 fn memory_repo(passphrase: Option<&str>) -> (Arc<dyn Backend>, Repository) {
     let backend: Arc<dyn Backend> = Arc::new(ObjectStoreBackend::memory());
@@ -156,14 +98,14 @@ fn a_tampered_chunk_is_found_and_named_by_backup() {
     let disk = Disk::new(2 << 20);
     disk.write(0, &noise(2 << 20, 9));
     let backup = full(&repo, &disk);
-    assert!(repo.verify(None).unwrap().problems.is_empty());
+    assert!(repo.verify(None, None).unwrap().problems.is_empty());
     // Flip one byte in the middle of the (only) pack.
     let pack = backend.list("packs/").unwrap().remove(0);
     let path = dir.path().join(&pack.key);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[1 << 20] ^= 0x40;
     std::fs::write(&path, bytes).unwrap();
-    let report = repo.verify(None).unwrap();
+    let report = repo.verify(None, None).unwrap();
     assert_eq!(report.damaged_backups, vec![backup.id.clone()], "{report:?}");
     assert!(report.problems.iter().any(|p| p.contains("altered or damaged")), "{report:?}");
     let target = Disk::new(2 << 20);
@@ -192,7 +134,7 @@ fn backend_faults_fail_the_backup_and_leave_the_repository_sound() {
     }
     // Whatever the failed backups left, the repository reopens, verifies and restores.
     let reopened = Repository::open(backend, None).unwrap();
-    let report = reopened.verify(None).unwrap();
+    let report = reopened.verify(None, None).unwrap();
     assert!(report.problems.is_empty(), "{report:?}");
     assert_eq!(reopened.list_backups().unwrap().len(), 1);
     let target = Disk::new(40 << 20);
@@ -255,6 +197,6 @@ proptest! {
         for (backup, expected) in &history {
             prop_assert!(restored(&repo, backup) == *expected, "backup {} differs", backup.id);
         }
-        prop_assert!(repo.verify(None).unwrap().problems.is_empty());
+        prop_assert!(repo.verify(None, None).unwrap().problems.is_empty());
     }
 }

@@ -241,6 +241,38 @@ pub enum BackupCommand {
         #[command(flatten)]
         to: ExportTo,
     },
+    /// Delete a backup (its data goes at the next `cairn repo gc`)
+    Delete { backup: String },
+    /// Delete backups by retention rules, each disk judged apart; --dry-run prints the plan only
+    Prune {
+        /// Only the backups of this volume
+        #[arg(long)]
+        volume: Option<String>,
+        /// Only the backups of this VM's disks
+        #[arg(long, conflicts_with = "volume")]
+        vm: Option<String>,
+        /// Keep the newest N backups
+        #[arg(long, value_name = "N")]
+        keep_last: Option<u32>,
+        /// Keep the newest backup of each of the last N days that have one
+        #[arg(long, value_name = "N")]
+        keep_daily: Option<u32>,
+        /// Keep the newest backup of each of the last N ISO weeks that have one
+        #[arg(long, value_name = "N")]
+        keep_weekly: Option<u32>,
+        /// Keep the newest backup of each of the last N months that have one
+        #[arg(long, value_name = "N")]
+        keep_monthly: Option<u32>,
+        /// Keep the newest backup of each of the last N years that have one
+        #[arg(long, value_name = "N")]
+        keep_yearly: Option<u32>,
+        /// IANA time zone that days, weeks, months and years are counted in [default: UTC]
+        #[arg(long, value_name = "ZONE")]
+        time_zone: Option<String>,
+        /// Print what would be deleted; delete nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -250,7 +282,40 @@ pub enum RepoCommand {
         /// Check only about this percentage of the packs [default: all]
         #[arg(long, value_name = "PERCENT")]
         sample: Option<f64>,
+        #[command(flatten)]
+        wait: NoWait,
     },
+    /// Delete the data no backup references; safe while backups run
+    Gc {
+        /// Leave packs younger than this alone (e.g. 30m, 1h, 2d) [default: 1h]
+        #[arg(long, value_name = "AGE", value_parser = parse_age)]
+        grace: Option<u64>,
+        /// Rewrite packs with more than this percentage of unreferenced data [default: 50]
+        #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
+        repack_unused: Option<u8>,
+        /// Report what would be deleted; delete nothing
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        wait: NoWait,
+    },
+}
+
+/// `90`, `90s`, `30m`, `1h` or `2d`, in seconds.
+fn parse_age(text: &str) -> Result<u64, String> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{text:?}: give a number of seconds, or a number with s, m, h or d")),
+    };
+    let number: u64 = number.parse().map_err(|_| format!("{text:?}: no number before the unit"))?;
+    number.checked_mul(scale).ok_or_else(|| format!("{text:?} is too long"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -421,15 +486,15 @@ pub fn run(global: &Global, command: Command) -> Result<()> {
         Command::Snapshot(command) => session.snapshot(command),
         Command::Template(command) => session.template(command),
         Command::Backup(command) => session.backup(command),
-        Command::Repo(RepoCommand::Verify { sample }) => {
-            let report =
+        Command::Repo(RepoCommand::Verify { sample, wait }) => {
+            let accepted =
                 session.client.post("/v1/repository/verify", &without_nulls(json!({"sample_percent": sample})))?;
-            session.emit(&report, || Ok(output::render_block(&output::object_rows(&report))))?;
-            if report["ok"] != true {
-                let damaged = report["damaged_backups"].as_array().map_or(0, Vec::len);
-                anyhow::bail!("the repository has problems: {damaged} backup(s) can not be fully restored");
-            }
-            Ok(())
+            session.report_job(accepted, wait)
+        }
+        Command::Repo(RepoCommand::Gc { grace, repack_unused, dry_run, wait }) => {
+            let body = json!({"grace_seconds": grace, "repack_unused_percent": repack_unused, "dry_run": dry_run});
+            let accepted = session.client.post("/v1/repository/gc", &without_nulls(body))?;
+            session.report_job(accepted, wait)
         }
         Command::Job(command) => session.job(command),
         Command::Tenant(command) => session.tenant(command),
@@ -583,6 +648,26 @@ impl Session {
                 self.follow_job(accepted, None, wait)
             }
             BackupCommand::Export { backup, to } => self.export(&Kind::Backup.item(&backup, "/export"), to),
+            BackupCommand::Delete { backup } => self.print_deleted(&api.delete(&Kind::Backup.item(&backup, ""))?),
+            BackupCommand::Prune {
+                volume,
+                vm,
+                keep_last,
+                keep_daily,
+                keep_weekly,
+                keep_monthly,
+                keep_yearly,
+                time_zone,
+                dry_run,
+            } => {
+                let body = json!({
+                    "volume": volume, "vm": vm, "keep_last": keep_last, "keep_daily": keep_daily,
+                    "keep_weekly": keep_weekly, "keep_monthly": keep_monthly, "keep_yearly": keep_yearly,
+                    "time_zone": time_zone, "dry_run": dry_run,
+                });
+                let plan = api.post(&format!("{}/prune", Kind::Backup.collection()), &without_nulls(body))?;
+                self.emit(&plan, || Ok(output::render_prune_plan(&plan)))
+            }
             BackupCommand::Restore { backup, name, vm, wait, .. } => {
                 let body = without_nulls(json!({"name": name, "vm": vm}));
                 let accepted = api.create(&Kind::Backup.item(&backup, "/restore"), &body)?;
@@ -645,6 +730,20 @@ impl Session {
             };
             Ok(job_report(&job, resource.as_ref().map(|(kind, resource)| (*kind, resource))))
         })
+    }
+
+    /// Waits for a repository job (verify, gc) and prints its report; a failed job's report
+    /// is printed before its error.
+    fn report_job(&self, accepted: Value, wait: NoWait) -> Result<()> {
+        if wait.no_wait {
+            return self.emit(&accepted, || Ok(job_report(&accepted["job"], None)));
+        }
+        let job = progress::wait_for_job_end(&self.client, accepted["job"].clone())?;
+        let report = &job["result"];
+        if !report.is_null() {
+            self.emit(report, || Ok(render_block(&object_rows(report))))?;
+        }
+        progress::check_succeeded(&job)
     }
 
     fn print_item(&self, kind: Kind, item: &Value) -> Result<()> {

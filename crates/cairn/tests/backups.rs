@@ -129,3 +129,95 @@ fn a_backup_cut_by_kill_9_leaves_the_repository_sound() {
     srv.cli_json(&["backup", "restore", &newest, "--name", "late"]);
     assert_same(&uri, &unix_uri(&srv.cli_json(&["volume", "show", "late"])));
 }
+
+/// Bytes of packs in the test daemon's repository (the default, beside its data directory).
+fn repository_pack_bytes(srv: &TestServer) -> u64 {
+    fn walk(dir: &std::path::Path) -> u64 {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .map(|e| e.unwrap().path())
+            .map(|p| if p.is_dir() { walk(&p) } else { p.metadata().unwrap().len() })
+            .sum()
+    }
+    walk(&srv.dir.path().join("cairn-backups").join("packs"))
+}
+
+#[test]
+fn backups_are_pruned_by_rules_after_a_dry_run_and_gc_reclaims_their_space() {
+    if !have_all(&["qemu-io", "qemu-img"]) {
+        return;
+    }
+    let mut srv = TestServer::start();
+    let volume = srv.cli_json(&["volume", "create", "data", "--size", "8M"]);
+    let uri = unix_uri(&volume);
+    // Three backups, each of different data (made with one qemu-img write of random bytes).
+    let mut contents = Vec::new();
+    for seed in 1..=3u64 {
+        let image = srv.dir.path().join(format!("random-{seed}.raw"));
+        common::make_raw_image(&image, 2 << 20, seed);
+        let copied = std::process::Command::new("qemu-img")
+            .args(["convert", "-n", "-f", "raw", "-O", "raw", common::p(&image), &uri])
+            .status()
+            .unwrap();
+        assert!(copied.success());
+        job(&srv, &["backup", "create", "data"]);
+        contents.push(image);
+    }
+    let all = srv.cli_json(&["backup", "list", "--volume", "data"]);
+    let ids: Vec<String> = all.as_array().unwrap().iter().map(id).collect();
+    assert_eq!(ids.len(), 3);
+
+    // A dry run says what would go and deletes nothing.
+    let plan = srv.cli_json(&["backup", "prune", "--volume", "data", "--keep-last", "1", "--dry-run"]);
+    assert_eq!(plan["dry_run"], true);
+    let forget: Vec<String> =
+        plan["disks"][0]["forget"].as_array().unwrap().iter().map(|b| common::field(b, "backup")).collect();
+    assert_eq!(forget, ids[..2], "{plan}");
+    assert_eq!(plan["disks"][0]["keep"][0]["reasons"][0], "last");
+    let text = String::from_utf8(srv.cli(&["backup", "prune", "--keep-last", "1", "--dry-run"]).stdout).unwrap();
+    assert!(text.contains("would delete") && text.contains(&ids[0]), "{text}");
+    assert_eq!(srv.cli_json(&["backup", "list"]).as_array().unwrap().len(), 3);
+    // No rule at all would delete everything: refused.
+    let refused = srv.cli_fails(&["backup", "prune", "--volume", "data"]);
+    assert!(refused.contains("keep"), "{refused}");
+    let refused = srv.cli_fails(&["backup", "prune", "--keep-daily", "1", "--time-zone", "Mars/Olympus"]);
+    assert!(refused.contains("time zone"), "{refused}");
+
+    let plan = srv.cli_json(&["backup", "prune", "--volume", "data", "--keep-last", "1"]);
+    assert_eq!(plan["forgotten"], 2, "{plan}");
+    assert_eq!(ids_of(&srv.cli_json(&["backup", "list"])), ids[2..]);
+
+    // GC takes back the forgotten backups' data; the kept backup restores byte for byte.
+    let before = repository_pack_bytes(&srv);
+    let dry = srv.cli_json(&["repo", "gc", "--grace", "0", "--dry-run"]);
+    assert_eq!(repository_pack_bytes(&srv), before, "a dry run deletes nothing: {dry}");
+    let report = srv.cli_json(&["repo", "gc", "--grace", "0"]);
+    assert_eq!(report["packs_deleted"], dry["packs_deleted"], "{report}");
+    let after = repository_pack_bytes(&srv);
+    // Each image is 1.5 MiB of random data and a hole.
+    assert!(before - after >= 3 << 20, "{before} -> {after}: two backups' data went");
+    srv.cli_json(&["backup", "restore", &ids[2], "--name", "kept"]);
+    let kept = unix_uri(&srv.cli_json(&["volume", "show", "kept"]));
+    assert!(common::images_equal("raw", common::p(&contents[2]), "raw", &kept));
+    assert_eq!(srv.cli_json(&["repo", "verify"])["ok"], true);
+
+    // A gc cut by kill -9 leaves a repository that verifies and a gc that finishes.
+    srv.cli_json(&["backup", "delete", &ids[2]]);
+    assert!(srv.cli_json(&["backup", "list"]).as_array().unwrap().is_empty());
+    let started = srv.cli_json(&["repo", "gc", "--grace", "0", "--no-wait"]);
+    assert_eq!(started["job"]["kind"], "gc");
+    srv.kill9();
+    srv.restart();
+    assert_eq!(srv.cli_json(&["repo", "verify"])["ok"], true);
+    srv.cli_json(&["repo", "gc", "--grace", "0"]);
+    assert_eq!(repository_pack_bytes(&srv), 0, "nothing is referenced, so nothing is left");
+    // Only an administrator runs repository jobs.
+    let tenant = srv.expect("POST", "/v1/tenants", Some(serde_json::json!({"name": "alice"})), 201);
+    let (status, _) = srv.http("POST", "/v1/repository/gc", None, tenant["token"].as_str());
+    assert_eq!(status, 403);
+}
+
+fn ids_of(list: &Value) -> Vec<String> {
+    list.as_array().unwrap().iter().map(id).collect()
+}

@@ -12,8 +12,11 @@ use crate::model::*;
 use crate::Error;
 
 /// Schema migrations, applied in order; a database records the versions it has.
-const MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("../migrations/0001_initial.sql")), (2, include_str!("../migrations/0002_backups.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/0001_initial.sql")),
+    (2, include_str!("../migrations/0002_backups.sql")),
+    (3, include_str!("../migrations/0003_pruning.sql")),
+];
 
 /// The metadata database.
 #[derive(Debug, Clone)]
@@ -187,6 +190,11 @@ fn job_of(row: &SqliteRow) -> Result<Job, Error> {
         error: row.try_get("error")?,
         created_at: row.try_get("created_at")?,
         finished_at: row.try_get("finished_at")?,
+        result: row
+            .try_get::<Option<String>, _>("result")?
+            .map(|text| serde_json::from_str(&text))
+            .transpose()
+            .map_err(|e| Error::Internal(format!("a job's stored result: {e}")))?,
     })
 }
 
@@ -504,14 +512,19 @@ pub async fn insert_job(c: &mut Conn, j: &Job) -> Result<(), Error> {
 
 /// Records how a job ended.
 pub async fn finish_job(c: &mut Conn, j: &Job) -> Result<(), Error> {
-    sqlx::query("UPDATE jobs SET state = $1, bytes_done = $2, error = $3, finished_at = $4 WHERE id = $5")
-        .bind(j.state.as_str())
-        .bind(int(j.bytes_done))
-        .bind(&j.error)
-        .bind(&j.finished_at)
-        .bind(&j.id)
-        .execute(c)
-        .await?;
+    sqlx::query(
+        "UPDATE jobs SET state = $1, bytes_done = $2, bytes_total = $3, error = $4, finished_at = $5, result = $6 \
+         WHERE id = $7",
+    )
+    .bind(j.state.as_str())
+    .bind(int(j.bytes_done))
+    .bind(int(j.bytes_total))
+    .bind(&j.error)
+    .bind(&j.finished_at)
+    .bind(j.result.as_ref().map(|r| r.to_string()))
+    .bind(&j.id)
+    .execute(c)
+    .await?;
     Ok(())
 }
 
@@ -582,6 +595,31 @@ pub async fn drop_checkpoints(c: &mut Conn, volume: &str, keep: &str) -> Result<
         .bind(keep)
         .execute(c)
         .await?;
+    Ok(())
+}
+
+/// Deletes backup rows and, in the same transaction, queues their records to be forgotten in
+/// the repository.
+pub async fn delete_backups(c: &mut Conn, backups: &[Backup], since: &str) -> Result<(), Error> {
+    for b in backups {
+        sqlx::query("DELETE FROM backups WHERE id = $1").bind(&b.id).execute(&mut *c).await?;
+        sqlx::query("INSERT INTO pending_forgets (record_id, since) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(&b.record)
+            .bind(since)
+            .execute(&mut *c)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Records queued to be forgotten in the repository.
+pub async fn pending_forgets(c: &mut Conn) -> Result<Vec<String>, Error> {
+    let rows = sqlx::query("SELECT record_id FROM pending_forgets ORDER BY since, record_id").fetch_all(c).await?;
+    rows.iter().map(|r| Ok(r.try_get("record_id")?)).collect()
+}
+
+pub async fn forgotten(c: &mut Conn, record: &str) -> Result<(), Error> {
+    sqlx::query("DELETE FROM pending_forgets WHERE record_id = $1").bind(record).execute(c).await?;
     Ok(())
 }
 

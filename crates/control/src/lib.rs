@@ -8,15 +8,17 @@ mod exports;
 mod jobs;
 pub mod model;
 pub mod names;
+pub mod retention;
 mod service;
 
+pub use cairn_backup::GcOptions;
 pub use cairn_volume as volume;
 pub use error::Error;
 pub use exports::{engine_snapshot_name, ServiceExports};
 pub use jobs::parse_progress;
 pub use service::{
-    Control, CreateVm, DeleteVmOutcome, ImageSource, NbdAddress, Recovery, RestoreRequest, Settings, SnapshotRequest,
-    StoreCounts,
+    Control, CreateVm, DeleteVmOutcome, DiskPlan, ImageSource, NbdAddress, PruneItem, PrunePlan, PruneRequest,
+    Recovery, RestoreRequest, Settings, SnapshotRequest, StoreCounts,
 };
 
 /// Now, as the RFC 3339 UTC text every record carries (millisecond precision, so records

@@ -45,7 +45,7 @@ text_enum!(
     Consistency { Crash = "crash", Application = "application" }
 );
 text_enum!(
-    JobKind { Import = "import", Export = "export", Backup = "backup", Restore = "restore" }
+    JobKind { Import = "import", Export = "export", Backup = "backup", Restore = "restore", Verify = "verify", Gc = "gc" }
 );
 text_enum!(
     JobState { Running = "running", Succeeded = "succeeded", Failed = "failed" }
@@ -189,6 +189,9 @@ pub struct Job {
     pub error: Option<String>,
     pub created_at: String,
     pub finished_at: Option<String>,
+    /// What the job reports when it ends (verify and gc jobs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
 }
 
 /// A backup of one disk, kept in the backup repository, off the disk's own storage (R12).

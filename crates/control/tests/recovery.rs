@@ -111,6 +111,7 @@ async fn a_job_cut_short_fails_and_its_half_made_resources_go() {
         error: None,
         created_at: cairn_control::now(),
         finished_at: None,
+        result: None,
     };
     control.engine().create_volume(&volume.id, volume.size).unwrap();
     let meta = MetaStore::open_sqlite(&dir.path().join("cairn.db")).await.unwrap();
@@ -147,4 +148,34 @@ async fn a_lost_database_over_existing_volumes_is_refused_not_taken_for_orphans(
     assert!(matches!(&refused, Err(cairn_control::Error::Internal(m)) if m.contains("refusing")), "{refused:?}");
     let engine = Store::open_dir(dir.path().join("volumes"), StoreOptions::default()).unwrap();
     assert!(engine.volume_id(&volume.volume.id).is_ok(), "the volume is still there");
+}
+
+/// A backup deleted just before a crash (its row gone, its record still in the repository) is
+/// forgotten in the repository when the control plane next opens.
+#[tokio::test]
+async fn a_deleted_backups_record_is_forgotten_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo_dir = dir.path().join("repo");
+    let settings = || Settings { backup_repository: Some(repo_dir.clone()), ..Settings::in_dir(dir.path()) };
+    let (control, _) = Control::open_dir(settings()).await.unwrap();
+    let t = admin(&control, dir.path()).await;
+    control.create_volume(&t, "disk", &SizeArg::Text("1M".into()), None).await.unwrap();
+    control.start_backup(&t, Some("disk"), None).await.unwrap();
+    control.drain_jobs(std::time::Duration::from_secs(60)).await;
+    let backup = control.list_backups(&t, None, None).await.unwrap().remove(0);
+    let backend = Arc::new(cairn_backup::DirBackend::new(&repo_dir).unwrap());
+    let records = || cairn_backup::Repository::open(backend.clone(), None).unwrap().list_backups().unwrap().len();
+    assert_eq!(records(), 1);
+    // The row's deletion commits; the crash comes before the repository hears of it.
+    let meta = MetaStore::open_sqlite(&dir.path().join("cairn.db")).await.unwrap();
+    let mut tx = meta.begin().await.unwrap();
+    db::delete_backups(&mut tx, std::slice::from_ref(&backup), &cairn_control::now()).await.unwrap();
+    tx.commit().await.unwrap();
+    meta.close().await;
+    close(control).await;
+    assert_eq!(records(), 1);
+
+    let (control, _) = Control::open_dir(settings()).await.unwrap();
+    assert_eq!(records(), 0, "the record went at start");
+    assert!(control.list_backups(&t, None, None).await.unwrap().is_empty());
 }

@@ -409,7 +409,7 @@ impl Raw {
         match c.kind {
             proto::REPLY_TYPE_ERROR => Err(check_error_chunk(c)),
             proto::REPLY_TYPE_BLOCK_STATUS => {
-                assert!(c.payload.len() >= 12 && (c.payload.len() - 4) % 8 == 0, "{c:?}");
+                assert!(c.payload.len() >= 12 && (c.payload.len() - 4).is_multiple_of(8), "{c:?}");
                 assert_eq!(Some(be32(&c.payload)), self.context, "context id");
                 let d: Vec<(u32, u32)> = c.payload[4..].chunks(8).map(|d| (be32(d), be32(&d[4..]))).collect::<Vec<_>>();
                 assert!(d.iter().all(|(l, _)| *l > 0), "descriptor lengths must be nonzero: {d:?}");

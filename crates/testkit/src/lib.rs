@@ -1,7 +1,13 @@
 //! What cairn's test suites share: finding the client tools they drive (a missing tool fails
-//! the run under `CI=true`, so CI never skips silently), running them, and test data.
+//! the run under `CI=true`, so CI never skips silently), running them, test data, and (feature
+//! `s3`) an S3 server on loopback.
 
 use std::process::{Command, Output};
+
+#[cfg(feature = "s3")]
+pub mod s3;
+#[cfg(feature = "s3")]
+pub use s3::{start_s3_server, S3Server};
 
 /// Checks that a client tool is installed. Under CI a missing tool fails the test; elsewhere
 /// the test says it is skipped and returns false.

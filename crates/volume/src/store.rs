@@ -118,7 +118,7 @@ fn check_name(name: &str) -> Result<(), Error> {
 }
 
 fn check_size(size: u64) -> Result<(), Error> {
-    if size == 0 || size % SECTOR_SIZE != 0 {
+    if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
         return Err(Error::InvalidSize { size, reason: "must be a positive multiple of 512 bytes" });
     }
     if size > MAX_VOLUME_SIZE {

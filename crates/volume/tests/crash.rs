@@ -378,7 +378,7 @@ impl<'a> Child<'a> {
                     let mut data = vec![0; *len as usize];
                     fill(&mut data, seq, *off, false);
                     v.write(&data, *off, *fua)
-                } else if seq % 2 == 0 {
+                } else if seq.is_multiple_of(2) {
                     // trim and write_zeroes promise the same content; use both.
                     v.trim(*off, *len, *fua)
                 } else {

@@ -208,9 +208,14 @@ pub fn render_table(fields: &[Field], items: &Value) -> String {
     let rows: Vec<Vec<String>> = std::iter::once(header)
         .chain(items.iter().map(|item| columns.iter().map(|field| (field.render)(item)).collect()))
         .collect();
-    let widths: Vec<usize> = (0..columns.len())
-        .map(|column| rows.iter().map(|row| row[column].chars().count()).max().unwrap_or(0))
-        .collect();
+    render_rows(&rows)
+}
+
+/// Rows of cells as aligned columns two spaces apart, no trailing blanks.
+fn render_rows(rows: &[Vec<String>]) -> String {
+    let width_count = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> =
+        (0..width_count).map(|column| rows.iter().map(|row| row[column].chars().count()).max().unwrap_or(0)).collect();
     let lines: Vec<String> = rows
         .iter()
         .map(|row| {
@@ -219,6 +224,32 @@ pub fn render_table(fields: &[Field], items: &Value) -> String {
         })
         .collect();
     lines.join("\n")
+}
+
+/// A prune plan: one row per backup, disk by disk, with what happens to it and why.
+pub fn render_prune_plan(plan: &Value) -> String {
+    let header = ["DISK", "BACKUP", "CREATED", "ACTION", "KEPT BY"].map(String::from).to_vec();
+    let mut rows = vec![header];
+    let action = if plan["dry_run"] == true { "would delete" } else { "deleted" };
+    for disk in plan["disks"].as_array().into_iter().flatten() {
+        let mut backups: Vec<(&Value, &str)> = Vec::new();
+        backups.extend(disk["keep"].as_array().into_iter().flatten().map(|b| (b, "keep")));
+        backups.extend(disk["forget"].as_array().into_iter().flatten().map(|b| (b, action)));
+        backups.sort_by_key(|(b, _)| b["created_at"].as_str().unwrap_or_default().to_owned());
+        for (backup, what) in backups {
+            let reasons: Vec<String> = backup["reasons"].as_array().into_iter().flatten().map(text).collect();
+            rows.push(vec![
+                text(&disk["volume_name"]),
+                text(&backup["backup"]),
+                text(&backup["created_at"]),
+                what.to_owned(),
+                reasons.join(","),
+            ]);
+        }
+    }
+    let forgotten: usize =
+        plan["disks"].as_array().into_iter().flatten().map(|d| d["forget"].as_array().map_or(0, Vec::len)).sum();
+    format!("{}\n{forgotten} backup(s) {action}", render_rows(&rows))
 }
 
 #[cfg(test)]

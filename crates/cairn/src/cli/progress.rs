@@ -15,7 +15,14 @@ const BAR_WIDTH: u64 = 30;
 
 /// Polls the job until it is no longer `running` and returns its final state; a `failed` job is
 /// an error carrying the job's own reason.
-pub fn wait_for_job(client: &Client, mut job: Value) -> Result<Value> {
+pub fn wait_for_job(client: &Client, job: Value) -> Result<Value> {
+    let job = wait_for_job_end(client, job)?;
+    check_succeeded(&job)?;
+    Ok(job)
+}
+
+/// Polls a job, drawing its progress, until it ends, however it ends.
+pub fn wait_for_job_end(client: &Client, mut job: Value) -> Result<Value> {
     let id = job["id"].as_str().context("the API answered a job without an id")?.to_owned();
     let mut bar = ProgressBar::on_stderr();
     while job["state"] == "running" {
@@ -23,10 +30,19 @@ pub fn wait_for_job(client: &Client, mut job: Value) -> Result<Value> {
         thread::sleep(POLL_INTERVAL);
         job = client.get(&format!("/v1/jobs/{}", encode(&id)))?;
     }
-    if job["state"] == "failed" {
-        bail!("job {id} failed: {}", job["error"].as_str().unwrap_or("no reason given"));
-    }
     Ok(job)
+}
+
+/// An error naming the job and its reason if it failed.
+pub fn check_succeeded(job: &Value) -> Result<()> {
+    if job["state"] == "failed" {
+        bail!(
+            "job {} failed: {}",
+            job["id"].as_str().unwrap_or("?"),
+            job["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    Ok(())
 }
 
 /// `[#####.....]  45%  1.2 GiB / 4.0 GiB  300 MiB/s  ETA 9s`; the rate and ETA are left out

@@ -77,7 +77,7 @@ pub(super) struct NewBackup {
 }
 
 impl Control {
-    fn repository(&self) -> Result<Arc<Repository>, Error> {
+    pub(super) fn repository(&self) -> Result<Arc<Repository>, Error> {
         self.repo.clone().ok_or_else(|| Error::conflict("this daemon has no backup repository (--backup-repo)"))
     }
 
@@ -297,30 +297,6 @@ impl Control {
         let backup = self.get_backup(t, id).await?;
         let source = super::transfers::ExportSource::Backup { repo, record: backup.record, size: backup.size };
         self.export(t, &backup.id, source, backup.size, path, format).await
-    }
-
-    /// Checks the repository: every backup's chunks are there and sound (all, or a sample).
-    pub async fn verify_repository(&self, t: &Tenant, sample_percent: Option<f64>) -> Result<serde_json::Value, Error> {
-        if !t.admin {
-            return Err(Error::Forbidden("only an administrator may verify the repository".into()));
-        }
-        let repo = self.repository()?;
-        let report = tokio::task::spawn_blocking(move || repo.verify(sample_percent))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .map_err(|e| Error::Internal(format!("verify: {e}")))?;
-        // Backups are known to users by their cairn ids, not the repository's record ids.
-        let mut c = self.meta.conn().await?;
-        let all = db::list_backups(&mut c, None, None, None).await?;
-        let damaged: Vec<&str> =
-            all.iter().filter(|b| report.damaged_backups.contains(&b.record)).map(|b| b.id.as_str()).collect();
-        Ok(serde_json::json!({
-            "backups": report.backups,
-            "blobs_checked": report.blobs_checked,
-            "problems": report.problems,
-            "damaged_backups": damaged,
-            "ok": report.problems.is_empty(),
-        }))
     }
 }
 

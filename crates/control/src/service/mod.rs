@@ -3,7 +3,7 @@
 //! the rows are gone, so a crash leaves at worst an engine object no row names, which
 //! [`Control::open`] removes (see docs/architecture.md, "Control plane").
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -12,12 +12,15 @@ use cairn_volume::{SnapshotId, Store, VolumeId};
 use serde::Deserialize;
 
 mod backups;
+mod pruning;
 mod snapshots;
 mod templates;
 mod tenants;
 mod transfers;
 mod vms;
 mod volumes;
+
+pub use pruning::{DiskPlan, PruneItem, PrunePlan, PruneRequest};
 
 use crate::db::{self, MetaStore};
 use crate::exports::{engine_snapshot_name, parse_engine_snapshot_name, ServiceExports, TEMPLATE_SNAPSHOT};
@@ -235,6 +238,8 @@ impl Control {
         }
         recovery.interrupted_jobs = control.fail_interrupted_jobs().await?;
         recovery.orphans_removed = control.remove_orphans().await?;
+        // Backups deleted just before a crash: their records go now.
+        control.forget_pending().await?;
         Ok((control, recovery))
     }
 
@@ -262,7 +267,9 @@ impl Control {
             let discarded = match job.kind {
                 JobKind::Import | JobKind::Restore => Self::discard_import(&mut tx, &job.tenant, &job.resource).await?,
                 // A backup's snapshots are left without a row: the orphan sweep removes them.
-                JobKind::Export | JobKind::Backup => false,
+                // An interrupted verify or gc leaves its marker to go stale; gc's every step
+                // is idempotent and the next run finishes its work.
+                JobKind::Export | JobKind::Backup | JobKind::Verify | JobKind::Gc => false,
             };
             tx.commit().await?;
             if discarded {

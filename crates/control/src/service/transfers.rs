@@ -82,6 +82,7 @@ impl Control {
             error: None,
             created_at: now(),
             finished_at: None,
+            result: None,
         }
     }
 
@@ -106,7 +107,19 @@ impl Control {
     /// Records a job's end — for an import or restore, in the same transaction that makes its
     /// volume ready or removes it; for a backup, with the backups it made — then forgets its
     /// live progress.
-    pub(super) async fn finish(&self, mut job: Job, result: Result<Vec<NewBackup>, String>) -> Result<(), Error> {
+    pub(super) async fn finish(&self, job: Job, result: Result<Vec<NewBackup>, String>) -> Result<(), Error> {
+        self.finish_reporting(job, result, None).await
+    }
+
+    /// [`Self::finish`] for a job that reports what it found (verify, gc), whether it
+    /// succeeded or failed.
+    pub(super) async fn finish_reporting(
+        &self,
+        mut job: Job,
+        result: Result<Vec<NewBackup>, String>,
+        report: Option<serde_json::Value>,
+    ) -> Result<(), Error> {
+        job.result = report;
         let _ops = self.ops.lock().await;
         if let Some(p) = self.jobs.lock().expect("jobs lock").get(&job.id) {
             job.bytes_done = p.done();
@@ -136,7 +149,7 @@ impl Control {
                 }
                 made = backups;
             }
-            (Ok(_), JobKind::Export) => job.state = JobState::Succeeded,
+            (Ok(_), JobKind::Export | JobKind::Verify | JobKind::Gc) => job.state = JobState::Succeeded,
             (Err(e), kind) => {
                 job.state = JobState::Failed;
                 job.error = Some(e);
