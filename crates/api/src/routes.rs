@@ -69,6 +69,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/vms/{vm}/backups", post(back_up_vm))
         .route("/backups", get(list_backups))
         .route("/backups/prune", post(prune_backups))
+        .route("/backups/copy", post(copy_backups))
         .route("/backups/{backup}", get(get_backup).delete(delete_backup))
         .route("/backups/{backup}/restore", post(restore_backup))
         .route("/backups/{backup}/export", post(export_backup))
@@ -393,6 +394,7 @@ async fn export_backup(
 #[serde(deny_unknown_fields)]
 struct RestoreOver {
     backup: String,
+    from: Option<String>,
 }
 
 async fn restore_over_volume(
@@ -401,7 +403,7 @@ async fn restore_over_volume(
     Path(volume): Path<String>,
     Body(r): Body<RestoreOver>,
 ) -> Answer {
-    accepted(json!({ "job": s.control.restore_backup_over(&t, &volume, &r.backup).await? }))
+    accepted(json!({ "job": s.control.restore_backup_over(&t, &volume, &r.backup, r.from.as_deref()).await? }))
 }
 
 #[derive(Deserialize, Default)]
@@ -448,6 +450,20 @@ async fn prune_backups(State(s): S, Caller(t): Caller, Body(r): Body<PruneBody>)
         dry_run: r.dry_run,
     };
     ok(s.control.prune_backups(&t, &request).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CopyBody {
+    to: String,
+    backup: Option<String>,
+    volume: Option<String>,
+    vm: Option<String>,
+}
+
+async fn copy_backups(State(s): S, Caller(t): Caller, Body(r): Body<CopyBody>) -> Answer {
+    let job = s.control.start_copy(&t, &r.to, r.backup.as_deref(), r.volume.as_deref(), r.vm.as_deref()).await?;
+    accepted(json!({ "job": job }))
 }
 
 #[derive(Deserialize, Default)]

@@ -78,6 +78,11 @@ impl ObjectStoreBackend {
 
 fn convert(key: &str, e: object_store::Error) -> BackendError {
     match e {
+        // S3 answers a missing bucket with 404 too; taken for a missing object it would read
+        // as "no repository here" and invite an init that cannot succeed.
+        object_store::Error::NotFound { source, .. } if source.to_string().contains("NoSuchBucket") => {
+            BackendError::Other(format!("{key}: the bucket does not exist ({source})"))
+        }
         object_store::Error::NotFound { .. } => BackendError::NotFound(key.to_string()),
         other => BackendError::Other(format!("{key}: {other}")),
     }

@@ -4,17 +4,21 @@
 //! disk in the repository. The byte format is in docs/backup-format.md.
 
 pub mod backend;
+mod copy;
 pub mod crypto;
 pub mod format;
 mod gc;
+mod location;
 mod marker;
 mod repo;
 pub mod s3;
 
 pub use backend::{Backend, BackendError, DirBackend, Fault, FaultyBackend, ObjectInfo, ObjectStoreBackend};
+pub use copy::CopyStats;
 pub use crypto::{ChunkId, CryptoError, KdfParams};
 pub use format::{BackupRecord, BackupStats, FormatError, CHUNK_SIZE};
 pub use gc::{GcOptions, GcReport};
+pub use location::RepoLocation;
 pub use repo::{BackupRequest, BlockSink, BlockSource, Progress, Repository, RestoreStats, VerifyReport};
 pub use s3::S3Location;
 

@@ -112,7 +112,7 @@ impl<'r> Session<'r> {
 
     /// Stores a blob unless the repository has it; returns its id. A blob that is only in a
     /// condemned pack counts as absent: GC may delete that pack once this session ends.
-    fn store(&self, kind: BlobKind, content: &[u8]) -> Result<ChunkId, Error> {
+    pub(crate) fn store(&self, kind: BlobKind, content: &[u8]) -> Result<ChunkId, Error> {
         let id = self.repo.keys.chunk_id(content);
         if self.repo.has_live_blob(id) {
             return Ok(id);
@@ -438,6 +438,21 @@ impl Repository {
         }
     }
 
+    /// Writes a backup record: the last step of a backup, after everything it names.
+    pub(crate) fn write_record(&self, record: &BackupRecord) -> Result<(), Error> {
+        let sealed = self.keys.seal(serde_json::to_vec(record).expect("a record serialises"));
+        self.backend.put(&format!("backups/{}", record.id), Bytes::from(sealed))?;
+        Ok(())
+    }
+
+    pub fn has_backup(&self, id: &str) -> Result<bool, Error> {
+        match self.backup_record(id) {
+            Ok(_) => Ok(true),
+            Err(Error::BackupNotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Forgets a backup: deletes its record. Its chunks stay until GC finds them unreferenced.
     pub fn forget(&self, id: &str) -> Result<(), Error> {
         self.backup_record(id)?;
@@ -577,8 +592,7 @@ impl Repository {
                 seconds: started.elapsed().as_secs_f64(),
             },
         };
-        let sealed = self.keys.seal(serde_json::to_vec(&record).expect("a record serialises"));
-        self.backend.put(&format!("backups/{}", record.id), Bytes::from(sealed))?;
+        self.write_record(&record)?;
         Ok(record)
     }
 

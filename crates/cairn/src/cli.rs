@@ -232,6 +232,9 @@ pub enum BackupCommand {
         /// Write over this existing volume, only where it differs (its VM must be stopped)
         #[arg(long, value_name = "VOLUME")]
         over: Option<String>,
+        /// Restore from the backup's copy in this second repository
+        #[arg(long, value_name = "REPOSITORY")]
+        from: Option<String>,
         #[command(flatten)]
         wait: NoWait,
     },
@@ -240,6 +243,20 @@ pub enum BackupCommand {
         backup: String,
         #[command(flatten)]
         to: ExportTo,
+    },
+    /// Copy backups to a second repository (the off-site copy), sending only what changed:
+    /// one backup, or all without a copy there (of a volume, or of a VM's disks)
+    Copy {
+        backup: Option<String>,
+        /// The second repository, by the name the daemon's --copy-repo gives it
+        #[arg(long, value_name = "REPOSITORY")]
+        to: String,
+        #[arg(long, conflicts_with_all = ["backup", "vm"])]
+        volume: Option<String>,
+        #[arg(long, conflicts_with = "backup")]
+        vm: Option<String>,
+        #[command(flatten)]
+        wait: NoWait,
     },
     /// Delete a backup (its data goes at the next `cairn repo gc`)
     Delete { backup: String },
@@ -643,11 +660,17 @@ impl Session {
                 self.print_list(Kind::Backup, &api.get(&format!("{}{query}", Kind::Backup.collection()))?)
             }
             BackupCommand::Show { backup } => self.print_item(Kind::Backup, &api.get(&Kind::Backup.item(&backup, ""))?),
-            BackupCommand::Restore { backup, over: Some(volume), wait, .. } => {
-                let accepted = api.create(&Kind::Volume.item(&volume, "/restore"), &json!({"backup": backup}))?;
+            BackupCommand::Restore { backup, over: Some(volume), from, wait, .. } => {
+                let body = without_nulls(json!({"backup": backup, "from": from}));
+                let accepted = api.create(&Kind::Volume.item(&volume, "/restore"), &body)?;
                 self.follow_job(accepted, None, wait)
             }
             BackupCommand::Export { backup, to } => self.export(&Kind::Backup.item(&backup, "/export"), to),
+            BackupCommand::Copy { backup, to, volume, vm, wait } => {
+                let body = without_nulls(json!({"to": to, "backup": backup, "volume": volume, "vm": vm}));
+                let accepted = api.create(&format!("{}/copy", Kind::Backup.collection()), &body)?;
+                self.report_job(accepted, wait)
+            }
             BackupCommand::Delete { backup } => self.print_deleted(&api.delete(&Kind::Backup.item(&backup, ""))?),
             BackupCommand::Prune {
                 volume,
@@ -668,8 +691,8 @@ impl Session {
                 let plan = api.post(&format!("{}/prune", Kind::Backup.collection()), &without_nulls(body))?;
                 self.emit(&plan, || Ok(output::render_prune_plan(&plan)))
             }
-            BackupCommand::Restore { backup, name, vm, wait, .. } => {
-                let body = without_nulls(json!({"name": name, "vm": vm}));
+            BackupCommand::Restore { backup, name, vm, from, wait, .. } => {
+                let body = without_nulls(json!({"name": name, "vm": vm, "from": from}));
                 let accepted = api.create(&Kind::Backup.item(&backup, "/restore"), &body)?;
                 self.follow_job(accepted, Some(Kind::Volume), wait)
             }

@@ -1,13 +1,14 @@
 //! `cairn serve`: the daemon. It opens the volume store and the metadata database in the data
 //! directory, repairs what a crash left, and serves the REST API and NBD until SIGINT/SIGTERM.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use cairn_control::{Control, NbdAddress};
+use cairn_control::{Control, NbdAddress, RepoLocation};
 use cairn_nbd::{Listener, ServerConfig};
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -22,7 +23,7 @@ const JOB_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// A TOML file with any of: data_dir, listen, nbd_listen, nbd_socket, transfer_dir,
-    /// backup_repo.
+    /// backup_repo, and a [copy_repos] table of NAME = LOCATION.
     #[arg(long, env = "CAIRN_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     /// Where volumes, metadata and the admin token live [default: ./cairn-data].
@@ -41,12 +42,23 @@ pub struct ServeArgs {
     /// TRANSFER_DIR/TENANT_NAME [default: none; only the administrator may].
     #[arg(long, env = "CAIRN_TRANSFER_DIR", value_name = "DIR")]
     transfer_dir: Option<PathBuf>,
-    /// The backup repository, a directory on another disk [default: cairn-backups beside the
-    /// data directory]; "off"
-    /// for none. Encrypted when CAIRN_BACKUP_PASSPHRASE is set (read from the environment
-    /// only, so it never shows in a process list).
-    #[arg(long, env = "CAIRN_BACKUP_REPO", value_name = "DIR")]
-    backup_repo: Option<PathBuf>,
+    /// The backup repository: a directory on another disk, or s3://BUCKET[/PREFIX] with the
+    /// endpoint and keys in AWS_* variables [default: cairn-backups beside the data
+    /// directory]; "off" for none. Encrypted when CAIRN_BACKUP_PASSPHRASE is set (read from
+    /// the environment only, so it never shows in a process list).
+    #[arg(long, env = "CAIRN_BACKUP_REPO", value_name = "LOCATION")]
+    backup_repo: Option<String>,
+    /// A second repository backups can be copied to (the off-site copy), as NAME=LOCATION;
+    /// repeat for more. Same forms and passphrase as --backup-repo.
+    #[arg(long = "copy-repo", value_name = "NAME=LOCATION", value_parser = parse_named_location)]
+    copy_repos: Vec<(String, String)>,
+}
+
+fn parse_named_location(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, location)) if !name.is_empty() && !location.is_empty() => Ok((name.into(), location.into())),
+        _ => Err(format!("{text:?}: give NAME=LOCATION, e.g. offsite=s3://bucket/cairn")),
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -57,7 +69,9 @@ struct FileConfig {
     nbd_listen: Option<String>,
     nbd_socket: Option<PathBuf>,
     transfer_dir: Option<PathBuf>,
-    backup_repo: Option<PathBuf>,
+    backup_repo: Option<String>,
+    #[serde(default)]
+    copy_repos: BTreeMap<String, String>,
 }
 
 /// The settings in force.
@@ -68,7 +82,8 @@ struct Settings {
     nbd_listen: Option<String>,
     nbd_socket: PathBuf,
     transfer_dir: Option<PathBuf>,
-    backup_repo: Option<PathBuf>,
+    backup_repo: Option<RepoLocation>,
+    copy_repos: BTreeMap<String, RepoLocation>,
 }
 
 const DEFAULT_BACKUP_REPO: &str = "cairn-backups";
@@ -90,10 +105,21 @@ fn settings(args: ServeArgs) -> Result<Settings> {
         transfer_dir: args.transfer_dir.or(file.transfer_dir),
         // Beside the data directory by default (./cairn-backups for ./cairn-data); another
         // disk in earnest, since a backup on the disk's own storage is not a backup (R12).
-        backup_repo: Some(
-            args.backup_repo.or(file.backup_repo).unwrap_or_else(|| data_dir.with_file_name(DEFAULT_BACKUP_REPO)),
-        )
-        .filter(|dir| dir.as_os_str() != "off"),
+        backup_repo: match args.backup_repo.or(file.backup_repo) {
+            Some(off) if off == "off" => None,
+            Some(text) => Some(RepoLocation::parse(&text).context("--backup-repo")?),
+            None => Some(RepoLocation::Dir(data_dir.with_file_name(DEFAULT_BACKUP_REPO))),
+        },
+        // Flags add to (and override by name) what the file names.
+        copy_repos: file
+            .copy_repos
+            .into_iter()
+            .chain(args.copy_repos)
+            .map(|(name, text)| {
+                cairn_control::names::check_name("copy repository", &name).map_err(|e| anyhow::anyhow!("{e}"))?;
+                Ok((name.clone(), RepoLocation::parse(&text).with_context(|| format!("copy repository {name}"))?))
+            })
+            .collect::<Result<_>>()?,
         data_dir,
     })
 }
@@ -149,6 +175,7 @@ async fn serve(settings: Settings) -> Result<()> {
         data_dir: data_dir.clone(),
         transfer_dir,
         backup_repository: settings.backup_repo.clone(),
+        copy_repositories: settings.copy_repos.clone(),
         backup_passphrase: std::env::var("CAIRN_BACKUP_PASSPHRASE").ok().filter(|p| !p.is_empty()),
     };
     let (control, recovery) = Control::open_dir(control_settings).await.context("opening the control plane")?;
@@ -193,7 +220,10 @@ async fn serve(settings: Settings) -> Result<()> {
     write_atomically(&data_dir.join("api.url"), &format!("{url}\n"))?;
     eprintln!("cairn: API on {url} (OpenAPI at {url}/v1/openapi.json)");
     if let Some(repo) = &settings.backup_repo {
-        eprintln!("cairn: backups go to {}", repo.display());
+        eprintln!("cairn: backups go to {repo}");
+    }
+    for (name, location) in &settings.copy_repos {
+        eprintln!("cairn: backups can be copied to {name} ({location})");
     }
     match nbd_tcp {
         Some(addr) => eprintln!("cairn: NBD on nbd://{addr}/ and nbd+unix:///?socket={}", nbd_socket.display()),

@@ -156,11 +156,7 @@ fn backups_are_pruned_by_rules_after_a_dry_run_and_gc_reclaims_their_space() {
     for seed in 1..=3u64 {
         let image = srv.dir.path().join(format!("random-{seed}.raw"));
         common::make_raw_image(&image, 2 << 20, seed);
-        let copied = std::process::Command::new("qemu-img")
-            .args(["convert", "-n", "-f", "raw", "-O", "raw", common::p(&image), &uri])
-            .status()
-            .unwrap();
-        assert!(copied.success());
+        copy_image_into(&image, &uri);
         job(&srv, &["backup", "create", "data"]);
         contents.push(image);
     }
@@ -218,6 +214,87 @@ fn backups_are_pruned_by_rules_after_a_dry_run_and_gc_reclaims_their_space() {
     assert_eq!(status, 403);
 }
 
+/// Writes a raw image over the start of an NBD export.
+fn copy_image_into(image: &std::path::Path, uri: &str) {
+    let status = std::process::Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "raw", "-O", "raw", common::p(image), uri])
+        .status()
+        .unwrap();
+    assert!(status.success(), "qemu-img convert into {uri}");
+}
+
+/// An S3 server on loopback with `bucket` in it, and a daemon given `args` and the server's
+/// endpoint and keys (plus `env`). The server lives as long as the first value.
+fn with_s3_bucket(bucket: &str, args: &[&str], env: &[(&str, &str)]) -> (cairn_testkit::S3Server, TestServer) {
+    let s3 = cairn_testkit::start_s3_server();
+    s3.create_bucket(bucket);
+    let endpoint = s3.endpoint();
+    let mut all = vec![
+        ("AWS_ENDPOINT_URL", endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", cairn_testkit::s3::ACCESS_KEY_ID),
+        ("AWS_SECRET_ACCESS_KEY", cairn_testkit::s3::SECRET_ACCESS_KEY),
+    ];
+    all.extend_from_slice(env);
+    let srv = TestServer::start_with(args, &all);
+    (s3, srv)
+}
+
 fn ids_of(list: &Value) -> Vec<String> {
     list.as_array().unwrap().iter().map(id).collect()
+}
+
+#[test]
+fn backups_copy_offsite_to_s3_incrementally_and_restore_from_there_when_the_repository_is_lost() {
+    if !have_all(&["qemu-io", "qemu-img"]) {
+        return;
+    }
+    let (_s3, srv) = with_s3_bucket(
+        "offsite",
+        &["--copy-repo", "offsite=s3://offsite/cairn"],
+        &[("CAIRN_BACKUP_PASSPHRASE", "correct horse")],
+    );
+    let volume = srv.cli_json(&["volume", "create", "data", "--size", "8M"]);
+    let uri = unix_uri(&volume);
+    // 2 MiB of random data with a 512 KiB hole: 24 chunks of 64 KiB hold data.
+    let image = srv.dir.path().join("random.raw");
+    common::make_raw_image(&image, 2 << 20, 7);
+    copy_image_into(&image, &uri);
+    job(&srv, &["backup", "create", "data"]);
+    qemu_write(&uri, 0x77, 0, 4096);
+    job(&srv, &["backup", "create", "data"]);
+
+    // Both go off-site, oldest first; the second sends only its one changed chunk.
+    let report = srv.cli_json(&["backup", "copy", "--to", "offsite", "--volume", "data"]);
+    assert_eq!(report["copied"].as_array().unwrap().len(), 2, "{report}");
+    assert_eq!(report["chunks_fetched"], 25, "{report}");
+    let listed = srv.cli_json(&["backup", "list", "--volume", "data"]);
+    assert!(listed.as_array().unwrap().iter().all(|b| b["copies"] == serde_json::json!(["offsite"])), "{listed}");
+    let again = srv.cli_json(&["backup", "copy", "--to", "offsite", "--volume", "data"]);
+    assert_eq!(again["copied"], serde_json::json!([]), "nothing left to copy: {again}");
+    let unknown = srv.cli_fails(&["backup", "copy", "--to", "nowhere"]);
+    assert!(unknown.contains("nowhere") && unknown.contains("offsite"), "{unknown}");
+
+    // The backup repository is lost; the off-site copy restores the newest backup exactly.
+    std::fs::remove_dir_all(srv.dir.path().join("cairn-backups").join("packs")).unwrap();
+    let newest = id(&listed[1]);
+    srv.cli_json(&["backup", "restore", &newest, "--from", "offsite", "--name", "back"]);
+    let back = srv.cli_json(&["volume", "show", "back"]);
+    assert_eq!(back["state"], "ready", "{back}");
+    assert_same(&uri, &unix_uri(&back));
+}
+
+#[test]
+fn the_backup_repository_itself_can_be_on_s3() {
+    if !have_all(&["qemu-io", "qemu-img"]) {
+        return;
+    }
+    let (_s3, srv) = with_s3_bucket("primary", &["--backup-repo", "s3://primary/cairn"], &[]);
+    let volume = srv.cli_json(&["volume", "create", "data", "--size", "2M"]);
+    qemu_write(&unix_uri(&volume), 0x3c, 64 << 10, 1 << 20);
+    job(&srv, &["backup", "create", "data"]);
+    assert!(!srv.dir.path().join("cairn-backups").exists(), "nothing went to the local default");
+    let backup = id(&srv.cli_json(&["backup", "list"])[0]);
+    srv.cli_json(&["backup", "restore", &backup, "--name", "back"]);
+    assert_same(&unix_uri(&volume), &unix_uri(&srv.cli_json(&["volume", "show", "back"])));
+    assert_eq!(srv.cli_json(&["repo", "verify"])["ok"], true);
 }

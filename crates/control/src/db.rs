@@ -2,6 +2,7 @@
 //! is portable (numbered parameters, TEXT/INTEGER/BIGINT columns, no SQLite functions), so a
 //! PostgreSQL pool can serve the same statements later.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -16,6 +17,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/0001_initial.sql")),
     (2, include_str!("../migrations/0002_backups.sql")),
     (3, include_str!("../migrations/0003_pruning.sql")),
+    (4, include_str!("../migrations/0004_copies.sql")),
 ];
 
 /// The metadata database.
@@ -562,6 +564,7 @@ fn backup_of(row: &SqliteRow) -> Result<Backup, Error> {
         bytes_read: u64_of(row, "bytes_read")?,
         bytes_added: u64_of(row, "bytes_added")?,
         checkpoint: row.try_get::<Option<i64>, _>("checkpoint")?.map(|c| c as u64),
+        copies: Vec::new(),
     })
 }
 
@@ -599,28 +602,64 @@ pub async fn drop_checkpoints(c: &mut Conn, volume: &str, keep: &str) -> Result<
 }
 
 /// Deletes backup rows and, in the same transaction, queues their records to be forgotten in
-/// the repository.
+/// the backup repository and in every second repository holding a copy.
 pub async fn delete_backups(c: &mut Conn, backups: &[Backup], since: &str) -> Result<(), Error> {
     for b in backups {
         sqlx::query("DELETE FROM backups WHERE id = $1").bind(&b.id).execute(&mut *c).await?;
-        sqlx::query("INSERT INTO pending_forgets (record_id, since) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-            .bind(&b.record)
-            .bind(since)
-            .execute(&mut *c)
-            .await?;
+        sqlx::query(
+            "INSERT INTO pending_forgets_in (repository, record_id, since) \
+             SELECT repository, $1, $2 FROM backup_copies WHERE backup_id = $3 \
+             UNION SELECT '', $1, $2 ON CONFLICT DO NOTHING",
+        )
+        .bind(&b.record)
+        .bind(since)
+        .bind(&b.id)
+        .execute(&mut *c)
+        .await?;
+        sqlx::query("DELETE FROM backup_copies WHERE backup_id = $1").bind(&b.id).execute(&mut *c).await?;
     }
     Ok(())
 }
 
-/// Records queued to be forgotten in the repository.
-pub async fn pending_forgets(c: &mut Conn) -> Result<Vec<String>, Error> {
-    let rows = sqlx::query("SELECT record_id FROM pending_forgets ORDER BY since, record_id").fetch_all(c).await?;
-    rows.iter().map(|r| Ok(r.try_get("record_id")?)).collect()
+/// Records queued to be forgotten, as (repository, record id); repository '' is the backup
+/// repository.
+pub async fn pending_forgets(c: &mut Conn) -> Result<Vec<(String, String)>, Error> {
+    let rows =
+        sqlx::query("SELECT repository, record_id FROM pending_forgets_in ORDER BY since, repository, record_id")
+            .fetch_all(c)
+            .await?;
+    rows.iter().map(|r| Ok((r.try_get("repository")?, r.try_get("record_id")?))).collect()
 }
 
-pub async fn forgotten(c: &mut Conn, record: &str) -> Result<(), Error> {
-    sqlx::query("DELETE FROM pending_forgets WHERE record_id = $1").bind(record).execute(c).await?;
+pub async fn forgotten(c: &mut Conn, repository: &str, record: &str) -> Result<(), Error> {
+    sqlx::query("DELETE FROM pending_forgets_in WHERE repository = $1 AND record_id = $2")
+        .bind(repository)
+        .bind(record)
+        .execute(c)
+        .await?;
     Ok(())
+}
+
+pub async fn insert_copy(c: &mut Conn, backup: &str, repository: &str, at: &str) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO backup_copies (backup_id, repository, copied_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+    )
+    .bind(backup)
+    .bind(repository)
+    .bind(at)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+/// The second repositories holding a copy of each backup, by backup id.
+pub async fn copies(c: &mut Conn) -> Result<HashMap<String, Vec<String>>, Error> {
+    let rows = sqlx::query("SELECT backup_id, repository FROM backup_copies ORDER BY repository").fetch_all(c).await?;
+    let mut copies: HashMap<String, Vec<String>> = HashMap::new();
+    for row in rows {
+        copies.entry(row.try_get("backup_id")?).or_default().push(row.try_get("repository")?);
+    }
+    Ok(copies)
 }
 
 pub async fn find_backup(c: &mut Conn, tenant: &str, id: &str) -> Result<Option<Backup>, Error> {

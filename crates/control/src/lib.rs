@@ -11,7 +11,7 @@ pub mod names;
 pub mod retention;
 mod service;
 
-pub use cairn_backup::GcOptions;
+pub use cairn_backup::{GcOptions, RepoLocation};
 pub use cairn_volume as volume;
 pub use error::Error;
 pub use exports::{engine_snapshot_name, ServiceExports};

@@ -45,7 +45,7 @@ text_enum!(
     Consistency { Crash = "crash", Application = "application" }
 );
 text_enum!(
-    JobKind { Import = "import", Export = "export", Backup = "backup", Restore = "restore", Verify = "verify", Gc = "gc" }
+    JobKind { Import = "import", Export = "export", Backup = "backup", Restore = "restore", Verify = "verify", Gc = "gc", Copy = "copy" }
 );
 text_enum!(
     JobState { Running = "running", Succeeded = "succeeded", Failed = "failed" }
@@ -218,6 +218,8 @@ pub struct Backup {
     pub bytes_added: u64,
     #[serde(skip)]
     pub checkpoint: Option<u64>,
+    /// The second repositories holding a copy (the off-site copies).
+    pub copies: Vec<String>,
 }
 
 /// How to reach an export over NBD.

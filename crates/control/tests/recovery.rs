@@ -156,7 +156,10 @@ async fn a_lost_database_over_existing_volumes_is_refused_not_taken_for_orphans(
 async fn a_deleted_backups_record_is_forgotten_at_the_next_start() {
     let dir = tempfile::tempdir().unwrap();
     let repo_dir = dir.path().join("repo");
-    let settings = || Settings { backup_repository: Some(repo_dir.clone()), ..Settings::in_dir(dir.path()) };
+    let settings = || Settings {
+        backup_repository: Some(cairn_backup::RepoLocation::Dir(repo_dir.clone())),
+        ..Settings::in_dir(dir.path())
+    };
     let (control, _) = Control::open_dir(settings()).await.unwrap();
     let t = admin(&control, dir.path()).await;
     control.create_volume(&t, "disk", &SizeArg::Text("1M".into()), None).await.unwrap();

@@ -77,7 +77,18 @@ pub const BACKUP_FIELDS: &[Field] = &[
     Field { label: "bytes_read", listed: false, render: |v| size(&v["bytes_read"]) },
     Field { label: "bytes_added", listed: true, render: |v| size(&v["bytes_added"]) },
     Field { label: "record", listed: false, render: |v| text(&v["record"]) },
+    Field { label: "copies", listed: true, render: |v| list(&v["copies"]) },
 ];
+
+/// A list of strings, comma-separated; `-` when empty.
+fn list(value: &Value) -> String {
+    let items: Vec<String> = value.as_array().into_iter().flatten().map(text).collect();
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(",")
+    }
+}
 
 pub const JOB_FIELDS: &[Field] = &[
     Field { label: "id", listed: true, render: |v| text(&v["id"]) },

@@ -31,17 +31,33 @@ pub struct TestServer {
     child: Option<Child>,
     /// How many processes were started on this data directory (names the log files).
     starts: u32,
+    /// Flags and environment every start of the daemon gets, beyond the defaults.
+    extra_args: Vec<String>,
+    extra_env: Vec<(String, String)>,
 }
 
 impl TestServer {
     /// Starts a daemon on a new, empty data directory, with the API and NBD on loopback
     /// ports chosen by the kernel, and waits until it says it is listening.
     pub fn start() -> TestServer {
+        Self::start_with(&[], &[])
+    }
+
+    /// [`Self::start`], with more flags and environment variables for the daemon.
+    pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = dir.path().join("data");
         std::fs::create_dir_all(&data_dir).expect("create data dir");
-        let mut s =
-            TestServer { dir, data_dir, url: String::new(), admin_token: String::new(), child: None, starts: 0 };
+        let mut s = TestServer {
+            dir,
+            data_dir,
+            url: String::new(),
+            admin_token: String::new(),
+            child: None,
+            starts: 0,
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
+            extra_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
         s.spawn();
         s
     }
@@ -59,6 +75,8 @@ impl TestServer {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["--listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0"])
+            .args(&self.extra_args)
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

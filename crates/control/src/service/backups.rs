@@ -131,6 +131,7 @@ impl Control {
                 bytes_read: 0,
                 bytes_added: 0,
                 checkpoint: None,
+                copies: Vec::new(),
             };
             disks.push((backup, parent));
         }
@@ -173,11 +174,14 @@ impl Control {
     pub async fn list_backups(&self, t: &Tenant, volume: Option<&str>, vm: Option<&str>) -> Result<Vec<Backup>, Error> {
         let mut c = self.meta.conn().await?;
         let filter = DiskFilter::resolve(&mut c, t, volume, vm).await?;
-        db::list_backups(&mut c, Some(&t.id), filter.volume_id(), filter.vm_id()).await
+        let backups = db::list_backups(&mut c, Some(&t.id), filter.volume_id(), filter.vm_id()).await?;
+        self.with_copies(&mut c, backups).await
     }
 
     pub async fn get_backup(&self, t: &Tenant, id: &str) -> Result<Backup, Error> {
-        db::find_backup(&mut *self.meta.conn().await?, &t.id, id).await?.ok_or_else(|| Error::not_found("backup", id))
+        let mut c = self.meta.conn().await?;
+        let backup = db::find_backup(&mut c, &t.id, id).await?.ok_or_else(|| Error::not_found("backup", id))?;
+        Ok(self.with_copies(&mut c, vec![backup]).await?.remove(0))
     }
 
     /// A fresh volume with a backup's content (standalone, or attached to `vm`), as a job. The
@@ -188,13 +192,13 @@ impl Control {
         id: &str,
         request: &RestoreRequest,
     ) -> Result<(JobView, VolumeView), Error> {
-        let repo = self.repository()?;
         if let Some(name) = &request.name {
             check_name("name", name)?;
         }
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
         let backup = db::find_backup(&mut tx, &t.id, id).await?.ok_or_else(|| Error::not_found("backup", id))?;
+        let repo = self.restore_source(&mut tx, &backup, request.from.as_deref()).await?;
         let vm = self.optional_vm(&mut tx, t, request.vm.as_deref()).await?;
         if request.role == Some(DiskRole::Root) {
             return Err(Error::invalid(
@@ -223,12 +227,18 @@ impl Control {
 
     /// Restores a backup over an existing volume, writing only the chunks that differ (a delta
     /// revert from off-site). Its VM must be stopped.
-    pub async fn restore_backup_over(self: &Arc<Self>, t: &Tenant, volume: &str, id: &str) -> Result<JobView, Error> {
-        let repo = self.repository()?;
+    pub async fn restore_backup_over(
+        self: &Arc<Self>,
+        t: &Tenant,
+        volume: &str,
+        id: &str,
+        from: Option<&str>,
+    ) -> Result<JobView, Error> {
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
         let volume = self.volume(&mut tx, t, volume).await?;
         let backup = db::find_backup(&mut tx, &t.id, id).await?.ok_or_else(|| Error::not_found("backup", id))?;
+        let repo = self.restore_source(&mut tx, &backup, from).await?;
         if let Some(vm) = &volume.vm {
             let vm = self.vm(&mut tx, t, vm).await?;
             if vm.state == VmState::Running {

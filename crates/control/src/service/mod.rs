@@ -12,6 +12,7 @@ use cairn_volume::{SnapshotId, Store, VolumeId};
 use serde::Deserialize;
 
 mod backups;
+mod copies;
 mod pruning;
 mod snapshots;
 mod templates;
@@ -49,9 +50,12 @@ pub struct Settings {
     /// Where tenants other than the administrator may import from and export to: each under
     /// its own TRANSFER_DIR/TENANT_NAME. None: only the administrator may.
     pub transfer_dir: Option<PathBuf>,
-    /// The backup repository's directory (created on first use), and the passphrase that
+    /// The backup repository (a directory is created on first use), and the passphrase that
     /// encrypts it (None: not encrypted). None: no backups.
-    pub backup_repository: Option<PathBuf>,
+    pub backup_repository: Option<cairn_backup::RepoLocation>,
+    /// Second repositories, by name, that backups can be copied to (the off-site copy); they
+    /// share the passphrase and are opened, or made, on first use.
+    pub copy_repositories: BTreeMap<String, cairn_backup::RepoLocation>,
     pub backup_passphrase: Option<String>,
 }
 
@@ -63,6 +67,7 @@ impl Settings {
             data_dir: dir.to_path_buf(),
             transfer_dir: None,
             backup_repository: None,
+            copy_repositories: BTreeMap::new(),
             backup_passphrase: None,
         }
     }
@@ -96,6 +101,9 @@ pub struct CreateVm {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreRequest {
+    /// The second repository to restore from (its copy of the backup) [default: the backup
+    /// repository].
+    pub from: Option<String>,
     pub name: Option<String>,
     pub vm: Option<String>,
     #[serde(rename = "as")]
@@ -142,6 +150,9 @@ pub struct Control {
     exports: Arc<ServiceExports>,
     settings: Settings,
     repo: Option<Arc<cairn_backup::Repository>>,
+    /// Second repositories opened so far, by name (opened on first use, so an unreachable
+    /// off-site store does not stop the daemon from starting).
+    copy_repos: tokio::sync::Mutex<HashMap<String, Arc<cairn_backup::Repository>>>,
     /// Mutating operations run one at a time: their checks (names free, VM stopped...) and
     /// their changes must not interleave, and they take milliseconds.
     ops: tokio::sync::Mutex<()>,
@@ -197,7 +208,9 @@ impl Control {
         settings: Settings,
     ) -> Result<(Arc<Control>, Recovery), Error> {
         let repo = match &settings.backup_repository {
-            Some(dir) => Some(Arc::new(open_repository(dir.clone(), settings.backup_passphrase.clone()).await?)),
+            Some(location) => {
+                Some(Arc::new(open_repository(location.clone(), settings.backup_passphrase.clone()).await?))
+            }
             None => None,
         };
         let control = Arc::new(Control {
@@ -205,6 +218,7 @@ impl Control {
             engine,
             exports,
             repo,
+            copy_repos: Default::default(),
             settings,
             ops: tokio::sync::Mutex::new(()),
             jobs: Mutex::default(),
@@ -269,7 +283,8 @@ impl Control {
                 // A backup's snapshots are left without a row: the orphan sweep removes them.
                 // An interrupted verify or gc leaves its marker to go stale; gc's every step
                 // is idempotent and the next run finishes its work.
-                JobKind::Export | JobKind::Backup | JobKind::Verify | JobKind::Gc => false,
+                // A copy records each backup it finished; the rest are copied again next time.
+                JobKind::Export | JobKind::Backup | JobKind::Verify | JobKind::Gc | JobKind::Copy => false,
             };
             tx.commit().await?;
             if discarded {
@@ -592,10 +607,14 @@ impl DiskFilter {
     }
 }
 
-/// Opens the backup repository in `dir`, creating it on first use.
-async fn open_repository(dir: PathBuf, passphrase: Option<String>) -> Result<cairn_backup::Repository, Error> {
+/// Opens the repository at `location`, creating it on first use.
+async fn open_repository(
+    location: cairn_backup::RepoLocation,
+    passphrase: Option<String>,
+) -> Result<cairn_backup::Repository, Error> {
+    let location_text = location.to_string();
     tokio::task::spawn_blocking(move || {
-        let backend: Arc<dyn cairn_backup::Backend> = Arc::new(cairn_backup::DirBackend::new(&dir)?);
+        let backend = location.backend()?;
         match cairn_backup::Repository::open(backend.clone(), passphrase.as_deref()) {
             Err(cairn_backup::Error::NoRepository) => {
                 cairn_backup::Repository::init(backend, passphrase.as_deref(), cairn_backup::KdfParams::standard())
@@ -605,7 +624,7 @@ async fn open_repository(dir: PathBuf, passphrase: Option<String>) -> Result<cai
     })
     .await
     .map_err(|e| Error::Internal(e.to_string()))?
-    .map_err(|e| Error::Internal(format!("the backup repository: {e}")))
+    .map_err(|e| Error::Internal(format!("the backup repository {location_text}: {e}")))
 }
 
 /// Where an export job writes before the file is complete.

@@ -146,15 +146,25 @@ impl Control {
         }
     }
 
-    /// Forgets in the repository the records of deleted backups (after a crash, those a
-    /// previous run left).
+    /// Forgets the records of deleted backups in the repositories that hold them (after a
+    /// crash, those a previous run left). A second repository that can not be reached now is
+    /// tried again next time.
     pub(super) async fn forget_pending(&self) -> Result<(), Error> {
-        let Some(repo) = self.repo.clone() else { return Ok(()) };
         let mut c = self.meta.conn().await?;
-        for record in db::pending_forgets(&mut c).await? {
-            let (repo, id) = (repo.clone(), record.clone());
+        for (repository, record) in db::pending_forgets(&mut c).await? {
+            let repo = match self.repository_named(&repository).await {
+                Ok(repo) => repo,
+                Err(e) if !repository.is_empty() => {
+                    eprintln!("cairn: forgetting backup record {record} in {repository} later: {e}");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let id = record.clone();
             match blocking(move || repo.forget(&id)).await? {
-                Ok(()) | Err(cairn_backup::Error::BackupNotFound(_)) => db::forgotten(&mut c, &record).await?,
+                Ok(()) | Err(cairn_backup::Error::BackupNotFound(_)) => {
+                    db::forgotten(&mut c, &repository, &record).await?
+                }
                 Err(e) => return Err(Error::Internal(format!("forgetting backup record {record}: {e}"))),
             }
         }
@@ -249,6 +259,6 @@ fn cairn_ids(known: &[Backup], records: &[String]) -> Vec<String> {
 }
 
 /// Runs blocking repository work off the async workers.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
+pub(super) async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
     tokio::task::spawn_blocking(work).await.map_err(|e| Error::Internal(format!("a repository task failed: {e}")))
 }

@@ -157,6 +157,9 @@ impl Control {
         if let Some(name) = &request.name {
             check_name("name", name)?;
         }
+        if request.from.is_some() {
+            return Err(Error::invalid("from", "a snapshot is on the disks' own storage, not in a repository"));
+        }
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
         let snapshot = self.snapshot(&mut tx, t, reference).await?;

@@ -149,7 +149,7 @@ impl Control {
                 }
                 made = backups;
             }
-            (Ok(_), JobKind::Export | JobKind::Verify | JobKind::Gc) => job.state = JobState::Succeeded,
+            (Ok(_), JobKind::Export | JobKind::Verify | JobKind::Gc | JobKind::Copy) => job.state = JobState::Succeeded,
             (Err(e), kind) => {
                 job.state = JobState::Failed;
                 job.error = Some(e);
