@@ -5,7 +5,7 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -254,13 +254,22 @@ pub enum Fault {
     PartialWrite,
 }
 
+/// Which calls a [`FaultyBackend`] fails.
+#[derive(Debug, Clone, Copy)]
+enum Plan {
+    /// Every call from the `from`-th on; reads too when `reads`.
+    From { from: u64, fault: Fault, reads: bool },
+    /// Every `n`-th call, read or write: a flaky network or store.
+    Every { n: u64, fault: Fault },
+}
+
 /// Wraps a backend and fails calls on command: after `n` more calls, every call (or only
-/// writes) fails until healed.
+/// writes) fails until healed; or every n-th call.
 #[derive(Debug)]
 pub struct FaultyBackend {
     inner: Arc<dyn Backend>,
     calls: AtomicU64,
-    plan: Mutex<Option<(u64, Fault, bool)>>,
+    plan: Mutex<Option<Plan>>,
 }
 
 impl FaultyBackend {
@@ -270,7 +279,13 @@ impl FaultyBackend {
 
     /// From the `after`-th call on, fail with `fault`; reads too when `reads`.
     pub fn fail_after(&self, after: u64, fault: Fault, reads: bool) {
-        *self.plan.lock().expect("plan lock") = Some((self.calls.load(Ordering::SeqCst) + after, fault, reads));
+        let from = self.calls.load(Ordering::SeqCst) + after;
+        *self.plan.lock().expect("plan lock") = Some(Plan::From { from, fault, reads });
+    }
+
+    /// Fails every `n`-th call (n ≥ 1) with `fault`, until healed.
+    pub fn fail_every(&self, n: u64, fault: Fault) {
+        *self.plan.lock().expect("plan lock") = Some(Plan::Every { n: n.max(1), fault });
     }
 
     pub fn heal(&self) {
@@ -285,9 +300,67 @@ impl FaultyBackend {
     fn fault(&self, is_read: bool) -> Option<Fault> {
         let call = self.calls.fetch_add(1, Ordering::SeqCst);
         match *self.plan.lock().expect("plan lock") {
-            Some((from, fault, reads)) if call >= from && (reads || !is_read) => Some(fault),
+            Some(Plan::From { from, fault, reads }) if call >= from && (reads || !is_read) => Some(fault),
+            Some(Plan::Every { n, fault }) if call % n == n - 1 => Some(fault),
             _ => None,
         }
+    }
+}
+
+/// Retries failed calls a few times, waiting longer each time, for stores whose errors are
+/// often passing (a network share, a busy disk). "Not found" is an answer, not a failure, and
+/// is never retried. A retried put rewrites the object whole, so a torn first attempt is
+/// replaced.
+#[derive(Debug)]
+pub struct RetryingBackend {
+    inner: Arc<dyn Backend>,
+    attempts: u32,
+    first_delay: Duration,
+}
+
+impl RetryingBackend {
+    pub fn new(inner: Arc<dyn Backend>, attempts: u32, first_delay: Duration) -> Self {
+        Self { inner, attempts: attempts.max(1), first_delay }
+    }
+
+    fn retry<T>(&self, mut call: impl FnMut() -> Result<T, BackendError>) -> Result<T, BackendError> {
+        let mut delay = self.first_delay;
+        let mut attempt = 1;
+        loop {
+            match call() {
+                Err(BackendError::Other(_)) if attempt < self.attempts => {
+                    std::thread::sleep(delay);
+                    delay *= 2;
+                    attempt += 1;
+                }
+                Err(BackendError::Other(why)) if self.attempts > 1 => {
+                    return Err(BackendError::Other(format!("{why} (after {attempt} attempts)")))
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Backend for RetryingBackend {
+    fn put(&self, key: &str, data: Bytes) -> Result<(), BackendError> {
+        self.retry(|| self.inner.put(key, data.clone()))
+    }
+
+    fn get(&self, key: &str) -> Result<Bytes, BackendError> {
+        self.retry(|| self.inner.get(key))
+    }
+
+    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Bytes, BackendError> {
+        self.retry(|| self.inner.get_range(key, range.clone()))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, BackendError> {
+        self.retry(|| self.inner.list(prefix))
+    }
+
+    fn delete(&self, key: &str) -> Result<(), BackendError> {
+        self.retry(|| self.inner.delete(key))
     }
 }
 

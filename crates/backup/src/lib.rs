@@ -13,7 +13,9 @@ mod marker;
 mod repo;
 pub mod s3;
 
-pub use backend::{Backend, BackendError, DirBackend, Fault, FaultyBackend, ObjectInfo, ObjectStoreBackend};
+pub use backend::{
+    Backend, BackendError, DirBackend, Fault, FaultyBackend, ObjectInfo, ObjectStoreBackend, RetryingBackend,
+};
 pub use copy::CopyStats;
 pub use crypto::{ChunkId, CryptoError, KdfParams};
 pub use format::{BackupRecord, BackupStats, FormatError, CHUNK_SIZE};

@@ -2,8 +2,9 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::backend::{Backend, BackendError, DirBackend, ObjectStoreBackend};
+use crate::backend::{Backend, BackendError, DirBackend, ObjectStoreBackend, RetryingBackend};
 use crate::s3::S3Location;
 
 /// A repository's place: a local directory (another disk) or S3-compatible storage.
@@ -30,7 +31,11 @@ impl RepoLocation {
     /// The backend serving this place (a directory is created on first use).
     pub fn backend(&self) -> Result<Arc<dyn Backend>, BackendError> {
         Ok(match self {
-            RepoLocation::Dir(dir) => Arc::new(DirBackend::new(dir)?),
+            // A directory is often a network share: ride over passing errors. (S3's client
+            // retries on its own, with its own timeouts.)
+            RepoLocation::Dir(dir) => {
+                Arc::new(RetryingBackend::new(Arc::new(DirBackend::new(dir)?), 3, Duration::from_millis(100)))
+            }
             RepoLocation::S3(location) => Arc::new(ObjectStoreBackend::s3(location)?),
         })
     }

@@ -5,7 +5,7 @@ mod common;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cairn_backup::{Backend, DirBackend, Fault, FaultyBackend, ObjectStoreBackend};
+use cairn_backup::{Backend, BackendError, DirBackend, Fault, FaultyBackend, ObjectStoreBackend, RetryingBackend};
 use common::conforms;
 
 #[test]
@@ -33,4 +33,14 @@ fn the_faulty_backend_conforms_when_healed_and_fails_on_command() {
     assert!(faulty.put("packs/cd/torn", Bytes::from_static(b"0123456789")).is_err());
     faulty.heal();
     assert_eq!(&faulty.get("packs/cd/torn").unwrap()[..], b"01234", "a torn write leaves half an object");
+}
+
+#[test]
+fn the_retrying_backend_conforms_and_does_not_retry_not_found() {
+    let faulty = Arc::new(FaultyBackend::new(Arc::new(ObjectStoreBackend::memory())));
+    let retrying = RetryingBackend::new(faulty.clone(), 3, std::time::Duration::ZERO);
+    conforms(&retrying);
+    let before = faulty.calls();
+    assert!(matches!(retrying.get("missing"), Err(BackendError::NotFound(_))));
+    assert_eq!(faulty.calls() - before, 1, "not found is an answer");
 }

@@ -144,6 +144,34 @@ fn backend_faults_fail_the_backup_and_leave_the_repository_sound() {
     assert_eq!(restored(&reopened, &retry), disk.bytes());
 }
 
+#[test]
+fn a_flaky_backend_is_ridden_over_by_retries_and_a_dead_one_is_reported() {
+    let faulty = Arc::new(FaultyBackend::new(Arc::new(ObjectStoreBackend::memory())));
+    let retrying: Arc<dyn Backend> = Arc::new(RetryingBackend::new(faulty.clone(), 3, std::time::Duration::ZERO));
+    let repo = Repository::init(retrying.clone(), Some("pw"), KdfParams::cheap()).unwrap();
+    // Every third call fails, and a failing put leaves half an object behind.
+    faulty.fail_every(3, Fault::PartialWrite);
+    let disk = Disk::new(20 << 20);
+    disk.write(1 << 20, &noise(17 << 20, 12));
+    let first = full(&repo, &disk);
+    disk.write(5 << 20, &noise(1 << 20, 13));
+    let changed = (5 << 20)..(6 << 20);
+    let second = incremental(&repo, &disk, &first, std::slice::from_ref(&changed));
+    assert_eq!(restored(&repo, &second), disk.bytes());
+    repo.forget(&first.id).unwrap();
+    let gc = GcOptions { grace: std::time::Duration::ZERO, repack_unused_percent: 0, ..GcOptions::default() };
+    repo.gc(&gc, None).unwrap();
+    assert!(repo.verify(None, None).unwrap().problems.is_empty());
+    assert!(faulty.calls() > 30, "the faults were exercised: {} calls", faulty.calls());
+    // A backend that fails every call is reported after the last attempt, with the reason.
+    faulty.fail_every(1, Fault::Error);
+    let error = repo.backup(&disk, BackupRequest { labels: labels(), parent: None, allocated: None, progress: None });
+    let message = error.unwrap_err().to_string();
+    assert!(message.contains("after 3 attempts"), "{message}");
+    faulty.heal();
+    assert_eq!(restored(&Repository::open(retrying, Some("pw")).unwrap(), &second), disk.bytes());
+}
+
 #[derive(Debug, Clone)]
 enum Step {
     Write { offset: usize, len: usize, seed: u64 },
