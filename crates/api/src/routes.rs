@@ -350,12 +350,39 @@ async fn delete_template(State(s): S, Caller(t): Caller, Path(template): Path<St
 
 // ---- backups ----
 
-async fn back_up_volume(State(s): S, Caller(t): Caller, Path(volume): Path<String>) -> Answer {
-    accepted(json!({ "job": s.control.start_backup(&t, Some(&volume), None).await? }))
+/// A backup's options: keep a snapshot of the same instant on the disks' storage too.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BackupBody {
+    #[serde(default)]
+    keep_snapshot: bool,
+    /// The kept snapshot's name (per disk NAME-VOLUMENAME for a VM), implying keep_snapshot.
+    snapshot_name: Option<String>,
 }
 
-async fn back_up_vm(State(s): S, Caller(t): Caller, Path(vm): Path<String>) -> Answer {
-    accepted(json!({ "job": s.control.start_backup(&t, None, Some(&vm)).await? }))
+impl BackupBody {
+    fn kept(self) -> Option<SnapshotRequest> {
+        (self.keep_snapshot || self.snapshot_name.is_some())
+            .then_some(SnapshotRequest { name: self.snapshot_name, consistency: None })
+    }
+}
+
+async fn back_up_volume(
+    State(s): S,
+    Caller(t): Caller,
+    Path(volume): Path<String>,
+    OptionalBody(r): OptionalBody<BackupBody>,
+) -> Answer {
+    accepted(json!({ "job": s.control.start_backup(&t, Some(&volume), None, r.kept().as_ref()).await? }))
+}
+
+async fn back_up_vm(
+    State(s): S,
+    Caller(t): Caller,
+    Path(vm): Path<String>,
+    OptionalBody(r): OptionalBody<BackupBody>,
+) -> Answer {
+    accepted(json!({ "job": s.control.start_backup(&t, None, Some(&vm), r.kept().as_ref()).await? }))
 }
 
 async fn list_backups(

@@ -206,6 +206,12 @@ pub enum BackupCommand {
         /// Back up all of this VM's disks instead
         #[arg(long)]
         vm: Option<String>,
+        /// Keep a snapshot of the same instant on the disks' own storage too
+        #[arg(long)]
+        keep_snapshot: bool,
+        /// Name of the kept snapshot (implies --keep-snapshot) [default: its id]
+        #[arg(long, value_name = "NAME")]
+        snapshot_name: Option<String>,
         #[command(flatten)]
         wait: NoWait,
     },
@@ -648,12 +654,14 @@ impl Session {
     fn backup(&self, command: BackupCommand) -> Result<()> {
         let api = &self.client;
         match command {
-            BackupCommand::Create { volume: Some(volume), wait, .. } => {
-                self.follow_job(api.create(&Kind::Volume.item(&volume, "/backups"), &json!({}))?, None, wait)
-            }
-            BackupCommand::Create { vm, wait, .. } => {
-                let vm = vm.context("give a volume or --vm")?;
-                self.follow_job(api.create(&Kind::Vm.item(&vm, "/backups"), &json!({}))?, None, wait)
+            BackupCommand::Create { volume, vm, keep_snapshot, snapshot_name, wait } => {
+                let body = without_nulls(json!({"keep_snapshot": keep_snapshot, "snapshot_name": snapshot_name}));
+                let path = match (volume, vm) {
+                    (Some(volume), _) => Kind::Volume.item(&volume, "/backups"),
+                    (None, Some(vm)) => Kind::Vm.item(&vm, "/backups"),
+                    (None, None) => anyhow::bail!("give a volume or --vm"),
+                };
+                self.follow_job(api.create(&path, &body)?, None, wait)
             }
             BackupCommand::List { volume, vm } => {
                 let query = filter_query(&[("volume", volume), ("vm", vm)]);

@@ -82,12 +82,18 @@ fn a_data_disks_backup_restores_anywhere_and_survives_its_volume() {
     let srv = TestServer::start();
     let volume = srv.cli_json(&["volume", "create", "data", "--size", "3M"]);
     qemu_write(&unix_uri(&volume), 0x5a, 100 << 10, 1 << 20);
-    job(&srv, &["backup", "create", "data"]);
+    job(&srv, &["backup", "create", "data", "--snapshot-name", "at-backup"]);
     let backup = id(&srv.cli_json(&["backup", "list"])[0]);
+    // The policy said keep: a snapshot of the backup's instant stays, and only that one.
+    let snapshots = srv.cli_json(&["snapshot", "list"]);
+    assert_eq!(snapshots.as_array().unwrap().len(), 1, "{snapshots}");
+    assert_eq!(snapshots[0]["name"], "at-backup");
+    job(&srv, &["backup", "create", "data"]);
+    assert_eq!(srv.cli_json(&["snapshot", "list"]).as_array().unwrap().len(), 1, "by default none is kept");
     // The disk goes; its backup stays and is listed by the old volume's id (R8, R13).
     srv.cli_json(&["volume", "delete", "data"]);
     let left = srv.cli_json(&["backup", "list", "--volume", &id(&volume)]);
-    assert_eq!(left.as_array().unwrap().len(), 1);
+    assert_eq!(left.as_array().unwrap().len(), 2);
     srv.cli_json(&["vm", "create", "other", "--size", "1M"]);
     srv.cli_json(&["backup", "restore", &backup, "--vm", "other", "--name", "again"]);
     let again = srv.cli_json(&["volume", "show", "again"]);

@@ -163,7 +163,7 @@ async fn a_deleted_backups_record_is_forgotten_at_the_next_start() {
     let (control, _) = Control::open_dir(settings()).await.unwrap();
     let t = admin(&control, dir.path()).await;
     control.create_volume(&t, "disk", &SizeArg::Text("1M".into()), None).await.unwrap();
-    control.start_backup(&t, Some("disk"), None).await.unwrap();
+    control.start_backup(&t, Some("disk"), None, None).await.unwrap();
     control.drain_jobs(std::time::Duration::from_secs(60)).await;
     let backup = control.list_backups(&t, None, None).await.unwrap().remove(0);
     let backend = Arc::new(cairn_backup::DirBackend::new(&repo_dir).unwrap());

@@ -65,6 +65,8 @@ pub(super) struct DiskToBackUp {
     snapshot: SnapshotId,
     /// The previous backup of this volume and its checkpoint, for an incremental backup.
     parent: Option<(String, u64)>,
+    /// The snapshot read is a user's kept snapshot, not the backup's own: it stays.
+    kept: bool,
 }
 
 /// A backup made, to record when the job ends.
@@ -74,6 +76,8 @@ pub(super) struct NewBackup {
     pub snapshot: SnapshotId,
     /// Checkpoints of older backups of the volume, forgotten once this one is recorded.
     pub older_checkpoints: Vec<u64>,
+    /// The snapshot is a kept user snapshot, which stays (and serves as the checkpoint).
+    pub kept: bool,
 }
 
 impl Control {
@@ -81,12 +85,15 @@ impl Control {
         self.repo.clone().ok_or_else(|| Error::conflict("this daemon has no backup repository (--backup-repo)"))
     }
 
-    /// Backs up one volume, or every disk of a VM at one instant, as a job.
+    /// Backs up one volume, or every disk of a VM at one instant, as a job. The snapshot a
+    /// backup reads goes once it is backed up; with `keep_snapshot`, a snapshot of the same
+    /// instant stays on the disks' storage too (named as that request says).
     pub async fn start_backup(
         self: &Arc<Self>,
         t: &Tenant,
         volume: Option<&str>,
         vm: Option<&str>,
+        keep_snapshot: Option<&SnapshotRequest>,
     ) -> Result<JobView, Error> {
         let repo = self.repository()?;
         let _ops = self.ops.lock().await;
@@ -135,15 +142,27 @@ impl Control {
             };
             disks.push((backup, parent));
         }
+        let kept = match keep_snapshot {
+            Some(request) => Self::snapshot_rows(&mut tx, t, &volumes, vm.as_ref(), group.clone(), request).await?,
+            None => Vec::new(),
+        };
         // All disks freeze at one instant; the backup reads those snapshots at its own pace.
+        // A kept snapshot is the one the backup reads.
         let engine_ids: Vec<VolumeId> = volumes.iter().map(|v| self.engine_volume(&v.id)).collect::<Result<_, _>>()?;
-        let names: Vec<String> = disks.iter().map(|(b, _)| backup_snapshot_name(&b.volume, &b.id)).collect();
+        let names: Vec<String> = if kept.is_empty() {
+            disks.iter().map(|(b, _)| backup_snapshot_name(&b.volume, &b.id)).collect()
+        } else {
+            kept.iter().map(|s| engine_snapshot_name(&s.volume, &s.id)).collect()
+        };
         let requests: Vec<(VolumeId, &str)> = engine_ids.iter().zip(&names).map(|(v, n)| (*v, n.as_str())).collect();
         let taken = self.engine.snapshot_group(&requests)?;
+        for snapshot in &kept {
+            db::insert_snapshot(&mut tx, snapshot).await?;
+        }
         let to_back_up: Vec<DiskToBackUp> = disks
             .into_iter()
             .zip(taken)
-            .map(|((backup, parent), info)| DiskToBackUp { backup, snapshot: info.id, parent })
+            .map(|((backup, parent), info)| DiskToBackUp { backup, snapshot: info.id, parent, kept: !kept.is_empty() })
             .collect();
         let job = self.new_job(t, JobKind::Backup, &resource, "", 0);
         db::insert_job(&mut tx, &job).await?;
@@ -153,7 +172,7 @@ impl Control {
         let control = self.clone();
         tokio::spawn(async move {
             let engine = control.engine.clone();
-            let snapshots: Vec<SnapshotId> = to_back_up.iter().map(|d| d.snapshot).collect();
+            let snapshots: Vec<SnapshotId> = to_back_up.iter().filter(|d| !d.kept).map(|d| d.snapshot).collect();
             let progress_for_work = progress.clone();
             let result = tokio::task::spawn_blocking(move || back_up(&engine, &repo, to_back_up, &progress_for_work))
                 .await
@@ -365,7 +384,7 @@ fn back_up(
             checkpoint: Some(disk.snapshot.0),
             ..disk.backup
         };
-        made.push(NewBackup { backup, snapshot: disk.snapshot, older_checkpoints });
+        made.push(NewBackup { backup, snapshot: disk.snapshot, older_checkpoints, kept: disk.kept });
     }
     Ok(made)
 }

@@ -34,17 +34,40 @@ impl Control {
         vm: Option<&Vm>,
         request: &SnapshotRequest,
     ) -> Result<Vec<SnapshotView>, Error> {
-        if let Some(name) = &request.name {
-            check_name("name", name)?;
-        }
         if let Some(busy) = volumes.iter().find(|v| v.state != ResourceState::Ready) {
             return Err(Error::conflict(format!("volume {} is being imported", busy.name)));
         }
         let mut tx = self.meta.begin().await?;
         // Every snapshot of a VM belongs to its group, even a one-disk VM's.
         let group = vm.map(|_| new_id(Kind::SnapshotGroup));
+        let snapshots = Self::snapshot_rows(&mut tx, t, &volumes, vm, group, request).await?;
+        let engine_ids: Vec<VolumeId> = volumes.iter().map(|v| self.engine_volume(&v.id)).collect::<Result<_, _>>()?;
+        let engine_names: Vec<String> = snapshots.iter().map(|s| engine_snapshot_name(&s.volume, &s.id)).collect();
+        let requests: Vec<(VolumeId, &str)> =
+            engine_ids.iter().zip(&engine_names).map(|(v, name)| (*v, name.as_str())).collect();
+        self.engine.snapshot_group(&requests)?;
+        for snapshot in &snapshots {
+            db::insert_snapshot(&mut tx, snapshot).await?;
+        }
+        tx.commit().await?;
+        self.snapshot_views(snapshots)
+    }
+
+    /// The rows of new snapshots of `volumes` (one per disk, named as `request` says, in
+    /// `group`), checked against the names in use; the caller takes them in the engine.
+    pub(super) async fn snapshot_rows(
+        tx: &mut db::Conn,
+        t: &Tenant,
+        volumes: &[Volume],
+        vm: Option<&Vm>,
+        group: Option<String>,
+        request: &SnapshotRequest,
+    ) -> Result<Vec<Snapshot>, Error> {
+        if let Some(name) = &request.name {
+            check_name("name", name)?;
+        }
         let mut snapshots: Vec<Snapshot> = Vec::new();
-        for volume in &volumes {
+        for volume in volumes {
             let id = new_id(Kind::Snapshot);
             let name = match &request.name {
                 Some(name) if volumes.len() == 1 => name.clone(),
@@ -58,7 +81,7 @@ impl Control {
             if snapshots.iter().any(|s| s.name == name) {
                 return Err(Error::invalid("name", format!("two disks' snapshots would both be named {name:?}")));
             }
-            Self::name_free(&mut tx, t, Kind::Snapshot, &name).await?;
+            Self::name_free(tx, t, Kind::Snapshot, &name).await?;
             snapshots.push(Snapshot {
                 id,
                 tenant: t.id.clone(),
@@ -73,16 +96,7 @@ impl Control {
                 created_at: now(),
             });
         }
-        let engine_ids: Vec<VolumeId> = volumes.iter().map(|v| self.engine_volume(&v.id)).collect::<Result<_, _>>()?;
-        let engine_names: Vec<String> = snapshots.iter().map(|s| engine_snapshot_name(&s.volume, &s.id)).collect();
-        let requests: Vec<(VolumeId, &str)> =
-            engine_ids.iter().zip(&engine_names).map(|(v, name)| (*v, name.as_str())).collect();
-        self.engine.snapshot_group(&requests)?;
-        for snapshot in &snapshots {
-            db::insert_snapshot(&mut tx, snapshot).await?;
-        }
-        tx.commit().await?;
-        self.snapshot_views(snapshots)
+        Ok(snapshots)
     }
 
     pub async fn snapshot_volume(
@@ -141,9 +155,15 @@ impl Control {
         let mut tx = self.meta.begin().await?;
         let snapshot = self.snapshot(&mut tx, t, reference).await?;
         let engine_id = self.engine_snapshot(&snapshot.id)?;
+        // A snapshot kept at a backup is that backup's checkpoint: its change tracking stays
+        // for the next incremental backup.
+        let checkpoint = db::list_backups(&mut tx, None, Some(&snapshot.volume), None)
+            .await?
+            .iter()
+            .any(|b| b.checkpoint == Some(engine_id.0));
         db::delete_snapshot(&mut tx, &snapshot.id).await?;
         tx.commit().await?;
-        self.engine.delete_snapshot(engine_id, false)?;
+        self.engine.delete_snapshot(engine_id, checkpoint)?;
         Ok(snapshot.id)
     }
 

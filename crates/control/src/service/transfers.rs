@@ -166,7 +166,9 @@ impl Control {
         // Each backup's snapshot goes, keeping its change tracking for the next backup; the
         // older backups' tracking is no longer needed.
         for new in made {
-            self.engine.delete_snapshot(new.snapshot, true)?;
+            if !new.kept {
+                self.engine.delete_snapshot(new.snapshot, true)?;
+            }
             for old in new.older_checkpoints {
                 let _ = self.engine.forget_checkpoint(SnapshotId(old));
             }
