@@ -4,8 +4,8 @@
 //! be looked up across. What makes a copy incremental is the backup's parent: a copy keeps the
 //! source record's id, so if the parent was copied before, its two manifests, position by
 //! position, say which destination chunk each source chunk became. Only chunks that mapping
-//! does not cover (or whose destination copy is gone) are fetched and stored; the destination
-//! dedups those too.
+//! does not cover (or whose destination copy is gone) are fetched, by pack with neighbours in
+//! one read as a restore fetches, and stored; the destination dedups those too.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -15,8 +15,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::crypto::ChunkId;
-use crate::format::{encode_segment, BackupRecord, BackupStats, BlobKind, SEGMENT_CHUNKS};
-use crate::repo::{parallel, Progress, Repository, Session};
+use crate::format::{encode_segment, BackupRecord, BackupStats, BlobKind, FORMAT_VERSION, SEGMENT_CHUNKS};
+use crate::repo::{Progress, Repository, Session};
 use crate::Error;
 
 /// What a copy did.
@@ -55,18 +55,14 @@ impl Repository {
                 _ => to_fetch.entry(*source).or_default().push(i),
             }
         }
-        let fetch: Vec<ChunkId> = to_fetch.keys().copied().collect();
         if let Some(p) = progress {
-            p.total.fetch_add(fetch.len() as u64 * record.chunk_size, Ordering::Relaxed);
+            p.total.fetch_add(to_fetch.len() as u64 * record.chunk_size, Ordering::Relaxed);
         }
         let session = Session::new(dest);
-        let stored: Mutex<Vec<(ChunkId, ChunkId)>> = Mutex::new(Vec::with_capacity(fetch.len()));
-        // One ranged read per chunk: simple, and parallel; restore's pack-ordered runs would
-        // make fewer, larger reads from object storage.
-        parallel(fetch.len(), |i| {
-            let content = self.read_blob(fetch[i], "chunk")?;
+        let stored: Mutex<Vec<(ChunkId, ChunkId)>> = Mutex::new(Vec::with_capacity(to_fetch.len()));
+        self.read_blobs(to_fetch.keys().copied(), "chunk", |source, content| {
             let copied = session.store(BlobKind::Data, &content)?;
-            stored.lock().expect("stored lock").push((fetch[i], copied));
+            stored.lock().expect("stored lock").push((source, copied));
             if let Some(p) = progress {
                 p.done.fetch_add(record.chunk_size, Ordering::Relaxed);
             }
@@ -82,8 +78,10 @@ impl Repository {
             segments.push(session.store(BlobKind::Segment, &encode_segment(part))?.to_hex());
         }
         let (chunks_new, bytes_added) = session.finish()?;
-        let stats = CopyStats { already_there: false, chunks_fetched: fetch.len() as u64, chunks_new, bytes_added };
+        let stats = CopyStats { already_there: false, chunks_fetched: to_fetch.len() as u64, chunks_new, bytes_added };
         dest.write_record(&BackupRecord {
+            // The destination's segments are this code's encoding, whatever wrote the source's.
+            version: FORMAT_VERSION,
             segments,
             stats: BackupStats {
                 chunks_read: stats.chunks_fetched,

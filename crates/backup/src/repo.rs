@@ -200,6 +200,29 @@ fn chunks_of(ranges: &[Range<u64>], size: u64) -> Vec<usize> {
     chunks
 }
 
+/// The most one coalesced read of neighbouring blobs asks for: large enough to make requests
+/// few, small enough that a worker's buffer stays modest.
+const MAX_READ: u64 = 8 << 20;
+
+/// Splits blobs sorted by (pack, offset) into runs that one ranged read each fetches: blobs
+/// that follow one another in one pack, a run ending once it reaches `max_bytes`.
+fn read_runs(blobs: &[(ChunkId, Location)], max_bytes: u64) -> Vec<Range<usize>> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    for i in 1..=blobs.len() {
+        let split = i == blobs.len() || {
+            let (prev, next) = (&blobs[i - 1].1, &blobs[i].1);
+            let run_bytes = (prev.offset + prev.length - blobs[start].1.offset) as u64;
+            next.pack != prev.pack || next.offset != prev.offset + prev.length || run_bytes >= max_bytes
+        };
+        if split {
+            runs.push(start..i);
+            start = i;
+        }
+    }
+    runs
+}
+
 /// Runs `work(i)` for every i in 0..count on the worker threads; the first error stops all.
 pub(crate) fn parallel<F>(count: usize, work: F) -> Result<(), Error>
 where
@@ -468,6 +491,44 @@ impl Repository {
         self.blob_content(id, &location, &sealed)
     }
 
+    /// Reads many blobs on the worker threads and hands each one's checked content to `each`.
+    /// They are fetched by pack, in pack order, neighbours coalesced into one ranged read:
+    /// far fewer requests than one per blob, which object stores charge and wait for.
+    pub(crate) fn read_blobs<F>(
+        &self,
+        ids: impl IntoIterator<Item = ChunkId>,
+        what: &'static str,
+        each: F,
+    ) -> Result<(), Error>
+    where
+        F: Fn(ChunkId, Vec<u8>) -> Result<(), Error> + Sync,
+    {
+        let index = self.index.read().expect("index lock");
+        let mut blobs: Vec<(ChunkId, Location)> = ids
+            .into_iter()
+            .map(|id| index.get(&id).map(|l| (id, *l)).ok_or(Error::Missing { what, id }))
+            .collect::<Result<_, _>>()?;
+        drop(index);
+        blobs.sort_by_key(|(_, l)| (l.pack, l.offset));
+        let runs = read_runs(&blobs, MAX_READ);
+        parallel(runs.len(), |r| {
+            let run = &blobs[runs[r].clone()];
+            let first = run[0].1;
+            let last = run[run.len() - 1].1;
+            let bytes = self
+                .backend
+                .get_range(&pack_key(first.pack), first.offset as u64..(last.offset + last.length) as u64)?;
+            for (id, location) in run {
+                let at = (location.offset - first.offset) as usize;
+                let sealed = bytes
+                    .get(at..at + location.length as usize)
+                    .ok_or_else(|| Error::Corrupt { id: *id, why: "the pack is shorter than its index says".into() })?;
+                each(*id, self.blob_content(*id, location, sealed)?)?;
+            }
+            Ok(())
+        })
+    }
+
     pub(crate) fn blob_content(&self, id: ChunkId, location: &Location, sealed: &[u8]) -> Result<Vec<u8>, Error> {
         let corrupt = |why: String| Error::Corrupt { id, why };
         let plain = self.keys.open(sealed).map_err(|e| corrupt(e.to_string()))?;
@@ -664,51 +725,19 @@ impl Repository {
                 differing
             }
         };
-        // Fetch by pack, in pack order, coalescing neighbouring blobs into one ranged read.
         let mut positions: HashMap<ChunkId, Vec<usize>> = HashMap::new();
         for &chunk in &wanted {
             positions.entry(ids[chunk]).or_default().push(chunk);
         }
-        let index = self.index.read().expect("index lock");
-        let mut blobs: Vec<(ChunkId, Location)> = positions
-            .keys()
-            .map(|id| index.get(id).map(|l| (*id, *l)).ok_or(Error::Missing { what: "chunk", id: *id }))
-            .collect::<Result<_, _>>()?;
-        drop(index);
-        blobs.sort_by_key(|(_, l)| (l.pack, l.offset));
-        const MAX_READ: u64 = 8 << 20;
-        let mut runs: Vec<Range<usize>> = Vec::new();
-        let mut start = 0;
-        for i in 1..=blobs.len() {
-            let split = i == blobs.len() || {
-                let (prev, next) = (&blobs[i - 1].1, &blobs[i].1);
-                let run_bytes = (prev.offset + prev.length - blobs[start].1.offset) as u64;
-                next.pack != prev.pack || next.offset != prev.offset + prev.length || run_bytes >= MAX_READ
-            };
-            if split && start < i {
-                runs.push(start..i);
-                start = i;
-            }
-        }
-        parallel(runs.len(), |r| {
-            let run = &blobs[runs[r].clone()];
-            let first = run[0].1;
-            let last = run[run.len() - 1].1;
-            let bytes = self
-                .backend
-                .get_range(&pack_key(first.pack), first.offset as u64..(last.offset + last.length) as u64)?;
-            for (id, location) in run {
-                let at = (location.offset - first.offset) as usize;
-                let content = self.blob_content(*id, location, &bytes[at..at + location.length as usize])?;
-                for &chunk in &positions[id] {
-                    let (offset, len) = extent(chunk);
-                    sink.write_at(&content[..len], offset)?;
-                    if let Some(p) = progress {
-                        p.done.fetch_add(len as u64, Ordering::Relaxed);
-                    }
+        self.read_blobs(positions.keys().copied(), "chunk", |id, content| {
+            for &chunk in &positions[&id] {
+                let (offset, len) = extent(chunk);
+                sink.write_at(&content[..len], offset)?;
+                if let Some(p) = progress {
+                    p.done.fetch_add(len as u64, Ordering::Relaxed);
                 }
-                stats.lock().expect("stats lock").chunks_written += positions[id].len() as u64;
             }
+            stats.lock().expect("stats lock").chunks_written += positions[&id].len() as u64;
             Ok(())
         })?;
         Ok(stats.into_inner().expect("stats lock"))
@@ -808,5 +837,25 @@ impl Repository {
         damaged.sort();
         report.damaged_backups = damaged;
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(pack: u8, offset: u32, length: u32) -> (ChunkId, Location) {
+        let location = Location { kind: BlobKind::Data, pack: ChunkId([pack; 32]), offset, length, raw_length: length };
+        (ChunkId([offset as u8; 32]), location)
+    }
+
+    #[test]
+    fn reads_cover_neighbours_in_one_pack_up_to_the_limit() {
+        assert!(read_runs(&[], 100).is_empty());
+        // A gap, then another pack, then a run cut once it reaches the limit.
+        let blobs =
+            [blob(1, 0, 10), blob(1, 10, 10), blob(1, 30, 10), blob(2, 40, 10), blob(2, 50, 60), blob(2, 110, 5)];
+        assert_eq!(read_runs(&blobs, 50), [0..2, 2..3, 3..5, 5..6]);
+        assert_eq!(read_runs(&blobs, 1000), [0..2, 2..3, 3..6]);
     }
 }
