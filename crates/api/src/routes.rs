@@ -437,10 +437,12 @@ async fn restore_over_volume(
 #[serde(deny_unknown_fields)]
 struct VerifyRequest {
     sample_percent: Option<f64>,
+    /// A second repository instead of the backup repository.
+    repository: Option<String>,
 }
 
 async fn verify_repository(State(s): S, Caller(t): Caller, OptionalBody(r): OptionalBody<VerifyRequest>) -> Answer {
-    accepted(json!({ "job": s.control.start_verify(&t, r.sample_percent).await? }))
+    accepted(json!({ "job": s.control.start_verify(&t, r.repository.as_deref(), r.sample_percent).await? }))
 }
 
 async fn delete_backup(State(s): S, Caller(t): Caller, Path(backup): Path<String>) -> Answer {
@@ -496,6 +498,8 @@ async fn copy_backups(State(s): S, Caller(t): Caller, Body(r): Body<CopyBody>) -
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct GcBody {
+    /// A second repository instead of the backup repository.
+    repository: Option<String>,
     grace_seconds: Option<u64>,
     repack_unused_percent: Option<u8>,
     #[serde(default)]
@@ -513,7 +517,7 @@ async fn gc_repository(State(s): S, Caller(t): Caller, OptionalBody(r): Optional
         dry_run: r.dry_run,
         ..defaults
     };
-    accepted(json!({ "job": s.control.start_gc(&t, options).await? }))
+    accepted(json!({ "job": s.control.start_gc(&t, r.repository.as_deref(), options).await? }))
 }
 
 // ---- jobs ----

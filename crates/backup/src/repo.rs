@@ -175,11 +175,32 @@ impl<'r> Session<'r> {
     pub(crate) fn finish(self) -> Result<(u64, u64), Error> {
         let last = std::mem::take(&mut *self.pack.lock().expect("pack lock"));
         self.upload(last)?;
-        let written = std::mem::take(&mut *self.written.lock().expect("written lock"));
+        let mut written = self.written.lock().expect("written lock");
         if !written.is_empty() {
             self.repo.write_index_object(&written)?;
         }
+        // Indexed now: what the session stored stays known when it is dropped.
+        written.clear();
+        drop(written);
         Ok((self.chunks_new.load(Ordering::Relaxed), self.bytes_added.load(Ordering::Relaxed)))
+    }
+}
+
+impl Drop for Session<'_> {
+    /// A session that did not finish (an error, a failed index write) leaves packs no index
+    /// object names: garbage for GC. Its blobs leave the in-memory index, so a later session
+    /// in this process stores them again rather than pointing a record at those packs.
+    fn drop(&mut self) {
+        let written = std::mem::take(self.written.get_mut().unwrap_or_else(|e| e.into_inner()));
+        if written.is_empty() {
+            return;
+        }
+        let mut index = self.repo.index.write().unwrap_or_else(|e| e.into_inner());
+        for e in written {
+            if index.get(&e.id) == Some(&e.location) {
+                index.remove(&e.id);
+            }
+        }
     }
 }
 

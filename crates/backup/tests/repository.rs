@@ -172,6 +172,34 @@ fn a_flaky_backend_is_ridden_over_by_retries_and_a_dead_one_is_reported() {
     assert_eq!(restored(&Repository::open(retrying, Some("pw")).unwrap(), &second), disk.bytes());
 }
 
+/// A backup that fails after uploading packs but before its index object names them must not
+/// teach this process that those chunks are stored: a later backup in the same process would
+/// point its record into packs no index names, which a restart (and GC) would lose.
+#[test]
+fn a_failed_backup_leaves_nothing_a_later_backup_in_the_same_process_relies_on() {
+    let mut fail_after = 0;
+    loop {
+        let faulty = Arc::new(FaultyBackend::new(Arc::new(ObjectStoreBackend::memory())));
+        let backend: Arc<dyn Backend> = faulty.clone();
+        let repo = Repository::init(backend.clone(), None, KdfParams::cheap()).unwrap();
+        let disk = Disk::new(6 << 20);
+        disk.write(0, &noise(6 << 20, 14));
+        faulty.fail_after(fail_after, Fault::Error, false);
+        let failed =
+            repo.backup(&disk, BackupRequest { labels: labels(), parent: None, allocated: None, progress: None });
+        faulty.heal();
+        let again = full(&repo, &disk);
+        let reopened = Repository::open(backend, None).unwrap();
+        assert_eq!(restored(&reopened, &again), disk.bytes(), "first backup cut after {fail_after} writes");
+        assert!(reopened.verify(None, None).unwrap().problems.is_empty());
+        if failed.is_ok() {
+            break;
+        }
+        fail_after += 1;
+    }
+    assert!(fail_after >= 2, "the backup made {fail_after} writes");
+}
+
 #[derive(Debug, Clone)]
 enum Step {
     Write { offset: usize, len: usize, seed: u64 },

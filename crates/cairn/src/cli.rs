@@ -305,6 +305,9 @@ pub enum RepoCommand {
         /// Check only about this percentage of the packs [default: all]
         #[arg(long, value_name = "PERCENT")]
         sample: Option<f64>,
+        /// A second repository (by its --copy-repo name) instead of the backup repository
+        #[arg(long, value_name = "NAME")]
+        repository: Option<String>,
         #[command(flatten)]
         wait: NoWait,
     },
@@ -319,6 +322,9 @@ pub enum RepoCommand {
         /// Report what would be deleted; delete nothing
         #[arg(long)]
         dry_run: bool,
+        /// A second repository (by its --copy-repo name) instead of the backup repository
+        #[arg(long, value_name = "NAME")]
+        repository: Option<String>,
         #[command(flatten)]
         wait: NoWait,
     },
@@ -509,13 +515,14 @@ pub fn run(global: &Global, command: Command) -> Result<()> {
         Command::Snapshot(command) => session.snapshot(command),
         Command::Template(command) => session.template(command),
         Command::Backup(command) => session.backup(command),
-        Command::Repo(RepoCommand::Verify { sample, wait }) => {
-            let accepted =
-                session.client.post("/v1/repository/verify", &without_nulls(json!({"sample_percent": sample})))?;
+        Command::Repo(RepoCommand::Verify { sample, repository, wait }) => {
+            let body = without_nulls(json!({"sample_percent": sample, "repository": repository}));
+            let accepted = session.client.post("/v1/repository/verify", &body)?;
             session.report_job(accepted, wait)
         }
-        Command::Repo(RepoCommand::Gc { grace, repack_unused, dry_run, wait }) => {
-            let body = json!({"grace_seconds": grace, "repack_unused_percent": repack_unused, "dry_run": dry_run});
+        Command::Repo(RepoCommand::Gc { grace, repack_unused, dry_run, repository, wait }) => {
+            let body = json!({"grace_seconds": grace, "repack_unused_percent": repack_unused, "dry_run": dry_run,
+                "repository": repository});
             let accepted = session.client.post("/v1/repository/gc", &without_nulls(body))?;
             session.report_job(accepted, wait)
         }

@@ -287,6 +287,17 @@ fn backups_copy_offsite_to_s3_incrementally_and_restore_from_there_when_the_repo
     let back = srv.cli_json(&["volume", "show", "back"]);
     assert_eq!(back["state"], "ready", "{back}");
     assert_same(&uri, &unix_uri(&back));
+
+    // The second repository is verified and collected like the first: deleting the older
+    // backup forgets its copy there too, and gc there keeps what the newer one needs.
+    assert_eq!(srv.cli_json(&["repo", "verify", "--repository", "offsite"])["backups"], 2);
+    srv.cli_json(&["backup", "delete", &id(&listed[0])]);
+    let collected = srv.cli_json(&["repo", "gc", "--repository", "offsite", "--grace", "0"]);
+    assert_eq!(collected["backups"], 1, "{collected}");
+    let report = srv.cli_json(&["repo", "verify", "--repository", "offsite"]);
+    assert_eq!((&report["ok"], &report["backups"]), (&true.into(), &1.into()), "{report}");
+    srv.cli_json(&["backup", "restore", &newest, "--from", "offsite", "--name", "again"]);
+    assert_same(&uri, &unix_uri(&srv.cli_json(&["volume", "show", "again"])));
 }
 
 #[test]

@@ -174,7 +174,13 @@ impl Control {
     /// Re-reads and re-hashes the repository (all of it, or about `sample_percent` of its
     /// packs) as a job; the job fails, naming the damaged backups, if any backup could not be
     /// fully restored, and its result is the whole report.
-    pub async fn start_verify(self: &Arc<Self>, t: &Tenant, sample_percent: Option<f64>) -> Result<JobView, Error> {
+    /// `repository` names a second repository to verify instead of the backup repository.
+    pub async fn start_verify(
+        self: &Arc<Self>,
+        t: &Tenant,
+        repository: Option<&str>,
+        sample_percent: Option<f64>,
+    ) -> Result<JobView, Error> {
         if let Some(pct) = sample_percent {
             if !(pct > 0.0 && pct <= 100.0) {
                 return Err(Error::invalid("sample_percent", "a percentage above 0 and at most 100"));
@@ -182,7 +188,7 @@ impl Control {
         }
         // Users know backups by cairn's ids, not by the repository's record ids.
         let known = db::list_backups(&mut *self.meta.conn().await?, None, None, None).await?;
-        self.start_repository_job(t, JobKind::Verify, move |repo, progress| {
+        self.start_repository_job(t, JobKind::Verify, repository, move |repo, progress| {
             let report = repo.verify(sample_percent, Some(progress)).map_err(|e| format!("verify: {e}"))?;
             let damaged = cairn_ids(&known, &report.damaged_backups);
             let problem = (!report.problems.is_empty()).then(|| {
@@ -206,8 +212,14 @@ impl Control {
     }
 
     /// Deletes what no backup references, as a job whose result is GC's report.
-    pub async fn start_gc(self: &Arc<Self>, t: &Tenant, options: GcOptions) -> Result<JobView, Error> {
-        self.start_repository_job(t, JobKind::Gc, move |repo, progress| {
+    /// `repository` names a second repository to collect instead of the backup repository.
+    pub async fn start_gc(
+        self: &Arc<Self>,
+        t: &Tenant,
+        repository: Option<&str>,
+        options: GcOptions,
+    ) -> Result<JobView, Error> {
+        self.start_repository_job(t, JobKind::Gc, repository, move |repo, progress| {
             let report = repo.gc(&options, Some(progress)).map_err(|e| format!("gc: {e}"))?;
             Ok((serde_json::to_value(&report).expect("a report serialises"), None))
         })
@@ -216,7 +228,13 @@ impl Control {
 
     /// Starts an administrator's job on the whole repository. `work` runs on a blocking
     /// thread and returns its report and, if the job should fail, why.
-    async fn start_repository_job<F>(self: &Arc<Self>, t: &Tenant, kind: JobKind, work: F) -> Result<JobView, Error>
+    async fn start_repository_job<F>(
+        self: &Arc<Self>,
+        t: &Tenant,
+        kind: JobKind,
+        repository: Option<&str>,
+        work: F,
+    ) -> Result<JobView, Error>
     where
         F: FnOnce(&Repository, &cairn_backup::Progress) -> Result<(serde_json::Value, Option<String>), String>
             + Send
@@ -225,8 +243,8 @@ impl Control {
         if !t.admin {
             return Err(Error::Forbidden(format!("only an administrator may run {} on the repository", kind.as_str())));
         }
-        let repo = self.repository()?;
-        let job = self.new_job(t, kind, "repository", "", 0);
+        let repo = self.repository_named(repository.unwrap_or("")).await?;
+        let job = self.new_job(t, kind, repository.unwrap_or("repository"), "", 0);
         db::insert_job(&mut *self.meta.conn().await?, &job).await?;
         let progress = self.track(&job);
         let view = self.job_view(job.clone());
