@@ -204,6 +204,12 @@ impl Drop for Session<'_> {
     }
 }
 
+/// Whether the index holds `id` in a pack that is not condemned: the one rule for what a
+/// session may reuse.
+fn is_live(index: &HashMap<ChunkId, Location>, condemned: &HashSet<ChunkId>, id: ChunkId) -> bool {
+    index.get(&id).is_some_and(|l| !condemned.contains(&l.pack))
+}
+
 /// Chunk indexes overlapping any of `ranges`, in order, without repeats.
 fn chunks_of(ranges: &[Range<u64>], size: u64) -> Vec<usize> {
     let mut chunks: Vec<usize> = Vec::new();
@@ -356,15 +362,14 @@ impl Repository {
     /// Whether the repository holds `id` in a pack that is not condemned.
     pub(crate) fn has_live_blob(&self, id: ChunkId) -> bool {
         let index = self.index.read().expect("index lock");
-        index.get(&id).is_some_and(|l| !self.condemned.read().expect("condemned lock").contains(&l.pack))
+        is_live(&index, &self.condemned.read().expect("condemned lock"), id)
     }
 
     /// Positions in `ids` of non-zero blobs the repository lacks or holds only in condemned packs.
     fn missing_blobs(&self, ids: &[ChunkId]) -> Vec<usize> {
         let index = self.index.read().expect("index lock");
         let condemned = self.condemned.read().expect("condemned lock");
-        let live = |id: &ChunkId| index.get(id).is_some_and(|l| !condemned.contains(&l.pack));
-        (0..ids.len()).filter(|&i| ids[i] != ChunkId::ZERO && !live(&ids[i])).collect()
+        (0..ids.len()).filter(|&i| ids[i] != ChunkId::ZERO && !is_live(&index, &condemned, ids[i])).collect()
     }
 
     /// Writes an index object for `entries` and counts it as loaded.
