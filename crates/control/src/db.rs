@@ -652,9 +652,14 @@ pub async fn insert_copy(c: &mut Conn, backup: &str, repository: &str, at: &str)
     Ok(())
 }
 
-/// The second repositories holding a copy of each backup, by backup id.
-pub async fn copies(c: &mut Conn) -> Result<HashMap<String, Vec<String>>, Error> {
-    let rows = sqlx::query("SELECT backup_id, repository FROM backup_copies ORDER BY repository").fetch_all(c).await?;
+/// The second repositories holding a copy of each backup (or only of `backup`), by backup id.
+pub async fn copies(c: &mut Conn, backup: Option<&str>) -> Result<HashMap<String, Vec<String>>, Error> {
+    let rows = sqlx::query(
+        "SELECT backup_id, repository FROM backup_copies WHERE $1 IS NULL OR backup_id = $1 ORDER BY repository",
+    )
+    .bind(backup)
+    .fetch_all(c)
+    .await?;
     let mut copies: HashMap<String, Vec<String>> = HashMap::new();
     for row in rows {
         copies.entry(row.try_get("backup_id")?).or_default().push(row.try_get("repository")?);

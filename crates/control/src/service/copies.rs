@@ -44,7 +44,12 @@ impl Control {
 
     /// Fills in each backup's copies.
     pub(super) async fn with_copies(&self, c: &mut db::Conn, mut backups: Vec<Backup>) -> Result<Vec<Backup>, Error> {
-        let mut copies = db::copies(c).await?;
+        // One backup's copies alone; a listing's all at once.
+        let only = match backups.as_slice() {
+            [one] => Some(one.id.clone()),
+            _ => None,
+        };
+        let mut copies = db::copies(c, only.as_deref()).await?;
         for b in &mut backups {
             b.copies = copies.remove(&b.id).unwrap_or_default();
         }
