@@ -36,6 +36,7 @@ impl From<Error> for ApiError {
             Error::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", None),
             Error::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found", None),
             Error::Conflict(_) => (StatusCode::CONFLICT, "conflict", None),
+            Error::Hook(_) => (StatusCode::BAD_GATEWAY, "hook_failed", None),
             // The engine refuses requests the control plane let through (a size, a range):
             // the client's fault, not the server's.
             Error::Engine(

@@ -28,6 +28,54 @@ fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
 }
 
+/// Label values are quoted; names are restricted to safe characters, but escape anyway.
+fn label(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// R11 as metrics: each disk's restore point age, its RPO and whether it is exceeded, and the
+/// scheduled runs recorded by how they ended.
+async fn render_protection(out: &mut String, state: &AppState) -> Result<(), ApiError> {
+    let protection = state.control.protection_of_all().await?;
+    let mut ages = String::new();
+    let mut rpos = String::new();
+    let mut exceeded = String::new();
+    for (tenant, status) in &protection {
+        for disk in &status.volumes {
+            let labels = format!(
+                "tenant=\"{}\",volume=\"{}\",volume_name=\"{}\"",
+                label(&tenant.name),
+                label(&disk.volume),
+                label(&disk.volume_name)
+            );
+            if let Some(point) = &disk.newest_restore_point {
+                let _ = writeln!(ages, "cairn_restore_point_age_seconds{{{labels}}} {}", point.age_seconds);
+            }
+            if let Some(rpo) = disk.rpo_seconds {
+                let _ = writeln!(rpos, "cairn_rpo_seconds{{{labels}}} {rpo}");
+                let _ = writeln!(exceeded, "cairn_rpo_exceeded{{{labels}}} {}", u8::from(disk.rpo_exceeded));
+            }
+        }
+    }
+    let _ = write!(
+        out,
+        "# HELP cairn_restore_point_age_seconds Age of each disk's newest snapshot or backup.\n\
+         # TYPE cairn_restore_point_age_seconds gauge\n{ages}\
+         # HELP cairn_rpo_seconds Each scheduled disk's RPO: the shortest interval of its active schedules.\n\
+         # TYPE cairn_rpo_seconds gauge\n{rpos}\
+         # HELP cairn_rpo_exceeded 1 when a disk's newest restore point is older than its RPO.\n\
+         # TYPE cairn_rpo_exceeded gauge\n{exceeded}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP cairn_schedule_runs Scheduled runs recorded, by state.\n# TYPE cairn_schedule_runs gauge"
+    );
+    for (run_state, n) in state.control.run_counts().await? {
+        let _ = writeln!(out, "cairn_schedule_runs{{state=\"{run_state}\"}} {n}");
+    }
+    Ok(())
+}
+
 pub async fn render(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let counts = state.control.counts().await?;
     let mut out = String::new();
@@ -43,6 +91,7 @@ pub async fn render(State(state): State<Arc<AppState>>) -> Result<Response, ApiE
     gauge(&mut out, "cairn_templates", "Templates.", counts.templates);
     gauge(&mut out, "cairn_jobs_running", "Import and export jobs running.", counts.jobs_running);
     gauge(&mut out, "cairn_engine_layers", "Layers in the volume store.", counts.engine_layers);
+    render_protection(&mut out, &state).await?;
     let _ = writeln!(
         out,
         "# HELP cairn_http_requests_total HTTP requests answered.\n# TYPE cairn_http_requests_total counter"

@@ -9,9 +9,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use cairn_control::model::{ImageFormat, VmState};
+use cairn_control::names::Kind;
 use cairn_control::names::SizeArg;
 use cairn_control::retention::RetentionRules;
-use cairn_control::{CreateVm, GcOptions, ImageSource, PruneRequest, RestoreRequest, SnapshotRequest};
+use cairn_control::{
+    CreateSchedule, CreateVm, GcOptions, ImageSource, PruneRequest, RestoreRequest, SnapshotRequest, UpdateSchedule,
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -60,6 +63,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/snapshots", get(list_snapshots))
         .route("/snapshots/{snapshot}", get(get_snapshot).delete(delete_snapshot))
         .route("/snapshots/{snapshot}/restore", post(restore_snapshot))
+        .route("/snapshots/{snapshot}/protect", post(protect_snapshot))
+        .route("/snapshots/{snapshot}/unprotect", post(unprotect_snapshot))
         .route("/snapshots/{snapshot}/export", post(export_snapshot))
         .route("/templates", post(create_template).get(list_templates))
         .route("/templates/import", post(import_template))
@@ -72,6 +77,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/backups/copy", post(copy_backups))
         .route("/backups/{backup}", get(get_backup).delete(delete_backup))
         .route("/backups/{backup}/restore", post(restore_backup))
+        .route("/backups/{backup}/protect", post(protect_backup))
+        .route("/backups/{backup}/unprotect", post(unprotect_backup))
+        .route("/schedules", post(create_schedule).get(list_schedules))
+        .route("/schedules/{schedule}", get(get_schedule).patch(update_schedule).delete(delete_schedule))
+        .route("/schedules/{schedule}/runs", get(list_runs))
+        .route("/schedules/{schedule}/pause", post(pause_schedule))
+        .route("/schedules/{schedule}/resume", post(resume_schedule))
+        .route("/schedules/{schedule}/run", post(run_schedule_now))
+        .route("/status", get(protection_status))
         .route("/backups/{backup}/export", post(export_backup))
         .route("/repository/verify", post(verify_repository))
         .route("/repository/gc", post(gc_repository))
@@ -291,6 +305,82 @@ async fn delete_snapshot(State(s): S, Caller(t): Caller, Path(snapshot): Path<St
     deleted(s.control.delete_snapshot(&t, &snapshot).await?)
 }
 
+async fn protect_snapshot(State(s): S, Caller(t): Caller, Path(snapshot): Path<String>) -> Answer {
+    s.control.set_protected(&t, Kind::Snapshot, &snapshot, true).await?;
+    ok(s.control.get_snapshot(&t, &snapshot).await?)
+}
+
+async fn unprotect_snapshot(State(s): S, Caller(t): Caller, Path(snapshot): Path<String>) -> Answer {
+    s.control.set_protected(&t, Kind::Snapshot, &snapshot, false).await?;
+    ok(s.control.get_snapshot(&t, &snapshot).await?)
+}
+
+async fn protect_backup(State(s): S, Caller(t): Caller, Path(backup): Path<String>) -> Answer {
+    s.control.set_protected(&t, Kind::Backup, &backup, true).await?;
+    ok(s.control.get_backup(&t, &backup).await?)
+}
+
+async fn unprotect_backup(State(s): S, Caller(t): Caller, Path(backup): Path<String>) -> Answer {
+    s.control.set_protected(&t, Kind::Backup, &backup, false).await?;
+    ok(s.control.get_backup(&t, &backup).await?)
+}
+
+async fn create_schedule(State(s): S, Caller(t): Caller, Body(r): Body<CreateSchedule>) -> Answer {
+    created(s.control.create_schedule(&t, r).await?)
+}
+
+async fn list_schedules(
+    State(s): S,
+    Caller(t): Caller,
+    filter: Result<Query<SnapshotFilter>, axum::extract::rejection::QueryRejection>,
+) -> Answer {
+    let Query(filter) = filter.map_err(|e| ApiError::invalid(e.body_text(), None))?;
+    ok(s.control.list_schedules(&t, filter.volume.as_deref(), filter.vm.as_deref()).await?)
+}
+
+async fn get_schedule(State(s): S, Caller(t): Caller, Path(schedule): Path<String>) -> Answer {
+    ok(s.control.get_schedule(&t, &schedule).await?)
+}
+
+async fn update_schedule(
+    State(s): S,
+    Caller(t): Caller,
+    Path(schedule): Path<String>,
+    Body(r): Body<UpdateSchedule>,
+) -> Answer {
+    let (schedule, plan) = s.control.update_schedule(&t, &schedule, r).await?;
+    ok(json!({ "schedule": schedule, "retention_plan": plan }))
+}
+
+async fn delete_schedule(State(s): S, Caller(t): Caller, Path(schedule): Path<String>) -> Answer {
+    deleted(s.control.delete_schedule(&t, &schedule).await?)
+}
+
+async fn list_runs(State(s): S, Caller(t): Caller, Path(schedule): Path<String>) -> Answer {
+    ok(s.control.list_runs(&t, &schedule).await?)
+}
+
+async fn pause_schedule(State(s): S, Caller(t): Caller, Path(schedule): Path<String>) -> Answer {
+    ok(s.control.set_schedule_paused(&t, &schedule, true).await?)
+}
+
+async fn resume_schedule(State(s): S, Caller(t): Caller, Path(schedule): Path<String>) -> Answer {
+    ok(s.control.set_schedule_paused(&t, &schedule, false).await?)
+}
+
+async fn run_schedule_now(State(s): S, Caller(t): Caller, Path(schedule): Path<String>) -> Answer {
+    accepted(json!(s.control.run_schedule_now(&t, &schedule).await?))
+}
+
+async fn protection_status(
+    State(s): S,
+    Caller(t): Caller,
+    filter: Result<Query<SnapshotFilter>, axum::extract::rejection::QueryRejection>,
+) -> Answer {
+    let Query(filter) = filter.map_err(|e| ApiError::invalid(e.body_text(), None))?;
+    ok(s.control.protection_status(&t, filter.volume.as_deref(), filter.vm.as_deref()).await?)
+}
+
 async fn restore_snapshot(
     State(s): S,
     Caller(t): Caller,
@@ -363,7 +453,7 @@ struct BackupBody {
 impl BackupBody {
     fn kept(self) -> Option<SnapshotRequest> {
         (self.keep_snapshot || self.snapshot_name.is_some())
-            .then_some(SnapshotRequest { name: self.snapshot_name, consistency: None })
+            .then_some(SnapshotRequest { name: self.snapshot_name, ..SnapshotRequest::default() })
     }
 }
 
@@ -459,6 +549,7 @@ struct PruneBody {
     keep_weekly: Option<u32>,
     keep_monthly: Option<u32>,
     keep_yearly: Option<u32>,
+    keep_within_days: Option<u32>,
     time_zone: Option<String>,
     #[serde(default)]
     dry_run: bool,
@@ -474,6 +565,7 @@ async fn prune_backups(State(s): S, Caller(t): Caller, Body(r): Body<PruneBody>)
             keep_weekly: r.keep_weekly,
             keep_monthly: r.keep_monthly,
             keep_yearly: r.keep_yearly,
+            keep_within_days: r.keep_within_days,
         },
         time_zone: r.time_zone,
         dry_run: r.dry_run,

@@ -53,6 +53,19 @@ pub enum Command {
     /// The backup repository (administrators only)
     #[command(subcommand)]
     Repo(RepoCommand),
+    /// Automated snapshots and backups on a timetable, each with its retention
+    #[command(subcommand)]
+    Schedule(Box<ScheduleCommand>),
+    /// How well each disk and VM is protected: its newest restore point, that point's age and
+    /// the RPO its schedules promise
+    Status {
+        /// Only this volume
+        #[arg(long)]
+        volume: Option<String>,
+        /// Only this VM's disks
+        #[arg(long, conflicts_with = "volume")]
+        vm: Option<String>,
+    },
     /// Long operations (import, export) and their progress
     #[command(subcommand)]
     Job(JobCommand),
@@ -174,6 +187,10 @@ pub enum SnapshotCommand {
     Show { snapshot: String },
     /// Delete a snapshot
     Delete { snapshot: String },
+    /// Protect a snapshot: neither retention nor delete touches it until it is unprotected
+    Protect { snapshot: String },
+    /// Lift a snapshot's protection
+    Unprotect { snapshot: String },
     /// Make a new volume from a snapshot, usable at once
     Restore {
         snapshot: String,
@@ -266,6 +283,10 @@ pub enum BackupCommand {
     },
     /// Delete a backup (its data goes at the next `cairn repo gc`)
     Delete { backup: String },
+    /// Protect a backup: neither retention nor delete touches it until it is unprotected
+    Protect { backup: String },
+    /// Lift a backup's protection
+    Unprotect { backup: String },
     /// Delete backups by retention rules, each disk judged apart; --dry-run prints the plan only
     Prune {
         /// Only the backups of this volume
@@ -274,27 +295,208 @@ pub enum BackupCommand {
         /// Only the backups of this VM's disks
         #[arg(long, conflicts_with = "volume")]
         vm: Option<String>,
-        /// Keep the newest N backups
-        #[arg(long, value_name = "N")]
-        keep_last: Option<u32>,
-        /// Keep the newest backup of each of the last N days that have one
-        #[arg(long, value_name = "N")]
-        keep_daily: Option<u32>,
-        /// Keep the newest backup of each of the last N ISO weeks that have one
-        #[arg(long, value_name = "N")]
-        keep_weekly: Option<u32>,
-        /// Keep the newest backup of each of the last N months that have one
-        #[arg(long, value_name = "N")]
-        keep_monthly: Option<u32>,
-        /// Keep the newest backup of each of the last N years that have one
-        #[arg(long, value_name = "N")]
-        keep_yearly: Option<u32>,
+        #[command(flatten)]
+        rules: RetentionOptions,
         /// IANA time zone that days, weeks, months and years are counted in [default: UTC]
         #[arg(long, value_name = "ZONE")]
         time_zone: Option<String>,
         /// Print what would be deleted; delete nothing
         #[arg(long)]
         dry_run: bool,
+    },
+}
+
+/// Retention rules: what to keep of a series of snapshots or backups.
+#[derive(Debug, clap::Args)]
+pub struct RetentionOptions {
+    /// Keep the newest N
+    #[arg(long, alias = "keep", value_name = "N")]
+    keep_last: Option<u32>,
+    /// Keep the newest of each of the last N days that have one
+    #[arg(long, value_name = "N")]
+    keep_daily: Option<u32>,
+    /// Keep the newest of each of the last N ISO weeks that have one
+    #[arg(long, value_name = "N")]
+    keep_weekly: Option<u32>,
+    /// Keep the newest of each of the last N months that have one
+    #[arg(long, value_name = "N")]
+    keep_monthly: Option<u32>,
+    /// Keep the newest of each of the last N years that have one
+    #[arg(long, value_name = "N")]
+    keep_yearly: Option<u32>,
+    /// Keep everything younger than N days
+    #[arg(long, value_name = "N")]
+    keep_within_days: Option<u32>,
+}
+
+impl RetentionOptions {
+    fn body(&self) -> Value {
+        without_nulls(json!({
+            "keep_last": self.keep_last, "keep_daily": self.keep_daily, "keep_weekly": self.keep_weekly,
+            "keep_monthly": self.keep_monthly, "keep_yearly": self.keep_yearly,
+            "keep_within_days": self.keep_within_days,
+        }))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.body().as_object().is_none_or(|rules| rules.is_empty())
+    }
+}
+
+/// Pre and post hooks around a snapshot (R9): a command on the daemon's machine
+/// (administrators only) or a webhook that receives a POST.
+#[derive(Debug, clap::Args)]
+pub struct HookOptions {
+    /// Command run before the snapshot, e.g. "/usr/local/bin/freeze db1" (split at spaces, no
+    /// shell; a script for anything more)
+    #[arg(long, value_name = "COMMAND", conflicts_with = "pre_hook_url")]
+    pre_hook: Option<String>,
+    /// URL that receives a POST before the snapshot
+    #[arg(long, value_name = "URL")]
+    pre_hook_url: Option<String>,
+    /// Command run after the snapshot (also when the pre hook or the snapshot failed)
+    #[arg(long, value_name = "COMMAND", conflicts_with = "post_hook_url")]
+    post_hook: Option<String>,
+    /// URL that receives a POST after the snapshot
+    #[arg(long, value_name = "URL")]
+    post_hook_url: Option<String>,
+    /// Seconds each hook may take [default: 60]
+    #[arg(long, value_name = "SECONDS")]
+    hook_timeout: Option<u32>,
+    /// What a failing pre hook does: fail (no snapshot) or take a crash-consistent snapshot
+    /// anyway [default: fail]
+    #[arg(long, value_name = "WHAT")]
+    on_pre_hook_failure: Option<OnHookFailure>,
+}
+
+impl HookOptions {
+    fn hook(&self, command: &Option<String>, url: &Option<String>) -> Value {
+        let command = command.as_ref().map(|c| c.split_whitespace().collect::<Vec<_>>());
+        match (command, url) {
+            (None, None) => Value::Null,
+            (command, url) => json!({"command": command, "url": url, "timeout_seconds": self.hook_timeout}),
+        }
+    }
+
+    /// The hooks member of a request; null without hooks.
+    fn body(&self) -> Value {
+        let pre = self.hook(&self.pre_hook, &self.pre_hook_url);
+        let post = self.hook(&self.post_hook, &self.post_hook_url);
+        if pre.is_null() && post.is_null() {
+            return Value::Null;
+        }
+        without_nulls(json!({"pre": pre, "post": post, "on_pre_failure": self.on_pre_hook_failure}))
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnHookFailure {
+    Fail,
+    CrashConsistent,
+}
+
+/// When a schedule fires; one of these.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct FrequencyOptions {
+    /// Every day at HH:MM
+    #[arg(long, value_name = "HH:MM")]
+    daily: Option<String>,
+    /// Every week on a day at HH:MM, e.g. "sun 03:00"
+    #[arg(long, value_name = "DAY HH:MM")]
+    weekly: Option<String>,
+    /// Every month on a day at HH:MM, e.g. "1 03:00"; days past a month's end run on its last day
+    #[arg(long, value_name = "DAY HH:MM")]
+    monthly: Option<String>,
+    /// A cron expression (minute hour day-of-month month day-of-week), e.g. "*/15 * * * *"
+    #[arg(long, value_name = "EXPR")]
+    cron: Option<String>,
+}
+
+impl FrequencyOptions {
+    /// As the API writes frequencies: "daily 03:00", "cron */15 * * * *".
+    fn text(&self) -> String {
+        let (kind, when) = match (&self.daily, &self.weekly, &self.monthly, &self.cron) {
+            (Some(when), ..) => ("daily", when),
+            (_, Some(when), ..) => ("weekly", when),
+            (_, _, Some(when), _) => ("monthly", when),
+            (_, _, _, Some(when)) => ("cron", when),
+            // clap's group requires one.
+            (None, None, None, None) => return String::new(),
+        };
+        format!("{kind} {when}")
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScheduleCommand {
+    /// Make snapshots (or backups) of a volume or of all a VM's disks on a timetable, keeping
+    /// what its retention says
+    Create {
+        name: String,
+        /// The volume it snapshots
+        #[arg(long, required_unless_present = "vm", conflicts_with = "vm")]
+        volume: Option<String>,
+        /// The VM whose disks it snapshots at one instant
+        #[arg(long)]
+        vm: Option<String>,
+        #[command(flatten)]
+        frequency: FrequencyOptions,
+        /// IANA time zone of the times, e.g. Europe/Berlin [default: UTC]
+        #[arg(long, value_name = "ZONE")]
+        time_zone: Option<String>,
+        /// Make backups in the backup repository instead of snapshots
+        #[arg(long)]
+        backup: bool,
+        /// Copy each backup to this second repository (its --copy-repo name)
+        #[arg(long, value_name = "REPOSITORY", requires = "backup")]
+        copy_to: Option<String>,
+        #[command(flatten)]
+        rules: RetentionOptions,
+        #[command(flatten)]
+        hooks: HookOptions,
+        /// Make it paused
+        #[arg(long)]
+        paused: bool,
+    },
+    /// List schedules
+    List {
+        /// Only those aimed at this volume
+        #[arg(long)]
+        volume: Option<String>,
+        /// Only those aimed at this VM
+        #[arg(long, conflicts_with = "volume")]
+        vm: Option<String>,
+    },
+    /// Show a schedule and its latest runs
+    Show { schedule: String },
+    /// Change a schedule's retention (applied at once, pruning what it lets go) or hooks
+    Update {
+        schedule: String,
+        #[command(flatten)]
+        rules: RetentionOptions,
+        #[command(flatten)]
+        hooks: HookOptions,
+        /// Remove the schedule's hooks
+        #[arg(long, conflicts_with_all = ["pre_hook", "pre_hook_url", "post_hook", "post_hook_url"])]
+        no_hooks: bool,
+        /// Print what the new retention would delete; change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Pause a schedule: it makes nothing until resumed
+    Pause { schedule: String },
+    /// Resume a paused schedule at its next time (missed times are not made up)
+    Resume { schedule: String },
+    /// Delete a schedule; what it made stays until deleted
+    Delete { schedule: String },
+    /// Run a schedule now, whatever its times
+    RunNow {
+        schedule: String,
+        /// Return at once instead of waiting for the run to end
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 
@@ -416,14 +618,17 @@ pub struct SnapshotOptions {
     /// Name of the snapshot [default: its id]
     #[arg(long)]
     name: Option<String>,
-    /// Crash-consistent, or application-consistent (runs the pre/post hooks) [default: crash]
+    /// What you vouch for: crash, or application when you quiesced the guest yourself
+    /// [default: application with a pre hook that succeeds, else crash]
     #[arg(long)]
     consistency: Option<Consistency>,
+    #[command(flatten)]
+    hooks: HookOptions,
 }
 
 impl SnapshotOptions {
     fn body(&self) -> Value {
-        json!({"name": self.name, "consistency": self.consistency})
+        json!({"name": self.name, "consistency": self.consistency, "hooks": self.hooks.body()})
     }
 }
 
@@ -458,6 +663,8 @@ enum Kind {
     Backup,
     Job,
     Tenant,
+    Schedule,
+    Run,
 }
 
 impl Kind {
@@ -470,6 +677,9 @@ impl Kind {
             Kind::Backup => "/v1/backups",
             Kind::Job => "/v1/jobs",
             Kind::Tenant => "/v1/tenants",
+            Kind::Schedule => "/v1/schedules",
+            // Runs are listed under their schedule only.
+            Kind::Run => "/v1/schedules",
         }
     }
 
@@ -488,6 +698,8 @@ impl Kind {
             Kind::Backup => "backup",
             Kind::Job => "job",
             Kind::Tenant => "tenant",
+            Kind::Schedule => "schedule",
+            Kind::Run => "run",
         }
     }
 
@@ -500,6 +712,8 @@ impl Kind {
             Kind::Backup => output::BACKUP_FIELDS,
             Kind::Job => output::JOB_FIELDS,
             Kind::Tenant => output::TENANT_FIELDS,
+            Kind::Schedule => output::SCHEDULE_FIELDS,
+            Kind::Run => output::RUN_FIELDS,
         }
     }
 }
@@ -525,6 +739,12 @@ pub fn run(global: &Global, command: Command) -> Result<()> {
                 "repository": repository});
             let accepted = session.client.post("/v1/repository/gc", &without_nulls(body))?;
             session.report_job(accepted, wait)
+        }
+        Command::Schedule(command) => session.schedule(*command),
+        Command::Status { volume, vm } => {
+            let status =
+                session.client.get(&format!("/v1/status{}", filter_query(&[("volume", volume), ("vm", vm)])))?;
+            session.emit(&status, || Ok(output::render_status(&status)))
         }
         Command::Job(command) => session.job(command),
         Command::Tenant(command) => session.tenant(command),
@@ -627,6 +847,12 @@ impl Session {
             SnapshotCommand::Delete { snapshot } => {
                 self.print_deleted(&api.delete(&Kind::Snapshot.item(&snapshot, ""))?)
             }
+            SnapshotCommand::Protect { snapshot } => {
+                self.print_item(Kind::Snapshot, &api.post(&Kind::Snapshot.item(&snapshot, "/protect"), &json!({}))?)
+            }
+            SnapshotCommand::Unprotect { snapshot } => {
+                self.print_item(Kind::Snapshot, &api.post(&Kind::Snapshot.item(&snapshot, "/unprotect"), &json!({}))?)
+            }
             SnapshotCommand::Restore { snapshot, name, vm, role } => {
                 let body = json!({"name": name, "vm": vm, "as": role});
                 let volume = api.create(&Kind::Snapshot.item(&snapshot, "/restore"), &without_nulls(body))?;
@@ -687,22 +913,18 @@ impl Session {
                 self.report_job(accepted, wait)
             }
             BackupCommand::Delete { backup } => self.print_deleted(&api.delete(&Kind::Backup.item(&backup, ""))?),
-            BackupCommand::Prune {
-                volume,
-                vm,
-                keep_last,
-                keep_daily,
-                keep_weekly,
-                keep_monthly,
-                keep_yearly,
-                time_zone,
-                dry_run,
-            } => {
-                let body = json!({
-                    "volume": volume, "vm": vm, "keep_last": keep_last, "keep_daily": keep_daily,
-                    "keep_weekly": keep_weekly, "keep_monthly": keep_monthly, "keep_yearly": keep_yearly,
-                    "time_zone": time_zone, "dry_run": dry_run,
-                });
+            BackupCommand::Protect { backup } => {
+                self.print_item(Kind::Backup, &api.post(&Kind::Backup.item(&backup, "/protect"), &json!({}))?)
+            }
+            BackupCommand::Unprotect { backup } => {
+                self.print_item(Kind::Backup, &api.post(&Kind::Backup.item(&backup, "/unprotect"), &json!({}))?)
+            }
+            BackupCommand::Prune { volume, vm, rules, time_zone, dry_run } => {
+                let mut body = rules.body();
+                body["volume"] = json!(volume);
+                body["vm"] = json!(vm);
+                body["time_zone"] = json!(time_zone);
+                body["dry_run"] = json!(dry_run);
                 let plan = api.post(&format!("{}/prune", Kind::Backup.collection()), &without_nulls(body))?;
                 self.emit(&plan, || Ok(output::render_prune_plan(&plan)))
             }
@@ -710,6 +932,86 @@ impl Session {
                 let body = without_nulls(json!({"name": name, "vm": vm, "from": from}));
                 let accepted = api.create(&Kind::Backup.item(&backup, "/restore"), &body)?;
                 self.follow_job(accepted, Some(Kind::Volume), wait)
+            }
+        }
+    }
+
+    fn schedule(&self, command: ScheduleCommand) -> Result<()> {
+        let api = &self.client;
+        let print = |answer: Value| self.print_item(Kind::Schedule, &answer);
+        match command {
+            ScheduleCommand::Create {
+                name,
+                volume,
+                vm,
+                frequency,
+                time_zone,
+                backup,
+                copy_to,
+                rules,
+                hooks,
+                paused,
+            } => {
+                let body = json!({
+                    "name": name, "volume": volume, "vm": vm, "frequency": frequency.text(),
+                    "time_zone": time_zone, "action": if backup { "backup" } else { "snapshot" },
+                    "copy_to": copy_to, "retention": rules.body(), "hooks": hooks.body(), "paused": paused,
+                });
+                print(api.create(Kind::Schedule.collection(), &without_nulls(body))?)
+            }
+            ScheduleCommand::List { volume, vm } => {
+                let query = filter_query(&[("volume", volume), ("vm", vm)]);
+                self.print_list(Kind::Schedule, &api.get(&format!("{}{query}", Kind::Schedule.collection()))?)
+            }
+            ScheduleCommand::Show { schedule } => {
+                let shown = api.get(&Kind::Schedule.item(&schedule, ""))?;
+                let runs = api.get(&Kind::Schedule.item(&schedule, "/runs"))?;
+                let both = json!({"schedule": shown, "runs": runs});
+                self.emit(&both, || {
+                    let block = render_block(&item_rows(Kind::Schedule.fields(), &shown));
+                    Ok(format!(
+                        "{block}
+
+{}",
+                        render_table(Kind::Run.fields(), &runs)
+                    ))
+                })
+            }
+            ScheduleCommand::Update { schedule, rules, hooks, no_hooks, dry_run } => {
+                let hooks = if no_hooks { json!({}) } else { hooks.body() };
+                let retention = if rules.is_empty() { Value::Null } else { rules.body() };
+                if retention.is_null() && hooks.is_null() {
+                    anyhow::bail!("nothing to change: give retention rules (--keep-last…) or hooks");
+                }
+                let body = json!({"retention": retention, "hooks": hooks, "dry_run": dry_run});
+                let answer = api.patch(&Kind::Schedule.item(&schedule, ""), &without_nulls(body))?;
+                self.emit(&answer, || {
+                    let block = render_block(&item_rows(Kind::Schedule.fields(), &answer["schedule"]));
+                    Ok(format!(
+                        "{block}
+
+{}",
+                        output::render_retention_plan(&answer["retention_plan"])
+                    ))
+                })
+            }
+            ScheduleCommand::Pause { schedule } => {
+                print(api.post(&Kind::Schedule.item(&schedule, "/pause"), &json!({}))?)
+            }
+            ScheduleCommand::Resume { schedule } => {
+                print(api.post(&Kind::Schedule.item(&schedule, "/resume"), &json!({}))?)
+            }
+            ScheduleCommand::Delete { schedule } => {
+                self.print_deleted(&api.delete(&Kind::Schedule.item(&schedule, ""))?)
+            }
+            ScheduleCommand::RunNow { schedule, no_wait } => {
+                let started = api.post(&Kind::Schedule.item(&schedule, "/run"), &json!({}))?;
+                let run = if no_wait { started } else { progress::wait_for_run(api, &schedule, started)? };
+                self.print_item(Kind::Run, &run)?;
+                if run["state"] == "failed" {
+                    anyhow::bail!("run {} failed: {}", output::text(&run["id"]), output::text(&run["error"]));
+                }
+                Ok(())
             }
         }
     }

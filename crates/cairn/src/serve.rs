@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use cairn_control::{Control, NbdAddress, RepoLocation};
+use cairn_control::{Control, NbdAddress, RepoLocation, SchedulerOptions};
 use cairn_nbd::{Listener, ServerConfig};
 use serde::Deserialize;
 use tokio::sync::watch;
@@ -52,6 +52,13 @@ pub struct ServeArgs {
     /// repeat for more. Same forms and passphrase as --backup-repo.
     #[arg(long = "copy-repo", value_name = "NAME=LOCATION", value_parser = parse_named_location)]
     copy_repos: Vec<(String, String)>,
+    /// Scheduled runs in progress at once; the rest wait their turn [default: 4].
+    #[arg(long, env = "CAIRN_MAX_CONCURRENT_RUNS", value_name = "N")]
+    max_concurrent_runs: Option<usize>,
+    /// Longest delay, in seconds, after a schedule's time before its run starts (spread per
+    /// schedule, at most a tenth of its interval) [default: 300].
+    #[arg(long, env = "CAIRN_SCHEDULE_JITTER", value_name = "SECONDS")]
+    schedule_jitter: Option<u32>,
 }
 
 fn parse_named_location(text: &str) -> Result<(String, String), String> {
@@ -72,6 +79,8 @@ struct FileConfig {
     backup_repo: Option<String>,
     #[serde(default)]
     copy_repos: BTreeMap<String, String>,
+    max_concurrent_runs: Option<usize>,
+    schedule_jitter: Option<u32>,
 }
 
 /// The settings in force.
@@ -84,6 +93,7 @@ struct Settings {
     transfer_dir: Option<PathBuf>,
     backup_repo: Option<RepoLocation>,
     copy_repos: BTreeMap<String, RepoLocation>,
+    scheduler: SchedulerOptions,
 }
 
 const DEFAULT_BACKUP_REPO: &str = "cairn-backups";
@@ -98,7 +108,21 @@ fn settings(args: ServeArgs) -> Result<Settings> {
     };
     let data_dir = args.data_dir.or(file.data_dir).unwrap_or_else(|| DEFAULT_DATA_DIR.into());
     let nbd_listen = args.nbd_listen.or(file.nbd_listen).unwrap_or_else(|| DEFAULT_NBD_LISTEN.into());
+    let defaults = SchedulerOptions::default();
+    let max_concurrent_runs =
+        args.max_concurrent_runs.or(file.max_concurrent_runs).unwrap_or(defaults.max_concurrent_runs);
+    if max_concurrent_runs == 0 {
+        bail!("--max-concurrent-runs must be at least 1");
+    }
+    let scheduler = SchedulerOptions {
+        max_concurrent_runs,
+        max_jitter: match args.schedule_jitter.or(file.schedule_jitter) {
+            Some(seconds) => Duration::from_secs(u64::from(seconds)),
+            None => defaults.max_jitter,
+        },
+    };
     Ok(Settings {
+        scheduler,
         nbd_socket: args.nbd_socket.or(file.nbd_socket).unwrap_or_else(|| data_dir.join("nbd.sock")),
         listen: args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into()),
         nbd_listen: (nbd_listen != "off").then_some(nbd_listen),
@@ -177,6 +201,8 @@ async fn serve(settings: Settings) -> Result<()> {
         backup_repository: settings.backup_repo.clone(),
         copy_repositories: settings.copy_repos.clone(),
         backup_passphrase: std::env::var("CAIRN_BACKUP_PASSPHRASE").ok().filter(|p| !p.is_empty()),
+        clock: Arc::new(cairn_control::clock::SystemClock),
+        scheduler: settings.scheduler.clone(),
     };
     let (control, recovery) = Control::open_dir(control_settings).await.context("opening the control plane")?;
     let engine = control.engine().clone();
@@ -230,10 +256,16 @@ async fn serve(settings: Settings) -> Result<()> {
         None => eprintln!("cairn: NBD on nbd+unix:///?socket={}", nbd_socket.display()),
     }
 
+    let (scheduler_stop, scheduler_stopped) = watch::channel(false);
+    let scheduler = tokio::spawn(control.clone().run_scheduler(stopped(scheduler_stopped)));
+
     let state = cairn_api::AppState::new(control.clone());
     axum::serve(api, cairn_api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
 
-    eprintln!("cairn: shutting down: finishing jobs and NBD requests in flight");
+    eprintln!("cairn: shutting down: finishing runs, jobs and NBD requests in flight");
+    let _ = scheduler_stop.send(true);
+    let _ = scheduler.await;
+    control.stop_runs(JOB_GRACE).await;
     // Jobs first: imports and exports run through the NBD socket.
     control.drain_jobs(JOB_GRACE).await;
     let _ = stop_tx.send(true);

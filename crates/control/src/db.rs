@@ -18,6 +18,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("../migrations/0002_backups.sql")),
     (3, include_str!("../migrations/0003_pruning.sql")),
     (4, include_str!("../migrations/0004_copies.sql")),
+    (5, include_str!("../migrations/0005_schedules.sql")),
 ];
 
 /// The metadata database.
@@ -164,6 +165,9 @@ fn snapshot_of(row: &SqliteRow) -> Result<Snapshot, Error> {
         origin: text_enum(row, "origin", Origin::parse)?,
         consistency: text_enum(row, "consistency", Consistency::parse)?,
         created_at: row.try_get("created_at")?,
+        schedule: row.try_get("schedule_id")?,
+        run: row.try_get("run_id")?,
+        protected: row.try_get::<i64, _>("protected")? != 0,
     })
 }
 
@@ -299,6 +303,10 @@ pub async fn tenant_by_token(c: &mut Conn, hash: &str) -> Result<Option<Tenant>,
     one(row, tenant_of)
 }
 
+pub async fn tenant_by_id(c: &mut Conn, id: &str) -> Result<Option<Tenant>, Error> {
+    one(sqlx::query("SELECT * FROM tenants WHERE id = $1").bind(id).fetch_optional(c).await?, tenant_of)
+}
+
 pub async fn tenant_by_name(c: &mut Conn, name: &str) -> Result<Option<Tenant>, Error> {
     one(sqlx::query("SELECT * FROM tenants WHERE name = $1").bind(name).fetch_optional(c).await?, tenant_of)
 }
@@ -413,7 +421,8 @@ pub async fn list_volumes(c: &mut Conn, tenant: Option<&str>, vm: Option<&str>) 
 pub async fn insert_snapshot(c: &mut Conn, s: &Snapshot) -> Result<(), Error> {
     sqlx::query(
         "INSERT INTO snapshots (id, tenant_id, name, volume_id, volume_name, vm_id, disk_role, group_id, origin, \
-         consistency, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+         consistency, created_at, schedule_id, run_id, protected) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
     .bind(&s.id)
     .bind(&s.tenant)
@@ -426,6 +435,9 @@ pub async fn insert_snapshot(c: &mut Conn, s: &Snapshot) -> Result<(), Error> {
     .bind(s.origin.as_str())
     .bind(s.consistency.as_str())
     .bind(&s.created_at)
+    .bind(&s.schedule)
+    .bind(&s.run)
+    .bind(i64::from(s.protected))
     .execute(c)
     .await?;
     Ok(())
@@ -565,13 +577,17 @@ fn backup_of(row: &SqliteRow) -> Result<Backup, Error> {
         bytes_added: u64_of(row, "bytes_added")?,
         checkpoint: row.try_get::<Option<i64>, _>("checkpoint")?.map(|c| c as u64),
         copies: Vec::new(),
+        schedule: row.try_get("schedule_id")?,
+        run: row.try_get("run_id")?,
+        protected: row.try_get::<i64, _>("protected")? != 0,
     })
 }
 
 pub async fn insert_backup(c: &mut Conn, b: &Backup) -> Result<(), Error> {
     sqlx::query(
         "INSERT INTO backups (id, tenant_id, record_id, volume_id, volume_name, vm_id, disk_role, group_id, created_at, \
-         size, bytes_read, bytes_added, checkpoint) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+         size, bytes_read, bytes_added, checkpoint, schedule_id, run_id, protected) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
     )
     .bind(&b.id)
     .bind(&b.tenant)
@@ -586,6 +602,9 @@ pub async fn insert_backup(c: &mut Conn, b: &Backup) -> Result<(), Error> {
     .bind(int(b.bytes_read))
     .bind(int(b.bytes_added))
     .bind(b.checkpoint.map(int))
+    .bind(&b.schedule)
+    .bind(&b.run)
+    .bind(i64::from(b.protected))
     .execute(c)
     .await?;
     Ok(())
@@ -679,6 +698,265 @@ pub async fn list_backups(
     vm: Option<&str>,
 ) -> Result<Vec<Backup>, Error> {
     list_of_disks(c, "backups", (tenant, volume, vm), backup_of).await
+}
+
+/// Protects or unprotects a snapshot or backup (`table` is one of the two).
+pub async fn set_protected(c: &mut Conn, table: &'static str, id: &str, protected: bool) -> Result<(), Error> {
+    sqlx::query(&format!("UPDATE {table} SET protected = $1 WHERE id = $2"))
+        .bind(i64::from(protected))
+        .bind(id)
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
+/// The snapshots a schedule made, oldest first.
+pub async fn snapshots_of_schedule(c: &mut Conn, schedule: &str) -> Result<Vec<Snapshot>, Error> {
+    let rows = sqlx::query("SELECT * FROM snapshots WHERE schedule_id = $1 ORDER BY created_at, id")
+        .bind(schedule)
+        .fetch_all(c)
+        .await?;
+    all(rows, snapshot_of)
+}
+
+/// The backups a schedule made, oldest first.
+pub async fn backups_of_schedule(c: &mut Conn, schedule: &str) -> Result<Vec<Backup>, Error> {
+    let rows = sqlx::query("SELECT * FROM backups WHERE schedule_id = $1 ORDER BY created_at, id")
+        .bind(schedule)
+        .fetch_all(c)
+        .await?;
+    all(rows, backup_of)
+}
+
+/// What a run made so far: its snapshots and its backups.
+pub async fn items_of_run(c: &mut Conn, run: &str) -> Result<(Vec<Snapshot>, Vec<Backup>), Error> {
+    let snapshots = sqlx::query("SELECT * FROM snapshots WHERE run_id = $1 ORDER BY created_at, id")
+        .bind(run)
+        .fetch_all(&mut *c)
+        .await?;
+    let backups =
+        sqlx::query("SELECT * FROM backups WHERE run_id = $1 ORDER BY created_at, id").bind(run).fetch_all(c).await?;
+    Ok((all(snapshots, snapshot_of)?, all(backups, backup_of)?))
+}
+
+// ---- schedules and runs ----
+
+fn schedule_of(row: &SqliteRow) -> Result<Schedule, Error> {
+    let frequency: String = row.try_get("frequency")?;
+    let retention: String = row.try_get("retention")?;
+    let hooks: Option<String> = row.try_get("hooks")?;
+    Ok(Schedule {
+        id: row.try_get("id")?,
+        tenant: row.try_get("tenant_id")?,
+        name: row.try_get("name")?,
+        target_kind: text_enum(row, "target_kind", TargetKind::parse)?,
+        target: row.try_get("target_id")?,
+        action: text_enum(row, "action", ScheduleAction::parse)?,
+        copy_to: row.try_get("copy_to")?,
+        frequency: frequency.parse().map_err(|_| corrupt("frequency", &frequency))?,
+        time_zone: row.try_get("time_zone")?,
+        retention: serde_json::from_str(&retention).map_err(|_| corrupt("retention", &retention))?,
+        hooks: hooks.map(|text| serde_json::from_str(&text).map_err(|_| corrupt("hooks", &text))).transpose()?,
+        paused: row.try_get::<i64, _>("paused")? != 0,
+        next_run_at: row.try_get("next_run_at")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn json_text(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).expect("plain data serialises")
+}
+
+pub async fn insert_schedule(c: &mut Conn, s: &Schedule) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO schedules (id, tenant_id, name, target_kind, target_id, action, copy_to, frequency, time_zone, \
+         retention, hooks, paused, next_run_at, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+    )
+    .bind(&s.id)
+    .bind(&s.tenant)
+    .bind(&s.name)
+    .bind(s.target_kind.as_str())
+    .bind(&s.target)
+    .bind(s.action.as_str())
+    .bind(&s.copy_to)
+    .bind(s.frequency.to_string())
+    .bind(&s.time_zone)
+    .bind(json_text(&s.retention))
+    .bind(s.hooks.as_ref().map(json_text))
+    .bind(i64::from(s.paused))
+    .bind(&s.next_run_at)
+    .bind(&s.created_at)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+/// Writes back what may change in a schedule: retention, hooks, pause and next run.
+pub async fn update_schedule(c: &mut Conn, s: &Schedule) -> Result<(), Error> {
+    sqlx::query("UPDATE schedules SET retention = $1, hooks = $2, paused = $3, next_run_at = $4 WHERE id = $5")
+        .bind(json_text(&s.retention))
+        .bind(s.hooks.as_ref().map(json_text))
+        .bind(i64::from(s.paused))
+        .bind(&s.next_run_at)
+        .bind(&s.id)
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
+/// Deletes a schedule and its runs' history; what it made stays.
+pub async fn delete_schedule(c: &mut Conn, id: &str) -> Result<(), Error> {
+    sqlx::query("DELETE FROM schedule_runs WHERE schedule_id = $1").bind(id).execute(&mut *c).await?;
+    sqlx::query("DELETE FROM schedules WHERE id = $1").bind(id).execute(c).await?;
+    Ok(())
+}
+
+/// Deletes the schedules aimed at a volume or VM that is going.
+pub async fn delete_schedules_of(c: &mut Conn, target: &str) -> Result<(), Error> {
+    for schedule in list_schedules(&mut *c, None, Some(target)).await? {
+        delete_schedule(&mut *c, &schedule.id).await?;
+    }
+    Ok(())
+}
+
+pub async fn find_schedule(c: &mut Conn, tenant: &str, reference: &str) -> Result<Option<Schedule>, Error> {
+    find_by_reference(c, "schedules", tenant, reference, schedule_of).await
+}
+
+pub async fn schedule_by_id(c: &mut Conn, id: &str) -> Result<Option<Schedule>, Error> {
+    one(sqlx::query("SELECT * FROM schedules WHERE id = $1").bind(id).fetch_optional(c).await?, schedule_of)
+}
+
+/// Schedules, oldest first, of `tenant` (None: all), aimed at `target` (None: any).
+pub async fn list_schedules(c: &mut Conn, tenant: Option<&str>, target: Option<&str>) -> Result<Vec<Schedule>, Error> {
+    let rows = sqlx::query(
+        "SELECT * FROM schedules WHERE ($1 IS NULL OR tenant_id = $1) AND ($2 IS NULL OR target_id = $2) \
+         ORDER BY created_at, id",
+    )
+    .bind(tenant)
+    .bind(target)
+    .fetch_all(c)
+    .await?;
+    all(rows, schedule_of)
+}
+
+/// Unpaused schedules whose next run is at or before `until`, soonest first.
+pub async fn schedules_due(c: &mut Conn, until: &str) -> Result<Vec<Schedule>, Error> {
+    let rows = sqlx::query("SELECT * FROM schedules WHERE paused = 0 AND next_run_at <= $1 ORDER BY next_run_at, id")
+        .bind(until)
+        .fetch_all(c)
+        .await?;
+    all(rows, schedule_of)
+}
+
+/// The soonest next run of an unpaused schedule.
+pub async fn soonest_next_run(c: &mut Conn) -> Result<Option<String>, Error> {
+    let row = sqlx::query("SELECT MIN(next_run_at) AS soonest FROM schedules WHERE paused = 0").fetch_one(c).await?;
+    Ok(row.try_get("soonest")?)
+}
+
+fn run_of(row: &SqliteRow) -> Result<Run, Error> {
+    Ok(Run {
+        id: row.try_get("id")?,
+        schedule: row.try_get("schedule_id")?,
+        tenant: row.try_get("tenant_id")?,
+        due_at: row.try_get("due_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        state: text_enum(row, "state", RunState::parse)?,
+        stage: text_enum(row, "stage", RunStage::parse)?,
+        late: row.try_get::<i64, _>("late")? != 0,
+        manual: row.try_get::<i64, _>("manual")? != 0,
+        consistency: row
+            .try_get::<Option<String>, _>("consistency")?
+            .map(|text| Consistency::parse(&text).ok_or_else(|| corrupt("consistency", &text)))
+            .transpose()?,
+        job: row.try_get("job_id")?,
+        bytes: u64_of(row, "bytes")?,
+        pruned: u64_of(row, "pruned")?,
+        error: row.try_get("error")?,
+        warning: row.try_get("warning")?,
+    })
+}
+
+/// Records a new run; false (and nothing written) when the schedule already has a run for
+/// that firing.
+pub async fn insert_run(c: &mut Conn, r: &Run) -> Result<bool, Error> {
+    let done = sqlx::query(
+        "INSERT INTO schedule_runs (id, schedule_id, tenant_id, due_at, started_at, finished_at, state, stage, late, \
+         manual, consistency, job_id, bytes, pruned, error, warning) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
+         ON CONFLICT (schedule_id, due_at) DO NOTHING",
+    )
+    .bind(&r.id)
+    .bind(&r.schedule)
+    .bind(&r.tenant)
+    .bind(&r.due_at)
+    .bind(&r.started_at)
+    .bind(&r.finished_at)
+    .bind(r.state.as_str())
+    .bind(r.stage.as_str())
+    .bind(i64::from(r.late))
+    .bind(i64::from(r.manual))
+    .bind(r.consistency.map(Consistency::as_str))
+    .bind(&r.job)
+    .bind(int(r.bytes))
+    .bind(int(r.pruned))
+    .bind(&r.error)
+    .bind(&r.warning)
+    .execute(c)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub async fn update_run(c: &mut Conn, r: &Run) -> Result<(), Error> {
+    sqlx::query(
+        "UPDATE schedule_runs SET finished_at = $1, state = $2, stage = $3, late = $4, consistency = $5, job_id = $6, \
+         bytes = $7, pruned = $8, error = $9, warning = $10 WHERE id = $11",
+    )
+    .bind(&r.finished_at)
+    .bind(r.state.as_str())
+    .bind(r.stage.as_str())
+    .bind(i64::from(r.late))
+    .bind(r.consistency.map(Consistency::as_str))
+    .bind(&r.job)
+    .bind(int(r.bytes))
+    .bind(int(r.pruned))
+    .bind(&r.error)
+    .bind(&r.warning)
+    .bind(&r.id)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+/// Runs of a schedule (None: of every schedule) in `state` (None: any), oldest first; at
+/// most `limit`, the newest ones.
+pub async fn list_runs(
+    c: &mut Conn,
+    schedule: Option<&str>,
+    state: Option<RunState>,
+    limit: i64,
+) -> Result<Vec<Run>, Error> {
+    let rows = sqlx::query(
+        "SELECT * FROM (SELECT * FROM schedule_runs WHERE ($1 IS NULL OR schedule_id = $1) \
+         AND ($2 IS NULL OR state = $2) ORDER BY due_at DESC, id DESC LIMIT $3) AS newest ORDER BY due_at, id",
+    )
+    .bind(schedule)
+    .bind(state.map(RunState::as_str))
+    .bind(limit)
+    .fetch_all(c)
+    .await?;
+    all(rows, run_of)
+}
+
+/// How many runs ended in each state, for metrics.
+pub async fn count_runs(c: &mut Conn) -> Result<Vec<(String, u64)>, Error> {
+    let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM schedule_runs GROUP BY state ORDER BY state")
+        .fetch_all(c)
+        .await?;
+    rows.iter().map(|r| Ok((r.try_get("state")?, u64_of(r, "n")?))).collect()
 }
 
 // ---- idempotency keys ----

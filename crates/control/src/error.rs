@@ -20,6 +20,10 @@ pub enum Error {
     Metadata(#[from] sqlx::Error),
     #[error("volume engine: {0}")]
     Engine(#[from] cairn_volume::Error),
+    /// A pre or post hook failed (a command's exit, a webhook's answer); the user's setup is
+    /// at fault, not cairn.
+    #[error("{0}")]
+    Hook(String),
     #[error("{0}")]
     Internal(String),
 }

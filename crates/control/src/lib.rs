@@ -2,13 +2,16 @@
 //! metadata database ([`db`]) and carried out on the volume engine. [`Control`] enforces the
 //! lifecycle rules of the product (R1–R8 in DESIGN.md); the API crate only translates HTTP.
 
+pub mod clock;
 pub mod db;
 mod error;
 mod exports;
+pub mod hooks;
 mod jobs;
 pub mod model;
 pub mod names;
 pub mod retention;
+pub mod schedule;
 mod service;
 
 pub use cairn_backup::{GcOptions, RepoLocation};
@@ -17,18 +20,18 @@ pub use error::Error;
 pub use exports::{engine_snapshot_name, ServiceExports};
 pub use jobs::parse_progress;
 pub use service::{
-    Control, CreateVm, DeleteVmOutcome, DiskPlan, ImageSource, NbdAddress, PruneItem, PrunePlan, PruneRequest,
-    Recovery, RestoreRequest, Settings, SnapshotRequest, StoreCounts,
+    Control, CreateSchedule, CreateVm, DeleteVmOutcome, DiskPlan, DiskStatus, ImageSource, NbdAddress,
+    ProtectionStatus, PruneItem, PrunePlan, PruneRequest, Recovery, RestorePoint, RestoreRequest, RetentionPlan,
+    RunItems, ScheduleView, SchedulerOptions, Settings, SnapshotRequest, StoreCounts, UpdateSchedule, VmStatus,
 };
 
 /// Now, as the RFC 3339 UTC text every record carries (millisecond precision, so records
 /// made in the same second still sort in order).
 pub fn now() -> String {
-    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+    clock::stamp(jiff::Timestamp::now())
 }
 
 /// `seconds` before now, in the same form as [`now`].
 pub fn now_minus(seconds: i64) -> String {
-    let then = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(seconds);
-    then.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+    clock::stamp(jiff::Timestamp::now() - jiff::SignedDuration::from_secs(seconds))
 }

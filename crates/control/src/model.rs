@@ -51,6 +51,27 @@ text_enum!(
     JobState { Running = "running", Succeeded = "succeeded", Failed = "failed" }
 );
 text_enum!(
+    /// What a schedule aims at: one volume, or every disk of a VM at one instant.
+    TargetKind { Volume = "volume", Vm = "vm" }
+);
+text_enum!(
+    /// What a schedule makes.
+    ScheduleAction { Snapshot = "snapshot", Backup = "backup" }
+);
+text_enum!(
+    RunState { Running = "running", Succeeded = "succeeded", Failed = "failed" }
+);
+text_enum!(
+    /// How far a run got, so a run a restart interrupted resumes without doing anything twice:
+    /// `started` made nothing yet; `taken` made its snapshots (or started its backup job, whose
+    /// backups carry the run's id); `done` has nothing left to do.
+    RunStage { Started = "started", Taken = "taken", Done = "done" }
+);
+text_enum!(
+    /// What a failing pre hook does to a snapshot: no snapshot, or a crash-consistent one.
+    OnHookFailure { Fail = "fail", CrashConsistent = "crash-consistent" }
+);
+text_enum!(
     /// Formats qemu-img reads and writes for import and export.
     ImageFormat { Raw = "raw", Qcow2 = "qcow2" }
 );
@@ -161,6 +182,12 @@ pub struct Snapshot {
     pub origin: Origin,
     pub consistency: Consistency,
     pub created_at: String,
+    /// The schedule that made it (None: made by hand), whose retention may delete it.
+    pub schedule: Option<String>,
+    #[serde(skip)]
+    pub run: Option<String>,
+    /// Protected: no retention rule and no delete touches it until it is unprotected.
+    pub protected: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -220,6 +247,85 @@ pub struct Backup {
     pub checkpoint: Option<u64>,
     /// The second repositories holding a copy (the off-site copies).
     pub copies: Vec<String>,
+    /// The schedule that made it (None: made by hand), whose retention may delete it.
+    pub schedule: Option<String>,
+    #[serde(skip)]
+    pub run: Option<String>,
+    /// Protected: no retention rule and no delete touches it until it is unprotected.
+    pub protected: bool,
+}
+
+/// Hooks around a snapshot (R9): the pre hook quiesces the guest, the post hook resumes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hooks {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre: Option<crate::hooks::Hook>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post: Option<crate::hooks::Hook>,
+    /// What a failing pre hook does [default: fail, no snapshot].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_pre_failure: Option<OnHookFailure>,
+}
+
+impl Hooks {
+    pub fn is_empty(&self) -> bool {
+        self.pre.is_none() && self.post.is_none()
+    }
+}
+
+/// Automated snapshots or backups of a volume or VM (R2), with their retention (R3).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Schedule {
+    pub id: String,
+    #[serde(skip)]
+    pub tenant: String,
+    pub name: String,
+    pub target_kind: TargetKind,
+    pub target: String,
+    pub action: ScheduleAction,
+    /// A second repository each backup is copied to once made.
+    pub copy_to: Option<String>,
+    pub frequency: crate::schedule::Frequency,
+    pub time_zone: String,
+    pub retention: crate::retention::RetentionRules,
+    pub hooks: Option<Hooks>,
+    pub paused: bool,
+    /// The next time it is due (its nominal time; it starts up to its jitter later).
+    pub next_run_at: String,
+    pub created_at: String,
+}
+
+/// One run of a schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Run {
+    pub id: String,
+    pub schedule: String,
+    #[serde(skip)]
+    pub tenant: String,
+    /// The firing it stands for; a run after downtime stands for the latest one missed.
+    pub due_at: String,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub state: RunState,
+    #[serde(skip)]
+    pub stage: RunStage,
+    /// Started well after it was due (the daemon was down, or it resumed after a restart).
+    pub late: bool,
+    /// Asked for with run-now.
+    pub manual: bool,
+    pub consistency: Option<Consistency>,
+    /// The backup job of a backup run.
+    pub job: Option<String>,
+    /// Bytes the run added: a snapshot's exclusive bytes when taken, or a backup's bytes added
+    /// to the repository.
+    pub bytes: u64,
+    /// Snapshots or backups its retention deleted.
+    pub pruned: u64,
+    pub error: Option<String>,
+    /// What went wrong without failing it (a pre hook that failed, when the schedule takes a
+    /// crash-consistent snapshot anyway).
+    pub warning: Option<String>,
 }
 
 /// How to reach an export over NBD.
@@ -245,6 +351,9 @@ pub struct SnapshotView {
     pub exclusive_bytes: u64,
     pub shared_bytes: u64,
     pub nbd: Nbd,
+    /// What went wrong around taking it without stopping it (a hook).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

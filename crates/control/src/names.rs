@@ -17,10 +17,12 @@ pub enum Kind {
     Template,
     Job,
     Backup,
+    Schedule,
+    Run,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Tenant,
         Kind::Vm,
         Kind::Volume,
@@ -29,6 +31,8 @@ impl Kind {
         Kind::Template,
         Kind::Job,
         Kind::Backup,
+        Kind::Schedule,
+        Kind::Run,
     ];
 
     pub fn prefix(self) -> &'static str {
@@ -41,6 +45,8 @@ impl Kind {
             Kind::Template => "tpl-",
             Kind::Job => "job-",
             Kind::Backup => "bkp-",
+            Kind::Schedule => "sch-",
+            Kind::Run => "run-",
         }
     }
 
@@ -55,6 +61,8 @@ impl Kind {
             Kind::Template => "template",
             Kind::Job => "job",
             Kind::Backup => "backup",
+            Kind::Schedule => "schedule",
+            Kind::Run => "run",
         }
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! The rules follow restic's `forget`: `keep_last` keeps the newest N; each period rule keeps
 //! the newest point of each of the N most recent periods (days, ISO weeks, months, years, in
-//! the given time zone) that hold one. A point kept by any rule is kept; the reasons say which.
+//! the given time zone) that hold one; `keep_within_days` keeps every point younger than that
+//! many days. A point kept by any rule is kept; the reasons say which.
 
 use jiff::tz::TimeZone;
 use jiff::Timestamp;
@@ -21,6 +22,9 @@ pub struct RetentionRules {
     pub keep_weekly: Option<u32>,
     pub keep_monthly: Option<u32>,
     pub keep_yearly: Option<u32>,
+    /// Keep every point younger than this many days, whatever the counts say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_within_days: Option<u32>,
 }
 
 /// One restore point's fate.
@@ -60,7 +64,14 @@ impl Period {
 
 impl RetentionRules {
     pub fn check(&self) -> Result<(), Error> {
-        let counts = [self.keep_last, self.keep_daily, self.keep_weekly, self.keep_monthly, self.keep_yearly];
+        let counts = [
+            self.keep_last,
+            self.keep_daily,
+            self.keep_weekly,
+            self.keep_monthly,
+            self.keep_yearly,
+            self.keep_within_days,
+        ];
         if counts.iter().all(Option::is_none) {
             return Err(Error::invalid("rules", "give at least one keep rule (keep_last, keep_daily, …)"));
         }
@@ -70,9 +81,10 @@ impl RetentionRules {
         Ok(())
     }
 
-    /// The verdict on each point, oldest first. Points are `(id, time)`; ties in time are
-    /// broken by id, so the plan is the same whatever order they come in.
-    pub fn plan(&self, points: &[(String, Timestamp)], tz: &TimeZone) -> Vec<Verdict> {
+    /// The verdict on each point, oldest first, judged at `now` (for `keep_within_days`).
+    /// Points are `(id, time)`; ties in time are broken by id, so the plan is the same whatever
+    /// order they come in.
+    pub fn plan(&self, points: &[(String, Timestamp)], tz: &TimeZone, now: Timestamp) -> Vec<Verdict> {
         let mut verdicts: Vec<Verdict> = points
             .iter()
             .map(|(id, time)| Verdict { id: id.clone(), time: *time, keep: false, reasons: Vec::new() })
@@ -103,6 +115,12 @@ impl RetentionRules {
                 }
             }
         }
+        if let Some(days) = self.keep_within_days {
+            let since = now - jiff::SignedDuration::from_hours(24 * i64::from(days));
+            for v in verdicts.iter_mut().filter(|v| v.time > since) {
+                v.reasons.push("within");
+            }
+        }
         for v in &mut verdicts {
             v.keep = !v.reasons.is_empty();
         }
@@ -125,7 +143,12 @@ mod tests {
     }
 
     fn kept(rules: &RetentionRules, times: &[&str], tz: &TimeZone) -> Vec<String> {
-        rules.plan(&points(times), tz).into_iter().filter(|v| v.keep).map(|v| v.id).collect()
+        rules
+            .plan(&points(times), tz, at("2030-01-01T00:00:00Z"))
+            .into_iter()
+            .filter(|v| v.keep)
+            .map(|v| v.id)
+            .collect()
     }
 
     #[test]
@@ -172,10 +195,24 @@ mod tests {
     #[test]
     fn rules_combine_and_report_their_reasons() {
         let rules = RetentionRules { keep_last: Some(1), keep_monthly: Some(2), ..Default::default() };
-        let plan = rules
-            .plan(&points(&["2026-01-05T00:00:00Z", "2026-02-05T00:00:00Z", "2026-02-06T00:00:00Z"]), &TimeZone::UTC);
+        let plan = rules.plan(
+            &points(&["2026-01-05T00:00:00Z", "2026-02-05T00:00:00Z", "2026-02-06T00:00:00Z"]),
+            &TimeZone::UTC,
+            at("2026-03-01T00:00:00Z"),
+        );
         let reasons: Vec<Vec<&str>> = plan.iter().map(|v| v.reasons.clone()).collect();
         assert_eq!(reasons, [vec!["monthly"], vec![], vec!["last", "monthly"]]);
+    }
+
+    #[test]
+    fn keep_within_keeps_everything_younger_than_its_days() {
+        let rules = RetentionRules { keep_last: Some(1), keep_within_days: Some(2), ..Default::default() };
+        let times = ["2026-01-01T00:00:00Z", "2026-01-08T12:00:00Z", "2026-01-09T12:00:00Z", "2026-01-10T00:00:00Z"];
+        let plan = rules.plan(&points(&times), &TimeZone::UTC, at("2026-01-10T06:00:00Z"));
+        let kept: Vec<&str> = plan.iter().filter(|v| v.keep).map(|v| v.id.as_str()).collect();
+        // Two days before 01-10 06:00 is 01-08 06:00: the 8th at 12:00 is inside.
+        assert_eq!(kept, ["b1", "b2", "b3"]);
+        assert!(RetentionRules { keep_within_days: Some(1), ..Default::default() }.check().is_ok());
     }
 
     #[test]
@@ -202,7 +239,7 @@ mod tests {
                 .map(|(i, h)| (format!("p{i:02}"), base + jiff::SignedDuration::from_hours(*h as i64)))
                 .collect();
             let rules = RetentionRules { keep_last: Some(last), keep_daily: Some(daily), ..Default::default() };
-            let plan = rules.plan(&pts, &TimeZone::UTC);
+            let plan = rules.plan(&pts, &TimeZone::UTC, base);
             let newest = pts.iter().max_by_key(|(id, t)| (*t, id.clone())).unwrap();
             prop_assert!(plan.iter().any(|v| v.id == newest.0 && v.keep));
             let daily_kept: Vec<&Verdict> = plan.iter().filter(|v| v.reasons.contains(&"daily")).collect();

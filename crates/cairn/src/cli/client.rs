@@ -120,6 +120,11 @@ impl Client {
         self.call("POST", path, Some(body), None)
     }
 
+    /// A `PATCH`: changes to an existing resource, sent once.
+    pub fn patch(&self, path: &str, body: &Value) -> Result<Value> {
+        self.call("PATCH", path, Some(body), None)
+    }
+
     /// A `POST` that creates something: it carries an idempotency key, which makes it safe to
     /// repeat when the connection fails.
     pub fn create(&self, path: &str, body: &Value) -> Result<Value> {

@@ -237,6 +237,154 @@ fn render_rows(rows: &[Vec<String>]) -> String {
     lines.join("\n")
 }
 
+pub const SCHEDULE_FIELDS: &[Field] = &[
+    Field { label: "id", listed: true, render: |v| text(&v["id"]) },
+    Field { label: "name", listed: true, render: |v| text(&v["name"]) },
+    Field { label: "target", listed: false, render: |v| format!("{} {}", text(&v["target_kind"]), text(&v["target"])) },
+    Field { label: "target_name", listed: true, render: |v| text(&v["target_name"]) },
+    Field { label: "action", listed: true, render: |v| text(&v["action"]) },
+    Field { label: "frequency", listed: true, render: |v| text(&v["frequency"]) },
+    Field { label: "time_zone", listed: true, render: |v| text(&v["time_zone"]) },
+    Field { label: "retention", listed: true, render: |v| rules(&v["retention"]) },
+    Field { label: "copy_to", listed: false, render: |v| text(&v["copy_to"]) },
+    Field { label: "hooks", listed: false, render: |v| hooks(&v["hooks"]) },
+    Field { label: "paused", listed: true, render: |v| text(&v["paused"]) },
+    Field { label: "next_run_at", listed: true, render: |v| text(&v["next_run_at"]) },
+    Field { label: "last_run", listed: true, render: |v| text(&v["last_run"]["state"]) },
+    Field { label: "interval_seconds", listed: false, render: |v| text(&v["interval_seconds"]) },
+    Field { label: "created_at", listed: false, render: |v| text(&v["created_at"]) },
+];
+
+pub const RUN_FIELDS: &[Field] = &[
+    Field { label: "id", listed: true, render: |v| text(&v["id"]) },
+    Field { label: "schedule", listed: false, render: |v| text(&v["schedule"]) },
+    Field { label: "due_at", listed: true, render: |v| text(&v["due_at"]) },
+    Field { label: "started_at", listed: false, render: |v| text(&v["started_at"]) },
+    Field { label: "finished_at", listed: true, render: |v| text(&v["finished_at"]) },
+    Field { label: "state", listed: true, render: |v| text(&v["state"]) },
+    Field { label: "late", listed: true, render: |v| text(&v["late"]) },
+    Field { label: "manual", listed: false, render: |v| text(&v["manual"]) },
+    Field { label: "consistency", listed: true, render: |v| text(&v["consistency"]) },
+    Field { label: "job", listed: false, render: |v| text(&v["job"]) },
+    Field { label: "bytes", listed: true, render: |v| size(&v["bytes"]) },
+    Field { label: "pruned", listed: true, render: |v| text(&v["pruned"]) },
+    Field { label: "error", listed: true, render: |v| text(&v["error"]) },
+    Field { label: "warning", listed: false, render: |v| text(&v["warning"]) },
+];
+
+/// Retention rules as `last=7 daily=14`.
+fn rules(value: &Value) -> String {
+    let Some(rules) = value.as_object() else { return none() };
+    let words: Vec<String> = rules
+        .iter()
+        .filter(|(_, n)| !n.is_null())
+        .map(|(key, n)| format!("{}={n}", key.trim_start_matches("keep_")))
+        .collect();
+    if words.is_empty() {
+        none()
+    } else {
+        words.join(" ")
+    }
+}
+
+/// Hooks as `pre: /bin/freeze, post: https://…`.
+fn hooks(value: &Value) -> String {
+    let mut parts = Vec::new();
+    for phase in ["pre", "post"] {
+        let hook = &value[phase];
+        if !hook.is_null() {
+            let what =
+                if hook["url"].is_null() { text(&hook["command"]).replace(", ", " ") } else { text(&hook["url"]) };
+            parts.push(format!("{phase}: {what}"));
+        }
+    }
+    if parts.is_empty() {
+        none()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// A schedule's retention plan: one row per run, what happens to its items and why.
+pub fn render_retention_plan(plan: &Value) -> String {
+    let header = ["RUN", "CREATED", "ITEMS", "ACTION", "KEPT BY"].map(String::from).to_vec();
+    let mut rows = vec![header];
+    let action = if plan["dry_run"] == true { "would delete" } else { "deleted" };
+    let mut runs: Vec<(&Value, &str)> = Vec::new();
+    runs.extend(plan["keep"].as_array().into_iter().flatten().map(|r| (r, "keep")));
+    runs.extend(plan["delete"].as_array().into_iter().flatten().map(|r| (r, action)));
+    runs.sort_by_key(|(r, _)| r["created_at"].as_str().unwrap_or_default().to_owned());
+    for (run, what) in &runs {
+        let reasons: Vec<String> = run["reasons"].as_array().into_iter().flatten().map(text).collect();
+        rows.push(vec![
+            text(&run["run"]),
+            text(&run["created_at"]),
+            text(&run["items"]),
+            what.to_string(),
+            reasons.join(","),
+        ]);
+    }
+    let deleted: usize =
+        plan["delete"].as_array().into_iter().flatten().map(|r| r["items"].as_array().map_or(0, Vec::len)).sum();
+    format!("{}\n{deleted} item(s) {action}", render_rows(&rows))
+}
+
+/// Protection status: one row per disk, then one per VM.
+pub fn render_status(status: &Value) -> String {
+    let header = ["DISK", "VM", "NEWEST RESTORE POINT", "AGE", "RPO", "NEXT RUN", "STATUS"].map(String::from).to_vec();
+    let mut rows = vec![header];
+    let verdict = |item: &Value| {
+        let mut flags = Vec::new();
+        if item["rpo_exceeded"] == true {
+            flags.push("RPO EXCEEDED");
+        }
+        if item["last_run_failed"] == true {
+            flags.push("LAST RUN FAILED");
+        }
+        if item["rpo_seconds"].is_null() {
+            flags.push("no schedule");
+        }
+        if flags.is_empty() {
+            "ok".to_owned()
+        } else {
+            flags.join(", ")
+        }
+    };
+    let age = |point: &Value| point["age_seconds"].as_i64().map_or_else(none, |s| duration(s.max(0) as u64));
+    let rpo = |item: &Value| item["rpo_seconds"].as_i64().map_or_else(none, |s| duration(s.max(0) as u64));
+    for disk in status["volumes"].as_array().into_iter().flatten() {
+        let point = &disk["newest_restore_point"];
+        rows.push(vec![
+            text(&disk["volume_name"]),
+            text(&disk["vm"]),
+            if point.is_null() { none() } else { format!("{} {}", text(&point["kind"]), text(&point["id"])) },
+            age(point),
+            rpo(disk),
+            text(&disk["next_run_at"]),
+            verdict(disk),
+        ]);
+    }
+    let mut out = render_rows(&rows);
+    let vms = status["vms"].as_array().map_or(&[][..], Vec::as_slice);
+    if !vms.is_empty() {
+        let mut vm_rows =
+            vec![["VM", "DISKS", "OLDEST NEWEST POINT", "AGE", "RPO", "STATUS"].map(String::from).to_vec()];
+        for vm in vms {
+            let point = &vm["oldest_newest_restore_point"];
+            vm_rows.push(vec![
+                text(&vm["vm_name"]),
+                vm["disks"].as_array().map_or(0, Vec::len).to_string(),
+                if point.is_null() { none() } else { text(&point["created_at"]) },
+                age(point),
+                rpo(vm),
+                verdict(vm),
+            ]);
+        }
+        out = format!("{out}\n\n{}", render_rows(&vm_rows));
+    }
+    out
+}
+
 /// A prune plan: one row per backup, disk by disk, with what happens to it and why.
 pub fn render_prune_plan(plan: &Value) -> String {
     let header = ["DISK", "BACKUP", "CREATED", "ACTION", "KEPT BY"].map(String::from).to_vec();

@@ -33,6 +33,20 @@ pub fn wait_for_job_end(client: &Client, mut job: Value) -> Result<Value> {
     Ok(job)
 }
 
+/// Polls a schedule's runs until `run` ends, and returns it as it ended.
+pub fn wait_for_run(client: &Client, schedule: &str, mut run: Value) -> Result<Value> {
+    let id = run["id"].as_str().context("the API answered a run without an id")?.to_owned();
+    while run["state"] == "running" {
+        thread::sleep(POLL_INTERVAL);
+        let runs = client.get(&format!("/v1/schedules/{}/runs", encode(schedule)))?;
+        run = runs
+            .as_array()
+            .and_then(|runs| runs.iter().find(|r| r["id"] == id.as_str()).cloned())
+            .with_context(|| format!("run {id} is no longer listed"))?;
+    }
+    Ok(run)
+}
+
 /// An error naming the job and its reason if it failed.
 pub fn check_succeeded(job: &Value) -> Result<()> {
     if job["state"] == "failed" {

@@ -95,6 +95,19 @@ impl Control {
         vm: Option<&str>,
         keep_snapshot: Option<&SnapshotRequest>,
     ) -> Result<JobView, Error> {
+        self.begin_backup(t, volume, vm, keep_snapshot, None).await
+    }
+
+    /// [`Self::start_backup`], for a scheduled run too: its backups carry the run's ids, and
+    /// the run's step to `taken` (naming the job) commits with the job.
+    pub(super) async fn begin_backup(
+        self: &Arc<Self>,
+        t: &Tenant,
+        volume: Option<&str>,
+        vm: Option<&str>,
+        keep_snapshot: Option<&SnapshotRequest>,
+        made_by: Option<&Run>,
+    ) -> Result<JobView, Error> {
         let repo = self.repository()?;
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
@@ -133,17 +146,23 @@ impl Control {
                 vm: vm.as_ref().map(|vm| vm.id.clone()).or_else(|| volume.vm.clone()),
                 disk_role: if volume.from_root_disk { DiskRole::Root } else { DiskRole::Data },
                 group: group.clone(),
-                created_at: now(),
+                // A run's items are dated by the scheduler's clock, as its retention reads them.
+                created_at: made_by.map_or_else(now, |run| run.started_at.clone()),
                 size: volume.size,
                 bytes_read: 0,
                 bytes_added: 0,
                 checkpoint: None,
                 copies: Vec::new(),
+                schedule: made_by.map(|run| run.schedule.clone()),
+                run: made_by.map(|run| run.id.clone()),
+                protected: false,
             };
             disks.push((backup, parent));
         }
         let kept = match keep_snapshot {
-            Some(request) => Self::snapshot_rows(&mut tx, t, &volumes, vm.as_ref(), group.clone(), request).await?,
+            Some(request) => {
+                Self::snapshot_rows(&mut tx, t, &volumes, vm.as_ref(), group.clone(), request, made_by).await?
+            }
             None => Vec::new(),
         };
         // All disks freeze at one instant; the backup reads those snapshots at its own pace.
@@ -166,6 +185,11 @@ impl Control {
             .collect();
         let job = self.new_job(t, JobKind::Backup, &resource, "", 0);
         db::insert_job(&mut tx, &job).await?;
+        if let Some(run) = made_by {
+            // The caller set the run's consistency from its hooks.
+            let taken = Run { stage: RunStage::Taken, job: Some(job.id.clone()), ..run.clone() };
+            db::update_run(&mut tx, &taken).await?;
+        }
         tx.commit().await?;
         let progress = self.track(&job);
         let view = self.job_view(job.clone());

@@ -111,7 +111,7 @@ impl Control {
     }
 
     /// The copy job's work; the report lists what was copied, also when a later copy failed.
-    async fn copy_all(
+    pub(super) async fn copy_all(
         &self,
         source: &Arc<Repository>,
         dest: &Arc<Repository>,

@@ -14,6 +14,7 @@ use serde::Deserialize;
 mod backups;
 mod copies;
 mod pruning;
+mod schedules;
 mod snapshots;
 mod templates;
 mod tenants;
@@ -22,6 +23,10 @@ mod vms;
 mod volumes;
 
 pub use pruning::{DiskPlan, PruneItem, PrunePlan, PruneRequest};
+pub use schedules::{
+    CreateSchedule, DiskStatus, ProtectionStatus, RestorePoint, RetentionPlan, RunItems, ScheduleView,
+    SchedulerOptions, UpdateSchedule, VmStatus,
+};
 
 use crate::db::{self, MetaStore};
 use crate::exports::{engine_snapshot_name, parse_engine_snapshot_name, ServiceExports, TEMPLATE_SNAPSHOT};
@@ -57,6 +62,9 @@ pub struct Settings {
     /// share the passphrase and are opened, or made, on first use.
     pub copy_repositories: BTreeMap<String, cairn_backup::RepoLocation>,
     pub backup_passphrase: Option<String>,
+    /// The scheduler's clock: the system's, or a hand-set one in tests.
+    pub clock: Arc<dyn crate::clock::Clock>,
+    pub scheduler: SchedulerOptions,
 }
 
 impl Settings {
@@ -69,6 +77,8 @@ impl Settings {
             backup_repository: None,
             copy_repositories: BTreeMap::new(),
             backup_passphrase: None,
+            clock: Arc::new(crate::clock::SystemClock),
+            scheduler: SchedulerOptions::default(),
         }
     }
 }
@@ -78,7 +88,11 @@ impl Settings {
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRequest {
     pub name: Option<String>,
+    /// What the caller vouches for (it quiesced the guest itself); hooks that succeed make a
+    /// snapshot application-consistent anyway.
     pub consistency: Option<Consistency>,
+    /// Pre and post hooks around the snapshot (R9).
+    pub hooks: Option<Hooks>,
 }
 
 /// An image file on the daemon's machine to import.
@@ -159,6 +173,19 @@ pub struct Control {
     jobs: Mutex<HashMap<String, Arc<Progress>>>,
     /// Signalled whenever a job ends, for a shutdown that waits for them.
     job_ended: tokio::sync::Notify,
+    /// Scheduled runs in progress at once are bounded by these permits.
+    run_slots: Arc<tokio::sync::Semaphore>,
+    /// Schedules with a run in progress in this process: a schedule runs once at a time.
+    active_schedules: Mutex<std::collections::HashSet<String>>,
+    /// Runs a restart interrupted are resumed once, at the scheduler's first pass.
+    runs_resumed: std::sync::atomic::AtomicBool,
+    /// Signalled when a schedule is made, changed or resumed, so the scheduler looks again.
+    schedules_changed: tokio::sync::Notify,
+    /// The tasks of runs in progress, to cut short at shutdown (they resume at the next start).
+    run_tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Runs doing their work now (holding a slot), and the most there ever were at once.
+    runs_working: std::sync::atomic::AtomicUsize,
+    runs_working_peak: std::sync::atomic::AtomicUsize,
 }
 
 fn token_hash(token: &str) -> String {
@@ -219,10 +246,17 @@ impl Control {
             exports,
             repo,
             copy_repos: Default::default(),
-            settings,
             ops: tokio::sync::Mutex::new(()),
             jobs: Mutex::default(),
             job_ended: Default::default(),
+            run_slots: Arc::new(tokio::sync::Semaphore::new(settings.scheduler.max_concurrent_runs.max(1))),
+            active_schedules: Mutex::default(),
+            runs_resumed: Default::default(),
+            schedules_changed: Default::default(),
+            run_tasks: Mutex::default(),
+            runs_working: Default::default(),
+            runs_working_peak: Default::default(),
+            settings,
         });
         let mut recovery = Recovery::default();
         {
@@ -435,6 +469,7 @@ impl Control {
                 exclusive_bytes: usage.exclusive_bytes,
                 shared_bytes: usage.shared_bytes,
                 nbd: self.nbd_for(format!("{}@{}", snapshot.volume, snapshot.id)),
+                warnings: Vec::new(),
                 snapshot,
             });
         }

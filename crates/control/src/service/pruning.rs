@@ -51,7 +51,7 @@ pub struct PruneRequest {
     pub dry_run: bool,
 }
 
-fn time_zone(name: Option<&str>) -> Result<TimeZone, Error> {
+pub(super) fn time_zone(name: Option<&str>) -> Result<TimeZone, Error> {
     match name {
         None => Ok(TimeZone::UTC),
         Some(name) => TimeZone::get(name).map_err(|_| {
@@ -69,6 +69,9 @@ impl Control {
             let _ops = self.ops.lock().await;
             let mut tx = self.meta.begin().await?;
             let backup = db::find_backup(&mut tx, &t.id, id).await?.ok_or_else(|| Error::not_found("backup", id))?;
+            if backup.protected {
+                return Err(Error::conflict(format!("backup {} is protected; unprotect it first", backup.id)));
+            }
             db::delete_backups(&mut tx, std::slice::from_ref(&backup), &now()).await?;
             tx.commit().await?;
             backup
@@ -88,6 +91,8 @@ impl Control {
         let mut tx = self.meta.begin().await?;
         let filter = DiskFilter::resolve(&mut tx, t, request.volume.as_deref(), request.vm.as_deref()).await?;
         let backups = db::list_backups(&mut tx, Some(&t.id), filter.volume_id(), filter.vm_id()).await?;
+        // Protected backups are out of retention's reach: neither judged nor counted.
+        let backups = backups.into_iter().filter(|b| !b.protected);
         let mut by_disk: BTreeMap<String, Vec<Backup>> = BTreeMap::new();
         for backup in backups {
             by_disk.entry(backup.volume.clone()).or_default().push(backup);
@@ -109,7 +114,7 @@ impl Control {
             let by_id: BTreeMap<&str, &Backup> = backups.iter().map(|b| (b.id.as_str(), b)).collect();
             let mut disk =
                 DiskPlan { volume, volume_name: backups[0].volume_name.clone(), keep: Vec::new(), forget: Vec::new() };
-            for verdict in request.rules.plan(&points, &tz) {
+            for verdict in request.rules.plan(&points, &tz, jiff::Timestamp::now()) {
                 let backup = by_id[verdict.id.as_str()];
                 let item = PruneItem {
                     backup: backup.id.clone(),
@@ -140,7 +145,7 @@ impl Control {
 
     /// A deleted backup's change tracking is of no use to the next backup, which reads
     /// everything when its parent's checkpoint is gone.
-    fn forget_checkpoints(&self, deleted: &[Backup]) {
+    pub(super) fn forget_checkpoints(&self, deleted: &[Backup]) {
         for checkpoint in deleted.iter().filter_map(|b| b.checkpoint) {
             let _ = self.engine.forget_checkpoint(SnapshotId(checkpoint));
         }

@@ -5,6 +5,7 @@ use crate::model::*;
 use crate::names::{check_name, new_id, Kind};
 use crate::{now, Error};
 
+use super::schedules::hook_context;
 use super::*;
 
 impl Control {
@@ -26,21 +27,24 @@ impl Control {
         Ok(())
     }
 
-    /// Snapshots a volume, or (with `vm`) every disk of a VM at one instant.
-    async fn take_snapshots(
+    /// Snapshots a volume, or (with `vm`) every disk of a VM at one instant. A scheduled run's
+    /// snapshots carry its ids, and the run's step to `taken` commits with them.
+    pub(super) async fn take_snapshots(
         &self,
         t: &Tenant,
-        volumes: Vec<Volume>,
+        volumes: &[Volume],
         vm: Option<&Vm>,
         request: &SnapshotRequest,
+        made_by: Option<&Run>,
     ) -> Result<Vec<SnapshotView>, Error> {
         if let Some(busy) = volumes.iter().find(|v| v.state != ResourceState::Ready) {
             return Err(Error::conflict(format!("volume {} is being imported", busy.name)));
         }
+        let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
         // Every snapshot of a VM belongs to its group, even a one-disk VM's.
         let group = vm.map(|_| new_id(Kind::SnapshotGroup));
-        let snapshots = Self::snapshot_rows(&mut tx, t, &volumes, vm, group, request).await?;
+        let snapshots = Self::snapshot_rows(&mut tx, t, volumes, vm, group, request, made_by).await?;
         let engine_ids: Vec<VolumeId> = volumes.iter().map(|v| self.engine_volume(&v.id)).collect::<Result<_, _>>()?;
         let engine_names: Vec<String> = snapshots.iter().map(|s| engine_snapshot_name(&s.volume, &s.id)).collect();
         let requests: Vec<(VolumeId, &str)> =
@@ -49,12 +53,18 @@ impl Control {
         for snapshot in &snapshots {
             db::insert_snapshot(&mut tx, snapshot).await?;
         }
+        if let Some(run) = made_by {
+            let consistency = request.consistency.unwrap_or(Consistency::Crash);
+            db::update_run(&mut tx, &Run { stage: RunStage::Taken, consistency: Some(consistency), ..run.clone() })
+                .await?;
+        }
         tx.commit().await?;
         self.snapshot_views(snapshots)
     }
 
     /// The rows of new snapshots of `volumes` (one per disk, named as `request` says, in
-    /// `group`), checked against the names in use; the caller takes them in the engine.
+    /// `group`, made by a scheduled run or by hand), checked against the names in use; the
+    /// caller takes them in the engine.
     pub(super) async fn snapshot_rows(
         tx: &mut db::Conn,
         t: &Tenant,
@@ -62,6 +72,7 @@ impl Control {
         vm: Option<&Vm>,
         group: Option<String>,
         request: &SnapshotRequest,
+        made_by: Option<&Run>,
     ) -> Result<Vec<Snapshot>, Error> {
         if let Some(name) = &request.name {
             check_name("name", name)?;
@@ -91,40 +102,82 @@ impl Control {
                 vm: vm.map(|vm| vm.id.clone()).or_else(|| volume.vm.clone()),
                 disk_role: if volume.from_root_disk { DiskRole::Root } else { DiskRole::Data },
                 group: group.clone(),
-                origin: Origin::Manual,
+                origin: if made_by.is_some() { Origin::Scheduled } else { Origin::Manual },
                 consistency: request.consistency.unwrap_or(Consistency::Crash),
-                created_at: now(),
+                // A run's items are dated by the scheduler's clock, as its retention reads them.
+                created_at: made_by.map_or_else(now, |run| run.started_at.clone()),
+                schedule: made_by.map(|run| run.schedule.clone()),
+                run: made_by.map(|run| run.id.clone()),
+                protected: false,
             });
         }
         Ok(snapshots)
     }
 
+    /// Snapshots a volume, between its hooks if the request has any.
     pub async fn snapshot_volume(
         &self,
         t: &Tenant,
         reference: &str,
         request: &SnapshotRequest,
     ) -> Result<SnapshotView, Error> {
-        let _ops = self.ops.lock().await;
         let volume = self.volume(&mut *self.meta.conn().await?, t, reference).await?;
-        Ok(self.take_snapshots(t, vec![volume], None, request).await?.remove(0))
+        Ok(self.hooked_snapshots(t, &[volume], None, request, None).await?.remove(0))
     }
 
-    /// All disks of a VM at one instant: multi-disk crash consistency.
+    /// All disks of a VM at one instant: multi-disk crash consistency (application
+    /// consistency with hooks).
     pub async fn snapshot_vm(
         &self,
         t: &Tenant,
         reference: &str,
         request: &SnapshotRequest,
     ) -> Result<Vec<SnapshotView>, Error> {
-        let _ops = self.ops.lock().await;
         let mut c = self.meta.conn().await?;
-        let vm = self.vm(&mut c, t, reference).await?;
-        let mut volumes = db::list_volumes(&mut c, Some(&t.id), Some(&vm.id)).await?;
-        // Root first, so the answer reads in a stable order.
-        volumes.sort_by_key(|v| (v.role != DiskRole::Root, v.created_at.clone()));
+        let (vm, volumes) = self.vm_disks(&mut c, t, reference).await?;
         drop(c);
-        self.take_snapshots(t, volumes, Some(&vm), request).await
+        self.hooked_snapshots(t, &volumes, Some(&vm), request, None).await
+    }
+
+    /// A VM and its disks, root first, so answers read in a stable order.
+    pub(super) async fn vm_disks(
+        &self,
+        c: &mut db::Conn,
+        t: &Tenant,
+        reference: &str,
+    ) -> Result<(Vm, Vec<Volume>), Error> {
+        let vm = self.vm(c, t, reference).await?;
+        let mut volumes = db::list_volumes(c, Some(&t.id), Some(&vm.id)).await?;
+        volumes.sort_by_key(|v| (v.role != DiskRole::Root, v.created_at.clone()));
+        Ok((vm, volumes))
+    }
+
+    /// [`Self::take_snapshots`] between the request's pre and post hooks; a warning (a failed
+    /// post hook, or a failed pre hook the request said to take a crash-consistent snapshot
+    /// through) goes with the views.
+    pub(super) async fn hooked_snapshots(
+        &self,
+        t: &Tenant,
+        volumes: &[Volume],
+        vm: Option<&Vm>,
+        request: &SnapshotRequest,
+        made_by: Option<&Run>,
+    ) -> Result<Vec<SnapshotView>, Error> {
+        let context = hook_context(t, volumes, vm, made_by);
+        let (mut views, warning) = self
+            .around_hooks(t, request.hooks.as_ref(), context, request.consistency, async |consistency| {
+                let request = SnapshotRequest { consistency: Some(consistency), ..request.clone() };
+                let views = self.take_snapshots(t, volumes, vm, &request, made_by).await?;
+                let ids = views.iter().map(|v| v.snapshot.id.clone()).collect();
+                Ok((views, ids))
+            })
+            .await?;
+        if let Some(warning) = warning {
+            for view in &mut views {
+                view.warnings.push(warning.clone());
+            }
+        }
+        Ok(views)
     }
 
     /// Snapshots filtered by volume and VM, each given by id or name; the id of a deleted
@@ -154,17 +207,62 @@ impl Control {
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
         let snapshot = self.snapshot(&mut tx, t, reference).await?;
-        let engine_id = self.engine_snapshot(&snapshot.id)?;
-        // A snapshot kept at a backup is that backup's checkpoint: its change tracking stays
-        // for the next incremental backup.
-        let checkpoint = db::list_backups(&mut tx, None, Some(&snapshot.volume), None)
-            .await?
-            .iter()
-            .any(|b| b.checkpoint == Some(engine_id.0));
-        db::delete_snapshot(&mut tx, &snapshot.id).await?;
+        if snapshot.protected {
+            return Err(Error::conflict(format!("snapshot {} is protected; unprotect it first", snapshot.name)));
+        }
+        let engine = self.delete_snapshot_rows(&mut tx, std::slice::from_ref(&snapshot)).await?;
         tx.commit().await?;
-        self.engine.delete_snapshot(engine_id, checkpoint)?;
+        self.delete_engine_snapshots(engine)?;
         Ok(snapshot.id)
+    }
+
+    /// Deletes snapshot rows; returns their engine snapshots, for
+    /// [`Self::delete_engine_snapshots`] once the transaction commits.
+    pub(super) async fn delete_snapshot_rows(
+        &self,
+        tx: &mut db::Conn,
+        snapshots: &[Snapshot],
+    ) -> Result<Vec<(SnapshotId, bool)>, Error> {
+        let mut engine = Vec::with_capacity(snapshots.len());
+        for snapshot in snapshots {
+            let engine_id = self.engine_snapshot(&snapshot.id)?;
+            // A snapshot kept at a backup is that backup's checkpoint: its change tracking
+            // stays for the next incremental backup.
+            let checkpoint = db::list_backups(tx, None, Some(&snapshot.volume), None)
+                .await?
+                .iter()
+                .any(|b| b.checkpoint == Some(engine_id.0));
+            db::delete_snapshot(tx, &snapshot.id).await?;
+            engine.push((engine_id, checkpoint));
+        }
+        Ok(engine)
+    }
+
+    pub(super) fn delete_engine_snapshots(&self, snapshots: Vec<(SnapshotId, bool)>) -> Result<(), Error> {
+        for (id, keep_checkpoint) in snapshots {
+            self.engine.delete_snapshot(id, keep_checkpoint)?;
+        }
+        Ok(())
+    }
+
+    /// Protects a snapshot or backup from retention and deletion, or lifts that.
+    pub async fn set_protected(&self, t: &Tenant, kind: Kind, reference: &str, protected: bool) -> Result<(), Error> {
+        let _ops = self.ops.lock().await;
+        let mut tx = self.meta.begin().await?;
+        let (table, id) = match kind {
+            Kind::Snapshot => ("snapshots", self.snapshot(&mut tx, t, reference).await?.id),
+            Kind::Backup => (
+                "backups",
+                db::find_backup(&mut tx, &t.id, reference)
+                    .await?
+                    .ok_or_else(|| Error::not_found("backup", reference))?
+                    .id,
+            ),
+            _ => return Err(Error::Internal(format!("{} can not be protected", kind.noun()))),
+        };
+        db::set_protected(&mut tx, table, &id, protected).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// A fresh volume from a snapshot (R5, R7); see docs/api.md, "Restore rules".
@@ -233,6 +331,9 @@ impl Control {
                     origin: Origin::Manual,
                     consistency: Consistency::Crash,
                     created_at: now(),
+                    schedule: None,
+                    run: None,
+                    protected: false,
                 };
                 self.engine.snapshot(self.engine_volume(&old.id)?, &engine_snapshot_name(&old.id, &kept.id))?;
                 Some(kept)

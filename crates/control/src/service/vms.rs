@@ -126,6 +126,7 @@ impl Control {
         for mut volume in db::list_volumes(&mut tx, Some(&t.id), Some(&vm.id)).await? {
             if volume.from_root_disk {
                 db::delete_volume(&mut tx, &volume.id).await?;
+                db::delete_schedules_of(&mut tx, &volume.id).await?;
                 deleted.push(volume.id);
             } else {
                 volume.vm = None;
@@ -134,6 +135,7 @@ impl Control {
             }
         }
         db::delete_vm(&mut tx, &vm.id).await?;
+        db::delete_schedules_of(&mut tx, &vm.id).await?;
         tx.commit().await?;
         for id in &deleted {
             self.remove_engine_volume(id)?;

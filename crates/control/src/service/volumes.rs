@@ -142,6 +142,7 @@ impl Control {
             return Err(Error::conflict(format!("volume {} is being imported", volume.name)));
         }
         db::delete_volume(&mut tx, &volume.id).await?;
+        db::delete_schedules_of(&mut tx, &volume.id).await?;
         tx.commit().await?;
         self.remove_engine_volume(&volume.id)?;
         Ok(volume.id)
