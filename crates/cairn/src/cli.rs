@@ -378,14 +378,21 @@ impl HookOptions {
         }
     }
 
-    /// The hooks member of a request; null without hooks.
-    fn body(&self) -> Value {
+    /// The hooks member of a request; null without hooks. A timeout or failure rule without
+    /// a hook would be dropped unseen, so it is refused.
+    fn body(&self) -> Result<Value> {
         let pre = self.hook(&self.pre_hook, &self.pre_hook_url);
         let post = self.hook(&self.post_hook, &self.post_hook_url);
         if pre.is_null() && post.is_null() {
-            return Value::Null;
+            if self.hook_timeout.is_some() || self.on_pre_hook_failure.is_some() {
+                anyhow::bail!(
+                    "--hook-timeout and --on-pre-hook-failure go with a hook: give --pre-hook, --pre-hook-url, \
+                     --post-hook or --post-hook-url too"
+                );
+            }
+            return Ok(Value::Null);
         }
-        without_nulls(json!({"pre": pre, "post": post, "on_pre_failure": self.on_pre_hook_failure}))
+        Ok(without_nulls(json!({"pre": pre, "post": post, "on_pre_failure": self.on_pre_hook_failure})))
     }
 }
 
@@ -627,8 +634,8 @@ pub struct SnapshotOptions {
 }
 
 impl SnapshotOptions {
-    fn body(&self) -> Value {
-        json!({"name": self.name, "consistency": self.consistency, "hooks": self.hooks.body()})
+    fn body(&self) -> Result<Value> {
+        Ok(json!({"name": self.name, "consistency": self.consistency, "hooks": self.hooks.body()?}))
     }
 }
 
@@ -791,7 +798,7 @@ impl Session {
             VmCommand::Stop { vm } => self.print_item(Kind::Vm, &api.post(&Kind::Vm.item(&vm, "/stop"), &json!({}))?),
             VmCommand::Delete { vm } => self.print_deleted(&api.delete(&Kind::Vm.item(&vm, ""))?),
             VmCommand::Snapshot { vm, options } => {
-                let snapshots = api.create(&Kind::Vm.item(&vm, "/snapshots"), &without_nulls(options.body()))?;
+                let snapshots = api.create(&Kind::Vm.item(&vm, "/snapshots"), &without_nulls(options.body()?))?;
                 self.print_list(Kind::Snapshot, &snapshots)
             }
             VmCommand::Snapshots { vm } => {
@@ -834,7 +841,8 @@ impl Session {
         let api = &self.client;
         match command {
             SnapshotCommand::Create { volume, options } => {
-                let snapshot = api.create(&Kind::Volume.item(&volume, "/snapshots"), &without_nulls(options.body()))?;
+                let snapshot =
+                    api.create(&Kind::Volume.item(&volume, "/snapshots"), &without_nulls(options.body()?))?;
                 self.print_item(Kind::Snapshot, &snapshot)
             }
             SnapshotCommand::List { volume, vm } => {
@@ -955,7 +963,7 @@ impl Session {
                 let body = json!({
                     "name": name, "volume": volume, "vm": vm, "frequency": frequency.text(),
                     "time_zone": time_zone, "action": if backup { "backup" } else { "snapshot" },
-                    "copy_to": copy_to, "retention": rules.body(), "hooks": hooks.body(), "paused": paused,
+                    "copy_to": copy_to, "retention": rules.body(), "hooks": hooks.body()?, "paused": paused,
                 });
                 print(api.create(Kind::Schedule.collection(), &without_nulls(body))?)
             }
@@ -978,7 +986,7 @@ impl Session {
                 })
             }
             ScheduleCommand::Update { schedule, rules, hooks, no_hooks, dry_run } => {
-                let hooks = if no_hooks { json!({}) } else { hooks.body() };
+                let hooks = if no_hooks { json!({}) } else { hooks.body()? };
                 let retention = if rules.is_empty() { Value::Null } else { rules.body() };
                 if retention.is_null() && hooks.is_null() {
                     anyhow::bail!("nothing to change: give retention rules (--keep-last…) or hooks");
@@ -987,12 +995,10 @@ impl Session {
                 let answer = api.patch(&Kind::Schedule.item(&schedule, ""), &without_nulls(body))?;
                 self.emit(&answer, || {
                     let block = render_block(&item_rows(Kind::Schedule.fields(), &answer["schedule"]));
-                    Ok(format!(
-                        "{block}
-
-{}",
-                        output::render_retention_plan(&answer["retention_plan"])
-                    ))
+                    Ok(match &answer["retention_plan"] {
+                        Value::Null => block,
+                        plan => format!("{block}\n\n{}", output::render_retention_plan(plan)),
+                    })
                 })
             }
             ScheduleCommand::Pause { schedule } => {

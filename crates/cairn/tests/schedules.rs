@@ -69,6 +69,10 @@ fn a_per_minute_cron_schedule_runs_on_the_wall_clock() {
     // Keep 2: never more than two of the schedule's snapshots.
     assert!(scheduled_snapshots(&srv, &schedule_id).len() <= 2);
 
+    // A hook option without a hook is refused rather than dropped.
+    let refused = srv.cli_fails(&["schedule", "update", "minutely", "--hook-timeout", "5"]);
+    assert!(refused.contains("go with a hook"), "{refused}");
+
     srv.cli_json(&["schedule", "pause", "minutely"]);
     let paused = srv.cli_json(&["schedule", "show", "minutely"]);
     assert_eq!(paused["schedule"]["paused"], true);

@@ -47,9 +47,6 @@ pub enum Frequency {
 /// combination (they repeat every 28 years) and 29 February on a Monday included.
 const SEARCH_DAYS: u32 = 29 * 366;
 
-/// How many firings [`Frequency::interval`] measures for a cron expression at most.
-const INTERVAL_FIRINGS: usize = 500;
-
 const YEAR: SignedDuration = SignedDuration::from_hours(366 * 24);
 
 impl Frequency {
@@ -78,8 +75,8 @@ impl Frequency {
 
     /// The longest time between two firings from `from` on: the recovery point objective the
     /// schedule promises. Daily, weekly and monthly frequencies have a fixed interval (a day,
-    /// a week, 31 days); a cron expression's is measured over its next firings (up to a year
-    /// of them, at least two).
+    /// a week, 31 days); a cron expression's is the widest gap between its firings over the
+    /// coming year.
     pub fn interval(&self, from: Timestamp, tz: &TimeZone) -> SignedDuration {
         match self {
             Frequency::Daily { .. } => SignedDuration::from_hours(24),
@@ -89,18 +86,39 @@ impl Frequency {
         }
     }
 
+    /// A cron expression names the same times on every day it matches, so the widest gap is
+    /// either between two times of one day or from the last time of one matching day to the
+    /// first of the next: one pass over the matching days of the coming year, not over every
+    /// firing (a per-minute expression fires half a million times a year).
     fn widest_gap(&self, from: Timestamp, tz: &TimeZone) -> Option<SignedDuration> {
-        let mut previous = self.next_after(from, tz)?;
-        let mut widest = SignedDuration::ZERO;
-        for _ in 0..INTERVAL_FIRINGS {
-            let next = self.next_after(previous, tz)?;
-            widest = widest.max(next.duration_since(previous));
-            previous = next;
-            if previous.duration_since(from) > YEAR {
-                break;
+        let Frequency::Cron(cron) = self else { return None };
+        let minutes_of_day: Vec<i64> =
+            bits(u64::from(cron.hours)).flat_map(|h| bits(cron.minutes).map(move |m| i64::from(h * 60 + m))).collect();
+        let (first, last) = (*minutes_of_day.first()?, *minutes_of_day.last()?);
+        let within_a_day = minutes_of_day.windows(2).map(|pair| pair[1] - pair[0]).max().unwrap_or(0);
+        let mut widest = SignedDuration::from_mins(within_a_day);
+        let time_of = |minute: i64| Time::constant((minute / 60) as i8, (minute % 60) as i8, 0, 0);
+        let mut day = tz.to_datetime(from).date();
+        let horizon = day.checked_add(YEAR).ok()?;
+        let mut previous_last_firing: Option<Timestamp> = None;
+        let mut between_days = false;
+        for _ in 0..SEARCH_DAYS {
+            if cron.day_matches(day) {
+                let first_firing = instant_of(tz, day.to_datetime(time_of(first)))?;
+                if let Some(previous) = previous_last_firing {
+                    widest = widest.max(first_firing.duration_since(previous));
+                    between_days = true;
+                    // The gap that ends past the year still counts: a yearly expression's
+                    // interval is its year, a 29 February one's four years.
+                    if day > horizon {
+                        break;
+                    }
+                }
+                previous_last_firing = Some(instant_of(tz, day.to_datetime(time_of(last)))?);
             }
+            day = day.tomorrow().ok()?;
         }
-        Some(widest)
+        between_days.then_some(widest)
     }
 
     /// The civil times of `day` this frequency names, in order.
@@ -587,6 +605,10 @@ mod tests {
         assert_eq!(interval("cron */15 * * * *"), 900);
         // Weekdays at 9 to 17: the widest gap is Friday 17:00 to Monday 09:00.
         assert_eq!(interval("cron 0 9-17 * * mon-fri"), 64 * 3600);
+        // Every five minutes on weekdays: the weekend is the gap, however many firings come first.
+        assert_eq!(interval("cron */5 * * * 1-5"), 2 * 86_400 + 300);
+        assert_eq!(interval("cron 30 4 1 1 *"), 365 * 86_400);
+        assert_eq!(interval("cron 0 0 29 2 *"), (4 * 365 + 1) * 86_400);
     }
 
     const ZONES: [&str; 5] = ["UTC", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe", "Asia/Kolkata"];

@@ -12,7 +12,7 @@ use cairn_control::model::*;
 use cairn_control::names::SizeArg;
 use cairn_control::retention::RetentionRules;
 use cairn_control::{
-    Control, CreateSchedule, RepoLocation, SchedulerOptions, Settings, SnapshotRequest, UpdateSchedule,
+    Control, CreateSchedule, Error, RepoLocation, SchedulerOptions, Settings, SnapshotRequest, UpdateSchedule,
 };
 use jiff::{SignedDuration, Timestamp};
 
@@ -336,7 +336,18 @@ async fn a_retention_change_shows_what_it_would_delete_before_it_does() {
             UpdateSchedule { retention: Some(RetentionRules::default()), hooks: None, dry_run: true },
         )
         .await;
-    assert!(refused.is_err(), "a retention with no rule would delete everything");
+    let refused = refused.unwrap_err();
+    assert!(matches!(&refused, Error::Invalid { field: Some(f), .. } if *f == "retention"), "{refused:?}");
+
+    // New hooks alone delete nothing and plan nothing.
+    let hooks = Hooks { pre: Some(command("true")), post: None, on_pre_failure: None };
+    let (view, plan) = w
+        .control
+        .update_schedule(&w.admin, &s, UpdateSchedule { retention: None, hooks: Some(hooks), dry_run: false })
+        .await
+        .unwrap();
+    assert!(plan.is_none() && view.schedule.hooks.is_some());
+    assert_eq!(w.snapshot_times(&s).await.len(), 2);
 }
 
 #[tokio::test]
@@ -366,13 +377,15 @@ async fn vm_schedules_back_up_every_disk_at_one_instant_copy_and_prune() {
         frequency: "daily 01:00".into(),
         time_zone: None,
         retention: RetentionRules { keep_last: Some(2), ..Default::default() },
-        hooks: None,
+        hooks: Some(Hooks { pre: Some(command("true")), post: None, on_pre_failure: None }),
         paused: false,
     };
     let s = w.control.create_schedule(&w.admin, request).await.unwrap().schedule.id;
     let runs = w.walk("2026-05-04T12:00:00Z", SignedDuration::from_hours(4)).await;
     assert_eq!(runs.len(), 4);
     assert!(runs.iter().all(|r| r.state == RunState::Succeeded && r.job.is_some()), "{runs:#?}");
+    // The pre hook succeeded, so each backup was taken of a quiesced VM.
+    assert!(runs.iter().all(|r| r.consistency == Some(Consistency::Application)), "{runs:#?}");
     let backups = w.control.list_backups(&w.admin, None, Some(&vm.id)).await.unwrap();
     // Two runs kept, each with both disks, each disk pair taken at one instant, each copied.
     assert_eq!(backups.len(), 4, "{backups:#?}");

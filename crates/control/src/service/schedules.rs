@@ -170,6 +170,14 @@ pub(super) fn hook_context(t: &Tenant, volumes: &[Volume], vm: Option<&Vm>, run:
     }
 }
 
+/// A schedule's retention rules, refused under the request's field name.
+fn check_retention(rules: &RetentionRules) -> Result<(), Error> {
+    rules.check().map_err(|e| match e {
+        Error::Invalid { message, .. } => Error::invalid("retention", message),
+        other => other,
+    })
+}
+
 fn parse_time(text: &str, what: &str) -> Result<Timestamp, Error> {
     text.parse().map_err(|e| Error::Internal(format!("{what} {text:?} is not a time: {e}")))
 }
@@ -293,10 +301,7 @@ impl Control {
         let frequency: Frequency =
             request.frequency.parse().map_err(|e| Error::invalid("frequency", format!("{e}")))?;
         let tz = time_zone(request.time_zone.as_deref())?;
-        request.retention.check().map_err(|e| match e {
-            Error::Invalid { message, .. } => Error::invalid("retention", message),
-            other => other,
-        })?;
+        check_retention(&request.retention)?;
         let action = request.action.unwrap_or(ScheduleAction::Snapshot);
         if let Some(hooks) = &request.hooks {
             Self::check_hooks(t, hooks)?;
@@ -359,7 +364,8 @@ impl Control {
     ) -> Result<Vec<ScheduleView>, Error> {
         let mut c = self.meta.conn().await?;
         let target = match (volume, vm) {
-            (Some(v), _) => Some(self.volume(&mut c, t, v).await?.id),
+            (Some(_), Some(_)) => return Err(Error::invalid("vm", "filter by a volume or by a VM, not both")),
+            (Some(v), None) => Some(self.volume(&mut c, t, v).await?.id),
             (None, Some(vm)) => Some(self.vm(&mut c, t, vm).await?.id),
             (None, None) => None,
         };
@@ -427,7 +433,7 @@ impl Control {
         update: UpdateSchedule,
     ) -> Result<(ScheduleView, Option<RetentionPlan>), Error> {
         if let Some(rules) = &update.retention {
-            rules.check()?;
+            check_retention(rules)?;
         }
         if let Some(hooks) = &update.hooks {
             Self::check_hooks(t, hooks)?;
@@ -435,24 +441,32 @@ impl Control {
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
         let mut schedule = self.schedule(&mut tx, t, reference).await?;
+        let retention_changes = update.retention.is_some();
         if let Some(rules) = update.retention {
             schedule.retention = rules;
         }
         if let Some(hooks) = update.hooks {
             schedule.hooks = Some(hooks).filter(|h| !h.is_empty());
         }
-        let plan = self.retention_plan(&mut tx, &schedule, update.dry_run).await?;
+        // Only a retention change deletes anything; new hooks alone leave what exists alone.
+        let plan = match retention_changes {
+            true => Some(self.retention_plan(&mut tx, &schedule, update.dry_run).await?),
+            false => None,
+        };
         if update.dry_run {
             let view = self.schedule_view(&mut tx, schedule).await?;
-            return Ok((view, Some(plan)));
+            return Ok((view, plan));
         }
         db::update_schedule(&mut tx, &schedule).await?;
-        let engine = self.delete_planned(&mut tx, &plan).await?;
+        let engine = match &plan {
+            Some(plan) => self.delete_planned(&mut tx, plan).await?,
+            None => Vec::new(),
+        };
         let view = self.schedule_view(&mut tx, schedule).await?;
         tx.commit().await?;
         drop(_ops);
         self.after_prune(engine).await?;
-        Ok((view, Some(plan)))
+        Ok((view, plan))
     }
 
     /// What the schedule's retention keeps and deletes of what it made, run by run (a VM's run
@@ -834,14 +848,15 @@ impl Control {
                 None => {
                     let context = hook_context(tenant, volumes, vm, Some(run));
                     let taking = run.clone();
-                    let (job, warning) = self
+                    let ((job, consistency), warning) = self
                         .around_hooks(tenant, schedule.hooks.as_ref(), context, None, async |consistency| {
                             let run = Run { consistency: Some(consistency), ..taking };
                             let job = self.begin_backup(tenant, volume, vm_reference, None, Some(&run)).await?;
-                            Ok((job.job.id, Vec::new()))
+                            Ok(((job.job.id, consistency), Vec::new()))
                         })
                         .await?;
                     run.warning = warning;
+                    run.consistency = Some(consistency);
                     job
                 }
             };
