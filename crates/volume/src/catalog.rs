@@ -3,7 +3,7 @@
 //! before acting on it, and rebuilds the state on open by replaying the log.
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 /// Magic at the start of `catalog.log`.
 pub const MAGIC: [u8; 8] = *b"CAIRNCAT";
@@ -311,12 +311,12 @@ impl Catalog {
     fn collect_garbage(&mut self) -> Vec<u64> {
         let mut dropped = Vec::new();
         loop {
-            let unused: Vec<u64> = self
-                .layers
-                .keys()
-                .copied()
-                .filter(|id| !self.is_head(*id) && !self.has_live_snapshot(*id) && self.children(*id).next().is_none())
-                .collect();
+            // One pass over each table, not one per layer: this runs after every event, and a
+            // store with thousands of snapshots must not pay layers × snapshots each time.
+            let mut used: HashSet<u64> = self.volumes.values().map(|v| v.head).collect();
+            used.extend(self.snapshots.values().filter(|s| !s.checkpoint_only).map(|s| s.layer));
+            used.extend(self.layers.values().filter_map(|l| l.parent));
+            let unused: Vec<u64> = self.layers.keys().copied().filter(|id| !used.contains(id)).collect();
             if unused.is_empty() {
                 return dropped;
             }
