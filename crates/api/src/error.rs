@@ -37,6 +37,7 @@ impl From<Error> for ApiError {
             Error::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found", None),
             Error::Conflict(_) => (StatusCode::CONFLICT, "conflict", None),
             Error::Hook(_) => (StatusCode::BAD_GATEWAY, "hook_failed", None),
+            Error::QuotaExceeded(_) => (StatusCode::FORBIDDEN, "quota_exceeded", None),
             // The engine refuses requests the control plane let through (a size, a range):
             // the client's fault, not the server's.
             Error::Engine(

@@ -9,6 +9,7 @@ use std::str::FromStr;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 
+use crate::metering::{MeteredKind, Quota, Segment};
 use crate::model::*;
 use crate::Error;
 
@@ -19,6 +20,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../migrations/0003_pruning.sql")),
     (4, include_str!("../migrations/0004_copies.sql")),
     (5, include_str!("../migrations/0005_schedules.sql")),
+    (6, include_str!("../migrations/0006_metering.sql")),
 ];
 
 /// The metadata database.
@@ -1016,5 +1018,98 @@ pub async fn store_answer(c: &mut Conn, tenant: &str, key: &str, answer: &Stored
 
 pub async fn forget_answers_before(c: &mut Conn, not_before: &str) -> Result<(), Error> {
     sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1").bind(not_before).execute(c).await?;
+    Ok(())
+}
+
+// ---- meter segments ----
+
+fn segment_of(row: &SqliteRow) -> Result<Segment, Error> {
+    let kind: String = row.try_get("kind")?;
+    Ok(Segment {
+        kind: MeteredKind::parse(&kind).ok_or_else(|| corrupt("kind", &kind))?,
+        resource: row.try_get("resource_id")?,
+        name: row.try_get("name")?,
+        tenant: row.try_get("tenant_id")?,
+        vm: row.try_get("vm_id")?,
+        group: row.try_get("group_id")?,
+        bytes: u64_of(row, "bytes")?,
+        start_ms: row.try_get("start_ms")?,
+        end_ms: row.try_get("end_ms")?,
+    })
+}
+
+/// The open segments (what is metered now), of one tenant or all.
+pub async fn open_segments(c: &mut Conn, tenant: Option<&str>) -> Result<Vec<Segment>, Error> {
+    let rows = sqlx::query("SELECT * FROM meter_segments WHERE end_ms IS NULL AND ($1 IS NULL OR tenant_id = $1)")
+        .bind(tenant)
+        .fetch_all(c)
+        .await?;
+    all(rows, segment_of)
+}
+
+/// The segments that overlap `[from_ms, to_ms)`, of one tenant or all, in time order per resource.
+pub async fn segments_between(
+    c: &mut Conn,
+    tenant: Option<&str>,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<Vec<Segment>, Error> {
+    let rows = sqlx::query(
+        "SELECT * FROM meter_segments WHERE start_ms < $1 AND (end_ms IS NULL OR end_ms > $2) \
+         AND ($3 IS NULL OR tenant_id = $3) ORDER BY resource_id, start_ms",
+    )
+    .bind(to_ms)
+    .bind(from_ms)
+    .bind(tenant)
+    .fetch_all(c)
+    .await?;
+    all(rows, segment_of)
+}
+
+/// Ends a resource's open segment at `at_ms`. One opened at that same instant is removed
+/// instead: it never held anything.
+pub async fn close_segment(c: &mut Conn, resource: &str, at_ms: i64) -> Result<(), Error> {
+    sqlx::query("DELETE FROM meter_segments WHERE resource_id = $1 AND end_ms IS NULL AND start_ms >= $2")
+        .bind(resource)
+        .bind(at_ms)
+        .execute(&mut *c)
+        .await?;
+    sqlx::query("UPDATE meter_segments SET end_ms = $1 WHERE resource_id = $2 AND end_ms IS NULL")
+        .bind(at_ms)
+        .bind(resource)
+        .execute(&mut *c)
+        .await?;
+    Ok(())
+}
+
+/// Opens a segment (its start and bytes; `end_ms` is ignored).
+pub async fn open_segment(c: &mut Conn, s: &Segment) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO meter_segments (resource_id, start_ms, end_ms, tenant_id, kind, name, vm_id, group_id, bytes) \
+         VALUES ($1, $2, NULL, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (resource_id, start_ms) DO UPDATE SET bytes = excluded.bytes, end_ms = NULL",
+    )
+    .bind(&s.resource)
+    .bind(s.start_ms)
+    .bind(&s.tenant)
+    .bind(s.kind.as_str())
+    .bind(&s.name)
+    .bind(&s.vm)
+    .bind(&s.group)
+    .bind(int(s.bytes))
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+pub async fn tenant_quota(c: &mut Conn, tenant: &str) -> Result<Option<Quota>, Error> {
+    let text: Option<String> =
+        sqlx::query_scalar("SELECT quota FROM tenants WHERE id = $1").bind(tenant).fetch_optional(c).await?.flatten();
+    text.map(|t| serde_json::from_str(&t).map_err(|_| corrupt("quota", &t))).transpose()
+}
+
+pub async fn set_tenant_quota(c: &mut Conn, tenant: &str, quota: Option<&Quota>) -> Result<(), Error> {
+    let text = quota.map(|q| serde_json::to_string(q).expect("a quota serialises"));
+    sqlx::query("UPDATE tenants SET quota = $1 WHERE id = $2").bind(text).bind(tenant).execute(c).await?;
     Ok(())
 }

@@ -24,6 +24,9 @@ pub enum Error {
     /// at fault, not cairn.
     #[error("{0}")]
     Hook(String),
+    /// The request would take the tenant over its quota; nothing was done.
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("{0}")]
     Internal(String),
 }

@@ -8,6 +8,7 @@ mod error;
 mod exports;
 pub mod hooks;
 mod jobs;
+pub mod metering;
 pub mod model;
 pub mod names;
 pub mod retention;
