@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
+use cairn_control::metering::Quota;
 use cairn_control::model::{ImageFormat, VmState};
 use cairn_control::names::Kind;
 use cairn_control::names::SizeArg;
@@ -86,12 +87,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/schedules/{schedule}/resume", post(resume_schedule))
         .route("/schedules/{schedule}/run", post(run_schedule_now))
         .route("/status", get(protection_status))
+        .route("/usage", get(usage))
+        .route("/tenants/{tenant}/quota", get(get_quota).put(set_quota))
         .route("/backups/{backup}/export", post(export_backup))
         .route("/repository/verify", post(verify_repository))
         .route("/repository/gc", post(gc_repository))
         .route("/jobs", get(list_jobs))
         .route("/jobs/{job}", get(get_job))
         .layer(middleware::from_fn_with_state(state.clone(), idempotency::layer))
+        .layer(middleware::from_fn_with_state(state.clone(), meter_after_change))
         .route("/openapi.json", get(openapi));
     Router::new()
         .nest("/v1", v1)
@@ -301,7 +305,23 @@ async fn get_snapshot(State(s): S, Caller(t): Caller, Path(snapshot): Path<Strin
     ok(s.control.get_snapshot(&t, &snapshot).await?)
 }
 
-async fn delete_snapshot(State(s): S, Caller(t): Caller, Path(snapshot): Path<String>) -> Answer {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DryRun {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn delete_snapshot(
+    State(s): S,
+    Caller(t): Caller,
+    Path(snapshot): Path<String>,
+    query: Result<Query<DryRun>, axum::extract::rejection::QueryRejection>,
+) -> Answer {
+    let Query(query) = query.map_err(|e| ApiError::invalid(e.body_text(), None))?;
+    if query.dry_run {
+        return ok(s.control.preview_snapshot_delete(&t, &snapshot).await?);
+    }
     deleted(s.control.delete_snapshot(&t, &snapshot).await?)
 }
 
@@ -379,6 +399,45 @@ async fn protection_status(
 ) -> Answer {
     let Query(filter) = filter.map_err(|e| ApiError::invalid(e.body_text(), None))?;
     ok(s.control.protection_status(&t, filter.volume.as_deref(), filter.vm.as_deref()).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsageQuery {
+    tenant: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+}
+
+async fn usage(
+    State(s): S,
+    Caller(t): Caller,
+    query: Result<Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Answer {
+    let Query(q) = query.map_err(|e| ApiError::invalid(e.body_text(), None))?;
+    ok(s.control.usage(&t, q.tenant.as_deref(), q.from.as_deref(), q.to.as_deref()).await?)
+}
+
+async fn get_quota(State(s): S, Caller(t): Caller, Path(tenant): Path<String>) -> Answer {
+    ok(s.control.quota_of(&t, &tenant).await?)
+}
+
+async fn set_quota(State(s): S, Caller(t): Caller, Path(tenant): Path<String>, Body(quota): Body<Quota>) -> Answer {
+    let quota = Some(quota).filter(|q| *q != Quota::default());
+    ok(s.control.set_quota(&t, &tenant, quota).await?)
+}
+
+/// A request that changed something moves the meter on at once, so usage is billed from
+/// the moment of the change (reads keep it current anyway; this keeps the times exact).
+async fn meter_after_change(State(s): S, request: axum::extract::Request, next: middleware::Next) -> Response {
+    let changes = request.method() != axum::http::Method::GET;
+    let response = next.run(request).await;
+    if changes && response.status().is_success() {
+        if let Err(e) = s.control.sync_meters().await {
+            eprintln!("cairn: metering after a change: {e}");
+        }
+    }
+    response
 }
 
 async fn restore_snapshot(

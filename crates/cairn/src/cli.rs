@@ -66,6 +66,22 @@ pub enum Command {
         #[arg(long, conflicts_with = "volume")]
         vm: Option<String>,
     },
+    /// Storage used and what it costs, per resource, over a period (GiB-hours, billed
+    /// continuously; a VM's first restore points are free)
+    Usage {
+        /// Only this tenant (administrators; others see their own)
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Start: an RFC 3339 instant or a date, midnight UTC [default: the 1st of this month]
+        #[arg(long)]
+        from: Option<String>,
+        /// End: an RFC 3339 instant or a date [default: now]
+        #[arg(long)]
+        to: Option<String>,
+        /// Comma-separated values, a line per resource and a total line
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
+    },
     /// Long operations (import, export) and their progress
     #[command(subcommand)]
     Job(JobCommand),
@@ -186,7 +202,12 @@ pub enum SnapshotCommand {
     /// Show a snapshot, with its NBD URIs
     Show { snapshot: String },
     /// Delete a snapshot
-    Delete { snapshot: String },
+    Delete {
+        snapshot: String,
+        /// Only show what deleting it would free and do to the monthly bill
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Protect a snapshot: neither retention nor delete touches it until it is unprotected
     Protect { snapshot: String },
     /// Lift a snapshot's protection
@@ -599,6 +620,22 @@ pub enum TenantCommand {
     Create { name: String },
     /// List tenants
     List,
+    /// Show a tenant's quota and what it holds; with limits, set them (administrators)
+    Quota {
+        tenant: String,
+        /// Most bytes stored: volumes' sizes, snapshots, templates and backups (10G, 1T…)
+        #[arg(long, value_name = "SIZE")]
+        max_bytes: Option<String>,
+        #[arg(long, value_name = "N")]
+        max_volumes: Option<u64>,
+        #[arg(long, value_name = "N")]
+        max_snapshots: Option<u64>,
+        #[arg(long, value_name = "N")]
+        max_backups: Option<u64>,
+        /// Lift every limit
+        #[arg(long, conflicts_with_all = ["max_bytes", "max_volumes", "max_snapshots", "max_backups"])]
+        clear: bool,
+    },
 }
 
 /// Where and how an export writes, shared by volume and snapshot exports.
@@ -753,6 +790,15 @@ pub fn run(global: &Global, command: Command) -> Result<()> {
                 session.client.get(&format!("/v1/status{}", filter_query(&[("volume", volume), ("vm", vm)])))?;
             session.emit(&status, || Ok(output::render_status(&status)))
         }
+        Command::Usage { tenant, from, to, csv } => {
+            let query = filter_query(&[("tenant", tenant), ("from", from), ("to", to)]);
+            let usage = session.client.get(&format!("/v1/usage{query}"))?;
+            if csv {
+                print!("{}", output::usage_csv(&usage));
+                return Ok(());
+            }
+            session.emit(&usage, || Ok(output::render_usage(&usage)))
+        }
         Command::Job(command) => session.job(command),
         Command::Tenant(command) => session.tenant(command),
         Command::Whoami => session.print_item(Kind::Tenant, &session.client.get("/v1/whoami")?),
@@ -852,8 +898,12 @@ impl Session {
             SnapshotCommand::Show { snapshot } => {
                 self.print_item(Kind::Snapshot, &api.get(&Kind::Snapshot.item(&snapshot, ""))?)
             }
-            SnapshotCommand::Delete { snapshot } => {
+            SnapshotCommand::Delete { snapshot, dry_run: false } => {
                 self.print_deleted(&api.delete(&Kind::Snapshot.item(&snapshot, ""))?)
+            }
+            SnapshotCommand::Delete { snapshot, dry_run: true } => {
+                let preview = api.delete(&Kind::Snapshot.item(&snapshot, "?dry_run=true"))?;
+                self.emit(&preview, || Ok(output::render_cost(&preview)))
             }
             SnapshotCommand::Protect { snapshot } => {
                 self.print_item(Kind::Snapshot, &api.post(&Kind::Snapshot.item(&snapshot, "/protect"), &json!({}))?)
@@ -1047,6 +1097,21 @@ impl Session {
                 })
             }
             TenantCommand::List => self.print_list(Kind::Tenant, &api.get(Kind::Tenant.collection())?),
+            TenantCommand::Quota { tenant, max_bytes, max_volumes, max_snapshots, max_backups, clear } => {
+                let path = format!("/v1/tenants/{}/quota", encode(&tenant));
+                let limits = json!({
+                    "max_bytes": max_bytes.as_deref().map(|text| cairn_control::names::parse_size(text)
+                        .ok_or_else(|| anyhow::anyhow!("--max-bytes {text:?}: give a size such as 500G or 2T"))).transpose()?,
+                    "max_volumes": max_volumes, "max_snapshots": max_snapshots, "max_backups": max_backups,
+                });
+                let limits = without_nulls(limits);
+                let answer = match (clear, limits.as_object().is_some_and(|l| !l.is_empty())) {
+                    (true, _) => api.put(&path, &json!({}))?,
+                    (false, true) => api.put(&path, &limits)?,
+                    (false, false) => api.get(&path)?,
+                };
+                self.emit(&answer, || Ok(output::render_quota(&answer)))
+            }
         }
     }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use cairn_control::metering::{MeteredKind, Price, Prices};
 use cairn_control::{Control, NbdAddress, RepoLocation, SchedulerOptions};
 use cairn_nbd::{Listener, ServerConfig};
 use serde::Deserialize;
@@ -23,7 +24,8 @@ const JOB_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     /// A TOML file with any of: data_dir, listen, nbd_listen, nbd_socket, transfer_dir,
-    /// backup_repo, and a [copy_repos] table of NAME = LOCATION.
+    /// backup_repo, max_concurrent_runs, schedule_jitter, free_backups_per_vm, a [copy_repos]
+    /// table of NAME = LOCATION and a [prices] table of KIND = price per GiB-month.
     #[arg(long, env = "CAIRN_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     /// Where volumes, metadata and the admin token live [default: ./cairn-data].
@@ -59,6 +61,28 @@ pub struct ServeArgs {
     /// schedule, at most a tenth of its interval) [default: 300].
     #[arg(long, env = "CAIRN_SCHEDULE_JITTER", value_name = "SECONDS")]
     schedule_jitter: Option<u32>,
+    /// A price per GiB-month, as KIND=PRICE with KIND volume, snapshot, template or backup;
+    /// repeat for each [default: volume=0.08, snapshot=0.05, template=0.05, backup=0.05].
+    #[arg(long = "price", value_name = "KIND=PRICE", value_parser = parse_price)]
+    prices: Vec<(MeteredKind, Price)>,
+    /// Restore points of each VM that are not billed: its oldest that exist [default: 3].
+    #[arg(long, env = "CAIRN_FREE_BACKUPS_PER_VM", value_name = "N")]
+    free_backups_per_vm: Option<u32>,
+}
+
+fn parse_price(text: &str) -> Result<(MeteredKind, Price), String> {
+    let (kind, price) = text.split_once('=').ok_or_else(|| format!("{text:?}: give KIND=PRICE, e.g. backup=0.05"))?;
+    let kind = MeteredKind::parse(kind)
+        .ok_or_else(|| format!("{kind:?}: the kinds priced are volume, snapshot, template and backup"))?;
+    Ok((kind, price.parse().map_err(|e| format!("{e}"))?))
+}
+
+/// A price in the TOML file: "0.05" or 0.05 (a float's shortest text is the decimal written).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum FilePrice {
+    Text(String),
+    Number(f64),
 }
 
 fn parse_named_location(text: &str) -> Result<(String, String), String> {
@@ -81,6 +105,10 @@ struct FileConfig {
     copy_repos: BTreeMap<String, String>,
     max_concurrent_runs: Option<usize>,
     schedule_jitter: Option<u32>,
+    /// KIND = price per GiB-month.
+    #[serde(default)]
+    prices: BTreeMap<String, FilePrice>,
+    free_backups_per_vm: Option<u32>,
 }
 
 /// The settings in force.
@@ -94,6 +122,7 @@ struct Settings {
     backup_repo: Option<RepoLocation>,
     copy_repos: BTreeMap<String, RepoLocation>,
     scheduler: SchedulerOptions,
+    prices: Prices,
 }
 
 const DEFAULT_BACKUP_REPO: &str = "cairn-backups";
@@ -121,8 +150,22 @@ fn settings(args: ServeArgs) -> Result<Settings> {
             None => defaults.max_jitter,
         },
     };
+    let mut prices = Prices::default();
+    for (kind, price) in &file.prices {
+        let text = match price {
+            FilePrice::Text(text) => text.clone(),
+            FilePrice::Number(n) => n.to_string(),
+        };
+        let (kind, price) = parse_price(&format!("{kind}={text}")).map_err(|e| anyhow::anyhow!("[prices] {e}"))?;
+        prices.per_gib_month.insert(kind, price);
+    }
+    prices.per_gib_month.extend(args.prices);
+    if let Some(free) = args.free_backups_per_vm.or(file.free_backups_per_vm) {
+        prices.free_backups_per_vm = free;
+    }
     Ok(Settings {
         scheduler,
+        prices,
         nbd_socket: args.nbd_socket.or(file.nbd_socket).unwrap_or_else(|| data_dir.join("nbd.sock")),
         listen: args.listen.or(file.listen).unwrap_or_else(|| DEFAULT_LISTEN.into()),
         nbd_listen: (nbd_listen != "off").then_some(nbd_listen),
@@ -203,6 +246,7 @@ async fn serve(settings: Settings) -> Result<()> {
         backup_passphrase: std::env::var("CAIRN_BACKUP_PASSPHRASE").ok().filter(|p| !p.is_empty()),
         clock: Arc::new(cairn_control::clock::SystemClock),
         scheduler: settings.scheduler.clone(),
+        prices: settings.prices.clone(),
     };
     let (control, recovery) = Control::open_dir(control_settings).await.context("opening the control plane")?;
     let engine = control.engine().clone();

@@ -22,8 +22,9 @@ pub use exports::{engine_snapshot_name, ServiceExports};
 pub use jobs::parse_progress;
 pub use service::{
     Control, CreateSchedule, CreateVm, DeleteVmOutcome, DiskPlan, DiskStatus, ImageSource, NbdAddress,
-    ProtectionStatus, PruneItem, PrunePlan, PruneRequest, Recovery, RestorePoint, RestoreRequest, RetentionPlan,
-    RunItems, ScheduleView, SchedulerOptions, Settings, SnapshotRequest, StoreCounts, UpdateSchedule, VmStatus,
+    ProtectionStatus, PruneItem, PrunePlan, PruneRequest, QuotaView, Recovery, RestorePoint, RestoreRequest,
+    RetentionPlan, RunItems, ScheduleView, SchedulerOptions, Settings, SnapshotRequest, StoreCounts, UpdateSchedule,
+    Usage, VmStatus,
 };
 
 /// Now, as the RFC 3339 UTC text every record carries (millisecond precision, so records

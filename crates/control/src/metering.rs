@@ -156,8 +156,11 @@ pub struct LineItem {
     pub vm: Option<String>,
     /// What it stores at the period's end (or stored when it went).
     pub bytes: u64,
-    /// Byte-milliseconds billed and free: exact.
+    /// Byte-milliseconds billed and free: exact, and what the cost is worked from. Not in
+    /// answers: a month of a large disk passes what JSON readers take as an integer.
+    #[serde(skip)]
     pub byte_ms: u128,
+    #[serde(skip)]
     pub free_byte_ms: u128,
     pub gib_hours: f64,
     pub free_gib_hours: f64,
@@ -219,8 +222,10 @@ pub fn gib_hours(byte_ms: u128) -> f64 {
 /// oldest `free_per_vm` of its VM that exist. A free restore point stays free until it goes;
 /// when one goes, the next oldest becomes free.
 fn free_intervals(segments: &[Segment], free_per_vm: u32) -> BTreeMap<String, Vec<(i64, i64)>> {
-    // A restore point's life: from its first disk's start to its last disk's end.
-    let mut points: BTreeMap<&str, BTreeMap<&str, (i64, i64, Vec<&str>)>> = BTreeMap::new();
+    // Per VM, per restore point: its life, from its first disk's start to its last disk's
+    // end, and its disks' backups.
+    type Life<'a> = (i64, i64, Vec<&'a str>);
+    let mut points: BTreeMap<&str, BTreeMap<&str, Life>> = BTreeMap::new();
     for s in segments.iter().filter(|s| s.kind == MeteredKind::Backup) {
         let Some(vm) = s.vm.as_deref() else { continue };
         let point = s.group.as_deref().unwrap_or(&s.resource);
@@ -256,6 +261,36 @@ fn free_intervals(segments: &[Segment], free_per_vm: u32) -> BTreeMap<String, Ve
         }
     }
     free
+}
+
+/// How a refusal by quota begins, so a failed scheduled run can be told apart in the status.
+pub const OVER_QUOTA: &str = "over quota";
+
+/// What stored resources cost for a month at their present sizes: each open segment held
+/// for the month, free restore points as the rule has them. `without` leaves resources out,
+/// so a deletion's effect on the bill is this with and without them.
+pub fn monthly_cost(open: &[Segment], prices: &Prices, without: &std::collections::HashSet<&str>) -> u64 {
+    let month_ms = (MONTH_HOURS * HOUR_MS) as i64;
+    // The month after the newest start: every open segment covers all of it, and the free
+    // rule still sees which restore points are oldest.
+    let from = open.iter().map(|s| s.start_ms).max().unwrap_or(0);
+    let held: Vec<Segment> = open
+        .iter()
+        .filter(|s| !without.contains(s.resource.as_str()))
+        .map(|s| Segment { end_ms: None, ..s.clone() })
+        .collect();
+    line_items(&held, from, from + month_ms, prices).iter().map(|i| i.cost_micros).sum()
+}
+
+/// What a deletion would free and do to the monthly bill.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CostPreview {
+    /// Bytes it frees on disk (snapshots: their exclusive bytes) or in the repository
+    /// (backups: the bytes they added).
+    pub frees_bytes: u64,
+    /// The tenant's storage for a month at present sizes, before and after, in currency units.
+    pub monthly_cost_before: String,
+    pub monthly_cost_after: String,
 }
 
 /// A tenant's limits (R10: a stopped VM's disks count too); None: no limit.
@@ -313,7 +348,7 @@ impl Quota {
             if let Some(limit) = limit {
                 if more > 0 && held.saturating_add(more) > limit {
                     return Err(format!(
-                        "over quota: this needs {more} more {what} on top of the {held} held, and the quota is {limit}"
+                        "{OVER_QUOTA}: this needs {more} more {what} on top of the {held} held, and the quota is {limit}"
                     ));
                 }
             }
@@ -472,6 +507,18 @@ mod tests {
         assert!(quota.admits(&held, &Holding { snapshots: 1, ..Default::default() }).is_ok(), "no snapshot limit");
         let over = Holding { bytes: 20, ..held };
         assert!(quota.admits(&over, &Holding::default()).is_ok(), "adding nothing is always admitted");
+    }
+
+    #[test]
+    fn a_deletion_preview_takes_the_free_rule_into_account() {
+        let prices = Prices { free_backups_per_vm: 1, ..Prices::default() };
+        // Named so that their ids sort the other way from their age.
+        let open = [backup("old", "vm1", "p9", 0, None), backup("new", "vm1", "p1", 1, None)];
+        let none = std::collections::HashSet::new();
+        // One of the two is free: a month of 1 GiB at 0.05.
+        assert_eq!(monthly_cost(&open, &prices, &none), 50_000);
+        // Deleting the free one makes the other free: the bill drops to nothing.
+        assert_eq!(monthly_cost(&open, &prices, &["old"].into()), 0);
     }
 
     #[test]

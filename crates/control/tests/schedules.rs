@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use cairn_control::clock::ManualClock;
 use cairn_control::hooks::Hook;
+use cairn_control::metering::Quota;
 use cairn_control::model::*;
 use cairn_control::names::SizeArg;
 use cairn_control::retention::RetentionRules;
@@ -317,6 +318,7 @@ async fn a_retention_change_shows_what_it_would_delete_before_it_does() {
         .await
         .unwrap();
     let plan = plan.unwrap();
+    assert!(plan.cost.is_some(), "a dry run says what it would do to the bill");
     assert_eq!(plan.delete.len(), 3);
     assert_eq!(plan.keep.len(), 2);
     assert_eq!(w.snapshot_times(&s).await.len(), 5, "a dry run deletes nothing");
@@ -463,6 +465,22 @@ async fn hooks_bracket_the_snapshot_and_decide_its_consistency() {
     assert!(anyway.warning.as_deref().unwrap().contains("database busy"));
     let status = w.control.protection_status(&w.admin, Some(&volume), None).await.unwrap();
     assert!(status.volumes[0].last_run_failed, "a failed run shows in the status");
+}
+
+#[tokio::test]
+async fn a_run_over_quota_fails_and_the_status_says_why() {
+    let w = World::new("2026-05-01T00:00:00Z").await;
+    let volume = w.volume("db").await;
+    let quota = Quota { max_snapshots: Some(1), ..Default::default() };
+    w.control.set_quota(&w.admin, "admin", Some(quota)).await.unwrap();
+    let s = w.schedule("nightly", &volume, "daily 03:00", "UTC", 5).await;
+    let runs = w.walk("2026-05-02T04:00:00Z", SignedDuration::from_hours(1)).await;
+    let states: Vec<RunState> = runs.iter().map(|r| r.state).collect();
+    assert_eq!(states, [RunState::Succeeded, RunState::Failed], "{runs:#?}");
+    assert!(runs[1].error.as_deref().unwrap().contains("over quota"), "{runs:#?}");
+    assert_eq!(w.snapshot_times(&s).await.len(), 1, "the refused run made nothing");
+    let status = w.control.protection_status(&w.admin, Some(&volume), None).await.unwrap();
+    assert!(status.volumes[0].last_run_failed && status.volumes[0].over_quota);
 }
 
 #[tokio::test]

@@ -125,6 +125,11 @@ impl Client {
         self.call("PATCH", path, Some(body), None)
     }
 
+    /// A `PUT`: sets a resource whole; repeating it is harmless.
+    pub fn put(&self, path: &str, body: &Value) -> Result<Value> {
+        self.call("PUT", path, Some(body), None)
+    }
+
     /// A `POST` that creates something: it carries an idempotency key, which makes it safe to
     /// repeat when the connection fails.
     pub fn create(&self, path: &str, body: &Value) -> Result<Value> {

@@ -326,7 +326,110 @@ pub fn render_retention_plan(plan: &Value) -> String {
     }
     let deleted: usize =
         plan["delete"].as_array().into_iter().flatten().map(|r| r["items"].as_array().map_or(0, Vec::len)).sum();
-    format!("{}\n{deleted} item(s) {action}", render_rows(&rows))
+    format!("{}\n{deleted} item(s) {action}{}", render_rows(&rows), cost_line(plan))
+}
+
+/// A dry run's cost preview on a line of its own; nothing for a plan carried out.
+fn cost_line(plan: &Value) -> String {
+    match plan.get("cost") {
+        Some(cost) if !cost.is_null() => format!("\n{}", render_cost(cost)),
+        _ => String::new(),
+    }
+}
+
+/// Usage: a row per resource, then the totals per kind and overall.
+pub fn render_usage(usage: &Value) -> String {
+    let header = ["TENANT", "KIND", "NAME", "VM", "NOW", "GIB-HOURS", "FREE GIB-HOURS", "COST"];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    for item in usage["items"].as_array().into_iter().flatten() {
+        rows.push(vec![
+            text(&item["tenant"]),
+            text(&item["kind"]),
+            text(&item["name"]),
+            text(&item["vm"]),
+            human_size(item["bytes"].as_u64().unwrap_or(0)),
+            format!("{:.3}", item["gib_hours"].as_f64().unwrap_or(0.0)),
+            format!("{:.3}", item["free_gib_hours"].as_f64().unwrap_or(0.0)),
+            money(&item["cost_micros"]),
+        ]);
+    }
+    let totals = &usage["totals"];
+    rows.push(vec![
+        "total".into(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        format!("{:.3}", totals["gib_hours"].as_f64().unwrap_or(0.0)),
+        format!("{:.3}", totals["free_gib_hours"].as_f64().unwrap_or(0.0)),
+        money(&totals["cost_micros"]),
+    ]);
+    format!("{} to {}\n{}", text(&usage["from"]), text(&usage["to"]), render_rows(&rows))
+}
+
+/// Usage as CSV: a header, a line per resource and a total line; names are quoted when
+/// they need to be.
+pub fn usage_csv(usage: &Value) -> String {
+    let mut out = String::from("tenant,kind,resource,name,vm,bytes,gib_hours,free_gib_hours,cost\n");
+    let field = |value: &Value| {
+        // An empty field, not the tables' "-", where there is nothing (a volume's VM).
+        let text = if value.is_null() { String::new() } else { text(value) };
+        if text.contains([',', '"', '\n']) {
+            format!("\"{}\"", text.replace('"', "\"\""))
+        } else {
+            text
+        }
+    };
+    for item in usage["items"].as_array().into_iter().flatten() {
+        out += &format!(
+            "{},{},{},{},{},{},{},{},{}\n",
+            field(&item["tenant"]),
+            field(&item["kind"]),
+            field(&item["resource"]),
+            field(&item["name"]),
+            field(&item["vm"]),
+            item["bytes"].as_u64().unwrap_or(0),
+            item["gib_hours"].as_f64().unwrap_or(0.0),
+            item["free_gib_hours"].as_f64().unwrap_or(0.0),
+            money(&item["cost_micros"]),
+        );
+    }
+    let totals = &usage["totals"];
+    out += &format!(
+        "total,,,,,,{},{},{}\n",
+        totals["gib_hours"].as_f64().unwrap_or(0.0),
+        totals["free_gib_hours"].as_f64().unwrap_or(0.0),
+        money(&totals["cost_micros"])
+    );
+    out
+}
+
+fn money(micros: &Value) -> String {
+    cairn_control::metering::money(micros.as_u64().unwrap_or(0))
+}
+
+/// What a deletion would free and do to the monthly bill.
+pub fn render_cost(cost: &Value) -> String {
+    format!(
+        "would free {}; monthly storage cost {} -> {}",
+        human_size(cost["frees_bytes"].as_u64().unwrap_or(0)),
+        text(&cost["monthly_cost_before"]),
+        text(&cost["monthly_cost_after"])
+    )
+}
+
+/// A tenant's quota: each limit next to what the tenant holds.
+pub fn render_quota(view: &Value) -> String {
+    let mut rows = vec![["", "HOLDS", "QUOTA"].map(String::from).to_vec()];
+    for (what, limit) in
+        [("bytes", "max_bytes"), ("volumes", "max_volumes"), ("snapshots", "max_snapshots"), ("backups", "max_backups")]
+    {
+        let held = view["holding"][what].as_u64().unwrap_or(0);
+        let limit = view["quota"][limit].as_u64();
+        let show = |n: u64| if what == "bytes" { human_size(n) } else { n.to_string() };
+        rows.push(vec![what.to_string(), show(held), limit.map_or_else(|| "-".to_string(), show)]);
+    }
+    format!("tenant {}\n{}", text(&view["tenant"]), render_rows(&rows))
 }
 
 /// Protection status: one row per disk, then one per VM.
@@ -338,7 +441,9 @@ pub fn render_status(status: &Value) -> String {
         if item["rpo_exceeded"] == true {
             flags.push("RPO EXCEEDED");
         }
-        if item["last_run_failed"] == true {
+        if item["over_quota"] == true {
+            flags.push("LAST RUN OVER QUOTA");
+        } else if item["last_run_failed"] == true {
             flags.push("LAST RUN FAILED");
         }
         if item["rpo_seconds"].is_null() {
@@ -408,7 +513,7 @@ pub fn render_prune_plan(plan: &Value) -> String {
     }
     let forgotten: usize =
         plan["disks"].as_array().into_iter().flatten().map(|d| d["forget"].as_array().map_or(0, Vec::len)).sum();
-    format!("{}\n{forgotten} backup(s) {action}", render_rows(&rows))
+    format!("{}\n{forgotten} backup(s) {action}{}", render_rows(&rows), cost_line(plan))
 }
 
 #[cfg(test)]

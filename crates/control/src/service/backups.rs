@@ -9,6 +9,7 @@ use cairn_backup::{BackupRequest, BlockSink, BlockSource, Repository};
 use cairn_volume::{Allocation, ChangeTarget};
 
 use crate::db;
+use crate::metering::Holding;
 use crate::model::*;
 use crate::names::{check_name, new_id, Kind};
 use crate::{now, Error};
@@ -128,6 +129,10 @@ impl Control {
         if let Some(busy) = volumes.iter().find(|v| v.state != ResourceState::Ready) {
             return Err(Error::conflict(format!("volume {} is being imported", busy.name)));
         }
+        // A backup's bytes are known once it is made: the count is judged here.
+        let kept = u64::from(keep_snapshot.is_some()) * volumes.len() as u64;
+        let adding = Holding { backups: volumes.len() as u64, snapshots: kept, ..Default::default() };
+        self.check_quota(&mut tx, t, adding).await?;
         let group = vm.as_ref().map(|_| new_id(Kind::SnapshotGroup));
         let mut disks = Vec::new();
         for volume in &volumes {
@@ -241,6 +246,7 @@ impl Control {
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
         let backup = db::find_backup(&mut tx, &t.id, id).await?.ok_or_else(|| Error::not_found("backup", id))?;
+        self.check_quota(&mut tx, t, Holding { bytes: backup.size, volumes: 1, ..Default::default() }).await?;
         let repo = self.restore_source(&mut tx, &backup, request.from.as_deref()).await?;
         let vm = self.optional_vm(&mut tx, t, request.vm.as_deref()).await?;
         if request.role == Some(DiskRole::Root) {

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 mod backups;
 mod copies;
+mod metering;
 mod pruning;
 mod schedules;
 mod snapshots;
@@ -22,6 +23,7 @@ mod transfers;
 mod vms;
 mod volumes;
 
+pub use metering::{QuotaView, Usage};
 pub use pruning::{DiskPlan, PruneItem, PrunePlan, PruneRequest};
 pub use schedules::{
     CreateSchedule, DiskStatus, ProtectionStatus, RestorePoint, RetentionPlan, RunItems, ScheduleView,
@@ -65,6 +67,8 @@ pub struct Settings {
     /// The scheduler's clock: the system's, or a hand-set one in tests.
     pub clock: Arc<dyn crate::clock::Clock>,
     pub scheduler: SchedulerOptions,
+    /// What storage costs, and how many restore points per VM are free.
+    pub prices: crate::metering::Prices,
 }
 
 impl Settings {
@@ -79,6 +83,7 @@ impl Settings {
             backup_passphrase: None,
             clock: Arc::new(crate::clock::SystemClock),
             scheduler: SchedulerOptions::default(),
+            prices: crate::metering::Prices::default(),
         }
     }
 }
@@ -170,6 +175,10 @@ pub struct Control {
     /// Mutating operations run one at a time: their checks (names free, VM stopped...) and
     /// their changes must not interleave, and they take milliseconds.
     ops: tokio::sync::Mutex<()>,
+    /// One meter sync at a time: two would both open the same new segments.
+    meter_lock: tokio::sync::Mutex<()>,
+    /// Scheduled runs ended since the meter last caught up.
+    meter_wanted: tokio::sync::Notify,
     jobs: Mutex<HashMap<String, Arc<Progress>>>,
     /// Signalled whenever a job ends, for a shutdown that waits for them.
     job_ended: tokio::sync::Notify,
@@ -247,6 +256,8 @@ impl Control {
             repo,
             copy_repos: Default::default(),
             ops: tokio::sync::Mutex::new(()),
+            meter_lock: tokio::sync::Mutex::new(()),
+            meter_wanted: tokio::sync::Notify::new(),
             jobs: Mutex::default(),
             job_ended: Default::default(),
             run_slots: Arc::new(tokio::sync::Semaphore::new(settings.scheduler.max_concurrent_runs.max(1))),
@@ -288,6 +299,9 @@ impl Control {
         recovery.orphans_removed = control.remove_orphans().await?;
         // Backups deleted just before a crash: their records go now.
         control.forget_pending().await?;
+        // What changed while the daemon was down without a sync after it (a crash between a
+        // change and its sync) is metered from now; until now the old value stood.
+        control.sync_meters().await?;
         Ok((control, recovery))
     }
 

@@ -38,6 +38,9 @@ pub struct PrunePlan {
     pub time_zone: String,
     pub disks: Vec<DiskPlan>,
     pub forgotten: usize,
+    /// In a dry run, what forgetting the backups would free and do to the monthly bill.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<crate::metering::CostPreview>,
 }
 
 /// Which backups a prune looks at and how it judges them.
@@ -102,6 +105,7 @@ impl Control {
             time_zone: tz.iana_name().unwrap_or("UTC").to_string(),
             disks: Vec::new(),
             forgotten: 0,
+            cost: None,
         };
         let mut doomed = Vec::new();
         for (volume, backups) in by_disk {
@@ -132,6 +136,9 @@ impl Control {
             plan.disks.push(disk);
         }
         if request.dry_run {
+            let ids: Vec<&str> = doomed.iter().map(|b| b.id.as_str()).collect();
+            let added = doomed.iter().map(|b| b.bytes_added).sum();
+            plan.cost = Some(self.cost_preview(&mut tx, &t.id, &ids, added).await?);
             return Ok(plan);
         }
         db::delete_backups(&mut tx, &doomed, &now()).await?;

@@ -8,7 +8,7 @@
 //! `started` → `taken` → `done`, each step committed with what it made, and a run a restart
 //! interrupted resumes from its step.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
 use jiff::{SignedDuration, Timestamp};
@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::clock::stamp;
 use crate::db;
 use crate::hooks::{run_hook, HookContext, Phase};
+use crate::metering::CostPreview;
 use crate::model::*;
 use crate::names::{check_name, new_id, Kind};
 use crate::retention::RetentionRules;
@@ -25,6 +26,18 @@ use crate::Error;
 
 use super::pruning::time_zone;
 use super::*;
+
+/// How often at most the meter catches up with scheduled runs that ended.
+const METER_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Stops a background task when its owner goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// A run that starts later than this after its time (plus jitter) is marked late.
 const LATE_AFTER: SignedDuration = SignedDuration::from_secs(60);
@@ -108,6 +121,9 @@ pub struct RetentionPlan {
     pub dry_run: bool,
     pub keep: Vec<RunItems>,
     pub delete: Vec<RunItems>,
+    /// In a dry run, what the deletions would free and do to the monthly bill.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost: Option<CostPreview>,
 }
 
 /// A restore point: a snapshot or a backup.
@@ -136,6 +152,8 @@ pub struct DiskStatus {
     pub next_run_at: Option<String>,
     /// The latest run of one of its schedules failed.
     pub last_run_failed: bool,
+    /// ... because it would have taken the tenant over its quota.
+    pub over_quota: bool,
 }
 
 /// A VM is as protected as its least protected disk.
@@ -148,6 +166,7 @@ pub struct VmStatus {
     pub rpo_seconds: Option<i64>,
     pub rpo_exceeded: bool,
     pub last_run_failed: bool,
+    pub over_quota: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -184,7 +203,7 @@ fn parse_time(text: &str, what: &str) -> Result<Timestamp, Error> {
 
 impl Control {
     /// The scheduler's now.
-    fn clock_now(&self) -> Timestamp {
+    pub(super) fn clock_now(&self) -> Timestamp {
         self.settings.clock.now()
     }
 
@@ -477,22 +496,38 @@ impl Control {
         schedule: &Schedule,
         dry_run: bool,
     ) -> Result<RetentionPlan, Error> {
-        let items: Vec<(String, String, String)> = match schedule.action {
-            ScheduleAction::Snapshot => db::snapshots_of_schedule(c, &schedule.id)
-                .await?
-                .into_iter()
-                .filter(|s| !s.protected)
-                .map(|s| (s.run.unwrap_or_default(), s.id, s.created_at))
-                .collect(),
+        // Each item with what deleting it frees (measured for a dry run only: a run's own
+        // pruning does not need it).
+        let items: Vec<(String, String, String, u64)> = match schedule.action {
+            ScheduleAction::Snapshot => {
+                let snapshots: Vec<Snapshot> =
+                    db::snapshots_of_schedule(c, &schedule.id).await?.into_iter().filter(|s| !s.protected).collect();
+                let frees: HashMap<String, u64> = match dry_run {
+                    true => self
+                        .snapshot_views(snapshots.clone())?
+                        .into_iter()
+                        .map(|v| (v.snapshot.id, v.exclusive_bytes))
+                        .collect(),
+                    false => HashMap::new(),
+                };
+                snapshots
+                    .into_iter()
+                    .map(|s| {
+                        let freed = frees.get(&s.id).copied().unwrap_or(0);
+                        (s.run.unwrap_or_default(), s.id, s.created_at, freed)
+                    })
+                    .collect()
+            }
             ScheduleAction::Backup => db::backups_of_schedule(c, &schedule.id)
                 .await?
                 .into_iter()
                 .filter(|b| !b.protected)
-                .map(|b| (b.run.unwrap_or_default(), b.id, b.created_at))
+                .map(|b| (b.run.unwrap_or_default(), b.id, b.created_at, b.bytes_added))
                 .collect(),
         };
+        let frees: HashMap<String, u64> = items.iter().map(|(_, id, _, freed)| (id.clone(), *freed)).collect();
         let mut runs: BTreeMap<String, RunItems> = BTreeMap::new();
-        for (run, id, created_at) in items {
+        for (run, id, created_at, _) in items {
             let entry = runs.entry(run.clone()).or_insert_with(|| RunItems {
                 run,
                 created_at: created_at.clone(),
@@ -507,17 +542,25 @@ impl Control {
             .map(|r| Ok((r.run.clone(), parse_time(&r.created_at, "an item's time")?)))
             .collect::<Result<_, Error>>()?;
         let tz = time_zone(Some(&schedule.time_zone))?;
-        let mut plan = RetentionPlan { schedule: schedule.id.clone(), dry_run, keep: Vec::new(), delete: Vec::new() };
+        let (mut keep, mut delete) = (Vec::new(), Vec::new());
         for verdict in schedule.retention.plan(&points, &tz, self.clock_now()) {
             let Some(mut run) = runs.remove(&verdict.id) else { continue };
             run.reasons = verdict.reasons;
             if verdict.keep {
-                plan.keep.push(run);
+                keep.push(run);
             } else {
-                plan.delete.push(run);
+                delete.push(run);
             }
         }
-        Ok(plan)
+        let cost = match dry_run {
+            true => {
+                let doomed: Vec<&str> = delete.iter().flat_map(|r| r.items.iter().map(String::as_str)).collect();
+                let freed = doomed.iter().map(|id| frees.get(*id).copied().unwrap_or(0)).sum();
+                Some(self.cost_preview(c, &schedule.tenant, &doomed, freed).await?)
+            }
+            false => None,
+        };
+        Ok(RetentionPlan { schedule: schedule.id.clone(), dry_run, keep, delete, cost })
     }
 
     /// Deletes the rows a retention plan lets go, in the caller's transaction; returns the
@@ -731,6 +774,7 @@ impl Control {
         for handle in handles {
             runs.push(handle.await.map_err(|e| Error::Internal(format!("a scheduled run panicked: {e}")))?);
         }
+        self.sync_meters().await?;
         Ok(runs)
     }
 
@@ -738,6 +782,19 @@ impl Control {
     /// `shutdown`; then [`Self::stop_runs`] ends the runs in progress.
     pub async fn run_scheduler(self: Arc<Self>, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let meter = self.clone();
+        let metering = tokio::spawn(async move {
+            loop {
+                meter.meter_wanted.notified().await;
+                if let Err(e) = meter.sync_meters().await {
+                    eprintln!("cairn: metering after scheduled runs: {e}");
+                }
+                // Runs that end meanwhile wait for the next sync: one a second at most, so a
+                // burst of runs costs a sync a second rather than one each.
+                tokio::time::sleep(METER_CATCH_UP).await;
+            }
+        });
+        let _stop_metering = AbortOnDrop(metering);
         loop {
             let changed = self.schedules_changed.notified();
             let wake = match self.scheduler_pass().await {
@@ -750,7 +807,12 @@ impl Control {
             let nap = wake.duration_since(self.clock_now()).clamp(SignedDuration::from_millis(10), LONGEST_NAP);
             let nap = std::time::Duration::try_from(nap).unwrap_or(std::time::Duration::from_secs(1));
             tokio::select! {
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => {
+                    if let Err(e) = self.sync_meters().await {
+                        eprintln!("cairn: metering at shutdown: {e}");
+                    }
+                    return;
+                }
                 _ = changed => {}
                 _ = tokio::time::sleep(nap) => {}
             }
@@ -782,6 +844,8 @@ impl Control {
         if let Err(e) = recorded.await {
             eprintln!("cairn: recording the end of run {}: {e}", run.id);
         }
+        // Thousands of runs may end in a minute: the meter catches up with them together.
+        self.meter_wanted.notify_one();
         self.active_schedules.lock().expect("schedules lock").remove(&schedule.id);
         // A run that ends may let a waiting one of the same schedule start, or a shutdown end.
         self.schedules_changed.notify_one();
@@ -971,8 +1035,11 @@ impl Control {
                 }
                 _ => false,
             };
-            let last_run_failed =
-                aimed.iter().filter_map(|s| last_runs.get(&s.id)).any(|r| r.state == RunState::Failed);
+            let failed: Vec<&Run> =
+                aimed.iter().filter_map(|s| last_runs.get(&s.id)).filter(|r| r.state == RunState::Failed).collect();
+            let last_run_failed = !failed.is_empty();
+            let over_quota =
+                failed.iter().any(|r| r.error.as_deref().is_some_and(|e| e.contains(crate::metering::OVER_QUOTA)));
             status.volumes.push(DiskStatus {
                 volume: volume.id.clone(),
                 volume_name: volume.name.clone(),
@@ -983,6 +1050,7 @@ impl Control {
                 rpo_exceeded,
                 next_run_at: active.iter().map(|s| s.next_run_at.clone()).min(),
                 last_run_failed,
+                over_quota,
             });
         }
         let mut seen = HashSet::new();
@@ -1006,6 +1074,7 @@ impl Control {
                 rpo_seconds: disks.iter().filter_map(|d| d.rpo_seconds).min(),
                 rpo_exceeded: disks.iter().any(|d| d.rpo_exceeded),
                 last_run_failed: disks.iter().any(|d| d.last_run_failed),
+                over_quota: disks.iter().any(|d| d.over_quota),
             });
         }
         Ok(status)

@@ -1,6 +1,7 @@
 //! Snapshots of volumes and VMs (R1), and restore into fresh volumes (R5, R7).
 
 use crate::db;
+use crate::metering::Holding;
 use crate::model::*;
 use crate::names::{check_name, new_id, Kind};
 use crate::{now, Error};
@@ -42,6 +43,9 @@ impl Control {
         }
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
+        // What a snapshot will hold is known only once taken: the count is judged here, and
+        // its bytes count against the next request.
+        self.check_quota(&mut tx, t, Holding { snapshots: volumes.len() as u64, ..Default::default() }).await?;
         // Every snapshot of a VM belongs to its group, even a one-disk VM's.
         let group = vm.map(|_| new_id(Kind::SnapshotGroup));
         let snapshots = Self::snapshot_rows(&mut tx, t, volumes, vm, group, request, made_by).await?;
@@ -163,6 +167,10 @@ impl Control {
         request: &SnapshotRequest,
         made_by: Option<&Run>,
     ) -> Result<Vec<SnapshotView>, Error> {
+        // Judged before the pre hook too, so a request over quota never freezes a guest; the
+        // judgement that counts is the one under the lock in take_snapshots.
+        let adding = Holding { snapshots: volumes.len() as u64, ..Default::default() };
+        self.check_quota(&mut *self.meta.conn().await?, t, adding).await?;
         let context = hook_context(t, volumes, vm, made_by);
         let (mut views, warning) = self
             .around_hooks(t, request.hooks.as_ref(), context, request.consistency, async |consistency| {
@@ -281,6 +289,8 @@ impl Control {
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
         let snapshot = self.snapshot(&mut tx, t, reference).await?;
+        let size = self.snapshot_view(snapshot.clone())?.logical_bytes;
+        self.check_quota(&mut tx, t, Holding { bytes: size, volumes: 1, ..Default::default() }).await?;
         let vm = self.optional_vm(&mut tx, t, request.vm.as_deref()).await?;
         let role = request.role.unwrap_or(DiskRole::Data);
         Self::check_restore_target(snapshot.disk_role, snapshot.vm.as_deref(), vm.as_ref(), &snapshot.name)?;

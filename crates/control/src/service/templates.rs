@@ -1,6 +1,7 @@
 //! Templates (R6): frozen engine volumes that VMs clone.
 
 use crate::db;
+use crate::metering::Holding;
 use crate::model::*;
 use crate::names::{check_name, new_id, Kind};
 use crate::{now, Error};
@@ -15,6 +16,8 @@ impl Control {
         let mut tx = self.meta.begin().await?;
         Self::name_free(&mut tx, t, Kind::Template, name).await?;
         let snapshot = self.snapshot(&mut tx, t, snapshot).await?;
+        let size = self.snapshot_view(snapshot.clone())?.logical_bytes;
+        self.check_quota(&mut tx, t, Holding { bytes: size, ..Default::default() }).await?;
         if snapshot.disk_role != DiskRole::Root {
             return Err(Error::conflict(format!(
                 "snapshot {} is of a data disk; templates are made from root-disk snapshots (restore a data-disk \

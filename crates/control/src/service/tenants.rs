@@ -13,7 +13,7 @@ impl Control {
         db::tenant_by_token(&mut c, &token_hash(token)).await?.ok_or(Error::Unauthorized)
     }
 
-    fn require_admin(tenant: &Tenant) -> Result<(), Error> {
+    pub(super) fn require_admin(tenant: &Tenant) -> Result<(), Error> {
         if tenant.admin {
             Ok(())
         } else {

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use super::backups::NewBackup;
 use crate::db;
+use crate::metering::Holding;
 use crate::model::*;
 use crate::names::{check_name, new_id, Kind, SizeArg};
 use crate::{now, Error};
@@ -174,6 +175,10 @@ impl Control {
             }
         }
         self.jobs.lock().expect("jobs lock").remove(&job.id);
+        // A backup or import changed what the tenant stores: the meter says so from now.
+        if let Err(e) = self.sync_meters().await {
+            eprintln!("cairn: metering after job {}: {e}", job.id);
+        }
         // After the commit: a shutdown waiting for jobs may close the database next.
         self.job_ended.notify_waiters();
         Ok(())
@@ -228,6 +233,7 @@ impl Control {
         let (path, format, size) = self.inspect_image(t, image).await?;
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
+        self.check_quota(&mut tx, t, Holding { bytes: size, volumes: 1, ..Default::default() }).await?;
         Self::name_free(&mut tx, t, Kind::Volume, name).await?;
         let vm = self.optional_vm(&mut tx, t, vm).await?.map(|vm| vm.id);
         let source = Source::Image { path: path.clone() };
@@ -254,6 +260,7 @@ impl Control {
         let (path, format, size) = self.inspect_image(t, image).await?;
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
+        self.check_quota(&mut tx, t, Holding { bytes: size, ..Default::default() }).await?;
         Self::name_free(&mut tx, t, Kind::Template, name).await?;
         let template = Template {
             id: new_id(Kind::Template),

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::db;
+use crate::metering::Holding;
 use crate::model::*;
 use crate::names::{check_name, new_id, Kind};
 use crate::{now, Error};
@@ -37,6 +38,8 @@ impl Control {
         if template.as_ref().is_some_and(|tpl| tpl.state != ResourceState::Ready) {
             return Err(Error::conflict("the template is still being imported"));
         }
+        let root_bytes = size.or(template.as_ref().map(|tpl| tpl.size)).or(image.as_ref().map(|i| i.2)).unwrap_or(0);
+        self.check_quota(&mut tx, t, Holding { bytes: root_bytes, volumes: 1, ..Default::default() }).await?;
         let vm = Vm {
             id: new_id(Kind::Vm),
             tenant: t.id.clone(),

@@ -1,6 +1,7 @@
 //! Data volumes: create, attach, detach, grow, revert (R4), delete.
 
 use crate::db;
+use crate::metering::Holding;
 use crate::model::*;
 use crate::names::{check_name, Kind, SizeArg};
 use crate::Error;
@@ -19,6 +20,7 @@ impl Control {
         let size = size.volume_bytes("size")?;
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
+        self.check_quota(&mut tx, t, Holding { bytes: size, volumes: 1, ..Default::default() }).await?;
         Self::name_free(&mut tx, t, Kind::Volume, name).await?;
         let vm = self.optional_vm(&mut tx, t, vm).await?.map(|vm| vm.id);
         let volume = Volume::new(&t.id, name.into(), size, vm, DiskRole::Data, Source::Blank);
@@ -92,6 +94,7 @@ impl Control {
             return Err(Error::conflict(format!("volume {} is being imported", volume.name)));
         }
         if size > volume.size {
+            self.check_quota(&mut tx, t, Holding { bytes: size - volume.size, ..Default::default() }).await?;
             self.engine.grow(self.engine_volume(&volume.id)?, size)?;
             volume.size = size;
             db::update_volume(&mut tx, &volume).await?;

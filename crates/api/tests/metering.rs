@@ -1,0 +1,201 @@
+//! Metering and quotas through the API on a hand-set clock: exact GiB-hours over a month with
+//! resources made, grown and deleted mid-hour, across a restart; quotas that refuse a request
+//! before anything is made.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use cairn_control::clock::ManualClock;
+use cairn_control::{Control, Settings};
+use jiff::Timestamp;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+struct World {
+    app: axum::Router,
+    control: Arc<Control>,
+    clock: Arc<ManualClock>,
+    token: String,
+}
+
+impl World {
+    async fn open(dir: &Path, clock: Arc<ManualClock>) -> World {
+        let mut settings = Settings::in_dir(dir);
+        settings.clock = clock.clone();
+        let (control, _) = Control::open_dir(settings).await.unwrap();
+        let token = std::fs::read_to_string(dir.join("admin.token")).unwrap().trim().to_string();
+        let app = cairn_api::router(cairn_api::AppState::new(control.clone()));
+        World { app, control, clock, token }
+    }
+
+    async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+        self.call_as(&self.token, method, uri, body).await
+    }
+
+    async fn call_as(&self, token: &str, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
+            .unwrap();
+        let response = self.app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 24).await.unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    fn at(&self, text: &str) {
+        self.clock.set(text.parse::<Timestamp>().unwrap());
+    }
+}
+
+const GIB: u64 = 1 << 30;
+
+fn item<'a>(usage: &'a Value, name: &str) -> &'a Value {
+    usage["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name)
+        .unwrap_or_else(|| panic!("no line for {name} in {usage:#}"))
+}
+
+#[tokio::test]
+async fn a_month_of_volumes_made_grown_and_deleted_mid_hour_bills_exact_gib_hours() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new("2026-11-01T00:00:00Z".parse().unwrap()));
+    let w = World::open(dir.path(), clock.clone()).await;
+    let (status, _) = w.call("POST", "/v1/volumes", Some(json!({"name": "db", "size": "1G"}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    w.at("2026-11-01T05:15:00Z");
+    w.call("POST", "/v1/volumes", Some(json!({"name": "web", "size": "1G"}))).await;
+    w.at("2026-11-01T10:30:00Z");
+    let (status, _) = w.call("POST", "/v1/volumes/db/grow", Some(json!({"size": "2G"}))).await;
+    assert_eq!(status, StatusCode::OK);
+    // A volume that lives 45 minutes, inside one hour.
+    w.at("2026-11-01T12:10:00Z");
+    w.call("POST", "/v1/volumes", Some(json!({"name": "scratch", "size": "4G"}))).await;
+    w.at("2026-11-01T12:55:00Z");
+    let (status, _) = w.call("DELETE", "/v1/volumes/scratch", None).await;
+    assert_eq!(status, StatusCode::OK);
+    w.at("2026-11-01T20:45:00Z");
+    w.call("DELETE", "/v1/volumes/db", None).await;
+
+    // A restart: what was open stays open, and the downtime is billed once.
+    drop(w);
+    clock.set("2026-11-20T00:00:00Z".parse().unwrap());
+    let w = World::open(dir.path(), clock.clone()).await;
+    w.at("2026-12-03T00:00:00Z");
+    let (status, usage) = w.call("GET", "/v1/usage?from=2026-11-01&to=2026-12-01", None).await;
+    assert_eq!(status, StatusCode::OK, "{usage}");
+    // db: 1 GiB for 10.5 h, then 2 GiB for 10.25 h.
+    assert_eq!(item(&usage, "db")["gib_hours"], 31.0);
+    assert_eq!(item(&usage, "scratch")["gib_hours"], 3.0);
+    // web: from 05:15 on the 1st to the end of November: 714.75 h.
+    assert_eq!(item(&usage, "web")["gib_hours"], 714.75);
+    assert_eq!(item(&usage, "web")["bytes"], GIB);
+    assert_eq!(usage["totals"]["gib_hours"], 748.75);
+    // At 0.08 per GiB-month of 730 h, each line rounded to a millionth once.
+    let costs: Vec<u64> =
+        ["db", "scratch", "web"].iter().map(|n| item(&usage, n)["cost_micros"].as_u64().unwrap()).collect();
+    assert_eq!(costs, [3397, 329, 78329]);
+    assert_eq!(usage["totals"]["cost_micros"], 3397 + 329 + 78329);
+
+    // A period that starts mid-way counts only its part; an empty or reversed one is refused.
+    let (_, part) = w.call("GET", "/v1/usage?from=2026-11-01T10:00:00Z&to=2026-11-01T11:00:00Z", None).await;
+    assert_eq!(item(&part, "db")["gib_hours"], 1.5);
+    let (status, _) = w.call("GET", "/v1/usage?from=2026-12-01&to=2026-11-01", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = w.call("GET", "/v1/usage?from=yesterday", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn a_request_over_quota_is_refused_before_anything_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new("2026-11-01T00:00:00Z".parse().unwrap()));
+    let w = World::open(dir.path(), clock).await;
+    let (status, created) = w.call("POST", "/v1/tenants", Some(json!({"name": "acme"}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let acme = created["token"].as_str().unwrap().to_string();
+    let quota = json!({"max_bytes": 3 * GIB, "max_volumes": 2, "max_snapshots": 1});
+    let (status, view) = w.call("PUT", "/v1/tenants/acme/quota", Some(quota)).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    // Only the administrator sets quotas.
+    let (status, _) = w.call_as(&acme, "PUT", "/v1/tenants/acme/quota", Some(json!({}))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    let (status, _) = w.call_as(&acme, "POST", "/v1/volumes", Some(json!({"name": "a", "size": "2G"}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, refused) = w.call_as(&acme, "POST", "/v1/volumes", Some(json!({"name": "b", "size": "2G"}))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{refused}");
+    assert_eq!(refused["error"]["code"], "quota_exceeded");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("bytes"), "{refused}");
+    // Nothing half-made: no row, no engine volume.
+    let (_, volumes) = w.call_as(&acme, "GET", "/v1/volumes", None).await;
+    assert_eq!(volumes.as_array().unwrap().len(), 1, "{volumes}");
+    assert_eq!(w.control.engine().list_volumes().len(), 1);
+
+    let (status, _) = w.call_as(&acme, "POST", "/v1/volumes/a/snapshots", Some(json!({"name": "s1"}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, refused) = w.call_as(&acme, "POST", "/v1/volumes/a/snapshots", Some(json!({"name": "s2"}))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{refused}");
+    let (_, snapshots) = w.call_as(&acme, "GET", "/v1/snapshots", None).await;
+    assert_eq!(snapshots.as_array().unwrap().len(), 1);
+
+    // Growing counts the bytes it adds; a clone of the snapshot counts a volume of its size.
+    let (status, _) = w.call_as(&acme, "POST", "/v1/volumes/a/grow", Some(json!({"size": "4G"}))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _) = w.call_as(&acme, "POST", "/v1/snapshots/s1/restore", Some(json!({"name": "c"}))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (_, a) = w.call_as(&acme, "GET", "/v1/volumes/a", None).await;
+    assert_eq!(a["size"], 2 * GIB, "{a}");
+
+    let (_, view) = w.call_as(&acme, "GET", "/v1/tenants/acme/quota", None).await;
+    assert_eq!(view["holding"]["volumes"], 1);
+    assert_eq!(view["holding"]["snapshots"], 1);
+    assert_eq!(view["holding"]["bytes"], 2 * GIB);
+    // Another tenant's quota is not acme's to see; the administrator's usage is not either.
+    let (status, _) = w.call_as(&acme, "GET", "/v1/tenants/admin/quota", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = w.call_as(&acme, "GET", "/v1/usage?tenant=admin", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Lifted, the same request goes through.
+    w.call("PUT", "/v1/tenants/acme/quota", Some(json!({}))).await;
+    let (status, _) = w.call_as(&acme, "POST", "/v1/volumes", Some(json!({"name": "b", "size": "2G"}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn a_snapshot_delete_preview_shows_what_it_frees_and_the_bill_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new("2026-11-01T00:00:00Z".parse().unwrap()));
+    let w = World::open(dir.path(), clock).await;
+    let (_, volume) = w.call("POST", "/v1/volumes", Some(json!({"name": "db", "size": "64M"}))).await;
+    let engine = w.control.engine();
+    let disk = engine.volume(engine.volume_id(volume["id"].as_str().unwrap()).unwrap()).unwrap();
+    const MIB: usize = 1 << 20;
+    disk.write(&vec![7u8; 8 * MIB], 0, true).unwrap();
+    let (status, _) = w.call("POST", "/v1/volumes/db/snapshots", Some(json!({"name": "s1"}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    // Half of what s1 holds is overwritten since: deleting s1 frees that half.
+    disk.write(&vec![9u8; 4 * MIB], 0, true).unwrap();
+
+    let (status, preview) = w.call("DELETE", "/v1/snapshots/s1?dry_run=true", None).await;
+    assert_eq!(status, StatusCode::OK, "{preview}");
+    assert_eq!(preview["frees_bytes"], 4 * MIB);
+    // 64 MiB of volume at 0.08 and 8 MiB of snapshot at 0.05 per GiB-month.
+    assert_eq!(preview["monthly_cost_before"], "0.005391");
+    assert_eq!(preview["monthly_cost_after"], "0.005000");
+    let (_, snapshots) = w.call("GET", "/v1/snapshots", None).await;
+    assert_eq!(snapshots.as_array().unwrap().len(), 1, "a preview deletes nothing");
+    w.at("2026-11-01T01:00:00Z");
+    let (_, usage) = w.call("GET", "/v1/usage", None).await;
+    assert_eq!(item(&usage, "s1")["bytes"], 8 * MIB);
+    assert_eq!(item(&usage, "s1")["gib_hours"], 1.0 / 128.0);
+}

@@ -1,0 +1,86 @@
+//! Metering, prices, free backups and quotas with the real daemon and CLI: `cairn usage`
+//! (table, --json, --csv), `cairn tenant quota`, a refused request, a delete preview, and a
+//! restart that neither loses nor doubles what was metered.
+
+mod common;
+
+use std::time::Instant;
+
+use common::{have_all, id, qemu_write, unix_uri, TestServer};
+use serde_json::Value;
+
+fn line<'a>(usage: &'a Value, name_prefix: &str) -> Vec<&'a Value> {
+    usage["items"].as_array().unwrap().iter().filter(|i| i["name"].as_str().unwrap().starts_with(name_prefix)).collect()
+}
+
+#[test]
+fn usage_free_backups_quotas_and_a_restart() {
+    if !have_all(&["qemu-io"]) {
+        return;
+    }
+    let started = Instant::now();
+    let mut srv = TestServer::start_with(&["--price", "backup=0.10", "--free-backups-per-vm", "1"], &[]);
+    srv.cli_json(&["vm", "create", "web", "--size", "8M"]);
+    let root_uri = unix_uri(&srv.cli_json(&["volume", "show", "web-root"]));
+    qemu_write(&root_uri, 0xaa, 0, 1 << 20);
+    let first = srv.cli_json(&["backup", "create", "--vm", "web"]);
+    assert_eq!(first["state"], "succeeded", "{first}");
+    qemu_write(&root_uri, 0xbb, 2 << 20, 1 << 20);
+    srv.cli_json(&["backup", "create", "--vm", "web"]);
+
+    let usage = srv.cli_json(&["usage"]);
+    assert_eq!(usage["prices"]["backup"], "0.100000");
+    assert_eq!(usage["free_backups_per_vm"], 1);
+    let mut backups = line(&usage, "web-root@");
+    backups.sort_by_key(|b| b["name"].as_str().unwrap().to_string());
+    assert_eq!(backups.len(), 2, "{usage:#}");
+    // The VM's oldest restore point is free, the newer one billed.
+    assert_eq!(backups[0]["gib_hours"], 0.0, "{usage:#}");
+    assert!(backups[0]["free_gib_hours"].as_f64().unwrap() > 0.0, "{usage:#}");
+    assert!(backups[1]["gib_hours"].as_f64().unwrap() > 0.0, "{usage:#}");
+    assert_eq!(backups[1]["free_gib_hours"], 0.0);
+    assert_eq!(line(&usage, "web-root")[0]["kind"], "volume");
+
+    // CSV: a header, a line per resource, a total.
+    let csv = srv.cli(&["usage", "--csv"]);
+    let csv = String::from_utf8(csv.stdout).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "tenant,kind,resource,name,vm,bytes,gib_hours,free_gib_hours,cost");
+    assert_eq!(lines.len(), usage["items"].as_array().unwrap().len() + 2, "{csv}");
+    assert!(lines.last().unwrap().starts_with("total,"), "{csv}");
+    let table = String::from_utf8(srv.cli(&["usage"]).stdout).unwrap();
+    assert!(table.contains("GIB-HOURS") && table.contains("web-root"), "{table}");
+
+    // Quotas: set by the administrator, shown with what is held, enforced before work.
+    let acme = srv.cli_json(&["tenant", "create", "acme"]);
+    let token = acme["token"].as_str().unwrap().to_string();
+    let quota = srv.cli_json(&["tenant", "quota", "acme", "--max-volumes", "1", "--max-bytes", "2M"]);
+    assert_eq!(quota["quota"]["max_volumes"], 1);
+    assert_eq!(quota["quota"]["max_bytes"], 2 << 20);
+    let made = srv.cli_as(&token, &["volume", "create", "a", "--size", "1M"]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let refused = srv.cli_as(&token, &["volume", "create", "b", "--size", "1M"]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("over quota") && why.contains("volumes"), "{why}");
+    let shown = String::from_utf8(srv.cli(&["tenant", "quota", "acme"]).stdout).unwrap();
+    assert!(shown.contains("volumes") && shown.contains("HOLDS"), "{shown}");
+    srv.cli_json(&["tenant", "quota", "acme", "--clear"]);
+    assert!(srv.cli_as(&token, &["volume", "create", "b", "--size", "1M"]).status.success());
+
+    // A delete preview frees nothing yet.
+    srv.cli_json(&["snapshot", "create", "web-root", "--name", "s1"]);
+    let preview = String::from_utf8(srv.cli(&["snapshot", "delete", "s1", "--dry-run"]).stdout).unwrap();
+    assert!(preview.contains("would free") && preview.contains("->"), "{preview}");
+    srv.cli_json(&["snapshot", "show", "s1"]);
+
+    // A kill -9 and a restart: the meter goes on from where it was, once.
+    srv.restart();
+    let usage = srv.cli_json(&["usage"]);
+    let elapsed_hours = started.elapsed().as_secs_f64() / 3600.0;
+    let root = line(&usage, "web-root").into_iter().find(|i| i["kind"] == "volume").unwrap();
+    let root_gib = 8.0 / 1024.0;
+    let hours = root["gib_hours"].as_f64().unwrap() / root_gib;
+    assert!(hours > 0.0 && hours <= elapsed_hours, "billed {hours} h of {elapsed_hours} h");
+    assert_eq!(id(&srv.cli_json(&["volume", "show", "web-root"])), root["resource"].as_str().unwrap());
+}
