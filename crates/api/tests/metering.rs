@@ -71,6 +71,11 @@ async fn a_month_of_volumes_made_grown_and_deleted_mid_hour_bills_exact_gib_hour
     let w = World::open(dir.path(), clock.clone()).await;
     let (status, _) = w.call("POST", "/v1/volumes", Some(json!({"name": "db", "size": "1G"}))).await;
     assert_eq!(status, StatusCode::CREATED);
+    let (status, vm) = w.call("POST", "/v1/vms", Some(json!({"name": "app", "size": "1G"}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{vm}");
+    w.at("2026-11-01T01:00:00Z");
+    let (status, _) = w.call("POST", "/v1/vms/app/stop", None).await;
+    assert_eq!(status, StatusCode::OK);
     w.at("2026-11-01T05:15:00Z");
     w.call("POST", "/v1/volumes", Some(json!({"name": "web", "size": "1G"}))).await;
     w.at("2026-11-01T10:30:00Z");
@@ -98,12 +103,16 @@ async fn a_month_of_volumes_made_grown_and_deleted_mid_hour_bills_exact_gib_hour
     // web: from 05:15 on the 1st to the end of November: 714.75 h.
     assert_eq!(item(&usage, "web")["gib_hours"], 714.75);
     assert_eq!(item(&usage, "web")["bytes"], GIB);
-    assert_eq!(usage["totals"]["gib_hours"], 748.75);
+    // A stopped VM's disk bills all the same, the whole month (720 h), under its VM.
+    let root = item(&usage, "app-root");
+    assert_eq!(root["gib_hours"], 720.0);
+    assert_eq!(root["vm"], vm["id"], "{root}");
+    assert_eq!(usage["totals"]["gib_hours"], 748.75 + 720.0);
     // At 0.08 per GiB-month of 730 h, each line rounded to a millionth once.
-    let costs: Vec<u64> =
-        ["db", "scratch", "web"].iter().map(|n| item(&usage, n)["cost_micros"].as_u64().unwrap()).collect();
-    assert_eq!(costs, [3397, 329, 78329]);
-    assert_eq!(usage["totals"]["cost_micros"], 3397 + 329 + 78329);
+    let lines = ["db", "scratch", "web", "app-root"];
+    let costs: Vec<u64> = lines.iter().map(|n| item(&usage, n)["cost_micros"].as_u64().unwrap()).collect();
+    assert_eq!(costs, [3397, 329, 78329, 78904]);
+    assert_eq!(usage["totals"]["cost_micros"], 3397 + 329 + 78329 + 78904);
 
     // A period that starts mid-way counts only its part; an empty or reversed one is refused.
     let (_, part) = w.call("GET", "/v1/usage?from=2026-11-01T10:00:00Z&to=2026-11-01T11:00:00Z", None).await;

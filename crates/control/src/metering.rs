@@ -202,6 +202,7 @@ pub fn line_items(segments: &[Segment], from_ms: i64, to_ms: i64, prices: &Price
         // Segments come in time order per resource: the last one seen is the latest state.
         item.bytes = s.bytes;
         item.name = s.name.clone();
+        item.vm = s.vm.clone();
         item.byte_ms += u128::from(s.bytes) * (span - free_ms);
         item.free_byte_ms += u128::from(s.bytes) * free_ms;
     }

@@ -51,8 +51,10 @@ impl Control {
             start_ms: at,
             end_ms: None,
         };
+        // A volume's line names the VM it is attached to: a stopped VM's disks bill too.
         for v in db::list_volumes(&mut c, None, None).await? {
-            wanted.push(segment(MeteredKind::Volume, &v.id, &v.name, &v.tenant, v.size));
+            wanted
+                .push(Segment { vm: v.vm.clone(), ..segment(MeteredKind::Volume, &v.id, &v.name, &v.tenant, v.size) });
         }
         for t in db::list_templates(&mut c, None).await? {
             wanted.push(segment(MeteredKind::Template, &t.id, &t.name, &t.tenant, t.size));
@@ -79,8 +81,10 @@ impl Control {
             wanted.push(segment(MeteredKind::Snapshot, &s.id, &s.name, &s.tenant, bytes));
         }
         drop(c);
-        let changes: Vec<&Segment> =
-            wanted.iter().filter(|w| open.get(&w.resource).is_none_or(|o| o.bytes != w.bytes)).collect();
+        let changes: Vec<&Segment> = wanted
+            .iter()
+            .filter(|w| open.get(&w.resource).is_none_or(|o| (o.bytes, &o.vm) != (w.bytes, &w.vm)))
+            .collect();
         let wanted_ids: std::collections::HashSet<&str> = wanted.iter().map(|w| w.resource.as_str()).collect();
         let gone: Vec<&str> = open.keys().map(String::as_str).filter(|id| !wanted_ids.contains(id)).collect();
         if changes.is_empty() && gone.is_empty() {
