@@ -207,4 +207,20 @@ async fn a_snapshot_delete_preview_shows_what_it_frees_and_the_bill_after() {
     let (_, usage) = w.call("GET", "/v1/usage", None).await;
     assert_eq!(item(&usage, "s1")["bytes"], 8 * MIB);
     assert_eq!(item(&usage, "s1")["gib_hours"], 1.0 / 128.0);
+
+    // s2 holds the 4 MiB written since s1. Deleting s1 moves its other 4 MiB up into s2, which
+    // is billed for them from then on, merged yet or not.
+    let (status, _) = w.call("POST", "/v1/volumes/db/snapshots", Some(json!({"name": "s2"}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, s2) = w.call("GET", "/v1/snapshots/s2", None).await;
+    assert_eq!(s2["stored_bytes"], 4 * MIB, "{s2}");
+    w.at("2026-11-01T02:00:00Z");
+    let (status, _) = w.call("DELETE", "/v1/snapshots/s1", None).await;
+    assert_eq!(status, StatusCode::OK);
+    w.at("2026-11-01T03:00:00Z");
+    let (_, usage) = w.call("GET", "/v1/usage", None).await;
+    assert_eq!(item(&usage, "s2")["bytes"], 8 * MIB, "{usage:#}");
+    // 4 MiB from 01:00 to 02:00, then 8 MiB to 03:00.
+    assert_eq!(item(&usage, "s2")["gib_hours"], 12.0 / 1024.0);
+    assert_eq!(item(&usage, "s1")["gib_hours"], 2.0 / 128.0, "s1 billed until it went");
 }

@@ -350,6 +350,9 @@ pub struct SnapshotView {
     pub logical_bytes: u64,
     pub exclusive_bytes: u64,
     pub shared_bytes: u64,
+    /// What it stores, and is billed on: its own data, with what snapshots deleted before it
+    /// moved up into it.
+    pub stored_bytes: u64,
     pub nbd: Nbd,
     /// What went wrong around taking it without stopping it (a hook).
     #[serde(skip_serializing_if = "Vec::is_empty")]

@@ -328,6 +328,41 @@ impl Catalog {
         }
     }
 
+    /// The layers whose data `layer` holds once the merges waiting now are done, top first:
+    /// `layer`, then down its parents through ghosts (which hold none) and every layer waiting
+    /// to merge up into it. A read of the layer's final content sees the upper ones first.
+    pub(crate) fn settling_into(&self, layer: u64) -> Vec<u64> {
+        let mut stack = vec![layer];
+        let mut below = self.layers.get(&layer).and_then(|l| l.parent);
+        while let Some(id) = below {
+            let rec = &self.layers[&id];
+            if !rec.ghost {
+                if self.merge_task_for(id).is_none() {
+                    break;
+                }
+                stack.push(id);
+            }
+            below = rec.parent;
+        }
+        stack
+    }
+
+    /// The live snapshot whose layer ends up with the data put into `layer`, once the merges
+    /// waiting now are done; None when it ends in a volume's head (or nowhere).
+    pub(crate) fn final_snapshot_of(&self, layer: u64) -> Option<u64> {
+        let mut at = layer;
+        loop {
+            let owner = self.snapshots.iter().find(|(_, s)| s.layer == at && !s.checkpoint_only);
+            if let Some((id, _)) = owner {
+                return Some(*id);
+            }
+            if self.is_head(at) {
+                return None;
+            }
+            at = self.merge_task_for(at)?.data_into?;
+        }
+    }
+
     pub(crate) fn merge_task_for(&self, layer: u64) -> Option<MergeTask> {
         let rec = self.layers.get(&layer)?;
         if self.is_head(layer) || self.has_live_snapshot(layer) {

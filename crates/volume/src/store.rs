@@ -88,6 +88,13 @@ pub struct SnapshotUsage {
     pub exclusive_bytes: u64,
     /// The rest of its data, which stays after a delete because newer state still reads it.
     pub shared_bytes: u64,
+    /// The data its layer holds once the merges waiting now are done: its allocated bytes plus
+    /// what snapshots deleted just before it bring up. What it stores, independent of when the
+    /// background merge runs.
+    pub stored_bytes: u64,
+    /// The snapshot its shared data moves to when it is deleted (None: a volume's head, or
+    /// nothing moves): that snapshot's stored bytes grow by this one's shared bytes.
+    pub absorbed_by: Option<SnapshotId>,
 }
 
 /// The newer end of a change-tracking query.
@@ -381,14 +388,13 @@ impl Store {
             .snapshots
             .iter()
             .filter(|(_, s)| !s.checkpoint_only && volume.is_none_or(|v| v.0 == s.volume))
-            .map(|(id, s)| SnapshotInfo {
-                id: SnapshotId(*id),
-                name: s.name.clone(),
-                volume: VolumeId(s.volume),
-                size: s.size,
-                created_ms: s.created_ms,
-            })
+            .map(|(id, s)| snapshot_info(*id, s))
             .collect()
+    }
+
+    /// One live snapshot, looked up by id.
+    pub fn snapshot_info(&self, snapshot: SnapshotId) -> Option<SnapshotInfo> {
+        self.inner.catalog().state.live_snapshot(snapshot.0).map(|s| snapshot_info(snapshot.0, s))
     }
 
     /// Takes a snapshot of one volume.
@@ -851,10 +857,13 @@ impl StoreInner {
         } else {
             None
         };
+        let absorbed_by = target.and_then(|t| probe.final_snapshot_of(t)).map(SnapshotId);
+        let settling: Vec<_> = cat.state.settling_into(snap.layer).into_iter().map(|id| self.layer(id)).collect();
         let layer = self.layer(snap.layer);
         let child = target.map(|id| self.layer(id));
         let logical_bytes = snap.size;
         drop(cat);
+        let stored = settled_data_blocks(&settling);
         let own = layer.map();
         let allocated = own.map.data_blocks();
         let exclusive = match &child {
@@ -879,6 +888,8 @@ impl StoreInner {
             allocated_bytes: allocated * BLOCK_SIZE,
             exclusive_bytes: exclusive * BLOCK_SIZE,
             shared_bytes: (allocated - exclusive) * BLOCK_SIZE,
+            stored_bytes: stored * BLOCK_SIZE,
+            absorbed_by,
         })
     }
 
@@ -1265,4 +1276,38 @@ impl SnapshotView {
         check_range(offset, len, self.size())?;
         Ok(view::allocation_depth(&self.view, offset, len))
     }
+}
+
+fn snapshot_info(id: u64, s: &crate::catalog::SnapshotRecord) -> SnapshotInfo {
+    SnapshotInfo {
+        id: SnapshotId(id),
+        name: s.name.clone(),
+        volume: VolumeId(s.volume),
+        size: s.size,
+        created_ms: s.created_ms,
+    }
+}
+
+/// Data blocks of the content `stack` (top first) settles into: a block counts where the
+/// topmost layer that maps it holds data, as a merge that lets the upper layer win leaves it.
+fn settled_data_blocks(stack: &[Arc<Layer>]) -> u64 {
+    let maps: Vec<_> = stack.iter().map(|layer| layer.map()).collect();
+    let mut pages = std::collections::BTreeSet::new();
+    for m in &maps {
+        pages.extend(m.map.page_numbers(0, u64::MAX));
+    }
+    let mut n = 0u64;
+    for page_no in pages {
+        let layers: Vec<_> = maps.iter().filter_map(|m| m.map.page(page_no)).collect();
+        let words = layers.first().map_or(0, |p| p.data_bits().len());
+        for w in 0..words {
+            let (mut covered, mut data) = (0u64, 0u64);
+            for p in &layers {
+                data |= p.data_bits()[w] & !covered;
+                covered |= p.data_bits()[w] | p.zero_bits()[w];
+            }
+            n += u64::from(data.count_ones());
+        }
+    }
+    n
 }

@@ -165,9 +165,12 @@ struct MCheckpoint {
 struct Expected {
     allocated: u64,
     exclusive: u64,
+    /// Data blocks once every pending merge has run.
+    stored: u64,
+    absorbed_by: Option<SnapshotId>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Model {
     layers: BTreeMap<u64, MLayer>,
     volumes: Vec<MVolume>,
@@ -252,7 +255,26 @@ impl Model {
             },
             _ => 0,
         };
-        Expected { allocated, exclusive }
+        let mut settled = self.clone();
+        settled.merge_all();
+        let stored = data_blocks(&settled.layers[&layer].map);
+        Expected { allocated, exclusive, stored, absorbed_by: self.absorber(layer) }
+    }
+
+    /// The snapshot a deleted layer's data finally rests in: through its merge target and on
+    /// through layers still waiting to merge, to the first one a live snapshot holds; none
+    /// when it ends in a volume's head.
+    fn absorber(&self, layer: u64) -> Option<SnapshotId> {
+        let mut at = self.data_target(layer)?;
+        loop {
+            if let Some(s) = self.snapshots.iter().find(|s| s.layer == at) {
+                return Some(s.id);
+            }
+            if self.is_head(at) {
+                return None;
+            }
+            at = self.data_target(at)?;
+        }
     }
 
     /// Data blocks over every layer: what the data files must hold.
@@ -619,6 +641,8 @@ impl Harness {
                 allocated_bytes: e.allocated * BLOCK_SIZE,
                 exclusive_bytes: e.exclusive * BLOCK_SIZE,
                 shared_bytes: (e.allocated - e.exclusive) * BLOCK_SIZE,
+                stored_bytes: e.stored * BLOCK_SIZE,
+                absorbed_by: e.absorbed_by,
             };
             assert_eq!(usage, want, "usage of snapshot {:?}", s.id);
             assert_eq!(usage.exclusive_bytes + usage.shared_bytes, usage.allocated_bytes);

@@ -67,18 +67,19 @@ impl Control {
                 ..segment(MeteredKind::Backup, &b.id, &name, &b.tenant, b.bytes_added)
             });
         }
-        // A snapshot's layer is frozen: measured once, when it first shows up.
+        // A snapshot's layer is frozen: measured when it first shows up, and again only when
+        // a deleted snapshot's data moves up into it.
+        let remeasure = std::mem::take(&mut *self.meter_remeasure.lock().expect("meter lock"));
         let snapshots = db::list_snapshots(&mut c, None, None, None).await?;
-        let (metered, new): (Vec<Snapshot>, Vec<Snapshot>) =
-            snapshots.into_iter().partition(|s| open.contains_key(&s.id));
+        let (metered, measure): (Vec<Snapshot>, Vec<Snapshot>) =
+            snapshots.into_iter().partition(|s| open.contains_key(&s.id) && !remeasure.contains(&s.id));
         for s in metered {
             let bytes = open[&s.id].bytes;
             wanted.push(segment(MeteredKind::Snapshot, &s.id, &s.name, &s.tenant, bytes));
         }
-        for view in self.snapshot_views(new)? {
+        for view in self.snapshot_views(measure)? {
             let s = &view.snapshot;
-            let bytes = view.exclusive_bytes + view.shared_bytes;
-            wanted.push(segment(MeteredKind::Snapshot, &s.id, &s.name, &s.tenant, bytes));
+            wanted.push(segment(MeteredKind::Snapshot, &s.id, &s.name, &s.tenant, view.stored_bytes));
         }
         drop(c);
         let changes: Vec<&Segment> = wanted

@@ -3,7 +3,7 @@
 //! the rows are gone, so a crash leaves at worst an engine object no row names, which
 //! [`Control::open`] removes (see docs/architecture.md, "Control plane").
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -179,6 +179,8 @@ pub struct Control {
     meter_lock: tokio::sync::Mutex<()>,
     /// Scheduled runs ended since the meter last caught up.
     meter_wanted: tokio::sync::Notify,
+    /// Snapshots that took in a deleted snapshot's data, to be measured again.
+    meter_remeasure: Mutex<HashSet<String>>,
     jobs: Mutex<HashMap<String, Arc<Progress>>>,
     /// Signalled whenever a job ends, for a shutdown that waits for them.
     job_ended: tokio::sync::Notify,
@@ -258,6 +260,7 @@ impl Control {
             ops: tokio::sync::Mutex::new(()),
             meter_lock: tokio::sync::Mutex::new(()),
             meter_wanted: tokio::sync::Notify::new(),
+            meter_remeasure: Mutex::new(HashSet::new()),
             jobs: Mutex::default(),
             job_ended: Default::default(),
             run_slots: Arc::new(tokio::sync::Semaphore::new(settings.scheduler.max_concurrent_runs.max(1))),
@@ -482,6 +485,7 @@ impl Control {
                 logical_bytes: usage.logical_bytes,
                 exclusive_bytes: usage.exclusive_bytes,
                 shared_bytes: usage.shared_bytes,
+                stored_bytes: usage.stored_bytes,
                 nbd: self.nbd_for(format!("{}@{}", snapshot.volume, snapshot.id)),
                 warnings: Vec::new(),
                 snapshot,

@@ -241,6 +241,14 @@ impl Control {
                 .iter()
                 .any(|b| b.checkpoint == Some(engine_id.0));
             db::delete_snapshot(tx, &snapshot.id).await?;
+            // The snapshot its data moves up into stores more from now: the meter measures
+            // it again.
+            if let Some(absorber) = self.engine.snapshot_usage(engine_id)?.absorbed_by {
+                let name = self.engine.snapshot_info(absorber).map(|s| s.name);
+                if let Some((_, id)) = name.as_deref().and_then(parse_engine_snapshot_name) {
+                    self.meter_remeasure.lock().expect("meter lock").insert(id.to_string());
+                }
+            }
             engine.push((engine_id, checkpoint));
         }
         Ok(engine)
