@@ -347,19 +347,26 @@ impl Catalog {
         stack
     }
 
-    /// The live snapshot whose layer ends up with the data put into `layer`, once the merges
-    /// waiting now are done; None when it ends in a volume's head (or nowhere).
-    pub(crate) fn final_snapshot_of(&self, layer: u64) -> Option<u64> {
+    /// Where data put into `layer` comes to rest once the merges waiting now are done: the
+    /// layers it passes through, from `layer` up to the one it rests in, and that one's live
+    /// snapshot (None: a volume's head, or nowhere).
+    pub(crate) fn landing(&self, layer: u64) -> (Vec<u64>, Option<u64>) {
+        let mut path = vec![layer];
         let mut at = layer;
         loop {
-            let owner = self.snapshots.iter().find(|(_, s)| s.layer == at && !s.checkpoint_only);
-            if let Some((id, _)) = owner {
-                return Some(*id);
+            if let Some((id, _)) = self.snapshots.iter().find(|(_, s)| s.layer == at && !s.checkpoint_only) {
+                return (path, Some(*id));
             }
             if self.is_head(at) {
-                return None;
+                return (path, None);
             }
-            at = self.merge_task_for(at)?.data_into?;
+            match self.merge_task_for(at).and_then(|t| t.data_into) {
+                Some(next) => {
+                    path.push(next);
+                    at = next;
+                }
+                None => return (path, None),
+            }
         }
     }
 

@@ -857,31 +857,37 @@ impl StoreInner {
         } else {
             None
         };
-        let absorbed_by = target.and_then(|t| probe.final_snapshot_of(t)).map(SnapshotId);
+        // Its data passes through layers still waiting to merge before it rests: a block any of
+        // them maps is overwritten there, and freed in the end.
+        let (above, absorbed_by) = match target {
+            Some(t) => probe.landing(t),
+            None => (Vec::new(), None),
+        };
+        let absorbed_by = absorbed_by.map(SnapshotId);
+        let above: Vec<_> = above.into_iter().map(|id| self.layer(id)).collect();
         let settling: Vec<_> = cat.state.settling_into(snap.layer).into_iter().map(|id| self.layer(id)).collect();
         let layer = self.layer(snap.layer);
-        let child = target.map(|id| self.layer(id));
         let logical_bytes = snap.size;
         drop(cat);
         let stored = settled_data_blocks(&settling);
         let own = layer.map();
         let allocated = own.map.data_blocks();
-        let exclusive = match &child {
-            None if children == 0 => allocated,
-            None => 0,
-            Some(child) => {
-                let child = child.map();
+        let exclusive = match children {
+            0 => allocated,
+            1 => {
+                let above: Vec<_> = above.iter().map(|l| l.map()).collect();
                 let mut n = 0u64;
                 for page_no in own.map.page_numbers(0, u64::MAX) {
-                    let (Some(p), Some(c)) = (own.map.page(page_no), child.map.page(page_no)) else {
-                        continue;
-                    };
+                    let Some(p) = own.map.page(page_no) else { continue };
+                    let pages: Vec<_> = above.iter().filter_map(|m| m.map.page(page_no)).collect();
                     for w in 0..p.data_bits().len() {
-                        n += (p.data_bits()[w] & (c.data_bits()[w] | c.zero_bits()[w])).count_ones() as u64;
+                        let covered = pages.iter().fold(0u64, |c, a| c | a.data_bits()[w] | a.zero_bits()[w]);
+                        n += u64::from((p.data_bits()[w] & covered).count_ones());
                     }
                 }
                 n
             }
+            _ => 0,
         };
         Ok(SnapshotUsage {
             logical_bytes,

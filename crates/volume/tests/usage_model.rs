@@ -234,46 +234,46 @@ impl Model {
     }
 
     /// What deleting the snapshot on `layer` frees, counted block by block: with no child the
-    /// layer goes entirely; with one, its data blocks the merge target already holds (as data
-    /// or as zeros) are dropped and the rest move up; with several (clones) it stays.
-    ///
-    /// A child that is itself a deleted layer still waiting to merge counts as the target, as
-    /// the engine counts it. That is exact for what this layer's own merge frees, but less than
-    /// deleting the snapshot frees in the end: blocks the pending layer does not hold but the
-    /// layer it merges into does are freed too, and the figure grows once that merge runs.
+    /// layer goes entirely; with one, its data blocks that any layer its data passes through
+    /// on the way up holds (as data or as zeros) are dropped, since those win, and the rest move
+    /// up; with several (clones) it stays. The way up runs through deleted layers still waiting
+    /// to merge, so the figure is what the delete frees once every merge has run.
     fn expected_usage(&self, layer: u64) -> Expected {
         let own = &self.layers[&layer].map;
         let allocated = data_blocks(own);
+        let (path, absorbed_by) = self.landing(layer);
         let exclusive = match self.children(layer).len() {
             0 => allocated,
-            1 => match self.data_target(layer) {
-                Some(target) => {
-                    let above = &self.layers[&target].map;
-                    own.iter().filter(|(b, st)| **st == Block::Data && above.contains_key(b)).count() as u64
-                }
-                None => 0,
-            },
+            1 => own
+                .iter()
+                .filter(|(b, st)| **st == Block::Data && path.iter().any(|l| self.layers[l].map.contains_key(b)))
+                .count() as u64,
             _ => 0,
         };
         let mut settled = self.clone();
         settled.merge_all();
         let stored = data_blocks(&settled.layers[&layer].map);
-        Expected { allocated, exclusive, stored, absorbed_by: self.absorber(layer) }
+        Expected { allocated, exclusive, stored, absorbed_by }
     }
 
-    /// The snapshot a deleted layer's data finally rests in: through its merge target and on
-    /// through layers still waiting to merge, to the first one a live snapshot holds; none
-    /// when it ends in a volume's head.
-    fn absorber(&self, layer: u64) -> Option<SnapshotId> {
-        let mut at = self.data_target(layer)?;
+    /// Where a deleted layer's data finally rests: the layers it passes through, from its
+    /// merge target on through layers still waiting to merge, and the live snapshot on the
+    /// last (none when that is a volume's head).
+    fn landing(&self, layer: u64) -> (Vec<u64>, Option<SnapshotId>) {
+        let mut path = Vec::new();
+        let Some(mut at) = self.data_target(layer) else { return (path, None) };
         loop {
+            path.push(at);
             if let Some(s) = self.snapshots.iter().find(|s| s.layer == at) {
-                return Some(s.id);
+                return (path, Some(s.id));
             }
             if self.is_head(at) {
-                return None;
+                return (path, None);
             }
-            at = self.data_target(at)?;
+            match self.data_target(at) {
+                Some(next) => at = next,
+                None => return (path, None),
+            }
         }
     }
 
