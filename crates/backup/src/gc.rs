@@ -14,7 +14,7 @@
 //! Every step is idempotent, so a run killed anywhere leaves a repository that verifies clean
 //! and a list the next run finishes.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
@@ -70,6 +70,10 @@ pub struct GcReport {
     pub packs_deleted: u64,
     pub bytes_deleted: u64,
     pub stale_markers_removed: u64,
+    /// Per `tenant` label of the backups: the bytes stored (compressed, sealed) of the distinct
+    /// blobs its backups reference, each counted once however many backups share it: what the
+    /// tenant takes in the repository after dedup and compression.
+    pub bytes_by_tenant: BTreeMap<String, u64>,
     /// Sessions that began before a condemned list and still run; deletion waits for them
     /// (a later run finishes it).
     pub waiting_for: Vec<String>,
@@ -83,6 +87,8 @@ struct Scan {
     locations: HashMap<ChunkId, Vec<Location>>,
     records_read: HashSet<String>,
     referenced: HashSet<ChunkId>,
+    /// The blobs each tenant's backups reference (by their `tenant` label).
+    by_tenant: HashMap<String, HashSet<ChunkId>>,
 }
 
 impl Scan {
@@ -130,11 +136,16 @@ impl Scan {
                 Err(e) => return Err(stop(e)),
             };
             let ids = repo.manifest(&record).map_err(stop)?;
-            self.referenced.extend(ids.into_iter().filter(|id| *id != ChunkId::ZERO));
+            let tenant = self.by_tenant.entry(record.labels.get("tenant").cloned().unwrap_or_default()).or_default();
+            for id in ids.into_iter().filter(|id| *id != ChunkId::ZERO) {
+                self.referenced.insert(id);
+                tenant.insert(id);
+            }
             for segment in &record.segments {
                 let id =
                     ChunkId::from_hex(segment).ok_or_else(|| stop(Error::Invalid(format!("segment {segment}"))))?;
                 self.referenced.insert(id);
+                tenant.insert(id);
             }
             self.records_read.insert(object.key);
         }
@@ -175,6 +186,14 @@ impl Repository {
         report.backups = scan.records_read.len();
         report.packs = scan.packs.len() as u64;
         report.pack_bytes = scan.packs.values().map(|o| o.size).sum();
+        report.bytes_by_tenant = scan
+            .by_tenant
+            .iter()
+            .map(|(tenant, ids)| {
+                let stored = ids.iter().filter_map(|id| scan.preferred(id)).map(|l| u64::from(l.length)).sum();
+                (tenant.clone(), stored)
+            })
+            .collect();
 
         let mut pending = 0;
         for object in self.backend.list("gc/")? {

@@ -130,6 +130,37 @@ fn gc_deletes_a_forgotten_backups_own_chunks_and_keeps_the_shared_ones() {
     assert_eq!(reopened.list_backups().unwrap().len(), 1);
 }
 
+fn back_up_for(repo: &Repository, tenant: &str, bytes: &[u8]) -> BackupRecord {
+    let labels = BTreeMap::from([("tenant".to_string(), tenant.to_string())]);
+    let request = BackupRequest { labels, parent: None, allocated: None, progress: None };
+    repo.backup(&Disk::new(bytes.to_vec()), request).unwrap()
+}
+
+#[test]
+fn gc_counts_each_tenants_stored_bytes_once_however_many_backups_share_them() {
+    let backend: Arc<dyn Backend> = Arc::new(ObjectStoreBackend::memory());
+    let repo = repo(&backend);
+    let disk = noise(8 * CHUNK, 3);
+    let mut changed = disk.clone();
+    changed[..CHUNK].copy_from_slice(&noise(CHUNK, 4));
+    back_up_for(&repo, "a", &disk);
+    let second = back_up_for(&repo, "a", &changed);
+    // The same disk under another tenant: stored once in the repository, counted for each.
+    back_up_for(&repo, "b", &disk);
+    let dry = GcOptions { dry_run: true, ..now() };
+    let report = repo.gc(&dry, None).unwrap();
+    let (a, b) = (report.bytes_by_tenant["a"], report.bytes_by_tenant["b"]);
+    // Noise does not compress: b holds 8 chunks and a manifest, a one chunk and one manifest
+    // more, not twice b.
+    assert!(b > 8 * CHUNK as u64, "{report:?}");
+    let extra = a - b;
+    assert!((CHUNK as u64..CHUNK as u64 + 4096).contains(&extra), "a - b = {extra}: {report:?}");
+    // Once a's second backup is forgotten, a holds what b holds.
+    repo.forget(&second.id).unwrap();
+    let report = repo.gc(&dry, None).unwrap();
+    assert_eq!(report.bytes_by_tenant["a"], report.bytes_by_tenant["b"], "{report:?}");
+}
+
 #[test]
 fn a_backup_running_during_gc_keeps_what_it_uses() {
     let backend: Arc<dyn Backend> = Arc::new(ObjectStoreBackend::memory());

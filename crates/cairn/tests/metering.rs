@@ -41,6 +41,21 @@ fn usage_free_backups_quotas_and_a_restart() {
     assert_eq!(backups[1]["free_gib_hours"], 0.0);
     assert_eq!(line(&usage, "web-root")[0]["kind"], "volume");
 
+    // A gc counts what each tenant's backups take in the repository, shared chunks once.
+    assert_eq!(usage["repository"], serde_json::json!([]), "nothing counted before a gc");
+    let gc = srv.cli_json(&["repo", "gc", "--grace", "0", "--dry-run"]);
+    let counted = srv.cli_json(&["usage"]);
+    let repository = &counted["repository"][0];
+    assert_eq!(repository["tenant"], "admin", "{counted:#}");
+    // Both backups' chunks, compressed (the patterns written shrink to almost nothing), each
+    // counted once: within what the packs hold, and what the backups added.
+    let added: u64 = backups.iter().map(|b| b["bytes"].as_u64().unwrap()).sum();
+    let stored = repository["bytes"].as_u64().unwrap();
+    let packs = gc["pack_bytes"].as_u64().unwrap();
+    assert!(stored > 0 && stored <= packs && stored <= added, "stored {stored}, packs {packs}, added {added}");
+    let table = String::from_utf8(srv.cli(&["usage"]).stdout).unwrap();
+    assert!(table.contains("backup repository: tenant admin"), "{table}");
+
     // CSV: a header, a line per resource, a total.
     let csv = srv.cli(&["usage", "--csv"]);
     let csv = String::from_utf8(csv.stdout).unwrap();

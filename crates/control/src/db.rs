@@ -21,6 +21,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../migrations/0004_copies.sql")),
     (5, include_str!("../migrations/0005_schedules.sql")),
     (6, include_str!("../migrations/0006_metering.sql")),
+    (7, include_str!("../migrations/0007_repository_usage.sql")),
 ];
 
 /// The metadata database.
@@ -1112,4 +1113,27 @@ pub async fn set_tenant_quota(c: &mut Conn, tenant: &str, quota: Option<&Quota>)
     let text = quota.map(|q| serde_json::to_string(q).expect("a quota serialises"));
     sqlx::query("UPDATE tenants SET quota = $1 WHERE id = $2").bind(text).bind(tenant).execute(c).await?;
     Ok(())
+}
+
+/// Replaces what each tenant takes in the backup repository with a gc's count.
+pub async fn set_repository_usage(c: &mut Conn, by_tenant: &[(String, u64)], measured_at: &str) -> Result<(), Error> {
+    sqlx::query("DELETE FROM repository_usage").execute(&mut *c).await?;
+    for (tenant, bytes) in by_tenant {
+        sqlx::query("INSERT INTO repository_usage (tenant_id, bytes, measured_at) VALUES ($1, $2, $3)")
+            .bind(tenant)
+            .bind(int(*bytes))
+            .bind(measured_at)
+            .execute(&mut *c)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Each tenant's bytes in the backup repository and when they were counted, of one tenant or all.
+pub async fn repository_usage(c: &mut Conn, tenant: Option<&str>) -> Result<Vec<(String, u64, String)>, Error> {
+    let rows = sqlx::query("SELECT * FROM repository_usage WHERE $1 IS NULL OR tenant_id = $1 ORDER BY tenant_id")
+        .bind(tenant)
+        .fetch_all(c)
+        .await?;
+    rows.iter().map(|r| Ok((r.try_get("tenant_id")?, u64_of(r, "bytes")?, r.try_get("measured_at")?))).collect()
 }

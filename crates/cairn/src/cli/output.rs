@@ -364,7 +364,16 @@ pub fn render_usage(usage: &Value) -> String {
         format!("{:.3}", totals["free_gib_hours"].as_f64().unwrap_or(0.0)),
         money(&totals["cost_micros"]),
     ]);
-    format!("{} to {}\n{}", text(&usage["from"]), text(&usage["to"]), render_rows(&rows))
+    let mut out = format!("{} to {}\n{}", text(&usage["from"]), text(&usage["to"]), render_rows(&rows));
+    for tenant in usage["repository"].as_array().into_iter().flatten() {
+        out += &format!(
+            "\nbackup repository: tenant {} takes {} after dedup and compression (counted by gc at {})",
+            text(&tenant["tenant"]),
+            human_size(tenant["bytes"].as_u64().unwrap_or(0)),
+            text(&tenant["measured_at"])
+        );
+    }
+    out
 }
 
 /// Usage as CSV: a header, a line per resource and a total line; names are quoted when

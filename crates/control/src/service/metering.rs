@@ -22,6 +22,16 @@ pub struct Usage {
     pub free_backups_per_vm: u32,
     pub items: Vec<LineItem>,
     pub totals: Totals,
+    /// Per tenant, what its backups take in the backup repository after dedup and compression,
+    /// as the latest gc counted it (none before the first gc).
+    pub repository: Vec<RepositoryUsage>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RepositoryUsage {
+    pub tenant: String,
+    pub bytes: u64,
+    pub measured_at: String,
 }
 
 impl Control {
@@ -152,6 +162,15 @@ impl Control {
             }
         }
         let totals = metering::totals(&items);
+        let repository = db::repository_usage(&mut c, scope.as_deref())
+            .await?
+            .into_iter()
+            .map(|(tenant, bytes, measured_at)| RepositoryUsage {
+                tenant: names.get(&tenant).cloned().unwrap_or(tenant),
+                bytes,
+                measured_at,
+            })
+            .collect();
         Ok(Usage {
             from: crate::clock::stamp(from),
             to: crate::clock::stamp(to),
@@ -159,6 +178,7 @@ impl Control {
             free_backups_per_vm: self.prices().free_backups_per_vm,
             items,
             totals,
+            repository,
         })
     }
 

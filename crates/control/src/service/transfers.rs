@@ -150,7 +150,18 @@ impl Control {
                 }
                 made = backups;
             }
-            (Ok(_), JobKind::Export | JobKind::Verify | JobKind::Gc | JobKind::Copy) => job.state = JobState::Succeeded,
+            (Ok(_), JobKind::Gc) => {
+                job.state = JobState::Succeeded;
+                // A gc of the backup repository counted what each tenant takes in it.
+                let counted = job.result.as_ref().and_then(|r| r.get("bytes_by_tenant")).and_then(|b| b.as_object());
+                if let (Some(counted), "repository") = (counted, job.resource.as_str()) {
+                    let by_tenant: Vec<(String, u64)> =
+                        counted.iter().map(|(tenant, bytes)| (tenant.clone(), bytes.as_u64().unwrap_or(0))).collect();
+                    let at = job.finished_at.clone().unwrap_or_default();
+                    db::set_repository_usage(&mut tx, &by_tenant, &at).await?;
+                }
+            }
+            (Ok(_), JobKind::Export | JobKind::Verify | JobKind::Copy) => job.state = JobState::Succeeded,
             (Err(e), kind) => {
                 job.state = JobState::Failed;
                 job.error = Some(e);
