@@ -74,9 +74,19 @@ pub struct GcReport {
     /// blobs its backups reference, each counted once however many backups share it: what the
     /// tenant takes in the repository after dedup and compression.
     pub bytes_by_tenant: BTreeMap<String, u64>,
+    /// Per backup record: the stored bytes of the blobs it alone references (what forgetting
+    /// it frees at the next gc) and of those other backups reference too.
+    pub bytes_by_backup: BTreeMap<String, BackupBytes>,
     /// Sessions that began before a condemned list and still run; deletion waits for them
     /// (a later run finishes it).
     pub waiting_for: Vec<String>,
+}
+
+/// A backup's share of the repository.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BackupBytes {
+    pub exclusive: u64,
+    pub shared: u64,
 }
 
 /// What GC knows about the repository: packs, index objects, referenced blobs.
@@ -89,6 +99,11 @@ struct Scan {
     referenced: HashSet<ChunkId>,
     /// The blobs each tenant's backups reference (by their `tenant` label).
     by_tenant: HashMap<String, HashSet<ChunkId>>,
+    /// Each record's distinct blobs, as numbers into `blobs` (4 bytes a reference rather than
+    /// 32, since every backup of a disk references most of its chunks).
+    by_record: Vec<(String, Vec<u32>)>,
+    blob_numbers: HashMap<ChunkId, u32>,
+    blobs: Vec<ChunkId>,
 }
 
 impl Scan {
@@ -135,21 +150,52 @@ impl Scan {
                 Err(Error::BackupNotFound(_)) => continue,
                 Err(e) => return Err(stop(e)),
             };
-            let ids = repo.manifest(&record).map_err(stop)?;
+            let mut ids: Vec<ChunkId> = repo.manifest(&record).map_err(stop)?;
+            for segment in &record.segments {
+                ids.push(ChunkId::from_hex(segment).ok_or_else(|| stop(Error::Invalid(format!("segment {segment}"))))?);
+            }
             let tenant = self.by_tenant.entry(record.labels.get("tenant").cloned().unwrap_or_default()).or_default();
+            let mut numbers = Vec::with_capacity(ids.len());
             for id in ids.into_iter().filter(|id| *id != ChunkId::ZERO) {
                 self.referenced.insert(id);
                 tenant.insert(id);
+                let next = self.blobs.len() as u32;
+                let number = *self.blob_numbers.entry(id).or_insert(next);
+                if number == next {
+                    self.blobs.push(id);
+                }
+                numbers.push(number);
             }
-            for segment in &record.segments {
-                let id =
-                    ChunkId::from_hex(segment).ok_or_else(|| stop(Error::Invalid(format!("segment {segment}"))))?;
-                self.referenced.insert(id);
-                tenant.insert(id);
-            }
+            numbers.sort_unstable();
+            numbers.dedup();
+            self.by_record.push((record.id.clone(), numbers));
             self.records_read.insert(object.key);
         }
         Ok(())
+    }
+
+    /// Each record's blobs split into those it alone references and the rest, in stored bytes.
+    fn shares(&self) -> BTreeMap<String, BackupBytes> {
+        let mut records_using = vec![0u32; self.blobs.len()];
+        for (_, numbers) in &self.by_record {
+            for n in numbers {
+                records_using[*n as usize] += 1;
+            }
+        }
+        let stored = |n: u32| self.preferred(&self.blobs[n as usize]).map_or(0, |l| u64::from(l.length));
+        self.by_record
+            .iter()
+            .map(|(record, numbers)| {
+                let mut bytes = BackupBytes::default();
+                for n in numbers {
+                    match records_using[*n as usize] {
+                        1 => bytes.exclusive += stored(*n),
+                        _ => bytes.shared += stored(*n),
+                    }
+                }
+                (record.clone(), bytes)
+            })
+            .collect()
     }
 
     /// The copy of a referenced blob that counts as its live one: in the newest pack, so
@@ -186,6 +232,7 @@ impl Repository {
         report.backups = scan.records_read.len();
         report.packs = scan.packs.len() as u64;
         report.pack_bytes = scan.packs.values().map(|o| o.size).sum();
+        report.bytes_by_backup = scan.shares();
         report.bytes_by_tenant = scan
             .by_tenant
             .iter()

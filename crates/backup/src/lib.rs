@@ -19,7 +19,7 @@ pub use backend::{
 pub use copy::CopyStats;
 pub use crypto::{ChunkId, CryptoError, KdfParams};
 pub use format::{BackupRecord, BackupStats, FormatError, CHUNK_SIZE};
-pub use gc::{GcOptions, GcReport};
+pub use gc::{BackupBytes, GcOptions, GcReport};
 pub use location::RepoLocation;
 pub use repo::{BackupRequest, BlockSink, BlockSource, Progress, Repository, RestoreStats, VerifyReport};
 pub use s3::S3Location;

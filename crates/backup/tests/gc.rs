@@ -155,10 +155,18 @@ fn gc_counts_each_tenants_stored_bytes_once_however_many_backups_share_them() {
     assert!(b > 8 * CHUNK as u64, "{report:?}");
     let extra = a - b;
     assert!((CHUNK as u64..CHUNK as u64 + 4096).contains(&extra), "a - b = {extra}: {report:?}");
+    // Per backup: a's second holds one chunk and its manifest alone; the first and b's backup
+    // share everything (the same disk, the same manifest).
+    let shares = &report.bytes_by_backup;
+    let only_second = shares[&second.id].exclusive;
+    assert_eq!(only_second, extra, "what a holds beyond b is what its second backup alone holds: {shares:?}");
+    let firsts: Vec<&BackupBytes> = shares.iter().filter(|(id, _)| **id != second.id).map(|(_, b)| b).collect();
+    assert!(firsts.iter().all(|b| b.exclusive == 0 && b.shared == report.bytes_by_tenant["b"]), "{shares:?}");
     // Once a's second backup is forgotten, a holds what b holds.
     repo.forget(&second.id).unwrap();
     let report = repo.gc(&dry, None).unwrap();
     assert_eq!(report.bytes_by_tenant["a"], report.bytes_by_tenant["b"], "{report:?}");
+    assert!(!report.bytes_by_backup.contains_key(&second.id));
 }
 
 #[test]

@@ -55,6 +55,13 @@ fn usage_free_backups_quotas_and_a_restart() {
     assert!(stored > 0 && stored <= packs && stored <= added, "stored {stored}, packs {packs}, added {added}");
     let table = String::from_utf8(srv.cli(&["usage"]).stdout).unwrap();
     assert!(table.contains("backup repository: tenant admin"), "{table}");
+    // The same gc gave each backup its share: the first backup's chunks are the second's too,
+    // so it alone holds only its manifest; the second also holds what was written between.
+    let mut listed: Vec<Value> = srv.cli_json(&["backup", "list", "--vm", "web"]).as_array().unwrap().clone();
+    listed.sort_by_key(|b| b["created_at"].as_str().unwrap().to_string());
+    let bytes = |b: &Value, key: &str| b[key].as_u64().unwrap_or_else(|| panic!("no {key} in {b}"));
+    assert!(bytes(&listed[0], "shared_bytes") > 0, "{listed:#?}");
+    assert!(bytes(&listed[1], "exclusive_bytes") > bytes(&listed[0], "exclusive_bytes"), "{listed:#?}");
 
     // CSV: a header, a line per resource, a total.
     let csv = srv.cli(&["usage", "--csv"]);

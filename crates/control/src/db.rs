@@ -22,6 +22,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("../migrations/0005_schedules.sql")),
     (6, include_str!("../migrations/0006_metering.sql")),
     (7, include_str!("../migrations/0007_repository_usage.sql")),
+    (8, include_str!("../migrations/0008_backup_shares.sql")),
 ];
 
 /// The metadata database.
@@ -583,6 +584,8 @@ fn backup_of(row: &SqliteRow) -> Result<Backup, Error> {
         schedule: row.try_get("schedule_id")?,
         run: row.try_get("run_id")?,
         protected: row.try_get::<i64, _>("protected")? != 0,
+        exclusive_bytes: row.try_get::<Option<i64>, _>("exclusive_bytes")?.map(|b| b as u64),
+        shared_bytes: row.try_get::<Option<i64>, _>("shared_bytes")?.map(|b| b as u64),
     })
 }
 
@@ -1136,4 +1139,17 @@ pub async fn repository_usage(c: &mut Conn, tenant: Option<&str>) -> Result<Vec<
         .fetch_all(c)
         .await?;
     rows.iter().map(|r| Ok((r.try_get("tenant_id")?, u64_of(r, "bytes")?, r.try_get("measured_at")?))).collect()
+}
+
+/// Each backup's share of the repository as a gc counted it: (record id, exclusive, shared).
+pub async fn set_backup_shares(c: &mut Conn, shares: &[(String, u64, u64)]) -> Result<(), Error> {
+    for (record, exclusive, shared) in shares {
+        sqlx::query("UPDATE backups SET exclusive_bytes = $1, shared_bytes = $2 WHERE record_id = $3")
+            .bind(int(*exclusive))
+            .bind(int(*shared))
+            .bind(record)
+            .execute(&mut *c)
+            .await?;
+    }
+    Ok(())
 }

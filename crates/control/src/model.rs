@@ -253,6 +253,11 @@ pub struct Backup {
     pub run: Option<String>,
     /// Protected: no retention rule and no delete touches it until it is unprotected.
     pub protected: bool,
+    /// Its share of the repository as the latest gc counted it (None before one has): the
+    /// stored bytes of the blobs it alone references, what forgetting it frees, and of those
+    /// other backups share.
+    pub exclusive_bytes: Option<u64>,
+    pub shared_bytes: Option<u64>,
 }
 
 /// Hooks around a snapshot (R9): the pre hook quiesces the guest, the post hook resumes it.

@@ -21,6 +21,19 @@ async fn admin(control: &Control, dir: &Path) -> Tenant {
 }
 
 /// Closes everything, as a clean stop would; the next `open` sees what is on disk.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
 async fn close(control: Arc<Control>) {
     control.close().await;
     let engine = control.engine().clone();
@@ -141,12 +154,13 @@ async fn a_lost_database_over_existing_volumes_is_refused_not_taken_for_orphans(
     let t = admin(&control, dir.path()).await;
     let volume = control.create_volume(&t, "precious", &SizeArg::Text("1M".into()), None).await.unwrap();
     close(control).await;
-    for file in ["cairn.db", "cairn.db-wal", "cairn.db-shm"] {
-        let _ = std::fs::remove_file(dir.path().join(file));
-    }
-    let refused = Control::open_dir(Settings::in_dir(dir.path())).await;
+    // The volume store alone, in a directory of its own: deleting the database files in place
+    // would race with the closing connection's last write of its WAL.
+    let lost = tempfile::tempdir().unwrap();
+    copy_dir(&dir.path().join("volumes"), &lost.path().join("volumes"));
+    let refused = Control::open_dir(Settings::in_dir(lost.path())).await;
     assert!(matches!(&refused, Err(cairn_control::Error::Internal(m)) if m.contains("refusing")), "{refused:?}");
-    let engine = Store::open_dir(dir.path().join("volumes"), StoreOptions::default()).unwrap();
+    let engine = Store::open_dir(lost.path().join("volumes"), StoreOptions::default()).unwrap();
     assert!(engine.volume_id(&volume.volume.id).is_ok(), "the volume is still there");
 }
 

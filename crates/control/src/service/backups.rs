@@ -161,6 +161,8 @@ impl Control {
                 schedule: made_by.map(|run| run.schedule.clone()),
                 run: made_by.map(|run| run.id.clone()),
                 protected: false,
+                exclusive_bytes: None,
+                shared_bytes: None,
             };
             disks.push((backup, parent));
         }

@@ -159,6 +159,16 @@ impl Control {
                         counted.iter().map(|(tenant, bytes)| (tenant.clone(), bytes.as_u64().unwrap_or(0))).collect();
                     let at = job.finished_at.clone().unwrap_or_default();
                     db::set_repository_usage(&mut tx, &by_tenant, &at).await?;
+                    let shares = job.result.as_ref().and_then(|r| r.get("bytes_by_backup")).and_then(|b| b.as_object());
+                    let shares: Vec<(String, u64, u64)> = shares
+                        .into_iter()
+                        .flatten()
+                        .map(|(record, b)| {
+                            let bytes = |k: &str| b.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+                            (record.clone(), bytes("exclusive"), bytes("shared"))
+                        })
+                        .collect();
+                    db::set_backup_shares(&mut tx, &shares).await?;
                 }
             }
             (Ok(_), JobKind::Export | JobKind::Verify | JobKind::Copy) => job.state = JobState::Succeeded,
