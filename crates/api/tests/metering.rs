@@ -224,3 +224,105 @@ async fn a_snapshot_delete_preview_shows_what_it_frees_and_the_bill_after() {
     assert_eq!(item(&usage, "s2")["gib_hours"], 12.0 / 1024.0);
     assert_eq!(item(&usage, "s1")["gib_hours"], 2.0 / 128.0, "s1 billed until it went");
 }
+
+/// Volumes and templates show the data they hold, what deleting them frees and what they share
+/// with snapshots and clones, as the layers under them change hands.
+#[tokio::test]
+async fn volumes_and_templates_show_what_deleting_them_frees_and_what_they_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new("2026-11-01T00:00:00Z".parse().unwrap()));
+    let w = World::open(dir.path(), clock).await;
+    let (status, vm) = w.call("POST", "/v1/vms", Some(json!({"name": "app", "size": "64M"}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{vm}");
+    let root = vm["root_volume"].as_str().unwrap().to_string();
+    let engine = w.control.engine();
+    let disk = engine.volume(engine.volume_id(&root).unwrap()).unwrap();
+    const MIB: u64 = 1 << 20;
+    disk.write(&vec![7u8; 8 * MIB as usize], 0, true).unwrap();
+    let footprint = |v: &Value| [v["data_bytes"].clone(), v["exclusive_bytes"].clone(), v["shared_bytes"].clone()];
+    let sizes = |data: u64, exclusive: u64, shared: u64| [json!(data), json!(exclusive), json!(shared)];
+    let root_path = format!("/v1/volumes/{root}");
+    let volume = || w.call("GET", &root_path, None);
+    assert_eq!(footprint(&volume().await.1), sizes(8 * MIB, 8 * MIB, 0), "all its own");
+
+    // A snapshot takes over what was written: the volume reads it, but keeps only what it
+    // writes from then on.
+    let (status, snap) = w.call("POST", "/v1/vms/app/snapshots", Some(json!({"name": "s1"}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{snap}");
+    disk.write(&vec![9u8; 2 * MIB as usize], 0, true).unwrap();
+    assert_eq!(footprint(&volume().await.1), sizes(8 * MIB, 2 * MIB, 6 * MIB));
+
+    // A template made from s1 reads s1's data: deleting it frees nothing while s1 is there.
+    let (status, template) = w.call("POST", "/v1/templates", Some(json!({"name": "golden", "snapshot": "s1"}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{template}");
+    assert_eq!(footprint(&template), sizes(8 * MIB, 0, 8 * MIB), "{template}");
+    let listed = w.call("GET", "/v1/templates", None).await.1;
+    assert_eq!(footprint(&listed[0]), sizes(8 * MIB, 0, 8 * MIB), "{listed}");
+
+    // With s1 deleted its layer stays for the template and the volume. Deleting the template
+    // then frees the 2 MiB the volume has overwritten; deleting the volume frees its own 2 MiB
+    // (the rest moves up into the template).
+    let (status, _) = w.call("DELETE", "/v1/snapshots/s1", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let template = w.call("GET", "/v1/templates/golden", None).await.1;
+    assert_eq!(footprint(&template), sizes(8 * MIB, 2 * MIB, 6 * MIB), "{template}");
+    assert_eq!(footprint(&volume().await.1), sizes(8 * MIB, 2 * MIB, 6 * MIB));
+
+    // A VM made from the template shares all of it.
+    let (status, web) = w.call("POST", "/v1/vms", Some(json!({"name": "web", "template": "golden"}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{web}");
+    let template = w.call("GET", "/v1/templates/golden", None).await.1;
+    assert_eq!(footprint(&template), sizes(8 * MIB, 0, 8 * MIB), "{template}");
+    let web_root = w.call("GET", &format!("/v1/volumes/{}", web["root_volume"].as_str().unwrap()), None).await.1;
+    assert_eq!(footprint(&web_root), sizes(8 * MIB, 0, 8 * MIB), "{web_root}");
+}
+
+/// Deleting several snapshots together frees more than the sum of what each frees alone: a
+/// block written in s1 and overwritten in s2 goes only when both go. A retention change's
+/// preview counts the set.
+#[tokio::test]
+async fn a_retention_preview_counts_what_its_snapshots_free_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new("2026-11-02T00:00:00Z".parse().unwrap()));
+    let w = World::open(dir.path(), clock).await;
+    let (_, volume) = w.call("POST", "/v1/volumes", Some(json!({"name": "db", "size": "64M"}))).await;
+    let engine = w.control.engine();
+    let disk = engine.volume(engine.volume_id(volume["id"].as_str().unwrap()).unwrap()).unwrap();
+    const MIB: usize = 1 << 20;
+    let (status, schedule) = w
+        .call(
+            "POST",
+            "/v1/schedules",
+            Some(json!({"name": "daily", "volume": "db", "frequency": "daily 01:00", "retention": {"keep_last": 3}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{schedule}");
+    let schedule = schedule["id"].as_str().unwrap().to_string();
+    // Three daily runs: s1 holds A (the first 4 MiB), s2 B (the next 4 MiB), s3 both again.
+    for (day, offset, length) in [(2, 0, 4 * MIB), (3, 4 * MIB, 4 * MIB), (4, 0, 8 * MIB)] {
+        disk.write(&vec![day as u8; length], offset as u64, true).unwrap();
+        // Past the scheduler's jitter (at most 5 minutes).
+        w.at(&format!("2026-11-0{day}T01:10:00Z"));
+        w.control.run_due_schedules().await.unwrap();
+    }
+    let (_, snapshots) = w.call("GET", "/v1/snapshots", None).await;
+    let mut snapshots = snapshots.as_array().unwrap().clone();
+    snapshots.sort_by_key(|s| s["created_at"].as_str().unwrap().to_string());
+    let exclusive: Vec<&Value> = snapshots.iter().map(|s| &s["exclusive_bytes"]).collect();
+    // Alone, s1 frees nothing (A moves up into s2), s2 frees B (s3 overwrote it).
+    assert_eq!(exclusive, [&json!(0), &json!(4 * MIB), &json!(0)], "{snapshots:#?}");
+
+    // Keeping 1 deletes s1 and s2 together: A passes through s2 into s3, which overwrote it,
+    // so both A and B go: 8 MiB, not the 4 MiB their exclusive bytes add up to.
+    let (status, plan) = w
+        .call(
+            "PATCH",
+            &format!("/v1/schedules/{schedule}"),
+            Some(json!({"retention": {"keep_last": 1}, "dry_run": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{plan}");
+    let plan = &plan["retention_plan"];
+    assert_eq!(plan["delete"].as_array().unwrap().len(), 2, "{plan:#}");
+    assert_eq!(plan["cost"]["frees_bytes"], 8 * MIB as u64, "{plan:#}");
+}

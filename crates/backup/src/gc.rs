@@ -75,7 +75,8 @@ pub struct GcReport {
     /// tenant takes in the repository after dedup and compression.
     pub bytes_by_tenant: BTreeMap<String, u64>,
     /// Per backup record: the stored bytes of the blobs it alone references (what forgetting
-    /// it frees at the next gc) and of those other backups reference too.
+    /// it frees at the next gc), of those other backups reference too, and its part of the
+    /// repository when each blob counts once.
     pub bytes_by_backup: BTreeMap<String, BackupBytes>,
     /// Sessions that began before a condemned list and still run; deletion waits for them
     /// (a later run finishes it).
@@ -87,6 +88,21 @@ pub struct GcReport {
 pub struct BackupBytes {
     pub exclusive: u64,
     pub shared: u64,
+    /// The blobs it is the oldest backup to reference: what it added, and what older backups
+    /// that are gone added and it still uses. Over all backups this adds up to what the
+    /// backups keep stored, each blob once, so billing on it neither counts a blob twice nor
+    /// drops one when the backup that first stored it is forgotten.
+    pub attributed: u64,
+}
+
+/// A backup record as gc counts it.
+struct RecordBlobs {
+    id: String,
+    time: u64,
+    parent: Option<String>,
+    /// Its distinct blobs, as numbers into `Scan::blobs` (4 bytes a reference rather than 32,
+    /// since every backup of a disk references most of its chunks).
+    blobs: Vec<u32>,
 }
 
 /// What GC knows about the repository: packs, index objects, referenced blobs.
@@ -99,9 +115,8 @@ struct Scan {
     referenced: HashSet<ChunkId>,
     /// The blobs each tenant's backups reference (by their `tenant` label).
     by_tenant: HashMap<String, HashSet<ChunkId>>,
-    /// Each record's distinct blobs, as numbers into `blobs` (4 bytes a reference rather than
-    /// 32, since every backup of a disk references most of its chunks).
-    by_record: Vec<(String, Vec<u32>)>,
+    /// Each record read, with its distinct blobs.
+    by_record: Vec<RecordBlobs>,
     blob_numbers: HashMap<ChunkId, u32>,
     blobs: Vec<ChunkId>,
 }
@@ -168,34 +183,75 @@ impl Scan {
             }
             numbers.sort_unstable();
             numbers.dedup();
-            self.by_record.push((record.id.clone(), numbers));
+            self.by_record.push(RecordBlobs {
+                id: record.id.clone(),
+                time: record.time,
+                parent: record.parent.clone(),
+                blobs: numbers,
+            });
             self.records_read.insert(object.key);
         }
         Ok(())
     }
 
-    /// Each record's blobs split into those it alone references and the rest, in stored bytes.
+    /// Each record's blobs split into those it alone references and the rest, in stored
+    /// bytes, and the blobs attributed to it: each to the oldest record referencing it.
     fn shares(&self) -> BTreeMap<String, BackupBytes> {
         let mut records_using = vec![0u32; self.blobs.len()];
-        for (_, numbers) in &self.by_record {
-            for n in numbers {
+        for record in &self.by_record {
+            for n in &record.blobs {
                 records_using[*n as usize] += 1;
             }
         }
         let stored = |n: u32| self.preferred(&self.blobs[n as usize]).map_or(0, |l| u64::from(l.length));
-        self.by_record
-            .iter()
-            .map(|(record, numbers)| {
+        let generations = self.generations();
+        let mut oldest_first: Vec<&RecordBlobs> = self.by_record.iter().collect();
+        oldest_first.sort_by_key(|r| (r.time, generations[r.id.as_str()], &r.id));
+        let mut attributed = vec![false; self.blobs.len()];
+        oldest_first
+            .into_iter()
+            .map(|record| {
                 let mut bytes = BackupBytes::default();
-                for n in numbers {
+                for n in &record.blobs {
                     match records_using[*n as usize] {
                         1 => bytes.exclusive += stored(*n),
                         _ => bytes.shared += stored(*n),
                     }
+                    if !std::mem::replace(&mut attributed[*n as usize], true) {
+                        bytes.attributed += stored(*n);
+                    }
                 }
-                (record.clone(), bytes)
+                (record.id.clone(), bytes)
             })
             .collect()
+    }
+
+    /// How many live ancestors each record has. Record times are in whole seconds, so an
+    /// incremental backup taken within the second of its parent ties with it: this orders the
+    /// parent first.
+    fn generations(&self) -> HashMap<&str, u32> {
+        let parents: HashMap<&str, Option<&str>> =
+            self.by_record.iter().map(|r| (r.id.as_str(), r.parent.as_deref())).collect();
+        let mut generations = HashMap::with_capacity(parents.len());
+        for record in &self.by_record {
+            // Walk up to the first ancestor already counted (or the root), then count down.
+            let mut chain = vec![record.id.as_str()];
+            let mut base = 0;
+            while let Some(parent) = parents[chain.last().expect("not empty")].filter(|p| parents.contains_key(p)) {
+                if let Some(g) = generations.get(parent) {
+                    base = g + 1;
+                    break;
+                }
+                if chain.contains(&parent) {
+                    break; // A cycle can only come from damaged records; stop rather than loop.
+                }
+                chain.push(parent);
+            }
+            for (i, id) in chain.iter().rev().enumerate() {
+                generations.entry(*id).or_insert(base + i as u32);
+            }
+        }
+        generations
     }
 
     /// The copy of a referenced blob that counts as its live one: in the newest pack, so

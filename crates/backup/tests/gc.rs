@@ -2,6 +2,7 @@
 //! sessions that might still use what it condemned, and survives being stopped at any point.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -167,6 +168,47 @@ fn gc_counts_each_tenants_stored_bytes_once_however_many_backups_share_them() {
     let report = repo.gc(&dry, None).unwrap();
     assert_eq!(report.bytes_by_tenant["a"], report.bytes_by_tenant["b"], "{report:?}");
     assert!(!report.bytes_by_backup.contains_key(&second.id));
+}
+
+/// Billing on attributed bytes: every blob is counted once, for the oldest backup using it,
+/// so the sum is what the backups keep stored; when that backup goes, its blobs that a newer
+/// backup still uses move to that one instead of going unbilled.
+#[test]
+fn each_blob_is_attributed_once_and_moves_to_a_newer_backup_when_its_first_goes() {
+    let backend: Arc<dyn Backend> = Arc::new(ObjectStoreBackend::memory());
+    let repo = repo(&backend);
+    let disk = noise(8 * CHUNK, 5);
+    let mut changed = disk.clone();
+    changed[..CHUNK].copy_from_slice(&noise(CHUNK, 6));
+    let first = back_up_for(&repo, "a", &disk);
+    // An incremental backup of the first, most likely within the same second: record times are
+    // whole seconds, and it must still count as the younger.
+    let changed_ranges = [Range { start: 0, end: CHUNK as u64 }];
+    let labels = BTreeMap::from([("tenant".to_string(), "a".to_string())]);
+    let request =
+        BackupRequest { labels, parent: Some((&first, &changed_ranges[..])), allocated: None, progress: None };
+    let second = repo.backup(&Disk::new(changed.clone()), request).unwrap();
+    let other = back_up_for(&repo, "b", &noise(2 * CHUNK, 7));
+    let dry = GcOptions { dry_run: true, ..now() };
+    let report = repo.gc(&dry, None).unwrap();
+    let shares = &report.bytes_by_backup;
+    let attributed: u64 = shares.values().map(|b| b.attributed).sum();
+    let (a, b) = (report.bytes_by_tenant["a"], report.bytes_by_tenant["b"]);
+    assert_eq!(attributed, a + b, "tenants share no blob here, so the sum is both tenants' bytes: {report:?}");
+    assert_eq!(shares[&other.id].attributed, b, "{report:?}");
+    assert_eq!(shares[&first.id].attributed + shares[&second.id].attributed, a, "{report:?}");
+    // The first is the older: the seven chunks both use are its; the second has only its new
+    // chunk and manifest.
+    assert_eq!(shares[&second.id].attributed, shares[&second.id].exclusive, "{report:?}");
+    assert!(shares[&first.id].attributed > 7 * CHUNK as u64, "{report:?}");
+    for share in shares.values() {
+        assert!(share.attributed >= share.exclusive && share.attributed <= share.exclusive + share.shared);
+    }
+    repo.forget(&first.id).unwrap();
+    let report = repo.gc(&dry, None).unwrap();
+    let now_second = report.bytes_by_backup[&second.id];
+    assert_eq!(now_second.attributed, report.bytes_by_tenant["a"], "{report:?}");
+    assert_eq!(now_second.attributed, now_second.exclusive, "the second alone holds a's data now: {report:?}");
 }
 
 #[test]

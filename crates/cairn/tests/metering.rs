@@ -25,7 +25,8 @@ fn usage_free_backups_quotas_and_a_restart() {
     qemu_write(&root_uri, 0xaa, 0, 1 << 20);
     let first = srv.cli_json(&["backup", "create", "--vm", "web"]);
     assert_eq!(first["state"], "succeeded", "{first}");
-    qemu_write(&root_uri, 0xbb, 2 << 20, 1 << 20);
+    // In another chunk than the first write, which the second backup then shares.
+    qemu_write(&root_uri, 0xbb, 6 << 20, 1 << 20);
     srv.cli_json(&["backup", "create", "--vm", "web"]);
 
     let usage = srv.cli_json(&["usage"]);
@@ -62,6 +63,25 @@ fn usage_free_backups_quotas_and_a_restart() {
     let bytes = |b: &Value, key: &str| b[key].as_u64().unwrap_or_else(|| panic!("no {key} in {b}"));
     assert!(bytes(&listed[0], "shared_bytes") > 0, "{listed:#?}");
     assert!(bytes(&listed[1], "exclusive_bytes") > bytes(&listed[0], "exclusive_bytes"), "{listed:#?}");
+    // Backups are billed on what is attributed to them once a gc has counted it: each blob once,
+    // for the oldest backup using it, so the two add up to what the tenant's backups store.
+    let attributed = |b: &Value| bytes(b, "attributed_bytes");
+    assert_eq!(attributed(&listed[0]) + attributed(&listed[1]), stored, "{listed:#?}");
+    let billed = |usage: &Value, backup: &Value| {
+        let item = line(usage, "web-root@").into_iter().find(|i| i["resource"] == backup["id"]).unwrap();
+        item["bytes"].as_u64().unwrap()
+    };
+    assert_eq!(billed(&counted, &listed[1]), attributed(&listed[1]), "{counted:#}");
+    // The first backup goes: the blobs it stored that the second still uses are the second's
+    // from the next gc on, not dropped from the bill.
+    srv.cli_json(&["backup", "delete", &id(&listed[0])]);
+    srv.cli_json(&["repo", "gc", "--grace", "0", "--dry-run"]);
+    let recounted = srv.cli_json(&["usage"]);
+    let second = srv.cli_json(&["backup", "show", &id(&listed[1])]);
+    let now_stored = recounted["repository"][0]["bytes"].as_u64().unwrap();
+    assert_eq!(attributed(&second), now_stored, "{second:#} {recounted:#}");
+    assert!(attributed(&second) > attributed(&listed[1]), "{second:#} {listed:#?}");
+    assert_eq!(billed(&recounted, &second), now_stored, "{recounted:#}");
 
     // CSV: a header, a line per resource, a total.
     let csv = srv.cli(&["usage", "--csv"]);

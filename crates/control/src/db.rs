@@ -23,6 +23,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("../migrations/0006_metering.sql")),
     (7, include_str!("../migrations/0007_repository_usage.sql")),
     (8, include_str!("../migrations/0008_backup_shares.sql")),
+    (9, include_str!("../migrations/0009_backup_attribution.sql")),
 ];
 
 /// The metadata database.
@@ -586,6 +587,7 @@ fn backup_of(row: &SqliteRow) -> Result<Backup, Error> {
         protected: row.try_get::<i64, _>("protected")? != 0,
         exclusive_bytes: row.try_get::<Option<i64>, _>("exclusive_bytes")?.map(|b| b as u64),
         shared_bytes: row.try_get::<Option<i64>, _>("shared_bytes")?.map(|b| b as u64),
+        attributed_bytes: row.try_get::<Option<i64>, _>("attributed_bytes")?.map(|b| b as u64),
     })
 }
 
@@ -1141,15 +1143,26 @@ pub async fn repository_usage(c: &mut Conn, tenant: Option<&str>) -> Result<Vec<
     rows.iter().map(|r| Ok((r.try_get("tenant_id")?, u64_of(r, "bytes")?, r.try_get("measured_at")?))).collect()
 }
 
-/// Each backup's share of the repository as a gc counted it: (record id, exclusive, shared).
-pub async fn set_backup_shares(c: &mut Conn, shares: &[(String, u64, u64)]) -> Result<(), Error> {
-    for (record, exclusive, shared) in shares {
-        sqlx::query("UPDATE backups SET exclusive_bytes = $1, shared_bytes = $2 WHERE record_id = $3")
-            .bind(int(*exclusive))
-            .bind(int(*shared))
-            .bind(record)
-            .execute(&mut *c)
-            .await?;
+/// One backup's share of the repository as a gc counted it.
+#[derive(Debug)]
+pub struct BackupShare {
+    pub record: String,
+    pub exclusive: u64,
+    pub shared: u64,
+    pub attributed: u64,
+}
+
+pub async fn set_backup_shares(c: &mut Conn, shares: &[BackupShare]) -> Result<(), Error> {
+    for share in shares {
+        sqlx::query(
+            "UPDATE backups SET exclusive_bytes = $1, shared_bytes = $2, attributed_bytes = $3 WHERE record_id = $4",
+        )
+        .bind(int(share.exclusive))
+        .bind(int(share.shared))
+        .bind(int(share.attributed))
+        .bind(&share.record)
+        .execute(&mut *c)
+        .await?;
     }
     Ok(())
 }

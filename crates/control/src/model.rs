@@ -258,6 +258,25 @@ pub struct Backup {
     /// other backups share.
     pub exclusive_bytes: Option<u64>,
     pub shared_bytes: Option<u64>,
+    /// The stored bytes of the blobs it is the oldest backup to reference, as the latest gc
+    /// counted them (None before one has): what it is billed on once counted.
+    pub attributed_bytes: Option<u64>,
+}
+
+impl Backup {
+    /// What the meter bills it on: its part of the repository once a gc has counted it, so a
+    /// blob that outlives the backup that first stored it moves to a newer one; until then
+    /// what it added.
+    pub fn billed_bytes(&self) -> u64 {
+        self.attributed_bytes.unwrap_or(self.bytes_added)
+    }
+
+    /// What forgetting it frees at the next gc, as far as is known: the blobs it alone
+    /// references once a gc has counted them, what it added before. Blobs shared only with
+    /// other backups deleted with it are freed too, so for a set this is a floor.
+    pub fn frees_bytes(&self) -> u64 {
+        self.exclusive_bytes.unwrap_or(self.bytes_added)
+    }
 }
 
 /// Hooks around a snapshot (R9): the pre hook quiesces the guest, the post hook resumes it.
@@ -345,7 +364,22 @@ pub struct Nbd {
 pub struct VolumeView {
     #[serde(flatten)]
     pub volume: Volume,
+    /// Left out only when the volume went while it was being looked at.
+    #[serde(flatten)]
+    pub usage: Option<StorageUsage>,
     pub nbd: Nbd,
+}
+
+/// What a volume or template takes in the volume store, next to its logical `size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StorageUsage {
+    /// The data a read of it finds, in whatever layer holds it.
+    pub data_bytes: u64,
+    /// What deleting it frees: a volume's own writes; for a template, its data no clone of it
+    /// and no snapshot still uses.
+    pub exclusive_bytes: u64,
+    /// The rest of its data: what stays after a delete because snapshots or clones use it.
+    pub shared_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -368,6 +402,9 @@ pub struct SnapshotView {
 pub struct TemplateView {
     #[serde(flatten)]
     pub template: Template,
+    /// Left out while it is being imported, or when it went while it was being looked at.
+    #[serde(flatten)]
+    pub usage: Option<StorageUsage>,
     pub nbd: Nbd,
 }
 

@@ -16,8 +16,8 @@ mod view;
 
 pub use blockmap::BLOCK_SIZE;
 pub use store::{
-    ChangeTarget, Extent, SnapshotId, SnapshotInfo, SnapshotUsage, SnapshotView, Store, StoreOptions, Volume, VolumeId,
-    VolumeInfo, MAX_VOLUME_SIZE, SECTOR_SIZE,
+    ChangeTarget, Extent, Footprint, SnapshotId, SnapshotInfo, SnapshotUsage, SnapshotView, Store, StoreOptions,
+    Volume, VolumeId, VolumeInfo, MAX_VOLUME_SIZE, SECTOR_SIZE,
 };
 pub use view::{AllocExtent, Allocation, DepthExtent};
 

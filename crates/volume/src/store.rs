@@ -12,7 +12,7 @@ use crate::layer::{self, Layer};
 use crate::storage::{DirStorage, Storage, StorageFile};
 use crate::view::{self, AllocExtent, DepthExtent, ViewLock, ViewState, MAX_CHAIN};
 use crate::Error;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -95,6 +95,19 @@ pub struct SnapshotUsage {
     /// The snapshot its shared data moves to when it is deleted (None: a volume's head, or
     /// nothing moves): that snapshot's stored bytes grow by this one's shared bytes.
     pub absorbed_by: Option<SnapshotId>,
+}
+
+/// What a volume, or a snapshot with its volume, takes (see [`Store::usage_of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Footprint {
+    /// The disk size.
+    pub logical_bytes: u64,
+    /// The data reading it finds, in whatever layer holds it.
+    pub data_bytes: u64,
+    /// What deleting it frees once the merges that starts are done.
+    pub exclusive_bytes: u64,
+    /// The rest of its data: what stays because other volumes or snapshots still read it.
+    pub shared_bytes: u64,
 }
 
 /// The newer end of a change-tracking query.
@@ -469,6 +482,50 @@ impl Store {
     /// Space a snapshot takes and what deleting it would free.
     pub fn snapshot_usage(&self, snapshot: SnapshotId) -> Result<SnapshotUsage, Error> {
         self.inner.snapshot_usage(snapshot)
+    }
+
+    /// What deleting these snapshots and volumes together would free, in bytes, once the
+    /// merges the deletes start are done. A set is not the sum of its parts: deleting two
+    /// neighbouring snapshots frees the older one's blocks that the younger one overwrote, and
+    /// a layer shared by a clone is freed only when the clone goes too.
+    pub fn freed_by_deleting(&self, snapshots: &[SnapshotId], volumes: &[VolumeId]) -> Result<u64, Error> {
+        self.inner.freed_by_deleting(snapshots, volumes)
+    }
+
+    /// A volume's footprint, or (with `snapshot`, one of its own) that of a golden image: a
+    /// volume frozen in a snapshot, whose data is the snapshot's and which goes with it.
+    pub fn usage_of(&self, volume: VolumeId, snapshot: Option<SnapshotId>) -> Result<Footprint, Error> {
+        let (top, logical_bytes) = {
+            let cat = self.inner.catalog();
+            let vol = cat
+                .state
+                .volumes
+                .get(&volume.0)
+                .ok_or_else(|| Error::NotFound { kind: "volume", name: volume.0.to_string() })?;
+            match snapshot {
+                None => (vol.head, vol.size),
+                Some(s) => {
+                    let snap = cat.state.live_snapshot(s.0).filter(|r| r.volume == volume.0);
+                    let snap = snap.ok_or_else(|| snap_not_found(s))?;
+                    (snap.layer, snap.size)
+                }
+            }
+        };
+        let data_blocks = {
+            let cat = self.inner.catalog();
+            let mut chain = self.inner.chain_layers(&cat.state, top);
+            drop(cat);
+            chain.reverse(); // top first, as the count reads it
+            settled_data_blocks(&chain)
+        };
+        let exclusive_bytes = self.freed_by_deleting(snapshot.as_slice(), &[volume])?;
+        let data_bytes = data_blocks * BLOCK_SIZE;
+        Ok(Footprint {
+            logical_bytes,
+            data_bytes,
+            exclusive_bytes,
+            shared_bytes: data_bytes.saturating_sub(exclusive_bytes),
+        })
     }
 
     /// Runs one merge task if there is one; returns whether it did.
@@ -897,6 +954,48 @@ impl StoreInner {
             stored_bytes: stored * BLOCK_SIZE,
             absorbed_by,
         })
+    }
+
+    fn freed_by_deleting(&self, snapshots: &[SnapshotId], volumes: &[VolumeId]) -> Result<u64, Error> {
+        let cat = self.catalog();
+        let before = &cat.state;
+        let mut after = before.clone();
+        // The layers the deletes touch, and every layer below them: only their children
+        // change, so only they can start merging or go.
+        let mut touched = BTreeSet::new();
+        for s in snapshots {
+            let snap = before.live_snapshot(s.0).ok_or_else(|| snap_not_found(*s))?;
+            touched.extend(before.lineage(snap.layer));
+            after.apply(&Event::DeleteSnapshot { snapshot: s.0, keep_checkpoint: false })?;
+        }
+        for v in volumes {
+            let vol =
+                before.volumes.get(&v.0).ok_or_else(|| Error::NotFound { kind: "volume", name: v.0.to_string() })?;
+            touched.extend(before.lineage(vol.head));
+            after.apply(&Event::DeleteVolume { volume: v.0 })?;
+        }
+        // A layer's data at rest is its own with that of the layers merging into it. The
+        // stacks that differ rest in a touched layer or where a touched layer's data lands.
+        let mut resting = BTreeSet::new();
+        for state in [before, &after] {
+            for layer in touched.iter().filter(|id| state.layers.contains_key(id)) {
+                resting.extend(state.landing(*layer).0);
+            }
+        }
+        let stacks = |state: &Catalog| -> Vec<Vec<u64>> {
+            resting
+                .iter()
+                // A ghost holds no data: what merges through it rests above.
+                .filter(|id| state.layers.get(id).is_some_and(|l| !l.ghost) && state.merge_task_for(**id).is_none())
+                .map(|id| state.settling_into(*id))
+                .collect()
+        };
+        let (was, will_be) = (stacks(before), stacks(&after));
+        drop(cat);
+        let count = |stacks: Vec<Vec<u64>>| -> u64 {
+            stacks.iter().map(|s| settled_data_blocks(&s.iter().map(|id| self.layer(*id)).collect::<Vec<_>>())).sum()
+        };
+        Ok(count(was).saturating_sub(count(will_be)) * BLOCK_SIZE)
     }
 
     fn wake_merger(&self) {

@@ -1,7 +1,8 @@
 //! Property test: per-snapshot space accounting (`Store::snapshot_usage`) against brute-force
 //! counts over an independent model of the layer tree, over random histories of writes,
 //! zeroing, snapshots, deletes (with and without checkpoints), clones, reverts, volume deletes,
-//! merges and reopens.
+//! merges and reopens; and what deleting a volume, a volume frozen in one of its snapshots, or any
+//! set of snapshots and volumes at once frees (`Store::usage_of`, `Store::freed_by_deleting`).
 //!
 //! The model keeps, per layer, a map block -> Data | Zero and the parent link, and applies the
 //! catalog's rules (garbage collection, which layers merge and where their data goes) by itself.
@@ -11,7 +12,7 @@
 //! merge pending, deleting a snapshot must free exactly what its usage reported as exclusive.
 
 use cairn_volume::storage::{MemStorage, Storage, StorageFile};
-use cairn_volume::{Allocation, SnapshotId, SnapshotUsage, Store, StoreOptions, VolumeId, BLOCK_SIZE};
+use cairn_volume::{Allocation, Footprint, SnapshotId, SnapshotUsage, Store, StoreOptions, VolumeId, BLOCK_SIZE};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
@@ -150,6 +151,7 @@ struct MVolume {
 #[derive(Debug, Clone)]
 struct MSnapshot {
     id: SnapshotId,
+    volume: VolumeId,
     layer: u64,
     size: u64,
 }
@@ -352,6 +354,36 @@ impl Model {
             self.merge(layer);
         }
     }
+
+    /// Data blocks once every pending merge has run.
+    fn settled_data(&self) -> u64 {
+        let mut settled = self.clone();
+        settled.merge_all();
+        settled.total_data()
+    }
+
+    /// What deleting these snapshots and volumes together frees, once every merge has run:
+    /// the data held before less the data held after, both settled.
+    fn expected_freed(&self, snapshots: &[SnapshotId], volumes: &[VolumeId]) -> u64 {
+        let mut after = self.clone();
+        after.snapshots.retain(|s| !snapshots.contains(&s.id));
+        after.volumes.retain(|v| !volumes.contains(&v.id));
+        after.collect_garbage();
+        self.settled_data() - after.settled_data()
+    }
+
+    /// The footprint of the volume whose head is `top` (or of a golden image: a volume frozen in
+    /// the snapshot on `top`, deleted with it), in blocks: data a read sees and what goes.
+    fn expected_footprint(&self, top: u64, size: u64, snapshots: &[SnapshotId], volume: VolumeId) -> Footprint {
+        let data = self.allocation(top, size).iter().filter(|a| **a == Allocation::Data).count() as u64;
+        let exclusive = self.expected_freed(snapshots, &[volume]);
+        Footprint {
+            logical_bytes: size,
+            data_bytes: data * BLOCK_SIZE,
+            exclusive_bytes: exclusive * BLOCK_SIZE,
+            shared_bytes: data.saturating_sub(exclusive) * BLOCK_SIZE,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -398,6 +430,12 @@ enum Op {
         vol: usize,
         sectors: u64,
     },
+    /// Deletes the snapshots picked by the bits of `mask`, and with `vol` a volume too, at
+    /// once, after checking what the engine says that frees against the space it frees.
+    DeleteMany {
+        mask: u32,
+        vol: Option<usize>,
+    },
     Merge,
     Reopen,
 }
@@ -427,7 +465,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => idx.clone().prop_map(|snap| Op::Clone { snap }),
         1 => (idx.clone(), idx.clone()).prop_map(|(vol, snap)| Op::Revert { vol, snap }),
         1 => idx.clone().prop_map(|vol| Op::DeleteVolume { vol }),
-        1 => (idx, 1u64..20).prop_map(|(vol, sectors)| Op::Grow { vol, sectors }),
+        1 => (idx.clone(), 1u64..20).prop_map(|(vol, sectors)| Op::Grow { vol, sectors }),
+        2 => (any::<u32>(), proptest::option::of(idx)).prop_map(|(mask, vol)| Op::DeleteMany { mask, vol }),
         2 => Just(Op::Merge),
         1 => Just(Op::Reopen),
     ]
@@ -522,7 +561,7 @@ impl Harness {
                 let m = &mut self.model.volumes[v];
                 m.head = head;
                 assert_eq!(info.size, m.size);
-                self.model.snapshots.push(MSnapshot { id: info.id, layer: frozen, size: m.size });
+                self.model.snapshots.push(MSnapshot { id: info.id, volume: m.id, layer: frozen, size: m.size });
             }
             Op::Delete { snap, keep_checkpoint, settle } => {
                 let Some(s) = self.pick_snapshot(snap) else { return };
@@ -604,6 +643,33 @@ impl Harness {
                 self.store().grow(self.model.volumes[v].id, size).unwrap();
                 self.model.volumes[v].size = size;
             }
+            Op::DeleteMany { mask, vol } => {
+                let snapshots: Vec<SnapshotId> = self
+                    .model
+                    .snapshots
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i < 32 && mask & (1 << i) != 0)
+                    .map(|(_, s)| s.id)
+                    .collect();
+                let volume = vol.and_then(|v| self.pick_volume(v)).filter(|_| self.model.volumes.len() > 1);
+                let volumes: Vec<VolumeId> = volume.map(|v| self.model.volumes[v].id).into_iter().collect();
+                let reported = self.store().freed_by_deleting(&snapshots, &volumes).unwrap();
+                assert_eq!(reported, self.model.expected_freed(&snapshots, &volumes) * BLOCK_SIZE, "freed by deleting");
+                self.merge_all();
+                let pages_before = self.storage.data_pages();
+                for s in &snapshots {
+                    self.store().delete_snapshot(*s, false).unwrap();
+                }
+                for v in &volumes {
+                    self.store().delete_volume(*v).unwrap();
+                }
+                self.model.snapshots.retain(|s| !snapshots.contains(&s.id));
+                self.model.volumes.retain(|v| !volumes.contains(&v.id));
+                self.model.collect_garbage();
+                self.merge_all();
+                assert_eq!((pages_before - self.storage.data_pages()) * BLOCK_SIZE, reported, "space freed");
+            }
             Op::Merge => self.merge_all(),
             Op::Reopen => {
                 self.store.take().unwrap().close().unwrap();
@@ -629,6 +695,13 @@ impl Harness {
             let handle = store.volume(m.id).unwrap();
             let seen = per_block(&handle.allocation(0, m.size).unwrap(), m.size);
             assert_eq!(seen, self.model.allocation(m.head, m.size), "allocation of volume {:?}", m.id);
+            let footprint = store.usage_of(m.id, None).unwrap();
+            assert_eq!(footprint, self.model.expected_footprint(m.head, m.size, &[], m.id), "volume {:?}", m.id);
+            for s in self.model.snapshots.iter().filter(|s| s.volume == m.id) {
+                let golden = store.usage_of(m.id, Some(s.id)).unwrap();
+                let want = self.model.expected_footprint(s.layer, s.size, &[s.id], m.id);
+                assert_eq!(golden, want, "volume {:?} frozen in {:?}", m.id, s.id);
+            }
         }
         for s in &self.model.snapshots {
             let view = store.open_snapshot(s.id).unwrap();

@@ -163,6 +163,7 @@ impl Control {
                 protected: false,
                 exclusive_bytes: None,
                 shared_bytes: None,
+                attributed_bytes: None,
             };
             disks.push((backup, parent));
         }

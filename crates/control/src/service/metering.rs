@@ -11,6 +11,7 @@ use crate::db;
 use crate::metering::{self, CostPreview, Holding, LineItem, MeteredKind, Prices, Quota, Segment, Totals};
 use crate::model::*;
 use crate::Error;
+use cairn_volume::SnapshotId;
 
 /// Usage over a period: a line per resource and the totals.
 #[derive(Debug, Clone, Serialize)]
@@ -74,7 +75,7 @@ impl Control {
             wanted.push(Segment {
                 vm: b.vm.clone(),
                 group: b.group.clone(),
-                ..segment(MeteredKind::Backup, &b.id, &name, &b.tenant, b.bytes_added)
+                ..segment(MeteredKind::Backup, &b.id, &name, &b.tenant, b.billed_bytes())
             });
         }
         // A snapshot's layer is frozen: measured when it first shows up, and again only when
@@ -205,8 +206,16 @@ impl Control {
     pub async fn preview_snapshot_delete(&self, t: &Tenant, reference: &str) -> Result<CostPreview, Error> {
         let mut c = self.meta.conn().await?;
         let snapshot = self.snapshot(&mut c, t, reference).await?;
-        let view = self.snapshot_view(snapshot)?;
-        self.cost_preview(&mut c, &t.id, &[view.snapshot.id.as_str()], view.exclusive_bytes).await
+        let frees = self.freed_by_deleting_snapshots(&[snapshot.id.as_str()])?;
+        self.cost_preview(&mut c, &t.id, &[snapshot.id.as_str()], frees).await
+    }
+
+    /// What deleting these snapshots together frees in the volume store, once merged: not the
+    /// sum of their exclusive bytes, since a block the next one overwrote is freed only when
+    /// both go.
+    pub(super) fn freed_by_deleting_snapshots(&self, ids: &[&str]) -> Result<u64, Error> {
+        let engine: Vec<SnapshotId> = ids.iter().map(|id| self.engine_snapshot(id)).collect::<Result<_, _>>()?;
+        Ok(self.engine.freed_by_deleting(&engine, &[])?)
     }
 
     async fn tenant_named(&self, c: &mut db::Conn, reference: &str) -> Result<Tenant, Error> {

@@ -456,11 +456,24 @@ impl Control {
     }
 
     fn volume_view(&self, volume: Volume) -> VolumeView {
-        VolumeView { nbd: self.nbd_for(volume.id.clone()), volume }
+        let usage = self.storage_usage(&volume.id, None);
+        VolumeView { nbd: self.nbd_for(volume.id.clone()), usage, volume }
     }
 
     fn template_view(&self, template: Template) -> TemplateView {
-        TemplateView { nbd: self.nbd_for(template.id.clone()), template }
+        // A template's data is its frozen snapshot's, and deleting it deletes both.
+        let usage = self.template_snapshot(&template.id).ok().and_then(|s| self.storage_usage(&template.id, Some(s)));
+        TemplateView { nbd: self.nbd_for(template.id.clone()), usage, template }
+    }
+
+    /// The engine's footprint of a volume (or of a volume frozen in `snapshot`), if it is there.
+    fn storage_usage(&self, volume: &str, snapshot: Option<SnapshotId>) -> Option<StorageUsage> {
+        let footprint = self.engine.usage_of(self.engine_volume(volume).ok()?, snapshot).ok()?;
+        Some(StorageUsage {
+            data_bytes: footprint.data_bytes,
+            exclusive_bytes: footprint.exclusive_bytes,
+            shared_bytes: footprint.shared_bytes,
+        })
     }
 
     /// Views of snapshots with their sizes, looking each up in one listing of the engine's. A

@@ -137,8 +137,8 @@ impl Control {
         }
         if request.dry_run {
             let ids: Vec<&str> = doomed.iter().map(|b| b.id.as_str()).collect();
-            let added = doomed.iter().map(|b| b.bytes_added).sum();
-            plan.cost = Some(self.cost_preview(&mut tx, &t.id, &ids, added).await?);
+            let freed = doomed.iter().map(Backup::frees_bytes).sum();
+            plan.cost = Some(self.cost_preview(&mut tx, &t.id, &ids, freed).await?);
             return Ok(plan);
         }
         db::delete_backups(&mut tx, &doomed, &now()).await?;

@@ -496,33 +496,23 @@ impl Control {
         schedule: &Schedule,
         dry_run: bool,
     ) -> Result<RetentionPlan, Error> {
-        // Each item with what deleting it frees (measured for a dry run only: a run's own
-        // pruning does not need it).
+        // Each item, with what deleting it frees if that is known item by item (a backup's
+        // bytes only it references; snapshots are measured together, as a set).
         let items: Vec<(String, String, String, u64)> = match schedule.action {
-            ScheduleAction::Snapshot => {
-                let snapshots: Vec<Snapshot> =
-                    db::snapshots_of_schedule(c, &schedule.id).await?.into_iter().filter(|s| !s.protected).collect();
-                let frees: HashMap<String, u64> = match dry_run {
-                    true => self
-                        .snapshot_views(snapshots.clone())?
-                        .into_iter()
-                        .map(|v| (v.snapshot.id, v.exclusive_bytes))
-                        .collect(),
-                    false => HashMap::new(),
-                };
-                snapshots
-                    .into_iter()
-                    .map(|s| {
-                        let freed = frees.get(&s.id).copied().unwrap_or(0);
-                        (s.run.unwrap_or_default(), s.id, s.created_at, freed)
-                    })
-                    .collect()
-            }
+            ScheduleAction::Snapshot => db::snapshots_of_schedule(c, &schedule.id)
+                .await?
+                .into_iter()
+                .filter(|s| !s.protected)
+                .map(|s| (s.run.unwrap_or_default(), s.id, s.created_at, 0))
+                .collect(),
             ScheduleAction::Backup => db::backups_of_schedule(c, &schedule.id)
                 .await?
                 .into_iter()
                 .filter(|b| !b.protected)
-                .map(|b| (b.run.unwrap_or_default(), b.id, b.created_at, b.bytes_added))
+                .map(|b| {
+                    let frees = b.frees_bytes();
+                    (b.run.unwrap_or_default(), b.id, b.created_at, frees)
+                })
                 .collect(),
         };
         let frees: HashMap<String, u64> = items.iter().map(|(_, id, _, freed)| (id.clone(), *freed)).collect();
@@ -555,7 +545,10 @@ impl Control {
         let cost = match dry_run {
             true => {
                 let doomed: Vec<&str> = delete.iter().flat_map(|r| r.items.iter().map(String::as_str)).collect();
-                let freed = doomed.iter().map(|id| frees.get(*id).copied().unwrap_or(0)).sum();
+                let freed = match schedule.action {
+                    ScheduleAction::Snapshot => self.freed_by_deleting_snapshots(&doomed)?,
+                    ScheduleAction::Backup => doomed.iter().map(|id| frees.get(*id).copied().unwrap_or(0)).sum(),
+                };
                 Some(self.cost_preview(c, &schedule.tenant, &doomed, freed).await?)
             }
             false => None,

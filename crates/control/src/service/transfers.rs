@@ -160,12 +160,17 @@ impl Control {
                     let at = job.finished_at.clone().unwrap_or_default();
                     db::set_repository_usage(&mut tx, &by_tenant, &at).await?;
                     let shares = job.result.as_ref().and_then(|r| r.get("bytes_by_backup")).and_then(|b| b.as_object());
-                    let shares: Vec<(String, u64, u64)> = shares
+                    let shares: Vec<db::BackupShare> = shares
                         .into_iter()
                         .flatten()
                         .map(|(record, b)| {
                             let bytes = |k: &str| b.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-                            (record.clone(), bytes("exclusive"), bytes("shared"))
+                            db::BackupShare {
+                                record: record.clone(),
+                                exclusive: bytes("exclusive"),
+                                shared: bytes("shared"),
+                                attributed: bytes("attributed"),
+                            }
                         })
                         .collect();
                     db::set_backup_shares(&mut tx, &shares).await?;
