@@ -298,7 +298,7 @@ impl Catalog {
         self.volumes.values().any(|v| v.head == layer)
     }
 
-    fn has_live_snapshot(&self, layer: u64) -> bool {
+    pub(crate) fn has_live_snapshot(&self, layer: u64) -> bool {
         self.snapshots.values().any(|s| s.layer == layer && !s.checkpoint_only)
     }
 
@@ -384,16 +384,18 @@ impl Catalog {
         if rec.ghost && keep_tracking {
             return None; // Nothing to do until its checkpoint is forgotten.
         }
-        let data_into = if rec.ghost {
-            None
-        } else {
-            let mut target = into;
-            while self.layers[&target].ghost {
-                target = self.children(target).next()?;
-            }
-            Some(target)
-        };
+        let data_into = if rec.ghost { None } else { Some(self.first_holding_layer(into)?) };
         Some(MergeTask { layer, into, data_into, keep_tracking })
+    }
+
+    /// Where the data of a layer whose only child is `child` lands when it merges: that child,
+    /// or, through ghosts (which hold no data), the first real layer above.
+    pub(crate) fn first_holding_layer(&self, child: u64) -> Option<u64> {
+        let mut target = child;
+        while self.layers[&target].ghost {
+            target = self.children(target).next()?;
+        }
+        Some(target)
     }
 
     /// Layers to merge into their child, lowest id first.

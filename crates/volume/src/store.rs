@@ -518,7 +518,14 @@ impl Store {
             chain.reverse(); // top first, as the count reads it
             settled_data_blocks(&chain)
         };
-        let exclusive_bytes = self.freed_by_deleting(snapshot.as_slice(), &[volume])?;
+        let exclusive_bytes = match snapshot {
+            None => self.inner.freed_by_deleting_head(volume)?,
+            Some(_) => None,
+        };
+        let exclusive_bytes = match exclusive_bytes {
+            Some(bytes) => bytes,
+            None => self.freed_by_deleting(snapshot.as_slice(), &[volume])?,
+        };
         let data_bytes = data_blocks * BLOCK_SIZE;
         Ok(Footprint {
             logical_bytes,
@@ -905,19 +912,20 @@ impl StoreInner {
         // Deleting merges the layer into the nearest non-ghost layer above it, if it has just
         // one child: blocks that layer already holds are freed, the rest move up. With no child
         // everything is freed; with several (clones) nothing is.
-        let children = cat.state.layers.iter().filter(|(_, l)| l.parent == Some(snap.layer)).count();
-        let mut probe = cat.state.clone();
-        let target = if children == 1 {
-            probe.apply(&Event::DeleteSnapshot { snapshot: snapshot.0, keep_checkpoint: false })?;
-            // Only this layer's task: computing every layer's made listing N snapshots cost N³.
-            probe.merge_task_for(snap.layer).and_then(|t| t.data_into)
-        } else {
-            None
+        let mut children = cat.state.layers.iter().filter(|(_, l)| l.parent == Some(snap.layer)).map(|(id, _)| *id);
+        let first_child = children.next();
+        let children = first_child.map_or(0, |_| 1 + children.count());
+        // A live snapshot's layer is neither a head nor a ghost, so once the snapshot goes it
+        // merges into its only child's first holding layer. Nothing above it changes, so where
+        // the data then lands is read off the catalog as it is, without a copy to delete from.
+        let target = match (first_child, children) {
+            (Some(child), 1) => cat.state.first_holding_layer(child),
+            _ => None,
         };
         // Its data passes through layers still waiting to merge before it rests: a block any of
         // them maps is overwritten there, and freed in the end.
         let (above, absorbed_by) = match target {
-            Some(t) => probe.landing(t),
+            Some(t) => cat.state.landing(t),
             None => (Vec::new(), None),
         };
         let absorbed_by = absorbed_by.map(SnapshotId);
@@ -954,6 +962,29 @@ impl StoreInner {
             stored_bytes: stored * BLOCK_SIZE,
             absorbed_by,
         })
+    }
+
+    /// What deleting a volume frees, when that can be read off the catalog as it is: its head
+    /// and the layers merging into it go, and nothing else changes if the layer they rest on
+    /// keeps a live snapshot (or there is none). None when the delete may set that layer
+    /// merging (a clone's parent losing one of its two children): then the general count.
+    fn freed_by_deleting_head(&self, volume: VolumeId) -> Result<Option<u64>, Error> {
+        let cat = self.catalog();
+        let state = &cat.state;
+        let head = state
+            .volumes
+            .get(&volume.0)
+            .ok_or_else(|| Error::NotFound { kind: "volume", name: volume.0.to_string() })?
+            .head;
+        let stack = state.settling_into(head);
+        let lowest = *stack.last().expect("a stack holds its top");
+        let rests_on = state.lineage(lowest).into_iter().skip(1).find(|id| !state.layers[id].ghost);
+        if rests_on.is_some_and(|id| !state.has_live_snapshot(id)) {
+            return Ok(None);
+        }
+        let layers: Vec<_> = stack.iter().map(|id| self.layer(*id)).collect();
+        drop(cat);
+        Ok(Some(settled_data_blocks(&layers) * BLOCK_SIZE))
     }
 
     fn freed_by_deleting(&self, snapshots: &[SnapshotId], volumes: &[VolumeId]) -> Result<u64, Error> {
