@@ -326,3 +326,36 @@ async fn a_retention_preview_counts_what_its_snapshots_free_together() {
     assert_eq!(plan["delete"].as_array().unwrap().len(), 2, "{plan:#}");
     assert_eq!(plan["cost"]["frees_bytes"], 8 * MIB as u64, "{plan:#}");
 }
+
+/// A snapshot adds what its volume wrote since the last one: a byte quota refuses one that
+/// would store more than is left, before anything is made, and admits it once room is made.
+#[tokio::test]
+async fn a_snapshot_is_judged_on_the_bytes_it_will_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new("2026-11-01T00:00:00Z".parse().unwrap()));
+    let w = World::open(dir.path(), clock).await;
+    const MIB: u64 = 1 << 20;
+    let (_, volume) = w.call("POST", "/v1/volumes", Some(json!({"name": "db", "size": "64M"}))).await;
+    let engine = w.control.engine();
+    let disk = engine.volume(engine.volume_id(volume["id"].as_str().unwrap()).unwrap()).unwrap();
+    disk.write(&vec![7u8; 8 * MIB as usize], 0, true).unwrap();
+    // Room for the volume and 4 MiB more: the 8 MiB written do not fit in a snapshot.
+    let (status, _) = w.call("PUT", "/v1/tenants/admin/quota", Some(json!({"max_bytes": 68 * MIB}))).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, refused) = w.call("POST", "/v1/volumes/db/snapshots", Some(json!({"name": "s1"}))).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains(&(8 * MIB).to_string()), "{refused}");
+    let (_, snapshots) = w.call("GET", "/v1/snapshots", None).await;
+    assert_eq!(snapshots, json!([]), "nothing half-made");
+    assert!(engine.list_snapshots(None).is_empty());
+
+    // Trimmed to 2 MiB of its own, it fits; the snapshot then holds them, and the volume's
+    // next snapshot adds only what it writes after.
+    disk.trim(2 * MIB, 6 * MIB, true).unwrap();
+    let (status, made) = w.call("POST", "/v1/volumes/db/snapshots", Some(json!({"name": "s1"}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{made}");
+    let (_, view) = w.call("GET", "/v1/tenants/admin/quota", None).await;
+    assert_eq!(view["holding"]["bytes"], 66 * MIB, "{view}");
+    let (status, made) = w.call("POST", "/v1/volumes/db/snapshots", Some(json!({"name": "s2"}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{made}");
+}

@@ -246,6 +246,12 @@ pub struct BackupRecord {
     /// Manifest segment ids, in disk order.
     pub segments: Vec<String>,
     pub parent: Option<String>,
+    /// How many incremental steps it is from a full backup: its parent's plus one, 0 for a
+    /// full backup. `time` is in whole seconds, so this orders a backup after its parent taken
+    /// in the same second, for good (it does not change when other backups go). Records
+    /// written before it existed read as 0.
+    #[serde(default)]
+    pub generation: u64,
     pub stats: BackupStats,
 }
 

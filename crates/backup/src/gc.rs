@@ -99,7 +99,7 @@ pub struct BackupBytes {
 struct RecordBlobs {
     id: String,
     time: u64,
-    parent: Option<String>,
+    generation: u64,
     /// Its distinct blobs, as numbers into `Scan::blobs` (4 bytes a reference rather than 32,
     /// since every backup of a disk references most of its chunks).
     blobs: Vec<u32>,
@@ -186,7 +186,7 @@ impl Scan {
             self.by_record.push(RecordBlobs {
                 id: record.id.clone(),
                 time: record.time,
-                parent: record.parent.clone(),
+                generation: record.generation,
                 blobs: numbers,
             });
             self.records_read.insert(object.key);
@@ -204,9 +204,9 @@ impl Scan {
             }
         }
         let stored = |n: u32| self.preferred(&self.blobs[n as usize]).map_or(0, |l| u64::from(l.length));
-        let generations = self.generations();
+        // An order fixed per record, so forgetting one backup moves only its own blobs.
         let mut oldest_first: Vec<&RecordBlobs> = self.by_record.iter().collect();
-        oldest_first.sort_by_key(|r| (r.time, generations[r.id.as_str()], &r.id));
+        oldest_first.sort_by_key(|r| (r.time, r.generation, &r.id));
         let mut attributed = vec![false; self.blobs.len()];
         oldest_first
             .into_iter()
@@ -224,34 +224,6 @@ impl Scan {
                 (record.id.clone(), bytes)
             })
             .collect()
-    }
-
-    /// How many live ancestors each record has. Record times are in whole seconds, so an
-    /// incremental backup taken within the second of its parent ties with it: this orders the
-    /// parent first.
-    fn generations(&self) -> HashMap<&str, u32> {
-        let parents: HashMap<&str, Option<&str>> =
-            self.by_record.iter().map(|r| (r.id.as_str(), r.parent.as_deref())).collect();
-        let mut generations = HashMap::with_capacity(parents.len());
-        for record in &self.by_record {
-            // Walk up to the first ancestor already counted (or the root), then count down.
-            let mut chain = vec![record.id.as_str()];
-            let mut base = 0;
-            while let Some(parent) = parents[chain.last().expect("not empty")].filter(|p| parents.contains_key(p)) {
-                if let Some(g) = generations.get(parent) {
-                    base = g + 1;
-                    break;
-                }
-                if chain.contains(&parent) {
-                    break; // A cycle can only come from damaged records; stop rather than loop.
-                }
-                chain.push(parent);
-            }
-            for (i, id) in chain.iter().rev().enumerate() {
-                generations.entry(*id).or_insert(base + i as u32);
-            }
-        }
-        generations
     }
 
     /// The copy of a referenced blob that counts as its live one: in the newest pack, so

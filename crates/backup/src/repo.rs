@@ -672,6 +672,7 @@ impl Repository {
             chunk_size: CHUNK_SIZE,
             segments,
             parent: request.parent.map(|(p, _)| p.id.clone()),
+            generation: request.parent.map_or(0, |(p, _)| p.generation + 1),
             stats: BackupStats {
                 chunks_read: to_read.len() as u64,
                 chunks_new,

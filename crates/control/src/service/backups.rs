@@ -129,9 +129,13 @@ impl Control {
         if let Some(busy) = volumes.iter().find(|v| v.state != ResourceState::Ready) {
             return Err(Error::conflict(format!("volume {} is being imported", busy.name)));
         }
-        // A backup's bytes are known once it is made: the count is judged here.
-        let kept = u64::from(keep_snapshot.is_some()) * volumes.len() as u64;
-        let adding = Holding { backups: volumes.len() as u64, snapshots: kept, ..Default::default() };
+        // A backup's bytes are known once it is made: its count is judged here (and a kept
+        // snapshot's count and bytes).
+        let mut adding = match keep_snapshot {
+            Some(_) => self.snapshots_add(&volumes),
+            None => Holding::default(),
+        };
+        adding.backups = volumes.len() as u64;
         self.check_quota(&mut tx, t, adding).await?;
         let group = vm.as_ref().map(|_| new_id(Kind::SnapshotGroup));
         let mut disks = Vec::new();

@@ -467,7 +467,7 @@ impl Control {
     }
 
     /// The engine's footprint of a volume (or of a volume frozen in `snapshot`), if it is there.
-    fn storage_usage(&self, volume: &str, snapshot: Option<SnapshotId>) -> Option<StorageUsage> {
+    pub(super) fn storage_usage(&self, volume: &str, snapshot: Option<SnapshotId>) -> Option<StorageUsage> {
         let footprint = self.engine.usage_of(self.engine_volume(volume).ok()?, snapshot).ok()?;
         Some(StorageUsage {
             data_bytes: footprint.data_bytes,

@@ -28,6 +28,14 @@ impl Control {
         Ok(())
     }
 
+    /// What snapshotting these volumes adds to a tenant's holding: a snapshot each, storing
+    /// what its volume holds of its own now (written since its last snapshot). Writes that
+    /// arrive between this judgement and the snapshot add to that, unjudged.
+    pub(super) fn snapshots_add(&self, volumes: &[Volume]) -> Holding {
+        let bytes = volumes.iter().filter_map(|v| self.storage_usage(&v.id, None)).map(|u| u.exclusive_bytes).sum();
+        Holding { bytes, snapshots: volumes.len() as u64, ..Default::default() }
+    }
+
     /// Snapshots a volume, or (with `vm`) every disk of a VM at one instant. A scheduled run's
     /// snapshots carry its ids, and the run's step to `taken` commits with them.
     pub(super) async fn take_snapshots(
@@ -43,9 +51,7 @@ impl Control {
         }
         let _ops = self.ops.lock().await;
         let mut tx = self.meta.begin().await?;
-        // What a snapshot will hold is known only once taken: the count is judged here, and
-        // its bytes count against the next request.
-        self.check_quota(&mut tx, t, Holding { snapshots: volumes.len() as u64, ..Default::default() }).await?;
+        self.check_quota(&mut tx, t, self.snapshots_add(volumes)).await?;
         // Every snapshot of a VM belongs to its group, even a one-disk VM's.
         let group = vm.map(|_| new_id(Kind::SnapshotGroup));
         let snapshots = Self::snapshot_rows(&mut tx, t, volumes, vm, group, request, made_by).await?;
@@ -169,8 +175,7 @@ impl Control {
     ) -> Result<Vec<SnapshotView>, Error> {
         // Judged before the pre hook too, so a request over quota never freezes a guest; the
         // judgement that counts is the one under the lock in take_snapshots.
-        let adding = Holding { snapshots: volumes.len() as u64, ..Default::default() };
-        self.check_quota(&mut *self.meta.conn().await?, t, adding).await?;
+        self.check_quota(&mut *self.meta.conn().await?, t, self.snapshots_add(volumes)).await?;
         let context = hook_context(t, volumes, vm, made_by);
         let (mut views, warning) = self
             .around_hooks(t, request.hooks.as_ref(), context, request.consistency, async |consistency| {
