@@ -275,6 +275,27 @@ async fn volumes_and_templates_show_what_deleting_them_frees_and_what_they_share
     assert_eq!(footprint(&template), sizes(8 * MIB, 0, 8 * MIB), "{template}");
     let web_root = w.call("GET", &format!("/v1/volumes/{}", web["root_volume"].as_str().unwrap()), None).await.1;
     assert_eq!(footprint(&web_root), sizes(8 * MIB, 0, 8 * MIB), "{web_root}");
+    assert_eq!(web_root["stored_bytes"], 0, "it has written nothing");
+    assert_eq!(template["stored_bytes"], 0, "made from a snapshot, it holds nothing itself");
+
+    // A volume can free more than it reads: once the snapshot a clone was made from is
+    // deleted, the data under both stays for both; the clone overwrote all of it, so it is the
+    // volume's alone to free. What a snapshot of it would store is still only its own writes.
+    let (_, data) = w.call("POST", "/v1/volumes", Some(json!({"name": "data", "size": "64M"}))).await;
+    let data_disk = engine.volume(engine.volume_id(data["id"].as_str().unwrap()).unwrap()).unwrap();
+    data_disk.write(&vec![1u8; 8 * MIB as usize], 0, true).unwrap();
+    let (status, _) = w.call("POST", "/v1/volumes/data/snapshots", Some(json!({"name": "t0"}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, copy) = w.call("POST", "/v1/snapshots/t0/restore", Some(json!({"name": "copy"}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{copy}");
+    let copy_disk = engine.volume(engine.volume_id(copy["id"].as_str().unwrap()).unwrap()).unwrap();
+    copy_disk.write(&vec![2u8; 8 * MIB as usize], 0, true).unwrap();
+    let (status, _) = w.call("DELETE", "/v1/snapshots/t0", None).await;
+    assert_eq!(status, StatusCode::OK);
+    data_disk.write(&vec![3u8; MIB as usize], 0, true).unwrap();
+    let data = w.call("GET", "/v1/volumes/data", None).await.1;
+    assert_eq!(footprint(&data), sizes(8 * MIB, 9 * MIB, 0), "{data}");
+    assert_eq!(data["stored_bytes"], MIB, "{data}");
 }
 
 /// Deleting several snapshots together frees more than the sum of what each frees alone: a

@@ -1149,7 +1149,8 @@ pub struct BackupShare {
     pub record: String,
     pub exclusive: u64,
     pub shared: u64,
-    pub attributed: u64,
+    /// None from a gc that did not count it: the backup is then billed on its added bytes.
+    pub attributed: Option<u64>,
 }
 
 pub async fn set_backup_shares(c: &mut Conn, shares: &[BackupShare]) -> Result<(), Error> {
@@ -1159,7 +1160,7 @@ pub async fn set_backup_shares(c: &mut Conn, shares: &[BackupShare]) -> Result<(
         )
         .bind(int(share.exclusive))
         .bind(int(share.shared))
-        .bind(int(share.attributed))
+        .bind(share.attributed.map(int))
         .bind(&share.record)
         .execute(&mut *c)
         .await?;

@@ -375,8 +375,12 @@ pub struct VolumeView {
 pub struct StorageUsage {
     /// The data a read of it finds, in whatever layer holds it.
     pub data_bytes: u64,
-    /// What deleting it frees: a volume's own writes; for a template, its data no clone of it
-    /// and no snapshot still uses.
+    /// What its own top layer holds: a volume's writes since its last snapshot (what a
+    /// snapshot taken now would store); a template's data not read from the snapshot it was
+    /// made from.
+    pub stored_bytes: u64,
+    /// What deleting it frees: a volume's own writes, and data of deleted snapshots that only it
+    /// still reads; for a template, its data no clone of it and no snapshot still uses.
     pub exclusive_bytes: u64,
     /// The rest of its data: what stays after a delete because snapshots or clones use it.
     pub shared_bytes: u64,

@@ -104,6 +104,9 @@ pub struct Footprint {
     pub logical_bytes: u64,
     /// The data reading it finds, in whatever layer holds it.
     pub data_bytes: u64,
+    /// What its own top layer holds once pending merges are done: for a volume, what it wrote
+    /// since its last snapshot, which is what a snapshot taken now would store.
+    pub stored_bytes: u64,
     /// What deleting it frees once the merges that starts are done.
     pub exclusive_bytes: u64,
     /// The rest of its data: what stays because other volumes or snapshots still read it.
@@ -518,18 +521,16 @@ impl Store {
             chain.reverse(); // top first, as the count reads it
             settled_data_blocks(&chain)
         };
-        let exclusive_bytes = match snapshot {
-            None => self.inner.freed_by_deleting_head(volume)?,
-            Some(_) => None,
-        };
-        let exclusive_bytes = match exclusive_bytes {
-            Some(bytes) => bytes,
-            None => self.freed_by_deleting(snapshot.as_slice(), &[volume])?,
+        let (stored_bytes, on_snapshot) = self.inner.settled_stack(top);
+        let exclusive_bytes = match (snapshot, on_snapshot) {
+            (None, true) => stored_bytes,
+            _ => self.freed_by_deleting(snapshot.as_slice(), &[volume])?,
         };
         let data_bytes = data_blocks * BLOCK_SIZE;
         Ok(Footprint {
             logical_bytes,
             data_bytes,
+            stored_bytes,
             exclusive_bytes,
             shared_bytes: data_bytes.saturating_sub(exclusive_bytes),
         })
@@ -964,27 +965,21 @@ impl StoreInner {
         })
     }
 
-    /// What deleting a volume frees, when that can be read off the catalog as it is: its head
-    /// and the layers merging into it go, and nothing else changes if the layer they rest on
-    /// keeps a live snapshot (or there is none). None when the delete may set that layer
-    /// merging (a clone's parent losing one of its two children): then the general count.
-    fn freed_by_deleting_head(&self, volume: VolumeId) -> Result<Option<u64>, Error> {
+    /// The data layer `top` holds once the merges waiting now are done (it and the layers
+    /// merging into it), and whether that stack rests on a layer that keeps a live snapshot
+    /// (or on none). If it does and `top` is a volume's head, deleting the volume frees exactly
+    /// that stack; otherwise the delete may set the layer below merging (a clone's parent
+    /// losing one of its two children), and only the general count can tell.
+    fn settled_stack(&self, top: u64) -> (u64, bool) {
         let cat = self.catalog();
         let state = &cat.state;
-        let head = state
-            .volumes
-            .get(&volume.0)
-            .ok_or_else(|| Error::NotFound { kind: "volume", name: volume.0.to_string() })?
-            .head;
-        let stack = state.settling_into(head);
+        let stack = state.settling_into(top);
         let lowest = *stack.last().expect("a stack holds its top");
         let rests_on = state.lineage(lowest).into_iter().skip(1).find(|id| !state.layers[id].ghost);
-        if rests_on.is_some_and(|id| !state.has_live_snapshot(id)) {
-            return Ok(None);
-        }
+        let on_snapshot = rests_on.is_none_or(|id| state.has_live_snapshot(id));
         let layers: Vec<_> = stack.iter().map(|id| self.layer(*id)).collect();
         drop(cat);
-        Ok(Some(settled_data_blocks(&layers) * BLOCK_SIZE))
+        (settled_data_blocks(&layers) * BLOCK_SIZE, on_snapshot)
     }
 
     fn freed_by_deleting(&self, snapshots: &[SnapshotId], volumes: &[VolumeId]) -> Result<u64, Error> {
@@ -1021,11 +1016,14 @@ impl StoreInner {
                 .map(|id| state.settling_into(*id))
                 .collect()
         };
-        let (was, will_be) = (stacks(before), stacks(&after));
-        drop(cat);
-        let count = |stacks: Vec<Vec<u64>>| -> u64 {
-            stacks.iter().map(|s| settled_data_blocks(&s.iter().map(|id| self.layer(*id)).collect::<Vec<_>>())).sum()
+        // The layers are taken while the catalog is held: a merge may drop one as soon as it
+        // is let go. Counting reads their maps afterwards, without the catalog.
+        let layers = |stacks: Vec<Vec<u64>>| -> Vec<Vec<Arc<Layer>>> {
+            stacks.into_iter().map(|s| s.into_iter().map(|id| self.layer(id)).collect()).collect()
         };
+        let (was, will_be) = (layers(stacks(before)), layers(stacks(&after)));
+        drop(cat);
+        let count = |stacks: Vec<Vec<Arc<Layer>>>| -> u64 { stacks.iter().map(|s| settled_data_blocks(s)).sum() };
         Ok(count(was).saturating_sub(count(will_be)) * BLOCK_SIZE)
     }
 

@@ -377,9 +377,12 @@ impl Model {
     fn expected_footprint(&self, top: u64, size: u64, snapshots: &[SnapshotId], volume: VolumeId) -> Footprint {
         let data = self.allocation(top, size).iter().filter(|a| **a == Allocation::Data).count() as u64;
         let exclusive = self.expected_freed(snapshots, &[volume]);
+        let mut settled = self.clone();
+        settled.merge_all();
         Footprint {
             logical_bytes: size,
             data_bytes: data * BLOCK_SIZE,
+            stored_bytes: data_blocks(&settled.layers[&top].map) * BLOCK_SIZE,
             exclusive_bytes: exclusive * BLOCK_SIZE,
             shared_bytes: data.saturating_sub(exclusive) * BLOCK_SIZE,
         }

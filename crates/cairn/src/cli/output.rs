@@ -33,6 +33,7 @@ pub const VOLUME_FIELDS: &[Field] = &[
     Field { label: "source", listed: true, render: |v| source(&v["source"]) },
     Field { label: "created_at", listed: false, render: |v| text(&v["created_at"]) },
     Field { label: "data_bytes", listed: false, render: |v| size(&v["data_bytes"]) },
+    Field { label: "stored_bytes", listed: false, render: |v| size(&v["stored_bytes"]) },
     Field { label: "exclusive_bytes", listed: false, render: |v| size(&v["exclusive_bytes"]) },
     Field { label: "shared_bytes", listed: false, render: |v| size(&v["shared_bytes"]) },
     Field { label: "uri", listed: true, render: |v| text(&v["nbd"]["uri"]) },
@@ -65,6 +66,7 @@ pub const TEMPLATE_FIELDS: &[Field] = &[
     Field { label: "source", listed: true, render: |v| source(&v["source"]) },
     Field { label: "created_at", listed: true, render: |v| text(&v["created_at"]) },
     Field { label: "data_bytes", listed: false, render: |v| size(&v["data_bytes"]) },
+    Field { label: "stored_bytes", listed: false, render: |v| size(&v["stored_bytes"]) },
     Field { label: "exclusive_bytes", listed: false, render: |v| size(&v["exclusive_bytes"]) },
     Field { label: "shared_bytes", listed: false, render: |v| size(&v["shared_bytes"]) },
     Field { label: "uri", listed: false, render: |v| text(&v["nbd"]["uri"]) },
@@ -624,8 +626,8 @@ vol-1  a     1.0 GiB  ready  -   data  blank   -";
     fn block_aligns_values() {
         let volume = json!({"id": "vol-1", "name": "web1-root", "size": 10737418240u64, "state": "ready",
             "vm": "vm-1", "role": "root", "source": {"kind": "template", "id": "tpl-1"},
-            "created_at": "2026-01-01T00:00:00Z", "data_bytes": 4194304, "exclusive_bytes": 1048576,
-            "shared_bytes": 3145728,
+            "created_at": "2026-01-01T00:00:00Z", "data_bytes": 4194304, "stored_bytes": 1048576,
+            "exclusive_bytes": 1048576, "shared_bytes": 3145728,
             "nbd": {"export": "vol-1", "uri": "nbd://127.0.0.1:10809/vol-1",
                     "unix_uri": "nbd+unix:///vol-1?socket=/d/nbd.sock"}});
         let expected = "\
@@ -638,6 +640,7 @@ role:             root
 source:           template tpl-1
 created_at:       2026-01-01T00:00:00Z
 data_bytes:       4.0 MiB
+stored_bytes:     1.0 MiB
 exclusive_bytes:  1.0 MiB
 shared_bytes:     3.0 MiB
 uri:              nbd://127.0.0.1:10809/vol-1

@@ -471,6 +471,7 @@ impl Control {
         let footprint = self.engine.usage_of(self.engine_volume(volume).ok()?, snapshot).ok()?;
         Some(StorageUsage {
             data_bytes: footprint.data_bytes,
+            stored_bytes: footprint.stored_bytes,
             exclusive_bytes: footprint.exclusive_bytes,
             shared_bytes: footprint.shared_bytes,
         })

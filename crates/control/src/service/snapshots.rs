@@ -29,10 +29,10 @@ impl Control {
     }
 
     /// What snapshotting these volumes adds to a tenant's holding: a snapshot each, storing
-    /// what its volume holds of its own now (written since its last snapshot). Writes that
-    /// arrive between this judgement and the snapshot add to that, unjudged.
+    /// what its volume wrote since its last snapshot (its `stored_bytes`). Writes that arrive
+    /// between this judgement and the snapshot add to that, unjudged.
     pub(super) fn snapshots_add(&self, volumes: &[Volume]) -> Holding {
-        let bytes = volumes.iter().filter_map(|v| self.storage_usage(&v.id, None)).map(|u| u.exclusive_bytes).sum();
+        let bytes = volumes.iter().filter_map(|v| self.storage_usage(&v.id, None)).map(|u| u.stored_bytes).sum();
         Holding { bytes, snapshots: volumes.len() as u64, ..Default::default() }
     }
 

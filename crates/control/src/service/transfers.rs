@@ -169,7 +169,7 @@ impl Control {
                                 record: record.clone(),
                                 exclusive: bytes("exclusive"),
                                 shared: bytes("shared"),
-                                attributed: bytes("attributed"),
+                                attributed: b.get("attributed").and_then(|v| v.as_u64()),
                             }
                         })
                         .collect();
