@@ -30,6 +30,14 @@ impl World {
         World { app, control, clock, token }
     }
 
+    /// A fresh daemon in a new directory, its clock set to `at`; the directory lives as long
+    /// as the returned guard.
+    async fn start(at: &str) -> (tempfile::TempDir, World) {
+        let dir = tempfile::tempdir().unwrap();
+        let world = World::open(dir.path(), Arc::new(ManualClock::new(at.parse().unwrap()))).await;
+        (dir, world)
+    }
+
     async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
         self.call_as(&self.token, method, uri, body).await
     }
@@ -125,9 +133,7 @@ async fn a_month_of_volumes_made_grown_and_deleted_mid_hour_bills_exact_gib_hour
 
 #[tokio::test]
 async fn a_request_over_quota_is_refused_before_anything_is_made() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new("2026-11-01T00:00:00Z".parse().unwrap()));
-    let w = World::open(dir.path(), clock).await;
+    let (_dir, w) = World::start("2026-11-01T00:00:00Z").await;
     let (status, created) = w.call("POST", "/v1/tenants", Some(json!({"name": "acme"}))).await;
     assert_eq!(status, StatusCode::CREATED);
     let acme = created["token"].as_str().unwrap().to_string();
@@ -182,9 +188,7 @@ async fn a_request_over_quota_is_refused_before_anything_is_made() {
 
 #[tokio::test]
 async fn a_snapshot_delete_preview_shows_what_it_frees_and_the_bill_after() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new("2026-11-01T00:00:00Z".parse().unwrap()));
-    let w = World::open(dir.path(), clock).await;
+    let (_dir, w) = World::start("2026-11-01T00:00:00Z").await;
     let (_, volume) = w.call("POST", "/v1/volumes", Some(json!({"name": "db", "size": "64M"}))).await;
     let engine = w.control.engine();
     let disk = engine.volume(engine.volume_id(volume["id"].as_str().unwrap()).unwrap()).unwrap();
@@ -229,9 +233,7 @@ async fn a_snapshot_delete_preview_shows_what_it_frees_and_the_bill_after() {
 /// with snapshots and clones, as the layers under them change hands.
 #[tokio::test]
 async fn volumes_and_templates_show_what_deleting_them_frees_and_what_they_share() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new("2026-11-01T00:00:00Z".parse().unwrap()));
-    let w = World::open(dir.path(), clock).await;
+    let (_dir, w) = World::start("2026-11-01T00:00:00Z").await;
     let (status, vm) = w.call("POST", "/v1/vms", Some(json!({"name": "app", "size": "64M"}))).await;
     assert_eq!(status, StatusCode::CREATED, "{vm}");
     let root = vm["root_volume"].as_str().unwrap().to_string();
@@ -303,9 +305,7 @@ async fn volumes_and_templates_show_what_deleting_them_frees_and_what_they_share
 /// preview counts the set.
 #[tokio::test]
 async fn a_retention_preview_counts_what_its_snapshots_free_together() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new("2026-11-02T00:00:00Z".parse().unwrap()));
-    let w = World::open(dir.path(), clock).await;
+    let (_dir, w) = World::start("2026-11-02T00:00:00Z").await;
     let (_, volume) = w.call("POST", "/v1/volumes", Some(json!({"name": "db", "size": "64M"}))).await;
     let engine = w.control.engine();
     let disk = engine.volume(engine.volume_id(volume["id"].as_str().unwrap()).unwrap()).unwrap();
@@ -352,9 +352,7 @@ async fn a_retention_preview_counts_what_its_snapshots_free_together() {
 /// would store more than is left, before anything is made, and admits it once room is made.
 #[tokio::test]
 async fn a_snapshot_is_judged_on_the_bytes_it_will_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = Arc::new(ManualClock::new("2026-11-01T00:00:00Z".parse().unwrap()));
-    let w = World::open(dir.path(), clock).await;
+    let (_dir, w) = World::start("2026-11-01T00:00:00Z").await;
     const MIB: u64 = 1 << 20;
     let (_, volume) = w.call("POST", "/v1/volumes", Some(json!({"name": "db", "size": "64M"}))).await;
     let engine = w.control.engine();

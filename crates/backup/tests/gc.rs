@@ -131,9 +131,15 @@ fn gc_deletes_a_forgotten_backups_own_chunks_and_keeps_the_shared_ones() {
     assert_eq!(reopened.list_backups().unwrap().len(), 1);
 }
 
-fn back_up_for(repo: &Repository, tenant: &str, bytes: &[u8]) -> BackupRecord {
+/// A backup labelled with `tenant`, full or (with `parent`) incremental.
+fn back_up_for(
+    repo: &Repository,
+    tenant: &str,
+    bytes: &[u8],
+    parent: Option<(&BackupRecord, &[Range<u64>])>,
+) -> BackupRecord {
     let labels = BTreeMap::from([("tenant".to_string(), tenant.to_string())]);
-    let request = BackupRequest { labels, parent: None, allocated: None, progress: None };
+    let request = BackupRequest { labels, parent, allocated: None, progress: None };
     repo.backup(&Disk::new(bytes.to_vec()), request).unwrap()
 }
 
@@ -144,10 +150,10 @@ fn gc_counts_each_tenants_stored_bytes_once_however_many_backups_share_them() {
     let disk = noise(8 * CHUNK, 3);
     let mut changed = disk.clone();
     changed[..CHUNK].copy_from_slice(&noise(CHUNK, 4));
-    back_up_for(&repo, "a", &disk);
-    let second = back_up_for(&repo, "a", &changed);
+    back_up_for(&repo, "a", &disk, None);
+    let second = back_up_for(&repo, "a", &changed, None);
     // The same disk under another tenant: stored once in the repository, counted for each.
-    back_up_for(&repo, "b", &disk);
+    back_up_for(&repo, "b", &disk, None);
     let dry = GcOptions { dry_run: true, ..now() };
     let report = repo.gc(&dry, None).unwrap();
     let (a, b) = (report.bytes_by_tenant["a"], report.bytes_by_tenant["b"]);
@@ -180,15 +186,12 @@ fn each_blob_is_attributed_once_and_moves_to_a_newer_backup_when_its_first_goes(
     let disk = noise(8 * CHUNK, 5);
     let mut changed = disk.clone();
     changed[..CHUNK].copy_from_slice(&noise(CHUNK, 6));
-    let first = back_up_for(&repo, "a", &disk);
+    let first = back_up_for(&repo, "a", &disk, None);
     // An incremental backup of the first, most likely within the same second: record times are
     // whole seconds, and it must still count as the younger.
     let changed_ranges = [Range { start: 0, end: CHUNK as u64 }];
-    let labels = BTreeMap::from([("tenant".to_string(), "a".to_string())]);
-    let request =
-        BackupRequest { labels, parent: Some((&first, &changed_ranges[..])), allocated: None, progress: None };
-    let second = repo.backup(&Disk::new(changed.clone()), request).unwrap();
-    let other = back_up_for(&repo, "b", &noise(2 * CHUNK, 7));
+    let second = back_up_for(&repo, "a", &changed, Some((&first, &changed_ranges[..])));
+    let other = back_up_for(&repo, "b", &noise(2 * CHUNK, 7), None);
     let dry = GcOptions { dry_run: true, ..now() };
     let report = repo.gc(&dry, None).unwrap();
     let shares = &report.bytes_by_backup;

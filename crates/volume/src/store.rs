@@ -498,42 +498,7 @@ impl Store {
     /// A volume's footprint, or (with `snapshot`, one of its own) that of a golden image: a
     /// volume frozen in a snapshot, whose data is the snapshot's and which goes with it.
     pub fn usage_of(&self, volume: VolumeId, snapshot: Option<SnapshotId>) -> Result<Footprint, Error> {
-        let (top, logical_bytes) = {
-            let cat = self.inner.catalog();
-            let vol = cat
-                .state
-                .volumes
-                .get(&volume.0)
-                .ok_or_else(|| Error::NotFound { kind: "volume", name: volume.0.to_string() })?;
-            match snapshot {
-                None => (vol.head, vol.size),
-                Some(s) => {
-                    let snap = cat.state.live_snapshot(s.0).filter(|r| r.volume == volume.0);
-                    let snap = snap.ok_or_else(|| snap_not_found(s))?;
-                    (snap.layer, snap.size)
-                }
-            }
-        };
-        let data_blocks = {
-            let cat = self.inner.catalog();
-            let mut chain = self.inner.chain_layers(&cat.state, top);
-            drop(cat);
-            chain.reverse(); // top first, as the count reads it
-            settled_data_blocks(&chain)
-        };
-        let (stored_bytes, on_snapshot) = self.inner.settled_stack(top);
-        let exclusive_bytes = match (snapshot, on_snapshot) {
-            (None, true) => stored_bytes,
-            _ => self.freed_by_deleting(snapshot.as_slice(), &[volume])?,
-        };
-        let data_bytes = data_blocks * BLOCK_SIZE;
-        Ok(Footprint {
-            logical_bytes,
-            data_bytes,
-            stored_bytes,
-            exclusive_bytes,
-            shared_bytes: data_bytes.saturating_sub(exclusive_bytes),
-        })
+        self.inner.usage_of(volume, snapshot)
     }
 
     /// Runs one merge task if there is one; returns whether it did.
@@ -931,7 +896,7 @@ impl StoreInner {
         };
         let absorbed_by = absorbed_by.map(SnapshotId);
         let above: Vec<_> = above.into_iter().map(|id| self.layer(id)).collect();
-        let settling: Vec<_> = cat.state.settling_into(snap.layer).into_iter().map(|id| self.layer(id)).collect();
+        let settling = self.settling_layers(&cat.state, snap.layer);
         let layer = self.layer(snap.layer);
         let logical_bytes = snap.size;
         drop(cat);
@@ -965,21 +930,53 @@ impl StoreInner {
         })
     }
 
-    /// The data layer `top` holds once the merges waiting now are done (it and the layers
-    /// merging into it), and whether that stack rests on a layer that keeps a live snapshot
-    /// (or on none). If it does and `top` is a volume's head, deleting the volume frees exactly
-    /// that stack; otherwise the delete may set the layer below merging (a clone's parent
-    /// losing one of its two children), and only the general count can tell.
-    fn settled_stack(&self, top: u64) -> (u64, bool) {
+    /// `top` and the layers merging into it: the data it holds once the merges waiting now
+    /// are done. Taken under the catalog, since a merge may drop a layer once it is let go.
+    fn settling_layers(&self, state: &Catalog, top: u64) -> Vec<Arc<Layer>> {
+        state.settling_into(top).into_iter().map(|id| self.layer(id)).collect()
+    }
+
+    fn usage_of(&self, volume: VolumeId, snapshot: Option<SnapshotId>) -> Result<Footprint, Error> {
+        // Everything is read in one hold of the catalog, so a delete can not come in between.
         let cat = self.catalog();
         let state = &cat.state;
-        let stack = state.settling_into(top);
-        let lowest = *stack.last().expect("a stack holds its top");
+        let vol = state
+            .volumes
+            .get(&volume.0)
+            .ok_or_else(|| Error::NotFound { kind: "volume", name: volume.0.to_string() })?;
+        let (top, logical_bytes) = match snapshot {
+            None => (vol.head, vol.size),
+            Some(s) => {
+                let snap =
+                    state.live_snapshot(s.0).filter(|r| r.volume == volume.0).ok_or_else(|| snap_not_found(s))?;
+                (snap.layer, snap.size)
+            }
+        };
+        let mut chain = self.chain_layers(state, top);
+        chain.reverse(); // top first, as the count reads it
+        let stack_ids = state.settling_into(top);
+        let stack: Vec<_> = stack_ids.iter().map(|id| self.layer(*id)).collect();
+        // Deleting a volume frees exactly its head's stack when the layer that stack rests on
+        // keeps a live snapshot (or there is none); otherwise the delete may set that layer
+        // merging (a clone's parent losing one of its two children), and only the general
+        // count can tell.
+        let lowest = *stack_ids.last().expect("a stack holds its top");
         let rests_on = state.lineage(lowest).into_iter().skip(1).find(|id| !state.layers[id].ghost);
-        let on_snapshot = rests_on.is_none_or(|id| state.has_live_snapshot(id));
-        let layers: Vec<_> = stack.iter().map(|id| self.layer(*id)).collect();
+        let frees_just_the_stack = snapshot.is_none() && rests_on.is_none_or(|id| state.has_live_snapshot(id));
         drop(cat);
-        (settled_data_blocks(&layers) * BLOCK_SIZE, on_snapshot)
+        let data_bytes = settled_data_blocks(&chain) * BLOCK_SIZE;
+        let stored_bytes = settled_data_blocks(&stack) * BLOCK_SIZE;
+        let exclusive_bytes = match frees_just_the_stack {
+            true => stored_bytes,
+            false => self.freed_by_deleting(snapshot.as_slice(), &[volume])?,
+        };
+        Ok(Footprint {
+            logical_bytes,
+            data_bytes,
+            stored_bytes,
+            exclusive_bytes,
+            shared_bytes: data_bytes.saturating_sub(exclusive_bytes),
+        })
     }
 
     fn freed_by_deleting(&self, snapshots: &[SnapshotId], volumes: &[VolumeId]) -> Result<u64, Error> {
@@ -1008,20 +1005,15 @@ impl StoreInner {
                 resting.extend(state.landing(*layer).0);
             }
         }
-        let stacks = |state: &Catalog| -> Vec<Vec<u64>> {
+        let stacks = |state: &Catalog| -> Vec<Vec<Arc<Layer>>> {
             resting
                 .iter()
                 // A ghost holds no data: what merges through it rests above.
                 .filter(|id| state.layers.get(id).is_some_and(|l| !l.ghost) && state.merge_task_for(**id).is_none())
-                .map(|id| state.settling_into(*id))
+                .map(|id| self.settling_layers(state, *id))
                 .collect()
         };
-        // The layers are taken while the catalog is held: a merge may drop one as soon as it
-        // is let go. Counting reads their maps afterwards, without the catalog.
-        let layers = |stacks: Vec<Vec<u64>>| -> Vec<Vec<Arc<Layer>>> {
-            stacks.into_iter().map(|s| s.into_iter().map(|id| self.layer(id)).collect()).collect()
-        };
-        let (was, will_be) = (layers(stacks(before)), layers(stacks(&after)));
+        let (was, will_be) = (stacks(before), stacks(&after));
         drop(cat);
         let count = |stacks: Vec<Vec<Arc<Layer>>>| -> u64 { stacks.iter().map(|s| settled_data_blocks(s)).sum() };
         Ok(count(was).saturating_sub(count(will_be)) * BLOCK_SIZE)

@@ -214,7 +214,11 @@ impl Control {
     /// sum of their exclusive bytes, since a block the next one overwrote is freed only when
     /// both go.
     pub(super) fn freed_by_deleting_snapshots(&self, ids: &[&str]) -> Result<u64, Error> {
-        let engine: Vec<SnapshotId> = ids.iter().map(|id| self.engine_snapshot(id)).collect::<Result<_, _>>()?;
+        let known = self.engine_snapshot_ids();
+        let engine: Vec<SnapshotId> = ids
+            .iter()
+            .map(|id| known.get(*id).copied().ok_or_else(|| super::missing_from_engine(id)))
+            .collect::<Result<_, _>>()?;
         Ok(self.engine.freed_by_deleting(&engine, &[])?)
     }
 

@@ -481,12 +481,7 @@ impl Control {
     /// snapshot whose engine object is gone (deleted a moment ago, between its row's removal and
     /// the engine's) is left out.
     fn snapshot_views(&self, snapshots: Vec<Snapshot>) -> Result<Vec<SnapshotView>, Error> {
-        let engine: HashMap<String, SnapshotId> = self
-            .engine
-            .list_snapshots(None)
-            .into_iter()
-            .filter_map(|s| Some((parse_engine_snapshot_name(&s.name)?.1.to_string(), s.id)))
-            .collect();
+        let engine = self.engine_snapshot_ids();
         let mut views = Vec::with_capacity(snapshots.len());
         for snapshot in snapshots {
             let Some(engine_id) = engine.get(&snapshot.id) else { continue };
@@ -517,11 +512,18 @@ impl Control {
         Ok(self.engine.volume_id(id)?)
     }
 
+    /// Every snapshot's engine id by its control-plane id, from one listing of the engine's:
+    /// for looking up many at once ([`Control::engine_snapshot`] lists them for each).
+    fn engine_snapshot_ids(&self) -> HashMap<String, SnapshotId> {
+        self.engine
+            .list_snapshots(None)
+            .into_iter()
+            .filter_map(|s| Some((parse_engine_snapshot_name(&s.name)?.1.to_string(), s.id)))
+            .collect()
+    }
+
     fn engine_snapshot(&self, id: &str) -> Result<SnapshotId, Error> {
-        self.exports
-            .engine_snapshot(id)
-            .map(|(s, _)| s)
-            .ok_or_else(|| Error::Internal(format!("snapshot {id} is in the metadata but not in the volume store")))
+        self.exports.engine_snapshot(id).map(|(s, _)| s).ok_or_else(|| missing_from_engine(id))
     }
 
     fn template_snapshot(&self, template_id: &str) -> Result<SnapshotId, Error> {
@@ -702,4 +704,9 @@ fn partial_path(path: &str, job: &str) -> PathBuf {
 /// Where an export of a backup to qcow2 first restores the raw image.
 fn raw_partial_path(path: &str, job: &str) -> PathBuf {
     PathBuf::from(format!("{path}.{job}.partial.raw"))
+}
+
+/// A snapshot row whose engine snapshot is gone: the two stores disagree.
+fn missing_from_engine(snapshot: &str) -> Error {
+    Error::Internal(format!("snapshot {snapshot} is in the metadata but not in the volume store"))
 }

@@ -496,28 +496,28 @@ impl Control {
         schedule: &Schedule,
         dry_run: bool,
     ) -> Result<RetentionPlan, Error> {
-        // Each item, with what deleting it frees if that is known item by item (a backup's
-        // bytes only it references; snapshots are measured together, as a set).
-        let items: Vec<(String, String, String, u64)> = match schedule.action {
+        // Each item; a backup's with what forgetting it frees (snapshots are measured together,
+        // as a set, below).
+        let mut backup_frees: HashMap<String, u64> = HashMap::new();
+        let items: Vec<(String, String, String)> = match schedule.action {
             ScheduleAction::Snapshot => db::snapshots_of_schedule(c, &schedule.id)
                 .await?
                 .into_iter()
                 .filter(|s| !s.protected)
-                .map(|s| (s.run.unwrap_or_default(), s.id, s.created_at, 0))
+                .map(|s| (s.run.unwrap_or_default(), s.id, s.created_at))
                 .collect(),
             ScheduleAction::Backup => db::backups_of_schedule(c, &schedule.id)
                 .await?
                 .into_iter()
                 .filter(|b| !b.protected)
                 .map(|b| {
-                    let frees = b.frees_bytes();
-                    (b.run.unwrap_or_default(), b.id, b.created_at, frees)
+                    backup_frees.insert(b.id.clone(), b.frees_bytes());
+                    (b.run.unwrap_or_default(), b.id, b.created_at)
                 })
                 .collect(),
         };
-        let frees: HashMap<String, u64> = items.iter().map(|(_, id, _, freed)| (id.clone(), *freed)).collect();
         let mut runs: BTreeMap<String, RunItems> = BTreeMap::new();
-        for (run, id, created_at, _) in items {
+        for (run, id, created_at) in items {
             let entry = runs.entry(run.clone()).or_insert_with(|| RunItems {
                 run,
                 created_at: created_at.clone(),
@@ -547,7 +547,7 @@ impl Control {
                 let doomed: Vec<&str> = delete.iter().flat_map(|r| r.items.iter().map(String::as_str)).collect();
                 let freed = match schedule.action {
                     ScheduleAction::Snapshot => self.freed_by_deleting_snapshots(&doomed)?,
-                    ScheduleAction::Backup => doomed.iter().map(|id| frees.get(*id).copied().unwrap_or(0)).sum(),
+                    ScheduleAction::Backup => doomed.iter().filter_map(|id| backup_frees.get(*id)).sum(),
                 };
                 Some(self.cost_preview(c, &schedule.tenant, &doomed, freed).await?)
             }
