@@ -59,6 +59,46 @@ pub fn load_average() -> String {
     }
 }
 
+/// The file system `path` lives on, as "TYPE on SOURCE (OPTIONS)", from the mount with the
+/// longest mount point that contains it. Mount options change write figures: with `discard`,
+/// blocks freed by deleted files go back to a thin-provisioned host disk, and the first write
+/// to them costs a host allocation that an overwrite does not.
+pub fn file_system_of(path: &Path) -> Option<String> {
+    let path = std::fs::canonicalize(path).ok()?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut best: Option<(usize, String)> = None;
+    for line in mountinfo.lines() {
+        // ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER_OPTIONS
+        let (mount, fs) = line.split_once(" - ")?;
+        let mount: Vec<&str> = mount.split(' ').collect();
+        let fs: Vec<&str> = fs.split(' ').collect();
+        let (Some(point), Some(options), [kind, source, super_options, ..]) =
+            (mount.get(4), mount.get(5), fs.as_slice())
+        else {
+            continue;
+        };
+        let point = point.replace("\\040", " ");
+        if path.starts_with(&point) && best.as_ref().is_none_or(|(len, _)| point.len() > *len) {
+            // The mount's own options, then the file system's (where ext4 lists `discard`).
+            let mut all: Vec<&str> = options.split(',').collect();
+            for option in super_options.split(',') {
+                if !all.contains(&option) {
+                    all.push(option);
+                }
+            }
+            best = Some((point.len(), format!("{kind} on {source} ({})", all.join(","))));
+        }
+    }
+    best.map(|(_, description)| description)
+}
+
+/// Whether a [`file_system_of`] description names the `discard` mount option.
+pub fn mounted_with_discard(description: &str) -> bool {
+    description
+        .rsplit_once('(')
+        .is_some_and(|(_, options)| options.trim_end_matches(')').split(',').any(|o| o == "discard"))
+}
+
 pub fn human_size(bytes: u64) -> String {
     match bytes {
         b if b >= TIB && b % TIB == 0 => format!("{} TiB", b / TIB),
@@ -92,4 +132,22 @@ pub fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_discard_option_is_found_only_as_a_whole_option() {
+        assert!(mounted_with_discard("ext4 on /dev/vda (rw,relatime,discard)"));
+        assert!(!mounted_with_discard("ext4 on /dev/vda (rw,relatime,nodiscard)"));
+        assert!(!mounted_with_discard("xfs on /dev/discard (rw)"));
+    }
+
+    #[test]
+    fn the_root_file_system_is_described() {
+        let root = file_system_of(Path::new("/")).expect("/ is mounted");
+        assert!(root.contains(" on ") && root.ends_with(')'), "{root}");
+    }
 }

@@ -8,7 +8,9 @@
 //! Prints a markdown table, or JSON with `--json`. Progress goes to stderr.
 
 use anyhow::{bail, ensure, Context, Result};
-use cairn_bench::{human_size, load_average, parse_size, WorkDir, GIB, KIB, MIB, TIB};
+use cairn_bench::{
+    file_system_of, human_size, load_average, mounted_with_discard, parse_size, WorkDir, GIB, KIB, MIB, TIB,
+};
 use cairn_volume::{Allocation, Store, StoreOptions, Volume};
 use serde_json::json;
 use std::fs::File;
@@ -374,6 +376,8 @@ const TARGETS: [Target; 3] = [Target::Raw, Target::Cairn, Target::Layered];
 struct Report {
     /// Load average when the run started: other work on the machine skews every figure.
     load: String,
+    /// The data directory's file system and its mount options.
+    file_system: Option<String>,
     snapshots: Vec<SnapshotResult>,
     /// One entry per round.
     raw: Vec<Figures>,
@@ -473,6 +477,18 @@ impl Report {
                 (untimed), so that new page cache comes from warm memory for every target.\n";
         out +=
             &format!("- Load average at the start: {}. Data in {} (removed at the end).\n", self.load, dir.display());
+        match &self.file_system {
+            Some(fs) if mounted_with_discard(fs) => {
+                out += &format!(
+                    "- File system: {fs}. With `discard`, blocks freed by deleted files are discarded to the disk below; on a \
+                     thin-provisioned virtual disk the first write to them then costs an allocation there, which \
+                     overwrites do not pay. The layered volume's sequential write (into its empty head) measures \
+                     that. For the engine alone, run with --dir on a file system mounted without it.\n"
+                )
+            }
+            Some(fs) => out += &format!("- File system: {fs}.\n"),
+            None => {}
+        }
         out
     }
 
@@ -528,6 +544,7 @@ impl Report {
                 "rounds": cfg.rounds,
                 "seed": SEED,
                 "load_average": self.load,
+                "file_system": self.file_system,
                 "page_cache_dropped": false,
             },
             "snapshot_create": snapshots,
@@ -564,7 +581,7 @@ fn main() -> Result<()> {
             }
         }
     }
-    let report = Report { load, snapshots, raw, cairn, layered };
+    let report = Report { load, file_system: file_system_of(&work.0), snapshots, raw, cairn, layered };
     if cfg.json {
         println!("{}", serde_json::to_string_pretty(&report.json(&cfg, &work.0))?);
     } else {
