@@ -69,7 +69,9 @@ pub fn file_system_of(path: &Path) -> Option<String> {
     let mut best: Option<(usize, String)> = None;
     for line in mountinfo.lines() {
         // ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPER_OPTIONS
-        let (mount, fs) = line.split_once(" - ")?;
+        let Some((mount, fs)) = line.split_once(" - ") else {
+            continue;
+        };
         let mount: Vec<&str> = mount.split(' ').collect();
         let fs: Vec<&str> = fs.split(' ').collect();
         let (Some(point), Some(options), [kind, source, super_options, ..]) =
