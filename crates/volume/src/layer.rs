@@ -7,8 +7,9 @@
 
 use crate::blockmap::{BlockRun, LayerMap, MapOp, BLOCK_SHIFT};
 use crate::journal::{self, Record};
-use crate::storage::{Storage, StorageFile};
+use crate::storage::{ReadAhead, Storage, StorageFile};
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Bytes per data segment file.
@@ -33,6 +34,26 @@ pub fn layer_of_file(name: &str) -> Option<u64> {
     let (hex, ext) = rest.split_once('.')?;
     let valid_ext = ext == "map" || ext.strip_prefix('d').is_some_and(|n| n.parse::<u64>().is_ok());
     (valid_ext && hex.len() == 16).then(|| u64::from_str_radix(hex, 16).ok()).flatten()
+}
+
+/// What a layer is when a store opens it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    /// A volume's writable top layer.
+    Head,
+    /// Read-only: a snapshot's layer, or one that snapshots and clones share.
+    Frozen,
+    /// Data merged away; only its change tracking is left (§9 of docs/format.md).
+    Ghost,
+}
+
+impl LayerKind {
+    fn read_ahead(self) -> ReadAhead {
+        match self {
+            LayerKind::Head => ReadAhead::Off,
+            LayerKind::Frozen | LayerKind::Ghost => ReadAhead::Default,
+        }
+    }
 }
 
 /// The map and the changes not yet in the journal, under one lock so they never disagree.
@@ -75,11 +96,18 @@ pub struct Layer {
     /// A sync failed. The kernel may have dropped the dirty pages and a retry could
     /// "succeed" without them, so the layer takes no more writes until the store is reopened.
     failed: std::sync::atomic::AtomicBool,
+    /// The layer is a volume's head. Its data files then read without read-ahead: a head's
+    /// blocks are overwritten in place by a guest's small writes, and read-ahead fills the
+    /// page cache with folios as large as its window (2 MiB here), each of which a small write
+    /// on ext4 pays for by walking all of the folio's block buffers. Measured over NBD, 4 KiB
+    /// random writes went from 51-64k to 117-135k IOPS. The guest reads ahead itself; frozen
+    /// layers are only read, so they keep the kernel's read-ahead.
+    is_head: std::sync::atomic::AtomicBool,
 }
 
 impl Layer {
-    /// Creates the files of a new, empty layer. They become durable at its first flush; a
-    /// layer whose files are missing after a crash never flushed and is empty.
+    /// Creates the files of a new, empty head layer. They become durable at its first flush;
+    /// a layer whose files are missing after a crash never flushed and is empty.
     pub fn create(storage: Arc<dyn Storage>, id: u64) -> io::Result<Layer> {
         let file = storage.open(&map_file_name(id), true)?;
         file.set_len(0)?;
@@ -92,12 +120,14 @@ impl Layer {
             state: RwLock::new(MapState::default()),
             journal: Mutex::new(JournalFile { file, end: journal::HEADER_LEN as u64, needs_dir_sync: true }),
             failed: Default::default(),
+            is_head: true.into(),
         })
     }
 
     /// Opens a layer, replaying its journal and cutting off a torn tail. A ghost keeps only
     /// its change tracking.
-    pub fn open(storage: Arc<dyn Storage>, id: u64, ghost: bool, files: &[String]) -> Result<Layer, crate::Error> {
+    pub fn open(storage: Arc<dyn Storage>, id: u64, kind: LayerKind, files: &[String]) -> Result<Layer, crate::Error> {
+        let ghost = kind == LayerKind::Ghost;
         let name = map_file_name(id);
         let file = storage.open(&name, true)?;
         let len = file.size()?;
@@ -128,8 +158,10 @@ impl Layer {
                 // Its data was merged away; a crash kept the files from being removed then.
                 storage.remove(f)?;
             } else if let Some(slot) = segments.get(seg) {
+                let file = storage.open(f, false)?;
+                file.set_read_ahead(kind.read_ahead());
                 // Each segment has one file name, so each slot is set once.
-                let _ = slot.set(storage.open(f, false)?);
+                let _ = slot.set(file);
             }
         }
         Ok(Layer {
@@ -140,7 +172,22 @@ impl Layer {
             state: RwLock::new(MapState { map, pending: Vec::new() }),
             journal: Mutex::new(JournalFile { file, end, needs_dir_sync: false }),
             failed: Default::default(),
+            is_head: (kind == LayerKind::Head).into(),
         })
+    }
+
+    /// The layer stops being a head: its data files get the kernel's read-ahead back.
+    /// Called with the volume's writes paused, so no segment is being created meanwhile.
+    pub fn freeze(&self) {
+        self.is_head.store(false, Ordering::Relaxed);
+        for segment in self.segments.iter().filter_map(OnceLock::get) {
+            segment.set_read_ahead(ReadAhead::Default);
+        }
+    }
+
+    fn read_ahead(&self) -> ReadAhead {
+        let kind = if self.is_head.load(Ordering::Relaxed) { LayerKind::Head } else { LayerKind::Frozen };
+        kind.read_ahead()
     }
 
     /// The layer's id.
@@ -172,6 +219,7 @@ impl Layer {
             return Ok(Some(seg.clone()));
         }
         let seg = self.storage.open(&data_file_name(self.id, index), true)?;
+        seg.set_read_ahead(self.read_ahead());
         // Unset: checked under the creation lock just above.
         let _ = slot.set(seg.clone());
         *new_segments = true;

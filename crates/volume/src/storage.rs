@@ -28,6 +28,19 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
     fn size(&self) -> io::Result<u64>;
     /// Cuts or extends the file to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// How the page cache should read ahead of this handle's reads. Only a hint: a backend
+    /// without a page cache ignores it, and a failure to apply it changes no byte.
+    fn set_read_ahead(&self, read_ahead: ReadAhead);
+}
+
+/// Read-ahead for one open file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadAhead {
+    /// The kernel's default read-ahead.
+    #[default]
+    Default,
+    /// None: a read brings in only the pages it asks for.
+    Off,
 }
 
 /// A flat namespace of files: the directory of one store.
@@ -119,6 +132,16 @@ impl StorageFile for DirFile {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
+    }
+
+    fn set_read_ahead(&self, read_ahead: ReadAhead) {
+        let advice = match read_ahead {
+            ReadAhead::Default => libc::POSIX_FADV_NORMAL,
+            ReadAhead::Off => libc::POSIX_FADV_RANDOM,
+        };
+        // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is owned by
+        // self. Its result is ignored: advice that does not apply costs speed, never bytes.
+        unsafe { libc::posix_fadvise(self.0.as_raw_fd(), 0, 0, advice) };
     }
 }
 
@@ -283,6 +306,8 @@ struct MemFileState {
 #[derive(Debug, Default)]
 struct MemFile {
     state: Mutex<MemFileState>,
+    /// The read-ahead of the latest handle (in a kernel, each open file has its own).
+    read_ahead: Mutex<ReadAhead>,
 }
 
 impl MemFile {
@@ -325,6 +350,10 @@ impl StorageFile for MemFile {
         self.state().current.set_len(len);
         Ok(())
     }
+
+    fn set_read_ahead(&self, read_ahead: ReadAhead) {
+        *self.read_ahead.lock().expect("mem file read-ahead") = read_ahead;
+    }
 }
 
 /// Files in memory. Directory operations are durable at once; file contents only after
@@ -349,6 +378,13 @@ impl MemStorage {
         }
     }
 
+    /// The read-ahead of the latest handle on `name`, if the file exists.
+    pub fn read_ahead(&self, name: &str) -> Option<ReadAhead> {
+        let file = self.files().get(name)?.clone();
+        let read_ahead = *file.read_ahead.lock().expect("mem file read-ahead");
+        Some(read_ahead)
+    }
+
     fn files(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<MemFile>>> {
         self.files.lock().expect("mem storage mutex")
     }
@@ -358,7 +394,11 @@ impl Storage for MemStorage {
     fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn StorageFile>> {
         let mut files = self.files();
         match files.get(name) {
-            Some(file) => Ok(file.clone()),
+            Some(file) => {
+                // A new handle starts with the kernel's default, as a new open file does.
+                *file.read_ahead.lock().expect("mem file read-ahead") = ReadAhead::Default;
+                Ok(file.clone())
+            }
             None if create => {
                 let file = Arc::new(MemFile::default());
                 files.insert(name.to_string(), file.clone());
@@ -510,6 +550,10 @@ impl StorageFile for FaultyFile {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.control.check(false)?;
         self.inner.set_len(len)
+    }
+
+    fn set_read_ahead(&self, read_ahead: ReadAhead) {
+        self.inner.set_read_ahead(read_ahead)
     }
 }
 

@@ -8,11 +8,11 @@
 
 use crate::blockmap::{BlockRun, BlockSet, BlockState, MapOp, BLOCK_SHIFT, BLOCK_SIZE, PAGE_BLOCKS};
 use crate::catalog::{self, Catalog, Event, MergeTask, SnapshotEntry};
-use crate::layer::{self, Layer};
+use crate::layer::{self, Layer, LayerKind};
 use crate::storage::{DirStorage, Storage, StorageFile};
 use crate::view::{self, AllocExtent, DepthExtent, ViewLock, ViewState, MAX_CHAIN};
 use crate::Error;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
@@ -281,9 +281,15 @@ impl Store {
                 storage.remove(f)?;
             }
         }
+        let heads: HashSet<u64> = catalog.state.volumes.values().map(|v| v.head).collect();
         let mut layers = HashMap::new();
         for (id, rec) in &catalog.state.layers {
-            layers.insert(*id, Arc::new(Layer::open(storage.clone(), *id, rec.ghost, &files)?));
+            let kind = match (rec.ghost, heads.contains(id)) {
+                (true, _) => LayerKind::Ghost,
+                (false, true) => LayerKind::Head,
+                (false, false) => LayerKind::Frozen,
+            };
+            layers.insert(*id, Arc::new(Layer::open(storage.clone(), *id, kind, &files)?));
         }
         // Files created before a crash may not have durable directory entries yet; flushes
         // after this open only sync the directory for files they create themselves.
@@ -744,6 +750,9 @@ impl StoreInner {
                 return Err(e);
             }
         };
+        for old_head in &heads {
+            old_head.freeze();
+        }
         let mut infos = Vec::new();
         for ((core, head), entry) in cores.iter().zip(new_heads).zip(&entries) {
             let mut v = core.view.write();

@@ -1,7 +1,7 @@
 //! Edge cases on a real directory: unaligned I/O, the end of the volume, bad input, huge thin
 //! volumes, concurrency, and snapshots that are an exact point in time under load.
 
-use cairn_volume::storage::{FaultyStorage, MemStorage, Storage};
+use cairn_volume::storage::{FaultyStorage, MemStorage, ReadAhead, Storage};
 use cairn_volume::{Allocation, Error, Store, StoreOptions, BLOCK_SIZE};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
@@ -429,4 +429,43 @@ fn allocation_depth_tells_which_layer_holds_each_block() {
     let view = s.open_snapshot(first).unwrap();
     assert_eq!(view.allocation_depth(0, 2 * b).unwrap(), vec![depth(0, b, 1), depth(b, b, 0)]);
     assert!(matches!(v.allocation_depth(3 << 20, 1), Err(Error::OutOfRange { .. })));
+}
+
+#[test]
+fn heads_read_without_read_ahead_and_frozen_layers_with_it() {
+    let mem = MemStorage::new();
+    let open = || Store::open(Arc::new(mem.clone()) as Arc<dyn Storage>, StoreOptions::default()).unwrap();
+    // Layer ids grow, so sorted names list the data files from the oldest layer up.
+    let data_files = || {
+        let mut names: Vec<String> = mem.list().unwrap().into_iter().filter(|n| n.ends_with(".d0")).collect();
+        names.sort();
+        names
+    };
+    let read_ahead = |name: &String| mem.read_ahead(name).unwrap();
+    let s = open();
+    let id = s.create_volume("v", 1 << 20).unwrap().id;
+    let v = s.volume(id).unwrap();
+    v.write(&[1u8; 4096], 0, false).unwrap();
+    let files = data_files();
+    assert_eq!(files.len(), 1);
+    assert_eq!(read_ahead(&files[0]), ReadAhead::Off, "a head's data is read without read-ahead");
+    s.snapshot(id, "s").unwrap();
+    assert_eq!(read_ahead(&files[0]), ReadAhead::Default, "a frozen layer reads ahead again");
+    v.write(&[2u8; 4096], 0, false).unwrap();
+    let files = data_files();
+    assert_eq!(files.len(), 2);
+    assert_eq!(read_ahead(&files[1]), ReadAhead::Off, "the new head");
+    drop(v);
+    s.close().unwrap();
+    let s = open();
+    assert_eq!(read_ahead(&files[0]), ReadAhead::Default, "frozen, after a reopen");
+    assert_eq!(read_ahead(&files[1]), ReadAhead::Off, "the head, after a reopen");
+    // A clone's head is a head too.
+    let snap = s.list_snapshots(Some(id))[0].id;
+    let clone = s.clone_snapshot(snap, "c", None).unwrap().id;
+    s.volume(clone).unwrap().write(&[3u8; 4096], 4096, false).unwrap();
+    let files = data_files();
+    assert_eq!(files.len(), 3);
+    assert_eq!(read_ahead(&files[2]), ReadAhead::Off, "a clone's head");
+    s.close().unwrap();
 }
