@@ -101,6 +101,25 @@ pub fn mounted_with_discard(description: &str) -> bool {
         .is_some_and(|(_, options)| options.trim_end_matches(')').split(',').any(|o| o == "discard"))
 }
 
+/// The read-ahead, in KiB, of the block device `path` lives on (a partition's is its disk's),
+/// or None where the file system has no block device (tmpfs, overlay). On ext4 it sets how
+/// large the page cache's folios grow on reads, and a small write into a large folio costs
+/// more.
+pub fn read_ahead_kib_of(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(path).ok()?.dev();
+    let device = PathBuf::from(format!("/sys/dev/block/{}:{}", libc::major(dev), libc::minor(dev)));
+    read_ahead_kib_in(&device)
+}
+
+/// [`read_ahead_kib_of`] for a device's sysfs directory: its own queue, or its parent's when it
+/// is a partition.
+fn read_ahead_kib_in(device: &Path) -> Option<u64> {
+    [device.join("queue/read_ahead_kb"), device.join("../queue/read_ahead_kb")]
+        .iter()
+        .find_map(|file| std::fs::read_to_string(file).ok()?.trim().parse().ok())
+}
+
 pub fn human_size(bytes: u64) -> String {
     match bytes {
         b if b >= TIB && b % TIB == 0 => format!("{} TiB", b / TIB),
@@ -145,6 +164,18 @@ mod tests {
         assert!(mounted_with_discard("ext4 on /dev/vda (rw,relatime,discard)"));
         assert!(!mounted_with_discard("ext4 on /dev/vda (rw,relatime,nodiscard)"));
         assert!(!mounted_with_discard("xfs on /dev/discard (rw)"));
+    }
+
+    #[test]
+    fn read_ahead_is_read_from_the_device_or_the_disk_of_a_partition() {
+        let sys = tempfile::tempdir().unwrap();
+        let disk = sys.path().join("vda");
+        std::fs::create_dir_all(disk.join("queue")).unwrap();
+        std::fs::create_dir_all(disk.join("vda1")).unwrap();
+        std::fs::write(disk.join("queue/read_ahead_kb"), "8192\n").unwrap();
+        assert_eq!(read_ahead_kib_in(&disk), Some(8192));
+        assert_eq!(read_ahead_kib_in(&disk.join("vda1")), Some(8192), "a partition has its disk's");
+        assert_eq!(read_ahead_kib_in(&sys.path().join("missing")), None);
     }
 
     #[test]

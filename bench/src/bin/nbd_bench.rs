@@ -9,7 +9,10 @@
 //! Prints a markdown table with cairn / best-peer ratios, or JSON with `--json`.
 
 use anyhow::{bail, ensure, Context, Result};
-use cairn_bench::{default_mkimage, drop_caches, human_size, load_average, median, parse_size, run, WorkDir, MIB};
+use cairn_bench::{
+    default_mkimage, drop_caches, file_system_of, human_size, load_average, median, parse_size, read_ahead_kib_of, run,
+    WorkDir, MIB,
+};
 use cairn_nbd::{Listener, ServerConfig, VolumeExports};
 use cairn_volume::{Store, StoreOptions, Volume};
 use serde_json::json;
@@ -279,6 +282,9 @@ fn layered_volume(store: &Store, image: &Path, cfg: &Config) -> Result<()> {
 
 struct Report {
     load: String,
+    /// The work directory's file system and its device's read-ahead in KiB.
+    file_system: Option<String>,
+    read_ahead_kib: Option<u64>,
     caches_dropped: bool,
     /// rounds[target][round]
     rounds: Vec<Vec<Figures>>,
@@ -352,6 +358,13 @@ impl Report {
              using block status, on every server alike.\n",
             if self.caches_dropped { "drop the page cache" } else { "NOT dropping the page cache (not root)" }
         );
+        out += &format!(
+            "- Data directory: {}; its device reads ahead {}. On ext4 read-ahead sets how large the page cache's \
+             folios grow, and each 4 KiB write into a folio costs in proportion to the folio's size; cairn reads a \
+             volume's head without read-ahead (docs/architecture.md).\n",
+            self.file_system.as_deref().unwrap_or("unknown file system"),
+            self.read_ahead_kib.map_or("an unknown amount".to_string(), |kib| format!("{kib} KiB")),
+        );
         out += &format!("- Load average at the start: {}.\n", self.load);
         out
     }
@@ -380,6 +393,8 @@ impl Report {
                 "rounds": cfg.rounds,
                 "load_average": self.load,
                 "page_cache_dropped": self.caches_dropped,
+                "file_system": self.file_system,
+                "read_ahead_kib": self.read_ahead_kib,
             },
             "tests": tests,
             "missed": self.misses(),
@@ -429,7 +444,13 @@ fn main() -> Result<()> {
         }
         std::fs::remove_dir_all(&dir)?;
     }
-    let report = Report { load, rounds, caches_dropped };
+    let report = Report {
+        load,
+        file_system: file_system_of(&work.0),
+        read_ahead_kib: read_ahead_kib_of(&work.0),
+        rounds,
+        caches_dropped,
+    };
     if cfg.json {
         println!("{}", serde_json::to_string_pretty(&report.json(&cfg))?);
     } else {
