@@ -181,7 +181,7 @@ impl Layer {
     pub fn freeze(&self) {
         self.is_head.store(false, Ordering::Relaxed);
         for segment in self.segments.iter().filter_map(OnceLock::get) {
-            segment.set_read_ahead(ReadAhead::Default);
+            segment.set_read_ahead(self.read_ahead());
         }
     }
 

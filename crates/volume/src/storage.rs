@@ -380,9 +380,7 @@ impl MemStorage {
 
     /// The read-ahead of the latest handle on `name`, if the file exists.
     pub fn read_ahead(&self, name: &str) -> Option<ReadAhead> {
-        let file = self.files().get(name)?.clone();
-        let read_ahead = *file.read_ahead.lock().expect("mem file read-ahead");
-        Some(read_ahead)
+        self.files().get(name).map(|file| *file.read_ahead.lock().expect("mem file read-ahead"))
     }
 
     fn files(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<MemFile>>> {
