@@ -1492,8 +1492,11 @@ fn durable_copy(server: &TestServer) -> (tempfile::TempDir, Store) {
             std::fs::copy(e.path(), copy.path().join(e.file_name())).unwrap();
         }
     }
-    let store = Store::open_dir(copy.path(), StoreOptions { background_merge: false, merge_bytes_per_sec: None })
-        .expect("open the copied store");
+    let store = Store::open_dir(
+        copy.path(),
+        StoreOptions { background_merge: false, merge_bytes_per_sec: None, ..StoreOptions::default() },
+    )
+    .expect("open the copied store");
     (copy, store)
 }
 

@@ -3,13 +3,20 @@
 //! A header, then batches of 16-byte records, each batch sealed by a CRC-32C. A flush appends
 //! one batch; a torn or corrupt batch at the tail is where replay stops (its writes were never
 //! acknowledged as flushed). docs/format.md describes the bytes.
+//!
+//! Version 2 adds a chunk size to the header and placement records: a layer keeps the chunks
+//! of the volume (2 MiB by default) in its data files in the order they were first written,
+//! not at the volume's own offsets (see `crate::layer`). Version 1 files, whose layers use the
+//! volume's offsets, are still read.
 
 use crate::blockmap::{BlockRun, BlockState, LayerMap, MapOp};
 
 /// Magic at the start of a map journal.
 pub const MAGIC: [u8; 8] = *b"CAIRNMAP";
-/// The journal format version this code writes and reads.
-pub const VERSION: u32 = 1;
+/// The journal format version this code writes; it also reads [`VERSION_IDENTITY`].
+pub const VERSION: u32 = 2;
+/// The first version: data at the volume's own offsets, no placement records.
+pub const VERSION_IDENTITY: u32 = 1;
 /// Size of the file header.
 pub const HEADER_LEN: usize = 32;
 const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"BTCH");
@@ -18,7 +25,17 @@ const RECORD_LEN: usize = 16;
 const OP_DATA: u8 = 1;
 const OP_ZERO: u8 = 2;
 const OP_MARK_WRITTEN: u8 = 3;
+const OP_PLACE: u8 = 4;
 const FLAG_WRITTEN: u8 = 1;
+/// The chunk sizes a version 2 layer may have, as log2: 8 KiB to 1 GiB.
+pub const CHUNK_SHIFTS: std::ops::RangeInclusive<u32> = 13..=30;
+/// The chunk size of new layers: 2 MiB.
+pub const DEFAULT_CHUNK_SHIFT: u32 = 21;
+
+/// The chunks of the largest volume: placement records name no chunk beyond.
+pub fn max_chunks(chunk_shift: u32) -> u64 {
+    crate::store::MAX_VOLUME_SIZE >> chunk_shift
+}
 
 /// Why a journal cannot be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -27,7 +44,9 @@ pub enum JournalError {
     #[error("not a cairn layer map (bad magic)")]
     BadMagic,
     /// Written by a newer cairn.
-    #[error("layer map format version {0} is not supported (this build reads version {VERSION})")]
+    #[error(
+        "layer map format version {0} is not supported (this build reads versions {VERSION_IDENTITY} and {VERSION})"
+    )]
     UnsupportedVersion(u32),
     /// The header names another layer.
     #[error("layer map belongs to layer {found}, expected {expected}")]
@@ -40,20 +59,48 @@ pub enum JournalError {
     BadRecord { offset: u64 },
 }
 
-/// One map change: `op` applied to `run`.
+/// One journal entry: `op` applied to `run`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record {
-    /// The blocks.
+    /// The blocks, or for [`RecordOp::Place`] the chunks.
     pub run: BlockRun,
     /// What happens to them.
-    pub op: MapOp,
+    pub op: RecordOp,
 }
 
-/// Encodes the file header for layer `layer_id`.
-pub fn encode_header(layer_id: u64) -> [u8; HEADER_LEN] {
+/// What a record does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordOp {
+    /// A change to the block map.
+    Map(MapOp),
+    /// The chunks of the run take the next free chunk slots of the data files, in order
+    /// (version 2 only).
+    Place,
+}
+
+/// How a layer lays out its data files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    /// Version 1: every byte at the volume's own offset.
+    Identity,
+    /// Version 2: chunks of `1 << chunk_shift` bytes, each in the next free slot when placed;
+    /// `placed` is the chunk in each slot, by slot.
+    Packed { chunk_shift: u32, placed: Vec<u64> },
+}
+
+/// Encodes the file header for layer `layer_id`: version 2 with its chunk size, or version 1
+/// for a layer at the volume's own offsets (`chunk_shift` `None`).
+pub fn encode_header(layer_id: u64, chunk_shift: Option<u32>) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[0..8].copy_from_slice(&MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    let version = match chunk_shift {
+        None => VERSION_IDENTITY,
+        Some(shift) => {
+            h[24..28].copy_from_slice(&shift.to_le_bytes());
+            VERSION
+        }
+    };
+    h[8..12].copy_from_slice(&version.to_le_bytes());
     h[12..16].copy_from_slice(&crate::blockmap::BLOCK_SHIFT.to_le_bytes());
     h[16..24].copy_from_slice(&layer_id.to_le_bytes());
     h
@@ -67,9 +114,10 @@ pub fn encode_batch(records: &[Record], out: &mut Vec<u8>) {
     out.extend_from_slice(&[0u8; 8]);
     for r in records {
         let (op, flags) = match r.op {
-            MapOp::Set { state: BlockState::Data, written } => (OP_DATA, written),
-            MapOp::Set { state: BlockState::Zero, written } => (OP_ZERO, written),
-            MapOp::MarkWritten => (OP_MARK_WRITTEN, false),
+            RecordOp::Map(MapOp::Set { state: BlockState::Data, written }) => (OP_DATA, written),
+            RecordOp::Map(MapOp::Set { state: BlockState::Zero, written }) => (OP_ZERO, written),
+            RecordOp::Map(MapOp::MarkWritten) => (OP_MARK_WRITTEN, false),
+            RecordOp::Place => (OP_PLACE, false),
         };
         out.extend_from_slice(&r.run.start.to_le_bytes());
         out.extend_from_slice(&(r.run.count as u32).to_le_bytes());
@@ -83,13 +131,15 @@ pub fn encode_batch(records: &[Record], out: &mut Vec<u8>) {
 }
 
 /// Splits runs longer than a record can hold (2^32 - 1 blocks).
-pub fn push_record(records: &mut Vec<Record>, run: BlockRun, op: MapOp) {
+pub fn push_record(records: &mut Vec<Record>, run: BlockRun, op: RecordOp) {
     const MAX: u64 = u32::MAX as u64;
     let mut start = run.start;
     let end = run.end();
     while start < end {
         let count = (end - start).min(MAX);
-        // Sequential writes arrive as adjacent runs; one record covers them all.
+        // Sequential writes arrive as adjacent runs; one record covers them all. Placements
+        // are pushed in slot order, so adjacent chunks placed one after the other have
+        // adjacent slots too.
         if let Some(last) = records.last_mut() {
             if last.op == op && last.run.end() == start && last.run.count + count <= MAX {
                 last.run.count += count;
@@ -107,6 +157,9 @@ pub fn push_record(records: &mut Vec<Record>, run: BlockRun, op: MapOp) {
 pub struct Replayed {
     /// The map as of the last intact batch.
     pub map: LayerMap,
+    /// The layout, with the placements as of the last intact batch; `None` for an empty
+    /// file.
+    pub layout: Option<Layout>,
     /// Bytes of the file that are valid; anything after is a torn tail to cut off.
     pub valid_len: u64,
 }
@@ -115,13 +168,13 @@ pub struct Replayed {
 /// is an empty layer.
 pub fn replay(bytes: &[u8], layer_id: u64) -> Result<Replayed, JournalError> {
     if bytes.len() < HEADER_LEN || bytes[..HEADER_LEN].iter().all(|b| *b == 0) {
-        return Ok(Replayed { map: LayerMap::new(), valid_len: 0 });
+        return Ok(Replayed { map: LayerMap::new(), layout: None, valid_len: 0 });
     }
     if bytes[0..8] != MAGIC {
         return Err(JournalError::BadMagic);
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if version != VERSION {
+    if version != VERSION && version != VERSION_IDENTITY {
         return Err(JournalError::UnsupportedVersion(version));
     }
     let shift = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes"));
@@ -132,7 +185,12 @@ pub fn replay(bytes: &[u8], layer_id: u64) -> Result<Replayed, JournalError> {
     if found != layer_id {
         return Err(JournalError::WrongLayer { expected: layer_id, found });
     }
+    let chunk_shift = u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes"));
+    if version == VERSION && !CHUNK_SHIFTS.contains(&chunk_shift) {
+        return Err(JournalError::BadRecord { offset: 24 });
+    }
     let mut map = LayerMap::new();
+    let mut placed = Vec::new();
     let mut pos = HEADER_LEN;
     while let Some(records) = intact_batch(&bytes[pos..]) {
         for i in 0..records {
@@ -145,6 +203,15 @@ pub fn replay(bytes: &[u8], layer_id: u64) -> Result<Replayed, JournalError> {
                 OP_DATA => MapOp::Set { state: BlockState::Data, written },
                 OP_ZERO => MapOp::Set { state: BlockState::Zero, written },
                 OP_MARK_WRITTEN => MapOp::MarkWritten,
+                // A placement names chunks of the largest volume, and no more slots than it has.
+                OP_PLACE
+                    if version == VERSION
+                        && start.checked_add(count).is_some_and(|end| end <= max_chunks(chunk_shift))
+                        && placed.len() as u64 + count <= max_chunks(chunk_shift) =>
+                {
+                    placed.extend(start..start + count);
+                    continue;
+                }
                 _ => return Err(JournalError::BadRecord { offset: at as u64 }),
             };
             if start.checked_add(count).is_none() {
@@ -163,7 +230,11 @@ pub fn replay(bytes: &[u8], layer_id: u64) -> Result<Replayed, JournalError> {
             return Err(JournalError::Damaged { offset: pos as u64 });
         }
     }
-    Ok(Replayed { map, valid_len: pos as u64 })
+    let layout = match version {
+        VERSION_IDENTITY => Layout::Identity,
+        _ => Layout::Packed { chunk_shift, placed },
+    };
+    Ok(Replayed { map, layout: Some(layout), valid_len: pos as u64 })
 }
 
 /// The number of records of the batch at the start of `bytes`, if it is whole and its
@@ -182,16 +253,20 @@ fn intact_batch(bytes: &[u8]) -> Option<usize> {
     (crc == stored).then_some(records)
 }
 
-/// Records that rebuild `map` from nothing: the compacted form of a journal.
-pub fn snapshot_records(map: &LayerMap) -> Vec<Record> {
+/// Records that rebuild `map` and the placements `placed` (chunk by slot) from nothing: the
+/// compacted form of a journal. Placements come first, in slot order.
+pub fn snapshot_records(map: &LayerMap, placed: &[u64]) -> Vec<Record> {
     let mut records = Vec::new();
+    for chunk in placed {
+        push_record(&mut records, BlockRun { start: *chunk, count: 1 }, RecordOp::Place);
+    }
     for state in [BlockState::Data, BlockState::Zero] {
         for run in map.state_runs(state) {
-            push_record(&mut records, run, MapOp::Set { state, written: false });
+            push_record(&mut records, run, RecordOp::Map(MapOp::Set { state, written: false }));
         }
     }
     for run in map.written_runs() {
-        push_record(&mut records, run, MapOp::MarkWritten);
+        push_record(&mut records, run, RecordOp::Map(MapOp::MarkWritten));
     }
     records
 }
@@ -200,13 +275,20 @@ pub fn snapshot_records(map: &LayerMap) -> Vec<Record> {
 mod tests {
     use super::*;
 
+    fn packed(placed: &[u64]) -> Layout {
+        Layout::Packed { chunk_shift: DEFAULT_CHUNK_SHIFT, placed: placed.to_vec() }
+    }
+
     fn data(start: u64, count: u64) -> Record {
-        Record { run: BlockRun { start, count }, op: MapOp::Set { state: BlockState::Data, written: true } }
+        Record {
+            run: BlockRun { start, count },
+            op: RecordOp::Map(MapOp::Set { state: BlockState::Data, written: true }),
+        }
     }
 
     #[test]
     fn round_trip_and_torn_tail() {
-        let mut file = encode_header(7).to_vec();
+        let mut file = encode_header(7, Some(DEFAULT_CHUNK_SHIFT)).to_vec();
         encode_batch(&[data(0, 3), data(10, 1)], &mut file);
         let good = file.len();
         encode_batch(&[data(100, 1)], &mut file);
@@ -220,7 +302,7 @@ mod tests {
 
     #[test]
     fn corrupt_batch_stops_replay() {
-        let mut file = encode_header(1).to_vec();
+        let mut file = encode_header(1, Some(DEFAULT_CHUNK_SHIFT)).to_vec();
         encode_batch(&[data(0, 1)], &mut file);
         let good = file.len();
         encode_batch(&[data(5, 1)], &mut file);
@@ -233,7 +315,7 @@ mod tests {
 
     #[test]
     fn header_checks() {
-        let mut file = encode_header(1).to_vec();
+        let mut file = encode_header(1, Some(DEFAULT_CHUNK_SHIFT)).to_vec();
         assert_eq!(replay(&file, 2).unwrap_err(), JournalError::WrongLayer { expected: 2, found: 1 });
         file[8] = 9;
         assert_eq!(replay(&file, 1).unwrap_err(), JournalError::UnsupportedVersion(9));
@@ -245,7 +327,7 @@ mod tests {
     #[test]
     fn push_record_coalesces_sequential_runs() {
         let mut records = Vec::new();
-        let op = MapOp::Set { state: BlockState::Data, written: true };
+        let op = RecordOp::Map(MapOp::Set { state: BlockState::Data, written: true });
         push_record(&mut records, BlockRun { start: 0, count: 4 }, op);
         push_record(&mut records, BlockRun { start: 4, count: 4 }, op);
         push_record(&mut records, BlockRun { start: 9, count: 1 }, op);
@@ -258,8 +340,80 @@ mod tests {
         map.set(BlockRun { start: 3, count: 700 }, MapOp::Set { state: BlockState::Data, written: true });
         map.set(BlockRun { start: 10, count: 5 }, MapOp::Set { state: BlockState::Zero, written: false });
         map.set(BlockRun { start: 5000, count: 2 }, MapOp::MarkWritten);
-        let mut file = encode_header(3).to_vec();
-        encode_batch(&snapshot_records(&map), &mut file);
-        assert_eq!(replay(&file, 3).unwrap().map, map);
+        let placed = [7, 8, 2, 3, 4, 100];
+        let mut file = encode_header(3, Some(DEFAULT_CHUNK_SHIFT)).to_vec();
+        encode_batch(&snapshot_records(&map, &placed), &mut file);
+        let replayed = replay(&file, 3).unwrap();
+        assert_eq!(replayed.map, map);
+        assert_eq!(replayed.layout, Some(packed(&placed)));
+    }
+
+    fn place(start: u64, count: u64) -> Record {
+        Record { run: BlockRun { start, count }, op: RecordOp::Place }
+    }
+
+    #[test]
+    fn placements_take_slots_in_order_across_batches() {
+        let mut file = encode_header(5, Some(DEFAULT_CHUNK_SHIFT)).to_vec();
+        encode_batch(&[place(9, 2), data(9 << 9, 1)], &mut file);
+        encode_batch(&[place(3, 1)], &mut file);
+        assert_eq!(replay(&file, 5).unwrap().layout, Some(packed(&[9, 10, 3])));
+    }
+
+    #[test]
+    fn version_1_reads_without_placements_and_refuses_them() {
+        let mut file = encode_header(5, None).to_vec();
+        assert_eq!(file[8], 1);
+        encode_batch(&[data(0, 4)], &mut file);
+        assert_eq!(replay(&file, 5).unwrap().layout, Some(Layout::Identity));
+        encode_batch(&[place(0, 1)], &mut file);
+        assert!(matches!(replay(&file, 5).unwrap_err(), JournalError::BadRecord { .. }));
+    }
+
+    #[test]
+    fn placement_past_the_largest_volume_is_corrupt() {
+        let mut file = encode_header(5, Some(DEFAULT_CHUNK_SHIFT)).to_vec();
+        encode_batch(&[place(max_chunks(DEFAULT_CHUNK_SHIFT) - 1, 2)], &mut file);
+        assert!(matches!(replay(&file, 5).unwrap_err(), JournalError::BadRecord { .. }));
+    }
+
+    /// The example of docs/format.md §4.5, byte for byte: an accidental format change fails here.
+    #[test]
+    fn encodes_the_documented_example() {
+        let expected = "\
+            434149524e4d4150 020000000c000000 2a00000000000000 1500000000000000\
+            4254434805000000 167d391300000000\
+            0000000000000000 0100000004000000 0000000000000000 0800000001010000\
+            6400000000000000 0100000002010000 0008000000000000 0100000004000000\
+            0000100000000000 0100000001010000";
+        let expected: Vec<u8> = expected
+            .split_whitespace()
+            .flat_map(|word| (0..word.len()).step_by(2).map(move |i| u8::from_str_radix(&word[i..i + 2], 16).unwrap()))
+            .collect();
+        let data = RecordOp::Map(MapOp::Set { state: BlockState::Data, written: true });
+        let records = [
+            place(0, 1),
+            Record { run: BlockRun { start: 0, count: 8 }, op: data },
+            Record {
+                run: BlockRun { start: 100, count: 1 },
+                op: RecordOp::Map(MapOp::Set { state: BlockState::Zero, written: true }),
+            },
+            place(2048, 1),
+            Record { run: BlockRun { start: 1 << 20, count: 1 }, op: data },
+        ];
+        let mut file = encode_header(0x2a, Some(DEFAULT_CHUNK_SHIFT)).to_vec();
+        encode_batch(&records, &mut file);
+        assert_eq!(file, expected);
+        let replayed = replay(&file, 0x2a).unwrap();
+        assert_eq!(replayed.layout, Some(packed(&[0, 2048])));
+        assert_eq!(replayed.map.get(1 << 20), Some(BlockState::Data));
+    }
+
+    #[test]
+    fn chunk_size_is_in_the_header_and_checked() {
+        let mut file = encode_header(5, Some(13)).to_vec();
+        assert_eq!(replay(&file, 5).unwrap().layout, Some(Layout::Packed { chunk_shift: 13, placed: Vec::new() }));
+        file[24] = 12;
+        assert_eq!(replay(&file, 5).unwrap_err(), JournalError::BadRecord { offset: 24 });
     }
 }

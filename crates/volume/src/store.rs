@@ -8,6 +8,7 @@
 
 use crate::blockmap::{BlockRun, BlockSet, BlockState, MapOp, BLOCK_SHIFT, BLOCK_SIZE, PAGE_BLOCKS};
 use crate::catalog::{self, Catalog, Event, MergeTask, SnapshotEntry};
+use crate::journal;
 use crate::layer::{self, Layer, LayerKind};
 use crate::storage::{DirStorage, Storage, StorageFile};
 use crate::view::{self, AllocExtent, DepthExtent, ViewLock, ViewState, MAX_CHAIN};
@@ -49,11 +50,14 @@ pub struct StoreOptions {
     pub background_merge: bool,
     /// Upper bound on the merge's copy rate, so it does not starve guest I/O.
     pub merge_bytes_per_sec: Option<u64>,
+    /// log2 of the chunk size new layers place their data in (13 to 30: 8 KiB to 1 GiB).
+    /// Layers keep the chunk size they were made with.
+    pub chunk_shift: u32,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { background_merge: true, merge_bytes_per_sec: Some(256 << 20) }
+        Self { background_merge: true, merge_bytes_per_sec: Some(256 << 20), chunk_shift: journal::DEFAULT_CHUNK_SHIFT }
     }
 }
 
@@ -261,6 +265,14 @@ impl Store {
     /// Opens (or creates) a store on `storage`: replays the catalog, removes files of layers it
     /// no longer names, replays every layer's journal and resumes pending merges.
     pub fn open(storage: Arc<dyn Storage>, options: StoreOptions) -> Result<Store, Error> {
+        if !journal::CHUNK_SHIFTS.contains(&options.chunk_shift) {
+            return Err(Error::InvalidRequest(format!(
+                "chunk shift {} is outside {}..={}",
+                options.chunk_shift,
+                journal::CHUNK_SHIFTS.start(),
+                journal::CHUNK_SHIFTS.end()
+            )));
+        }
         storage.lock_exclusive()?;
         let files = storage.list()?;
         let catalog_len = storage.open(CATALOG_FILE, true)?.size()?;
@@ -289,7 +301,7 @@ impl Store {
                 (false, true) => LayerKind::Head,
                 (false, false) => LayerKind::Frozen,
             };
-            layers.insert(*id, Arc::new(Layer::open(storage.clone(), *id, kind, &files)?));
+            layers.insert(*id, Arc::new(Layer::open(storage.clone(), *id, kind, &files, options.chunk_shift)?));
         }
         // Files created before a crash may not have durable directory entries yet; flushes
         // after this open only sync the directory for files they create themselves.
@@ -649,7 +661,7 @@ impl StoreInner {
 
     fn new_layer(&self, cat: &mut CatalogFile) -> Result<Arc<Layer>, Error> {
         let id = cat.state.allocate_id();
-        Ok(Arc::new(Layer::create(self.storage.clone(), id)?))
+        Ok(Arc::new(Layer::create(self.storage.clone(), id, self.options.chunk_shift)?))
     }
 
     fn create_volume(&self, name: &str, size: u64, base: Option<(SnapshotId, u64)>) -> Result<VolumeInfo, Error> {

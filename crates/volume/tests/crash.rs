@@ -52,7 +52,8 @@ const MAX_SNAPSHOTS: usize = 10;
 const MAX_WRITE: u64 = 256 << 10;
 
 fn options() -> StoreOptions {
-    StoreOptions { background_merge: true, merge_bytes_per_sec: None }
+    // 64 KiB chunks: an 8 MiB volume spans 128, placed in the order the random writes reach them.
+    StoreOptions { background_merge: true, merge_bytes_per_sec: None, chunk_shift: 16 }
 }
 
 // ---------------------------------------------------------------------------------------------

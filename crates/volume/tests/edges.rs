@@ -296,8 +296,11 @@ fn merge_is_invisible_to_readers_and_writers() {
     // Readers compare every byte while a deleted snapshot merges into the live head, which a
     // writer keeps changing in its own half of the disk.
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open_dir(dir.path(), StoreOptions { background_merge: true, merge_bytes_per_sec: Some(64 << 20) })
-        .unwrap();
+    let s = Store::open_dir(
+        dir.path(),
+        StoreOptions { background_merge: true, merge_bytes_per_sec: Some(64 << 20), ..StoreOptions::default() },
+    )
+    .unwrap();
     let blocks = 4096u64; // 16 MiB: 8 pages
     let id = s.create_volume("v", blocks * BLOCK_SIZE).unwrap().id;
     let v = s.volume(id).unwrap();

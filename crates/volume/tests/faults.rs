@@ -9,7 +9,8 @@ use std::sync::Arc;
 const SIZE: u64 = 256 * 1024;
 
 fn options() -> StoreOptions {
-    StoreOptions { background_merge: false, merge_bytes_per_sec: None }
+    // 8 KiB chunks: a failure can fall between placing a chunk and writing into it.
+    StoreOptions { background_merge: false, merge_bytes_per_sec: None, chunk_shift: 13 }
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {

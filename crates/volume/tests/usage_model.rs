@@ -481,7 +481,7 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 
 fn options() -> StoreOptions {
     // Merges run only when the test asks, so the state measured is the one the model holds.
-    StoreOptions { background_merge: false, merge_bytes_per_sec: None }
+    StoreOptions { background_merge: false, merge_bytes_per_sec: None, ..StoreOptions::default() }
 }
 
 struct Harness {
