@@ -127,7 +127,8 @@ impl ChunkTable {
 
     fn slot(&self, chunk: u64) -> Option<u64> {
         let (d, t, e) = Self::indices(chunk);
-        let table = self.directories[d].get()?[t].get()?;
+        // `get`: a corrupt map may name blocks past the largest volume; they read as unplaced.
+        let table = self.directories.get(d)?.get()?[t].get()?;
         table[e].load(Ordering::Acquire).checked_sub(1)
     }
 
