@@ -81,7 +81,8 @@ fn a_per_minute_cron_schedule_runs_on_the_wall_clock() {
 }
 
 /// A hook script that says it started, then waits for the test to release it; with `once`,
-/// only its first run waits.
+/// only its first run waits. It also ends when the test's directory is gone: a hook whose
+/// server was killed with SIGKILL lives on, and would otherwise poll forever.
 fn blocking_hook(dir: &Path, name: &str, once: bool) -> String {
     let script = dir.join(format!("{name}.sh"));
     let started = dir.join(format!("{name}.started"));
@@ -89,7 +90,12 @@ fn blocking_hook(dir: &Path, name: &str, once: bool) -> String {
     let guard = if once { format!("[ -e {0} ] && exit 0\n", started.display()) } else { String::new() };
     std::fs::write(
         &script,
-        format!("{guard}touch {}\nwhile [ ! -e {} ]; do sleep 0.1; done\n", started.display(), release.display()),
+        format!(
+            "{guard}touch {}\nwhile [ ! -e {} ] && [ -d {} ]; do sleep 0.1; done\n",
+            started.display(),
+            release.display(),
+            dir.display()
+        ),
     )
     .unwrap();
     format!("sh {}", script.display())
