@@ -220,6 +220,15 @@ pub fn read(view: &ViewLock, buf: &mut [u8], offset: u64) -> Result<(), ReadErro
             return Ok(());
         }
         let count = (offset + len).div_ceil(BLOCK_SIZE) - first;
+        // The common case, a request inside one cached page, reads straight from the page's
+        // entries: no allocation and no copy on the hot path.
+        let page_no = first / PAGE_BLOCKS;
+        if (first + count - 1) / PAGE_BLOCKS == page_no {
+            if let Some(page) = v.flat.get(&page_no) {
+                let from = (first % PAGE_BLOCKS) as usize;
+                return Ok(read_entries(&v.chain, &page[from..from + count as usize], first, buf, offset)?);
+            }
+        }
         let mut entries = Vec::with_capacity(count as usize);
         if fill_entries(&v, first, count, &mut entries, |_| None) {
             return Ok(read_entries(&v.chain, &entries, first, buf, offset)?);
