@@ -87,8 +87,9 @@ enum Placement {
     /// data lands at the end of the files. ext4 then extends the last leaf of a file's extent
     /// tree instead of inserting into leaves all over a tree as wide as the volume, and a
     /// flush's sync commits a few metadata blocks instead of about one per write: syncing 64
-    /// random 4 KiB writes into a 1 TiB sparse file took 6.9 ms at p99 at the volume's
-    /// offsets and 1.2 ms packed in 1 MiB chunks (docs/architecture.md, "Chunk placement").
+    /// random 4 KiB writes into a 1 TiB sparse file took 6.6-11 ms at p99 at the volume's
+    /// offsets and 1.2-1.9 ms packed in chunks (bench/sync_layout.py; docs/architecture.md,
+    /// "Chunk placement").
     Packed(ChunkTable),
 }
 
