@@ -472,3 +472,48 @@ fn heads_read_without_read_ahead_and_frozen_layers_with_it() {
     assert_eq!(read_ahead(&files[2]), ReadAhead::Off, "a clone's head");
     s.close().unwrap();
 }
+
+/// Threads that each write their own block of a chunk nobody placed yet race to place it.
+/// After a flush and a reopen, every block is back: each chunk got exactly one slot (a chunk
+/// placed twice would make the layer's journal corrupt).
+#[test]
+fn concurrent_first_writes_into_new_chunks_place_each_chunk_once() {
+    const THREADS: u64 = 4;
+    // 256 KiB chunks: each thread's block of a chunk lies in its own 64 KiB write region, so
+    // the writers do not serialize on region locks before they reach the placement.
+    const CHUNK_SHIFT: u32 = 18;
+    const CHUNK_BLOCKS: u64 = 1 << (CHUNK_SHIFT - 12);
+    const CHUNKS: u64 = 2048;
+    let block_of = |chunk: u64, thread: u64| chunk * CHUNK_BLOCKS + thread * (CHUNK_BLOCKS / THREADS);
+    let fill = |block: u64| -> Vec<u8> { vec![(block % 251) as u8 + 1; BLOCK_SIZE as usize] };
+    let dir = tempfile::tempdir().unwrap();
+    let options = || StoreOptions { chunk_shift: CHUNK_SHIFT, ..StoreOptions::default() };
+    let s = Store::open_dir(dir.path(), options()).unwrap();
+    let id = s.create_volume("v", CHUNKS * CHUNK_BLOCKS * BLOCK_SIZE).unwrap().id;
+    let v = s.volume(id).unwrap();
+    let each_chunk = Barrier::new(THREADS as usize);
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            let (v, each_chunk) = (&v, &each_chunk);
+            scope.spawn(move || {
+                for chunk in 0..CHUNKS {
+                    // All threads reach the chunk together, so they race to place it.
+                    each_chunk.wait();
+                    v.write(&fill(block_of(chunk, t)), block_of(chunk, t) * BLOCK_SIZE, false).unwrap();
+                }
+            });
+        }
+    });
+    v.flush().unwrap();
+    drop(v);
+    s.close().unwrap();
+    let s = Store::open_dir(dir.path(), options()).unwrap();
+    let v = s.volume(id).unwrap();
+    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    for chunk in 0..CHUNKS {
+        for t in 0..THREADS {
+            v.read(&mut buf, block_of(chunk, t) * BLOCK_SIZE).unwrap();
+            assert_eq!(buf, fill(block_of(chunk, t)), "block {}", block_of(chunk, t));
+        }
+    }
+}
