@@ -189,13 +189,29 @@ pub fn replay(bytes: &[u8], layer_id: u64) -> Result<Replayed, JournalError> {
     if version == VERSION && !CHUNK_SHIFTS.contains(&chunk_shift) {
         return Err(JournalError::BadRecord { offset: 24 });
     }
+    // Version 2 checks that reserved bytes and unused flag bits are zero, so a later version
+    // can give them a meaning; version 1 files were never checked and stay readable as written.
+    let strict = version == VERSION;
+    if strict && bytes[28..32] != [0; 4] {
+        return Err(JournalError::BadRecord { offset: 28 });
+    }
     let mut map = LayerMap::new();
     let mut placed = Vec::new();
     let mut pos = HEADER_LEN;
     while let Some(records) = intact_batch(&bytes[pos..]) {
+        if strict && bytes[pos + 12..pos + BATCH_HEADER_LEN] != [0; 4] {
+            return Err(JournalError::BadRecord { offset: pos as u64 + 12 });
+        }
         for i in 0..records {
             let at = pos + BATCH_HEADER_LEN + i * RECORD_LEN;
             let r = &bytes[at..at + RECORD_LEN];
+            let unused_flags = match r[12] {
+                OP_DATA | OP_ZERO => r[13] & !FLAG_WRITTEN,
+                _ => r[13],
+            };
+            if strict && (unused_flags != 0 || r[14..16] != [0; 2]) {
+                return Err(JournalError::BadRecord { offset: at as u64 });
+            }
             let start = u64::from_le_bytes(r[0..8].try_into().expect("8 bytes"));
             let count = u64::from(u32::from_le_bytes(r[8..12].try_into().expect("4 bytes")));
             let written = r[13] & FLAG_WRITTEN != 0;
@@ -407,6 +423,30 @@ mod tests {
         let replayed = replay(&file, 0x2a).unwrap();
         assert_eq!(replayed.layout, Some(packed(&[0, 2048])));
         assert_eq!(replayed.map.get(1 << 20), Some(BlockState::Data));
+    }
+
+    #[test]
+    fn version_2_refuses_reserved_bytes_and_unused_flags() {
+        let mut good = encode_header(5, Some(DEFAULT_CHUNK_SHIFT)).to_vec();
+        encode_batch(&[place(0, 1), data(0, 1)], &mut good);
+        replay(&good, 5).unwrap();
+        let records = HEADER_LEN + BATCH_HEADER_LEN;
+        let (place_at, data_at) = (records, records + RECORD_LEN);
+        // Header and batch header reserved bytes, a record's reserved bytes, a data record's
+        // unused flag bit, and a flags byte on a placement.
+        for (at, value) in [(30, 1), (HEADER_LEN + 13, 1), (data_at + 15, 1), (data_at + 13, 3), (place_at + 13, 1)] {
+            let mut file = good.clone();
+            file[at] = value;
+            // Re-seal the batch, so that only the byte set above is wrong.
+            let crc = crc32c::crc32c_append(crc32c::crc32c(&file[HEADER_LEN + 4..HEADER_LEN + 8]), &file[records..]);
+            file[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&crc.to_le_bytes());
+            assert!(matches!(replay(&file, 5), Err(JournalError::BadRecord { .. })), "byte {at}");
+        }
+        // Version 1 files were never checked, and still open with reserved bytes set.
+        let mut old = encode_header(5, None).to_vec();
+        old[30] = 1;
+        encode_batch(&[data(0, 1)], &mut old);
+        replay(&old, 5).unwrap();
     }
 
     #[test]
