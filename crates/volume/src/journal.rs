@@ -185,13 +185,14 @@ pub fn replay(bytes: &[u8], layer_id: u64) -> Result<Replayed, JournalError> {
     if found != layer_id {
         return Err(JournalError::WrongLayer { expected: layer_id, found });
     }
+    let packed = version == VERSION;
     let chunk_shift = u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes"));
-    if version == VERSION && !CHUNK_SHIFTS.contains(&chunk_shift) {
+    if packed && !CHUNK_SHIFTS.contains(&chunk_shift) {
         return Err(JournalError::BadRecord { offset: 24 });
     }
     // Version 2 checks that reserved bytes and unused flag bits are zero, so a later version
     // can give them a meaning; version 1 files were never checked and stay readable as written.
-    let strict = version == VERSION;
+    let strict = packed;
     if strict && bytes[28..32] != [0; 4] {
         return Err(JournalError::BadRecord { offset: 28 });
     }
@@ -221,7 +222,7 @@ pub fn replay(bytes: &[u8], layer_id: u64) -> Result<Replayed, JournalError> {
                 OP_MARK_WRITTEN => MapOp::MarkWritten,
                 // A placement names chunks of the largest volume, and no more slots than it has.
                 OP_PLACE
-                    if version == VERSION
+                    if packed
                         && start.checked_add(count).is_some_and(|end| end <= max_chunks(chunk_shift))
                         && placed.len() as u64 + count <= max_chunks(chunk_shift) =>
                 {
@@ -246,10 +247,7 @@ pub fn replay(bytes: &[u8], layer_id: u64) -> Result<Replayed, JournalError> {
             return Err(JournalError::Damaged { offset: pos as u64 });
         }
     }
-    let layout = match version {
-        VERSION_IDENTITY => Layout::Identity,
-        _ => Layout::Packed { chunk_shift, placed },
-    };
+    let layout = if packed { Layout::Packed { chunk_shift, placed } } else { Layout::Identity };
     Ok(Replayed { map, layout: Some(layout), valid_len: pos as u64 })
 }
 

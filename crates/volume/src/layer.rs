@@ -240,6 +240,8 @@ impl Layer {
         }
         let placement = match layout {
             Layout::Identity => Placement::Identity,
+            // A ghost has no data left to find: its slots are not rebuilt.
+            Layout::Packed { chunk_shift, .. } if ghost => Placement::Packed(ChunkTable::new(chunk_shift)),
             Layout::Packed { chunk_shift, placed } => Placement::Packed(
                 ChunkTable::from_placed(chunk_shift, placed)
                     .ok_or_else(|| corrupt("a chunk is placed twice".into()))?,

@@ -76,24 +76,24 @@ impl Content {
 /// The model: the content of every volume and snapshot the history leaves, by name.
 fn expected() -> Vec<(&'static str, Content)> {
     let mut all: Vec<(&'static str, Content)> = vec![("a", Content::zeros())];
-    let find = |all: &mut Vec<(&'static str, Content)>, name: &str| all.iter().position(|(n, _)| *n == name).unwrap();
+    let find = |all: &[(&'static str, Content)], name: &str| all.iter().position(|(n, _)| *n == name).unwrap();
     for step in HISTORY {
         match step {
             Step::Write { volume, seed, at, len } => {
-                let i = find(&mut all, volume);
+                let i = find(&all, volume);
                 all[i].1.put(at, &pattern(seed, at, len));
             }
             Step::Zero { volume, at, len } => {
-                let i = find(&mut all, volume);
+                let i = find(&all, volume);
                 all[i].1.put(at, &vec![0; len as usize]);
             }
             Step::Snapshot { volume, name } => {
-                let i = find(&mut all, volume);
+                let i = find(&all, volume);
                 let content = all[i].1.clone();
                 all.push((name, content));
             }
             Step::Clone { snapshot, name } => {
-                let i = find(&mut all, snapshot);
+                let i = find(&all, snapshot);
                 let content = all[i].1.clone();
                 all.push((name, content));
             }
