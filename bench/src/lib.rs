@@ -48,6 +48,23 @@ impl Drop for WorkDir {
     }
 }
 
+/// Writes `size` bytes to a scratch file at `scratch` and deletes it, untimed, so that the page
+/// cache the next writes need comes from memory the machine has just used. On a VM, memory the
+/// guest has not touched for a while (or handed back to the host) costs a host fault per page on
+/// first use: a 1 GiB write into new page cache measured 0.2 s or 3 s here depending only on
+/// that, and nbdcopy into a new cairn volume ran at 420 MiB/s cold against 1050 warmed. A
+/// layered volume's writes land in new pages (its head is empty) while a raw file overwrites
+/// cached ones, so without this a write figure measures the VM's memory.
+pub fn warm_free_memory(scratch: &Path, size: u64) -> Result<()> {
+    let mut file = std::fs::File::create(scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let block = vec![0u8; MIB as usize];
+    for _ in 0..size.div_ceil(MIB) {
+        std::io::Write::write_all(&mut file, &block)?;
+    }
+    drop(file);
+    Ok(std::fs::remove_file(scratch)?)
+}
+
 /// The 1, 5 and 15 minute load averages.
 pub fn load_average() -> String {
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();

@@ -11,7 +11,7 @@
 use anyhow::{bail, ensure, Context, Result};
 use cairn_bench::{
     default_mkimage, drop_caches, file_system_of, human_size, load_average, median, parse_size, read_ahead_kib_of, run,
-    WorkDir, MIB,
+    warm_free_memory, WorkDir, MIB,
 };
 use cairn_nbd::{Listener, ServerConfig, VolumeExports};
 use cairn_volume::{Store, StoreOptions, Volume};
@@ -179,14 +179,21 @@ fn measure(socket: &Path, export: &str, image: &Path, cfg: &Config) -> Result<Fi
     nbdcopy(cfg.size, &uri, "null:", false)?;
     // Each test starts with nothing dirty: otherwise a server that wrote more in the random
     // write test would pay for the writeback in the next one.
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    let settle = || unsafe { libc::sync() };
     let settled = |figure: Result<f64>| {
-        // SAFETY: sync(2) takes no arguments and cannot fail.
-        unsafe { libc::sync() };
+        settle();
         figure
     };
+    let seq_read = settled(nbdcopy(cfg.size, &uri, "null:", false))?;
+    let rand_read = settled(fio(&uri, cfg.size, cfg.seconds, false))?;
+    // The peers and the fresh volume overwrite cached pages; the layered volume's empty head
+    // needs new ones.
+    warm_free_memory(&socket.with_extension("warm"), cfg.size)?;
+    settle();
     Ok([
-        settled(nbdcopy(cfg.size, &uri, "null:", false))?,
-        settled(fio(&uri, cfg.size, cfg.seconds, false))?,
+        seq_read,
+        rand_read,
         // The image written over itself before random writes have fragmented the files.
         settled(nbdcopy(cfg.size, image, &uri, true))?,
         settled(fio(&uri, cfg.size, cfg.seconds, true))?,
@@ -354,7 +361,9 @@ impl Report {
                 with its default threads. cairn runs in this process (tokio, one worker per core).\n";
         out += &format!(
             "- Before each server's tests: sync and {}; then one untimed nbdcopy read warms the cache through that \
-             server. A sync (untimed) follows every test. Clients and servers share the machine's cores. nbdcopy skips the image's holes (about 45 %) \
+             server. A sync (untimed) follows every test. Before the sequential write, a scratch file of the image's size is \
+             written and deleted (untimed), so that new page cache comes from warm memory for every server (on a VM, \
+             memory untouched for a while costs a host fault per page; the layered volume's writes need new pages). Clients and servers share the machine's cores. nbdcopy skips the image's holes (about 45 %) \
              using block status, on every server alike.\n",
             if self.caches_dropped { "drop the page cache" } else { "NOT dropping the page cache (not root)" }
         );
@@ -379,6 +388,13 @@ impl Report {
                 for (target, name) in TARGETS.iter().enumerate() {
                     row.insert(name.to_string(), json!(self.figure(target, test)));
                 }
+                // Each round's figure, to see the spread the medians hide.
+                let rounds: serde_json::Map<_, _> = TARGETS
+                    .iter()
+                    .zip(&self.rounds)
+                    .map(|(name, rounds)| (name.to_string(), json!(rounds.iter().map(|r| r[test]).collect::<Vec<_>>())))
+                    .collect();
+                row.insert("rounds".into(), serde_json::Value::Object(rounds));
                 row.insert("cairn_ratio".into(), json!(self.figure(2, test) / self.best_peer(test)));
                 row.insert("layered_ratio".into(), json!(self.figure(3, test) / self.best_peer(test)));
                 (key.to_string(), serde_json::Value::Object(row))

@@ -9,7 +9,8 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use cairn_bench::{
-    file_system_of, human_size, load_average, mounted_with_discard, parse_size, WorkDir, GIB, KIB, MIB, TIB,
+    file_system_of, human_size, load_average, mounted_with_discard, parse_size, warm_free_memory, WorkDir, GIB, KIB,
+    MIB, TIB,
 };
 use cairn_volume::{Allocation, Store, StoreOptions, Volume};
 use serde_json::json;
@@ -245,19 +246,6 @@ fn measure(disk: &dyn Disk, cfg: &Config, scratch: &Path) -> Result<Figures> {
     warm_free_memory(scratch, cfg.size)?;
     let seq_write = sequential(disk, cfg.size, true)?;
     Ok([seq_read, rand_read, seq_write, random(disk, cfg, true)?])
-}
-
-/// Writes `size` bytes to a scratch file and deletes it, untimed, so that the page cache the
-/// next writes need comes from memory the machine has just used. On a VM, memory the guest has
-/// not touched for a while (or handed back to the host) costs a host fault per page on first
-/// use: a 1 GiB write into new page cache measured 0.2 s or 3 s here depending only on that.
-/// The layered volume's writes land in new pages (its head is empty) while the raw file and the
-/// fresh volume overwrite cached ones, so without this the figure measured the VM's memory.
-fn warm_free_memory(scratch: &Path, size: u64) -> Result<()> {
-    let file = File::create(scratch)?;
-    fill(&file, 0, size)?;
-    drop(file);
-    Ok(std::fs::remove_file(scratch)?)
 }
 
 /// Writes `[first, end)` in 1 MiB requests, untimed: the data the read tests read.
