@@ -459,6 +459,25 @@ pub fn encode_frame(event: &Event, out: &mut Vec<u8>) {
     out.extend_from_slice(&payload);
 }
 
+/// Whether the frame at the start of `bytes` is whole, of a valid length, and its checksum
+/// matches.
+fn is_intact_frame(bytes: &[u8]) -> bool {
+    let field = |at: usize| bytes.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+    let (Some(len), Some(crc)) = (field(0), field(4)) else {
+        return false;
+    };
+    let len = len as usize;
+    len > 0
+        && len <= MAX_FRAME
+        && bytes.get(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len).is_some_and(|p| crc32c::crc32c(p) == crc)
+}
+
+/// The offset of the first intact frame in `bytes` after `from`. Events are JSON objects, so
+/// a payload starts with `{`: a cheap test that spares the checksum at almost every offset.
+fn next_intact_frame(bytes: &[u8], from: usize) -> Option<usize> {
+    (from..bytes.len()).find(|at| bytes.get(at + FRAME_HEADER_LEN) == Some(&b'{') && is_intact_frame(&bytes[*at..]))
+}
+
 /// The result of replaying a catalog log.
 #[derive(Debug)]
 pub struct Replayed {
@@ -485,16 +504,18 @@ pub fn replay(bytes: &[u8]) -> Result<Replayed, CatalogError> {
     let mut frames = 0;
     while bytes.len() - pos >= FRAME_HEADER_LEN {
         let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into().expect("4 bytes"));
         let start = pos + FRAME_HEADER_LEN;
         let bad = |reason: String| CatalogError::BadRecord { offset: pos as u64, reason };
-        if len == 0 || len > MAX_FRAME || bytes.len() - start < len || crc32c::crc32c(&bytes[start..start + len]) != crc
-        {
-            // Appends are sequential, so only the last frame can be torn; a bad frame with
-            // more bytes after it is damage, and reading past it would lose events.
-            // A header the disk never got (zeros) is a torn tail too.
+        if !is_intact_frame(&bytes[pos..]) {
+            // Appends are sequential and a failed one stops every later one, so only the last
+            // frame can be torn; a bad frame with more bytes after it is damage, and reading
+            // past it would lose events. A header the disk never got (zeros) is a torn tail
+            // too, unless an intact frame follows: then its length field was damaged.
             if len > 0 && len <= MAX_FRAME && start + len < bytes.len() {
                 return Err(bad("checksum mismatch before the end of the log".into()));
+            }
+            if let Some(next) = next_intact_frame(bytes, pos + 1) {
+                return Err(bad(format!("damaged frame header; an intact frame follows at byte {next}")));
             }
             break; // A torn tail: the event was never acknowledged.
         }
@@ -625,6 +646,44 @@ mod tests {
         let mut torn = encode_header().to_vec();
         torn.extend_from_slice(&[0u8; 40]);
         assert_eq!(replay(&torn).unwrap().valid_len, HEADER_LEN as u64);
+    }
+
+    #[test]
+    fn a_damaged_frame_header_followed_by_an_intact_frame_is_damage_not_a_tail() {
+        let mut cat = Catalog::default();
+        let (volume, _) = create(&mut cat, "a");
+        let mut log = encode_header().to_vec();
+        encode_frame(&Event::State { catalog: cat.clone() }, &mut log);
+        encode_frame(&Event::Grow { volume, size: 8192 }, &mut log);
+        // Each of these once read as a torn tail: the catalog lost every later event, and the
+        // orphan cleanup then deleted the files of every layer those events created.
+        let zeroed = |at: usize, len: usize| {
+            let mut damaged = log.clone();
+            damaged[at..at + len].fill(0);
+            damaged
+        };
+        let huge = {
+            let mut damaged = log.clone();
+            damaged[HEADER_LEN + 3] = 0xff;
+            damaged
+        };
+        for (damaged, what) in [
+            (zeroed(HEADER_LEN, 4), "length zeroed"),
+            (zeroed(HEADER_LEN, 8), "header zeroed"),
+            (huge, "length too large"),
+        ] {
+            let err = replay(&damaged).unwrap_err();
+            assert!(
+                matches!(&err, CatalogError::BadRecord { offset, reason } if *offset == HEADER_LEN as u64 && reason.contains("intact frame follows")),
+                "{what}: {err}"
+            );
+        }
+        // A torn last frame is still a tail.
+        let mut torn = log.clone();
+        torn.truncate(log.len() - 2);
+        let r = replay(&torn).unwrap();
+        assert_eq!(r.frames, 1);
+        assert_eq!(r.catalog, cat);
     }
 
     #[test]

@@ -51,7 +51,8 @@ pub enum JournalError {
     /// The header names another layer.
     #[error("layer map belongs to layer {found}, expected {expected}")]
     WrongLayer { expected: u64, found: u64 },
-    /// A batch before the end of the file fails its checksum.
+    /// A batch before the end of the file fails its checksum, or bad bytes are followed by an
+    /// intact batch: damage, not a torn tail.
     #[error("batch at byte {offset} fails its checksum and is not the last one")]
     Damaged { offset: u64 },
     /// A batch passed its checksum but holds an impossible record.
@@ -168,6 +169,11 @@ pub struct Replayed {
 /// is an empty layer.
 pub fn replay(bytes: &[u8], layer_id: u64) -> Result<Replayed, JournalError> {
     if bytes.len() < HEADER_LEN || bytes[..HEADER_LEN].iter().all(|b| *b == 0) {
+        // A header the disk never got: nothing was flushed after it either, unless the
+        // header itself was damaged.
+        if bytes.len() > HEADER_LEN && has_intact_batch(&bytes[HEADER_LEN..]) {
+            return Err(JournalError::Damaged { offset: 0 });
+        }
         return Ok(Replayed { map: LayerMap::new(), layout: None, valid_len: 0 });
     }
     if bytes[0..8] != MAGIC {
@@ -238,14 +244,19 @@ pub fn replay(bytes: &[u8], layer_id: u64) -> Result<Replayed, JournalError> {
         }
         pos += BATCH_HEADER_LEN + records * RECORD_LEN;
     }
-    // Flushes append one batch at a time and sync it before the next, so only the last batch
-    // can be torn. A whole batch with a bad checksum and more bytes after it is damage.
+    // Flushes append one batch at a time and sync it before the next, and a failed flush
+    // stops every later one, so only the last batch can be torn. A whole batch with a bad
+    // checksum and more bytes after it is damage, and so is any intact batch after bad bytes
+    // (a damaged batch magic or record count would otherwise pass for a torn tail).
     let rest = &bytes[pos..];
     if rest.len() >= BATCH_HEADER_LEN && u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) == BATCH_MAGIC {
         let records = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes")) as usize;
         if BATCH_HEADER_LEN + records * RECORD_LEN < rest.len() {
             return Err(JournalError::Damaged { offset: pos as u64 });
         }
+    }
+    if rest.len() > 1 && has_intact_batch(&rest[1..]) {
+        return Err(JournalError::Damaged { offset: pos as u64 });
     }
     let layout = if packed { Layout::Packed { chunk_shift, placed } } else { Layout::Identity };
     Ok(Replayed { map, layout: Some(layout), valid_len: pos as u64 })
@@ -265,6 +276,12 @@ fn intact_batch(bytes: &[u8]) -> Option<usize> {
     let stored = u32::from_le_bytes(bytes[8..12].try_into().ok()?);
     let crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[4..8]), &bytes[BATCH_HEADER_LEN..end]);
     (crc == stored).then_some(records)
+}
+
+/// Whether an intact batch starts at any byte of `bytes`. Cheap: almost every offset fails
+/// the magic.
+fn has_intact_batch(bytes: &[u8]) -> bool {
+    (0..bytes.len()).any(|at| intact_batch(&bytes[at..]).is_some())
 }
 
 /// Records that rebuild `map` and the placements `placed` (chunk by slot) from nothing: the
@@ -325,6 +342,34 @@ mod tests {
         assert_eq!(replay(&file, 1).unwrap().valid_len, good as u64, "the last batch may be torn");
         encode_batch(&[data(9, 1)], &mut file);
         assert_eq!(replay(&file, 1).unwrap_err(), JournalError::Damaged { offset: good as u64 });
+    }
+
+    #[test]
+    fn bad_bytes_followed_by_an_intact_batch_are_damage_not_a_torn_tail() {
+        let mut file = encode_header(1, Some(DEFAULT_CHUNK_SHIFT)).to_vec();
+        encode_batch(&[data(0, 1)], &mut file);
+        let good = file.len();
+        encode_batch(&[data(5, 1)], &mut file);
+        encode_batch(&[data(9, 1)], &mut file);
+        // Each of these once read as a torn tail and dropped the flushed batches after it.
+        for (at, what) in [(good, "batch magic"), (good + 4, "record count")] {
+            let mut damaged = file.clone();
+            damaged[at] ^= 0x40;
+            assert_eq!(replay(&damaged, 1).unwrap_err(), JournalError::Damaged { offset: good as u64 }, "{what}");
+        }
+        // A header of zeros is a layer whose header never reached the disk, unless flushed
+        // batches follow it.
+        let mut zeroed = file.clone();
+        zeroed[..HEADER_LEN].fill(0);
+        assert_eq!(replay(&zeroed, 1).unwrap_err(), JournalError::Damaged { offset: 0 });
+        zeroed.truncate(HEADER_LEN + 5);
+        assert_eq!(replay(&zeroed, 1).unwrap().valid_len, 0);
+        // A last batch whose end reads as zeros (the file grew before its data arrived) is
+        // still a torn tail.
+        let mut torn = file.clone();
+        let len = torn.len();
+        torn[len - 5..].fill(0);
+        assert_eq!(replay(&torn, 1).unwrap().valid_len, (len - BATCH_HEADER_LEN - RECORD_LEN) as u64);
     }
 
     #[test]

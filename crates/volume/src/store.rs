@@ -283,7 +283,7 @@ impl Store {
                 reason: "missing or empty, but layer files exist".into(),
             });
         }
-        let catalog = open_catalog(&storage)?;
+        let catalog = open_catalog(&storage, &files)?;
         for f in &files {
             let orphan = match layer::layer_of_file(f) {
                 Some(id) => !catalog.state.layers.contains_key(&id),
@@ -558,13 +558,25 @@ fn snap_not_found(snapshot: SnapshotId) -> Error {
     Error::NotFound { kind: "snapshot", name: snapshot.0.to_string() }
 }
 
-fn open_catalog(storage: &Arc<dyn Storage>) -> Result<CatalogFile, Error> {
+/// Replays the catalog, cuts off a torn tail and compacts a long log. `files` are the store
+/// directory's files: a log without events while layers hold data is refused before anything
+/// is changed, because the orphan cleanup that follows would delete every layer.
+fn open_catalog(storage: &Arc<dyn Storage>, files: &[String]) -> Result<CatalogFile, Error> {
     let file = storage.open(CATALOG_FILE, true)?;
     let len = file.size()?;
     let mut bytes = vec![0u8; len as usize];
     file.read_at(&mut bytes, 0)?;
-    let replayed = catalog::replay(&bytes)
-        .map_err(|e| Error::Corrupt { file: CATALOG_FILE.to_string(), reason: e.to_string() })?;
+    let corrupt = |reason: String| Error::Corrupt { file: CATALOG_FILE.to_string(), reason };
+    let replayed = catalog::replay(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    if replayed.frames == 0 {
+        // Only a store's very first volume can leave layer files behind a log without events
+        // (a crash between creating its files and logging it), and those never held data.
+        for f in files.iter().filter(|f| layer::layer_of_file(f).is_some()) {
+            if !f.ends_with(".map") || storage.open(f, false)?.size()? > journal::HEADER_LEN as u64 {
+                return Err(corrupt(format!("holds no events, but {f} holds data")));
+            }
+        }
+    }
     if replayed.valid_len == 0 || replayed.frames >= CATALOG_COMPACT_FRAMES {
         return write_compacted_catalog(storage, replayed.catalog);
     }

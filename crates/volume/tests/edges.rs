@@ -517,3 +517,55 @@ fn concurrent_first_writes_into_new_chunks_place_each_chunk_once() {
         }
     }
 }
+
+#[test]
+fn a_damaged_catalog_is_refused_and_no_layer_file_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = store(&dir);
+    let id = s.create_volume("v", 1 << 20).unwrap().id;
+    s.volume(id).unwrap().write(&[7; 4096], 0, true).unwrap();
+    s.close().unwrap();
+    let log = dir.path().join("catalog.log");
+    let intact = std::fs::read(&log).unwrap();
+    let layer_files = || {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("layer-"))
+            .collect();
+        names.sort();
+        names
+    };
+    let before = layer_files();
+    assert!(before.iter().any(|f| f.contains(".d")), "the write made a data file: {before:?}");
+    // The log is its 16-byte header and one event. With that event's frame header zeroed the
+    // log once replayed as empty, and the orphan cleanup deleted the volume's files.
+    let mut damaged = intact.clone();
+    damaged[16..24].fill(0);
+    std::fs::write(&log, &damaged).unwrap();
+    let err = Store::open_dir(dir.path(), StoreOptions::default()).unwrap_err();
+    assert!(matches!(&err, Error::Corrupt { reason, .. } if reason.contains("holds no events")), "{err}");
+    assert_eq!(layer_files(), before);
+    // With a second event after the damaged one, replay itself refuses.
+    let s = {
+        std::fs::write(&log, &intact).unwrap();
+        store(&dir)
+    };
+    s.snapshot(id, "s").unwrap();
+    s.close().unwrap();
+    let mut damaged = std::fs::read(&log).unwrap();
+    damaged[16..24].fill(0);
+    std::fs::write(&log, &damaged).unwrap();
+    let before = layer_files();
+    let err = Store::open_dir(dir.path(), StoreOptions::default()).unwrap_err();
+    assert!(matches!(&err, Error::Corrupt { reason, .. } if reason.contains("intact frame follows")), "{err}");
+    assert_eq!(layer_files(), before);
+    // Repaired, the store opens with its data.
+    damaged[16..24].copy_from_slice(&intact[16..24]);
+    std::fs::write(&log, &damaged).unwrap();
+    let s = store(&dir);
+    let mut buf = [0u8; 4096];
+    s.volume(id).unwrap().read(&mut buf, 0).unwrap();
+    assert_eq!(buf, [7; 4096]);
+    assert_eq!(s.list_snapshots(Some(id)).len(), 1);
+}
