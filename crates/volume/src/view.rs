@@ -2,8 +2,9 @@
 //! block to the position of the topmost layer that holds it.
 //!
 //! The flattened map is kept per page of 512 blocks (1 KiB per 2 MiB page that holds data
-//! somewhere in the chain, so at most 512 MiB per TiB of touched disk). Pages no layer holds are
-//! never cached: they read as holes after one lookup per layer.
+//! somewhere in the chain, so at most 512 MiB per TiB of touched disk). A page whose blocks all
+//! have one entry (a region written in one go, in one layer) keeps just that entry. Pages no
+//! layer holds are never cached: they read as holes after one lookup per layer.
 
 use crate::blockmap::{BlockRun, BLOCK_SHIFT, BLOCK_SIZE, PAGE_BLOCKS};
 use crate::layer::Layer;
@@ -17,7 +18,53 @@ pub const ZERO: u16 = u16::MAX;
 /// The deepest chain a flattened entry can address.
 pub const MAX_CHAIN: usize = (u16::MAX - 2) as usize;
 
-type FlatPage = Box<[u16; PAGE_BLOCKS as usize]>;
+/// One cached page of the flattened map.
+#[derive(Debug, Clone)]
+enum FlatPage {
+    /// Every block of the page has this entry. Disks are mostly written in long runs, so this
+    /// is the common page, and a read from it skips loading an entry from a 1 KiB array: on
+    /// 4 KiB random reads that load missed the CPU cache more often than not.
+    Uniform(u16),
+    /// One entry per block.
+    Mixed(Box<[u16; PAGE_BLOCKS as usize]>),
+}
+
+impl FlatPage {
+    fn from_entries(entries: Box<[u16; PAGE_BLOCKS as usize]>) -> Self {
+        match entries.iter().all(|e| *e == entries[0]) {
+            true => FlatPage::Uniform(entries[0]),
+            false => FlatPage::Mixed(entries),
+        }
+    }
+
+    /// Appends the entries of blocks `range` of the page to `out`.
+    fn extend_into(&self, out: &mut Vec<u16>, range: std::ops::Range<usize>) {
+        match self {
+            FlatPage::Uniform(value) => out.extend(std::iter::repeat_n(*value, range.len())),
+            FlatPage::Mixed(entries) => out.extend_from_slice(&entries[range]),
+        }
+    }
+
+    /// Sets the entries of blocks `range` to `value`.
+    fn fill(&mut self, range: std::ops::Range<usize>, value: u16) {
+        match self {
+            FlatPage::Uniform(current) if *current == value => {}
+            FlatPage::Uniform(current) => {
+                let mut entries = Box::new([*current; PAGE_BLOCKS as usize]);
+                entries[range].fill(value);
+                *self = FlatPage::from_entries(entries);
+            }
+            FlatPage::Mixed(entries) => {
+                entries[range].fill(value);
+                // A page filled up by sequential writes becomes uniform again. The check costs
+                // a scan of 1 KiB, little next to the write that caused it.
+                if entries.iter().all(|e| *e == value) {
+                    *self = FlatPage::Uniform(value);
+                }
+            }
+        }
+    }
+}
 
 /// Page numbers are trusted integers: a multiplicative hash is enough and much cheaper than
 /// SipHash on the per-read lookup.
@@ -100,7 +147,7 @@ impl ViewState {
             let from = (block % PAGE_BLOCKS) as usize;
             let to = ((run.end() - page_no * PAGE_BLOCKS).min(PAGE_BLOCKS)) as usize;
             if let Some(page) = self.flat.get_mut(&page_no) {
-                page[from..to].fill(value);
+                page.fill(from..to, value);
             }
             block = page_no * PAGE_BLOCKS + to as u64;
         }
@@ -109,7 +156,7 @@ impl ViewState {
 
 /// Builds the flattened page `page_no` of `chain`, or `None` if no layer holds any block of it.
 fn resolve_page(chain: &[Arc<Layer>], page_no: u64) -> Option<FlatPage> {
-    let mut flat: Option<FlatPage> = None;
+    let mut flat: Option<Box<[u16; PAGE_BLOCKS as usize]>> = None;
     let mut unresolved = [u64::MAX; (PAGE_BLOCKS / 64) as usize];
     for (pos, layer) in chain.iter().enumerate().rev() {
         let state = layer.map();
@@ -136,7 +183,7 @@ fn resolve_page(chain: &[Arc<Layer>], page_no: u64) -> Option<FlatPage> {
             break;
         }
     }
-    flat
+    flat.map(FlatPage::from_entries)
 }
 
 /// The flattened entries of blocks `[first, first + count)`, with the chain they refer to.
@@ -181,11 +228,11 @@ fn fill_entries(
         let from = (block % PAGE_BLOCKS) as usize;
         let to = ((end - page_no * PAGE_BLOCKS).min(PAGE_BLOCKS)) as usize;
         if let Some(page) = v.flat.get(&page_no) {
-            out.extend_from_slice(&page[from..to]);
+            page.extend_into(out, from..to);
         } else if v.chain.iter().all(|l| l.map().map.page(page_no).is_none()) {
             out.extend(std::iter::repeat_n(HOLE, to - from));
         } else if let Some(page) = build(page_no) {
-            out.extend_from_slice(&page[from..to]);
+            page.extend_into(out, from..to);
         } else {
             return false;
         }
@@ -224,9 +271,13 @@ pub fn read(view: &ViewLock, buf: &mut [u8], offset: u64) -> Result<(), ReadErro
         // entries: no allocation and no copy on the hot path.
         let page_no = first / PAGE_BLOCKS;
         if (first + count - 1) / PAGE_BLOCKS == page_no {
-            if let Some(page) = v.flat.get(&page_no) {
-                let from = (first % PAGE_BLOCKS) as usize;
-                return Ok(read_entries(&v.chain, &page[from..from + count as usize], first, buf, offset)?);
+            match v.flat.get(&page_no) {
+                Some(FlatPage::Uniform(value)) => return Ok(read_run(&v.chain, *value, buf, offset)?),
+                Some(FlatPage::Mixed(entries)) => {
+                    let from = (first % PAGE_BLOCKS) as usize;
+                    return Ok(read_entries(&v.chain, &entries[from..from + count as usize], first, buf, offset)?);
+                }
+                None => {}
             }
         }
         let mut entries = Vec::with_capacity(count as usize);
@@ -252,14 +303,21 @@ fn read_entries(chain: &[Arc<Layer>], entries: &[u16], first: u64, buf: &mut [u8
         // Bytes of the request covered by blocks [first+i, first+j).
         let run_start = ((first + i as u64) << BLOCK_SHIFT).max(offset);
         let run_end = ((first + j as u64) << BLOCK_SHIFT).min(offset + buf.len() as u64);
-        let dst = &mut buf[(run_start - offset) as usize..(run_end - offset) as usize];
-        match value {
-            HOLE | ZERO => dst.fill(0),
-            pos => chain[pos as usize - 1].read_data(dst, run_start)?,
-        }
+        read_run(chain, value, &mut buf[(run_start - offset) as usize..(run_end - offset) as usize], run_start)?;
         i = j;
     }
     Ok(())
+}
+
+/// Reads `dst` at `offset` from blocks that all have the flattened entry `value`.
+fn read_run(chain: &[Arc<Layer>], value: u16, dst: &mut [u8], offset: u64) -> std::io::Result<()> {
+    match value {
+        HOLE | ZERO => {
+            dst.fill(0);
+            Ok(())
+        }
+        pos => chain[pos as usize - 1].read_data(dst, offset),
+    }
 }
 
 /// Ranges of up to this many pages (32 MiB) skip the per-layer search for held pages.
