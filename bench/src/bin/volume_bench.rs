@@ -9,8 +9,8 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use cairn_bench::{
-    file_system_of, human_size, load_average, mounted_with_discard, parse_size, warm_free_memory, WorkDir, GIB, KIB,
-    MIB, TIB,
+    file_system_of, human_size, load_average, median as median_of, mounted_with_discard, parse_size, warm_free_memory,
+    WorkDir, GIB, KIB, MIB, TIB,
 };
 use cairn_volume::{Allocation, Store, StoreOptions, Volume};
 use serde_json::json;
@@ -229,6 +229,8 @@ fn run_writer(volume: &Volume, stop: &AtomicBool) -> Result<u64> {
 
 /// The data-path tests in the order they run: name, unit, JSON key. Reads come first so that
 /// on the layered volume they go through its layers; the writes after that land in its head.
+/// The index of the sequential write in [`TESTS`].
+const SEQ_WRITE: usize = 2;
 const TESTS: [(&str, &str, &str); 4] = [
     ("sequential read (1 MiB)", "MiB/s", "seq_read"),
     ("random read (4 KiB)", "IOPS", "rand_read"),
@@ -314,7 +316,10 @@ fn random(disk: &dyn Disk, cfg: &Config, write: bool) -> Result<f64> {
     Ok(iops)
 }
 
-fn bench_raw(dir: &Path, cfg: &Config) -> Result<Figures> {
+/// The raw file's figures, and the sequential write into a new raw file: the write allocates
+/// its blocks, as the layered volume's writes into its empty head must, while the raw file's
+/// own test overwrites blocks it has.
+fn bench_raw(dir: &Path, cfg: &Config) -> Result<(Figures, f64)> {
     let path = dir.join("raw.img");
     let file = File::options().read(true).write(true).create_new(true).open(&path)?;
     file.set_len(cfg.size)?;
@@ -323,7 +328,13 @@ fn bench_raw(dir: &Path, cfg: &Config) -> Result<Figures> {
     let result = measure(&file, cfg, &dir.join("warm.tmp"))?;
     drop(file);
     std::fs::remove_file(&path)?;
-    Ok(result)
+    let new_file = File::options().read(true).write(true).create_new(true).open(&path)?;
+    new_file.set_len(cfg.size)?;
+    warm_free_memory(&dir.join("warm.tmp"), cfg.size)?;
+    let new_file_write = sequential(&new_file, cfg.size, true)?;
+    drop(new_file);
+    std::fs::remove_file(&path)?;
+    Ok((result, new_file_write))
 }
 
 /// A cairn volume with `layers` snapshots under its head, each holding an equal slice of the
@@ -369,6 +380,8 @@ struct Report {
     snapshots: Vec<SnapshotResult>,
     /// One entry per round.
     raw: Vec<Figures>,
+    /// Sequential writes into a new raw file, one per round.
+    raw_new_file_write: Vec<f64>,
     cairn: Vec<Figures>,
     layered: Vec<Figures>,
 }
@@ -446,6 +459,12 @@ impl Report {
                 layered / raw
             );
         }
+        let new_file = median_of(&self.raw_new_file_write);
+        out += &format!(
+            "| sequential write into a new raw file | MiB/s | {new_file:.0} | | | {:.0} | {:.2} |\n",
+            median(&self.layered, SEQ_WRITE),
+            median(&self.layered, SEQ_WRITE) / new_file
+        );
         let misses = self.misses();
         out += "\nNotes:\n";
         out += &format!(
@@ -460,6 +479,9 @@ impl Report {
              land in its empty head while the other two overwrite.\n",
             cfg.layers
         );
+        out += "- The last row is not a target: it writes the raw file's sequential test into a new (sparse) file, \
+                so the write allocates its blocks as the layered volume's writes into its empty head must, and \
+                sets the layered figure against that.\n";
         out += "- Sequential writes include their final flush; random writes do not (flushed afterwards, untimed). \
                 Before each target's sequential write, a scratch file of the same size is written and deleted \
                 (untimed), so that new page cache comes from warm memory for every target.\n";
@@ -537,6 +559,11 @@ impl Report {
             },
             "snapshot_create": snapshots,
             "data_path": data_path,
+            "seq_write_new_raw_file": {
+                "median": median_of(&self.raw_new_file_write),
+                "rounds": self.raw_new_file_write,
+                "layered_ratio": median(&self.layered, SEQ_WRITE) / median_of(&self.raw_new_file_write),
+            },
             "ratio_target": RATIO_TARGET,
             "missed": self.misses(),
         })
@@ -555,7 +582,7 @@ fn main() -> Result<()> {
         eprintln!("snapshot create on {label}: {} snapshots", cfg.snapshots);
         snapshots.push(snapshot_latency(&work.0.join("snapshots"), label, size, cfg.snapshots)?);
     }
-    let (mut raw, mut cairn, mut layered) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut raw, mut raw_new_file_write, mut cairn, mut layered) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..cfg.rounds {
         // Each round starts with another target, so that none always runs right after the
         // same other one (whose deleted files may still be being freed).
@@ -563,13 +590,18 @@ fn main() -> Result<()> {
             let target = TARGETS[(round + i) % TARGETS.len()];
             eprintln!("data path, round {}/{}: {target:?}", round + 1, cfg.rounds);
             match target {
-                Target::Raw => raw.push(bench_raw(&work.0, &cfg)?),
+                Target::Raw => {
+                    let (figures, new_file_write) = bench_raw(&work.0, &cfg)?;
+                    raw.push(figures);
+                    raw_new_file_write.push(new_file_write);
+                }
                 Target::Cairn => cairn.push(bench_cairn(&work.0.join("cairn"), &cfg, 0)?),
                 Target::Layered => layered.push(bench_cairn(&work.0.join("layered"), &cfg, cfg.layers)?),
             }
         }
     }
-    let report = Report { load, file_system: file_system_of(&work.0), snapshots, raw, cairn, layered };
+    let report =
+        Report { load, file_system: file_system_of(&work.0), snapshots, raw, raw_new_file_write, cairn, layered };
     if cfg.json {
         println!("{}", serde_json::to_string_pretty(&report.json(&cfg, &work.0))?);
     } else {
