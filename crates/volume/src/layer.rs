@@ -226,7 +226,12 @@ impl Layer {
         let mut bytes = vec![0u8; len as usize];
         file.read_at(&mut bytes, 0)?;
         let corrupt = |reason: String| crate::Error::Corrupt { file: name.clone(), reason };
-        let replayed = journal::replay(&bytes, id).map_err(|e| corrupt(e.to_string()))?;
+        let replayed = journal::replay(&bytes, id).map_err(|e| match e {
+            journal::JournalError::UnsupportedVersion(_) => {
+                crate::Error::UnsupportedFormat { file: name.clone(), reason: e.to_string() }
+            }
+            e => corrupt(e.to_string()),
+        })?;
         let mut end = replayed.valid_len;
         let layout = replayed.layout.unwrap_or(Layout::Packed { chunk_shift, placed: Vec::new() });
         if end == 0 {

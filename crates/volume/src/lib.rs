@@ -38,6 +38,10 @@ pub enum Error {
     InvalidRequest(String),
     #[error("{file} is corrupt: {reason}")]
     Corrupt { file: String, reason: String },
+    /// A file in a format version this build does not read: written by a newer cairn. Not
+    /// damage; the store is left as it was.
+    #[error("{file} was written by a newer cairn: {reason}; open the store with that version (nothing was changed)")]
+    UnsupportedFormat { file: String, reason: String },
     #[error("background merge failed: {0}")]
     Merge(String),
     #[error("catalog: {0}")]

@@ -567,7 +567,12 @@ fn open_catalog(storage: &Arc<dyn Storage>, files: &[String]) -> Result<CatalogF
     let mut bytes = vec![0u8; len as usize];
     file.read_at(&mut bytes, 0)?;
     let corrupt = |reason: String| Error::Corrupt { file: CATALOG_FILE.to_string(), reason };
-    let replayed = catalog::replay(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let replayed = catalog::replay(&bytes).map_err(|e| match e {
+        catalog::CatalogError::UnsupportedVersion(_) => {
+            Error::UnsupportedFormat { file: CATALOG_FILE.to_string(), reason: e.to_string() }
+        }
+        e => corrupt(e.to_string()),
+    })?;
     if replayed.frames == 0 {
         // Only a store's very first volume can leave layer files behind a log without events
         // (a crash between creating its files and logging it), and those never held data.

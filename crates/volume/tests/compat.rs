@@ -177,3 +177,39 @@ fn a_version_1_store_reads_back_and_keeps_working() {
     let store = Store::open_dir(dir.path(), options()).unwrap();
     check(&store, &expected);
 }
+
+/// Every file of the store directory and its bytes, the lock file aside.
+fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name() != "store.lock")
+        .map(|e| (e.file_name().into_string().unwrap(), std::fs::read(e.path()).unwrap()))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn a_newer_format_version_is_refused_as_such_and_nothing_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_fixture(dir.path());
+    let map = files_of(dir.path()).into_iter().map(|(name, _)| name).find(|n| n.ends_with(".map")).unwrap();
+    for (file, version) in [(map.as_str(), 3u32), ("catalog.log", 2)] {
+        let path = dir.path().join(file);
+        let original = std::fs::read(&path).unwrap();
+        let mut newer = original.clone();
+        newer[8..12].copy_from_slice(&version.to_le_bytes());
+        std::fs::write(&path, &newer).unwrap();
+        let before = files_of(dir.path());
+        let err = Store::open_dir(dir.path(), options()).unwrap_err();
+        assert!(
+            matches!(&err, cairn_volume::Error::UnsupportedFormat { file: f, reason } if f == file && reason.contains(&format!("version {version}"))),
+            "{file}: {err}"
+        );
+        assert!(err.to_string().contains("newer cairn"), "{err}");
+        assert!(files_of(dir.path()) == before, "opening {file} of version {version} changed the store");
+        std::fs::write(&path, &original).unwrap();
+    }
+    check(&Store::open_dir(dir.path(), options()).unwrap(), &expected());
+}
