@@ -499,4 +499,78 @@ mod tests {
         file[24] = 12;
         assert_eq!(replay(&file, 5).unwrap_err(), JournalError::BadRecord { offset: 24 });
     }
+
+    mod damaged_journals {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A batch's records: each places a new chunk and writes or zeroes blocks in it.
+        fn records() -> impl Strategy<Value = Vec<(u64, u64, bool)>> {
+            prop::collection::vec((0u64..512, 1u64..64, any::<bool>()), 1..6)
+        }
+
+        /// The end of a whole batch, with the map and the placements up to it.
+        type StateAt = (usize, LayerMap, Vec<u64>);
+
+        /// A version 2 journal of `batches`, and the state after each whole batch.
+        fn journal(batches: &[Vec<(u64, u64, bool)>]) -> (Vec<u8>, Vec<StateAt>) {
+            let mut file = encode_header(1, Some(DEFAULT_CHUNK_SHIFT)).to_vec();
+            let (mut map, mut placed) = (LayerMap::new(), Vec::new());
+            let mut states = vec![(file.len(), map.clone(), placed.clone())];
+            for batch in batches {
+                let mut records = Vec::new();
+                for (block, count, zero) in batch {
+                    // Each record's own chunk, so no chunk is placed twice.
+                    let chunk = placed.len() as u64;
+                    placed.push(chunk);
+                    records.push(Record { run: BlockRun { start: chunk, count: 1 }, op: RecordOp::Place });
+                    let state = if *zero { BlockState::Zero } else { BlockState::Data };
+                    let run = BlockRun {
+                        start: (chunk << (DEFAULT_CHUNK_SHIFT - crate::blockmap::BLOCK_SHIFT)) + block,
+                        count: *count,
+                    };
+                    let op = MapOp::Set { state, written: true };
+                    map.set(run, op);
+                    records.push(Record { run, op: RecordOp::Map(op) });
+                }
+                encode_batch(&records, &mut file);
+                states.push((file.len(), map.clone(), placed.clone()));
+            }
+            (file, states)
+        }
+
+        proptest! {
+            /// A journal cut anywhere after its header (a torn flush) replays as exactly the
+            /// batches wholly before the cut.
+            #[test]
+            fn a_cut_journal_replays_as_its_whole_batches(batches in prop::collection::vec(records(), 0..6), cut in any::<prop::sample::Index>()) {
+                let (file, states) = journal(&batches);
+                let cut = HEADER_LEN + cut.index(file.len() - HEADER_LEN + 1);
+                let r = replay(&file[..cut], 1).unwrap();
+                let (end, map, placed) = states.iter().rev().find(|(end, ..)| *end <= cut).unwrap();
+                prop_assert_eq!(r.valid_len, *end as u64);
+                prop_assert_eq!(&r.map, map);
+                prop_assert_eq!(r.layout, Some(packed(placed)));
+            }
+
+            /// Damaged bytes anywhere never panic: replay answers with a map (of at most the
+            /// file's length) or an error.
+            #[test]
+            fn damaged_journals_replay_or_fail_without_panicking(
+                batches in prop::collection::vec(records(), 0..6),
+                damage in prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..6),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let (mut file, _) = journal(&batches);
+                for (at, xor) in &damage {
+                    let at = at.index(file.len());
+                    file[at] ^= xor;
+                }
+                file.truncate(cut.index(file.len() + 1));
+                if let Ok(r) = replay(&file, 1) {
+                    prop_assert!(r.valid_len <= file.len() as u64);
+                }
+            }
+        }
+    }
 }
