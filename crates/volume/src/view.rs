@@ -344,23 +344,38 @@ pub fn allocation(view: &ViewLock, offset: u64, len: u64) -> Vec<AllocExtent> {
         let page_end = (((page_no + 1) * PAGE_BLOCKS) << BLOCK_SHIFT).min(end);
         let from = page_start.max(offset);
         push(pos, from - pos, Allocation::Hole);
+        pos = page_end;
+        // A cached uniform page is one extent; others are looked up (and cached) block by block.
+        let uniform = match view.read().flat.get(&page_no) {
+            Some(FlatPage::Uniform(value)) => Some(*value),
+            _ => None,
+        };
+        if let Some(value) = uniform {
+            push(from, page_end - from, allocation_of(value));
+            continue;
+        }
         let first = from >> BLOCK_SHIFT;
         let last = page_end.div_ceil(BLOCK_SIZE);
         let (_, entries) = lookup(view, first, last - first);
-        for (k, value) in entries.iter().enumerate() {
+        let mut k = 0;
+        while k < entries.len() {
+            let run = entries[k..].iter().take_while(|e| **e == entries[k]).count();
             let b_start = ((first + k as u64) << BLOCK_SHIFT).max(from);
-            let b_end = ((first + k as u64 + 1) << BLOCK_SHIFT).min(page_end);
-            let kind = match *value {
-                HOLE => Allocation::Hole,
-                ZERO => Allocation::Zero,
-                _ => Allocation::Data,
-            };
-            push(b_start, b_end - b_start, kind);
+            let b_end = ((first + (k + run) as u64) << BLOCK_SHIFT).min(page_end);
+            push(b_start, b_end - b_start, allocation_of(entries[k]));
+            k += run;
         }
-        pos = page_end;
     }
     push(pos, end - pos, Allocation::Hole);
     runs.0.into_iter().map(|(offset, length, kind)| AllocExtent { offset, length, kind }).collect()
+}
+
+fn allocation_of(entry: u16) -> Allocation {
+    match entry {
+        HOLE => Allocation::Hole,
+        ZERO => Allocation::Zero,
+        _ => Allocation::Data,
+    }
 }
 
 /// Byte runs with one value each, in order, joined where adjacent and equal.

@@ -4,7 +4,7 @@
 //! The main model test's volumes are smaller than one page, so they never make such pages.
 
 use cairn_volume::storage::{MemStorage, Storage};
-use cairn_volume::{SnapshotId, Store, StoreOptions, VolumeId, BLOCK_SIZE};
+use cairn_volume::{Allocation, SnapshotId, Store, StoreOptions, VolumeId, BLOCK_SIZE};
 use proptest::prelude::*;
 use std::sync::Arc;
 
@@ -58,7 +58,9 @@ struct Harness {
     store: Option<Store>,
     id: VolumeId,
     content: Vec<u8>,
-    snapshots: Vec<(SnapshotId, Vec<u8>)>,
+    /// What the allocation map must say of each block.
+    blocks: Vec<Allocation>,
+    snapshots: Vec<(SnapshotId, Vec<u8>, Vec<Allocation>)>,
     /// Indexes in `snapshots` of those in the volume's history: the ones it can revert to.
     history: Vec<usize>,
 }
@@ -73,6 +75,7 @@ impl Harness {
             store: Some(store),
             id,
             content: vec![0; SIZE as usize],
+            blocks: vec![Allocation::Hole; (SIZE / BLOCK_SIZE) as usize],
             snapshots: Vec::new(),
             history: Vec::new(),
         }
@@ -85,6 +88,8 @@ impl Harness {
     fn write(&mut self, at: u64, data: &[u8]) {
         self.store().volume(self.id).unwrap().write(data, at, false).unwrap();
         self.content[at as usize..at as usize + data.len()].copy_from_slice(data);
+        let blocks = at / BLOCK_SIZE..(at + data.len() as u64).div_ceil(BLOCK_SIZE);
+        self.blocks[blocks.start as usize..blocks.end as usize].fill(Allocation::Data);
     }
 
     fn apply(&mut self, op: &Op) {
@@ -104,20 +109,28 @@ impl Harness {
                 let len = len.min(SIZE - at);
                 self.store().volume(self.id).unwrap().write_zeroes(at, len, false).unwrap();
                 self.content[at as usize..(at + len) as usize].fill(0);
+                // Whole blocks read as zero; the rest of a partial block is kept as data.
+                let (first, end) = (at / BLOCK_SIZE, (at + len).div_ceil(BLOCK_SIZE));
+                let (whole_first, whole_end) = (at.div_ceil(BLOCK_SIZE), (at + len) / BLOCK_SIZE);
+                for block in first..end {
+                    let whole = block >= whole_first && block < whole_end;
+                    self.blocks[block as usize] = if whole { Allocation::Zero } else { Allocation::Data };
+                }
             }
             Op::Snapshot => {
                 let name = format!("s{}", self.snapshots.len());
                 let snap = self.store().snapshot(self.id, &name).unwrap().id;
                 self.history.push(self.snapshots.len());
-                self.snapshots.push((snap, self.content.clone()));
+                self.snapshots.push((snap, self.content.clone(), self.blocks.clone()));
             }
             Op::Revert { snap } => {
                 if !self.history.is_empty() {
                     // Snapshots taken after the one reverted to leave the history.
                     self.history.truncate(snap % self.history.len() + 1);
-                    let (id, content) = self.snapshots[*self.history.last().unwrap()].clone();
+                    let (id, content, blocks) = self.snapshots[*self.history.last().unwrap()].clone();
                     self.store().revert(self.id, id).unwrap();
                     self.content = content;
+                    self.blocks = blocks;
                 }
             }
             Op::Reopen => {
@@ -147,10 +160,23 @@ impl Harness {
             }
         }
         read(0, SIZE);
+        // The allocation map, block by block: of the whole volume (its cached uniform pages are
+        // one extent each) and of a range inside one page.
+        let check_allocation = |at: u64, len: u64| {
+            let mut found = Vec::new();
+            for e in volume.allocation(at, len).unwrap() {
+                assert!(e.offset % BLOCK_SIZE == 0 && e.length % BLOCK_SIZE == 0, "{e:?}");
+                found.extend(std::iter::repeat_n(e.kind, (e.length / BLOCK_SIZE) as usize));
+            }
+            let expected = &self.blocks[(at / BLOCK_SIZE) as usize..((at + len) / BLOCK_SIZE) as usize];
+            assert!(found == expected, "allocation of {len} bytes at {at} differs from the model");
+        };
+        check_allocation(0, SIZE);
+        check_allocation(PAGE + 5 * BLOCK_SIZE, 40 * BLOCK_SIZE);
     }
 
     fn check_snapshots(&self) {
-        for (id, content) in &self.snapshots {
+        for (id, content, _) in &self.snapshots {
             let view = self.store().open_snapshot(*id).unwrap();
             let mut buf = vec![0u8; SIZE as usize];
             view.read(&mut buf, 0).unwrap();
