@@ -485,12 +485,14 @@ pub struct Replayed {
     /// Bytes that are valid; a torn tail after them is cut off.
     pub valid_len: u64,
     pub frames: u64,
+    /// Layers that the replayed events dropped: their files may be deleted.
+    pub dropped: std::collections::BTreeSet<u64>,
 }
 
 /// Replays a whole `catalog.log`. An empty file is an empty catalog.
 pub fn replay(bytes: &[u8]) -> Result<Replayed, CatalogError> {
     if bytes.len() < HEADER_LEN {
-        return Ok(Replayed { catalog: Catalog::default(), valid_len: 0, frames: 0 });
+        return Ok(Replayed { catalog: Catalog::default(), valid_len: 0, frames: 0, dropped: Default::default() });
     }
     if bytes[0..8] != MAGIC {
         return Err(CatalogError::BadMagic);
@@ -502,6 +504,7 @@ pub fn replay(bytes: &[u8]) -> Result<Replayed, CatalogError> {
     let mut catalog = Catalog::default();
     let mut pos = HEADER_LEN;
     let mut frames = 0;
+    let mut dropped = std::collections::BTreeSet::new();
     while bytes.len() - pos >= FRAME_HEADER_LEN {
         let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().expect("4 bytes")) as usize;
         let start = pos + FRAME_HEADER_LEN;
@@ -520,11 +523,11 @@ pub fn replay(bytes: &[u8]) -> Result<Replayed, CatalogError> {
             break; // A torn tail: the event was never acknowledged.
         }
         let event: Event = serde_json::from_slice(&bytes[start..start + len]).map_err(|e| bad(e.to_string()))?;
-        catalog.apply(&event).map_err(|e| bad(e.to_string()))?;
+        dropped.extend(catalog.apply(&event).map_err(|e| bad(e.to_string()))?);
         pos = start + len;
         frames += 1;
     }
-    Ok(Replayed { catalog, valid_len: pos as u64, frames })
+    Ok(Replayed { catalog, valid_len: pos as u64, frames, dropped })
 }
 
 #[cfg(test)]

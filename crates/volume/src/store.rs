@@ -283,14 +283,28 @@ impl Store {
                 reason: "missing or empty, but layer files exist".into(),
             });
         }
-        let catalog = open_catalog(&storage, &files)?;
+        let (catalog, dropped) = open_catalog(&storage, &files)?;
+        // A layer the catalog does not name, that no replayed event dropped, and that holds
+        // data: the events that made it were lost to damage. Its files are kept aside.
+        let orphans: BTreeSet<u64> = files
+            .iter()
+            .filter_map(|f| layer::layer_of_file(f))
+            .filter(|id| !catalog.state.layers.contains_key(id) && !dropped.contains(id))
+            .collect();
+        let mut lost = BTreeSet::new();
+        for id in orphans {
+            if layer_holds_data(&storage, id, &files)? {
+                lost.insert(id);
+            }
+        }
+        let lost_prefix = format!("lost-{}-", now_ms());
         for f in &files {
-            let orphan = match layer::layer_of_file(f) {
-                Some(id) => !catalog.state.layers.contains_key(&id),
-                None => f.ends_with(".tmp"),
-            };
-            if orphan {
-                storage.remove(f)?;
+            match layer::layer_of_file(f) {
+                Some(id) if lost.contains(&id) => storage.rename(f, &format!("{lost_prefix}{f}"))?,
+                Some(id) if !catalog.state.layers.contains_key(&id) => storage.remove(f)?,
+                Some(_) => {}
+                None if f.ends_with(".tmp") => storage.remove(f)?,
+                None => {}
             }
         }
         let heads: HashSet<u64> = catalog.state.volumes.values().map(|v| v.head).collect();
@@ -558,10 +572,21 @@ fn snap_not_found(snapshot: SnapshotId) -> Error {
     Error::NotFound { kind: "snapshot", name: snapshot.0.to_string() }
 }
 
-/// Replays the catalog, cuts off a torn tail and compacts a long log. `files` are the store
-/// directory's files: a log without events while layers hold data is refused before anything
-/// is changed, because the orphan cleanup that follows would delete every layer.
-fn open_catalog(storage: &Arc<dyn Storage>, files: &[String]) -> Result<CatalogFile, Error> {
+/// Whether layer `id` holds data: a data segment, or a map journal longer than its header.
+/// `files` are the store directory's files.
+fn layer_holds_data(storage: &Arc<dyn Storage>, id: u64, files: &[String]) -> Result<bool, Error> {
+    for f in files.iter().filter(|f| layer::layer_of_file(f) == Some(id)) {
+        if !f.ends_with(".map") || storage.open(f, false)?.size()? > journal::HEADER_LEN as u64 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Replays the catalog, cuts off a torn tail and compacts a long log; also returns the layers
+/// the replayed events dropped. `files` are the store directory's files: a log without events
+/// while layers hold data is refused before anything is changed.
+fn open_catalog(storage: &Arc<dyn Storage>, files: &[String]) -> Result<(CatalogFile, BTreeSet<u64>), Error> {
     let file = storage.open(CATALOG_FILE, true)?;
     let len = file.size()?;
     let mut bytes = vec![0u8; len as usize];
@@ -576,20 +601,22 @@ fn open_catalog(storage: &Arc<dyn Storage>, files: &[String]) -> Result<CatalogF
     if replayed.frames == 0 {
         // Only a store's very first volume can leave layer files behind a log without events
         // (a crash between creating its files and logging it), and those never held data.
-        for f in files.iter().filter(|f| layer::layer_of_file(f).is_some()) {
-            if !f.ends_with(".map") || storage.open(f, false)?.size()? > journal::HEADER_LEN as u64 {
-                return Err(corrupt(format!("holds no events, but {f} holds data")));
+        for id in files.iter().filter_map(|f| layer::layer_of_file(f)) {
+            if layer_holds_data(storage, id, files)? {
+                return Err(corrupt(format!("holds no events, but layer {id:016x} holds data")));
             }
         }
     }
     if replayed.valid_len == 0 || replayed.frames >= CATALOG_COMPACT_FRAMES {
-        return write_compacted_catalog(storage, replayed.catalog);
+        return Ok((write_compacted_catalog(storage, replayed.catalog)?, replayed.dropped));
     }
     if replayed.valid_len < len {
         file.set_len(replayed.valid_len)?;
         file.sync()?;
     }
-    Ok(CatalogFile { state: replayed.catalog, file, end: replayed.valid_len, frames: replayed.frames, failed: false })
+    let catalog =
+        CatalogFile { state: replayed.catalog, file, end: replayed.valid_len, frames: replayed.frames, failed: false };
+    Ok((catalog, replayed.dropped))
 }
 
 /// Replaces the log with one holding the state as a single event, atomically (a new store
@@ -639,6 +666,18 @@ impl StoreInner {
         cat.frames += 1;
         cat.state = next;
         self.epoch.fetch_add(1, Ordering::SeqCst);
+        // The event is durable: from here on nothing may fail. Files that cannot be removed
+        // now are orphans that the next open removes, as long as the log still holds this event
+        // (after a compaction it does not, and such files are kept aside instead), so they go
+        // before the log is compacted.
+        let files = if dropped.is_empty() { Vec::new() } else { self.storage.list().unwrap_or_default() };
+        {
+            let mut layers = self.layers.lock().expect("layers lock");
+            for id in dropped {
+                layers.remove(&id);
+                let _ = Layer::remove_files(self.storage.as_ref(), id, &files);
+            }
+        }
         if cat.frames >= CATALOG_COMPACT_FRAMES {
             // The event above is durable either way. If compaction fails midway the old log may
             // already be renamed away, so appending to it could lose events: stop until reopen.
@@ -646,14 +685,6 @@ impl StoreInner {
                 Ok(compacted) => *cat = compacted,
                 Err(_) => cat.failed = true,
             }
-        }
-        // The event is durable: from here on nothing may fail. Files that cannot be removed
-        // now are orphans that the next open removes.
-        let files = if dropped.is_empty() { Vec::new() } else { self.storage.list().unwrap_or_default() };
-        let mut layers = self.layers.lock().expect("layers lock");
-        for id in dropped {
-            layers.remove(&id);
-            let _ = Layer::remove_files(self.storage.as_ref(), id, &files);
         }
         Ok(())
     }
