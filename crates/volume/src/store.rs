@@ -283,7 +283,7 @@ impl Store {
                 reason: "missing or empty, but layer files exist".into(),
             });
         }
-        let (catalog, dropped) = open_catalog(&storage, &files)?;
+        let (mut catalog, dropped) = open_catalog(&storage, &files)?;
         // A layer the catalog does not name, that no replayed event dropped, and that holds
         // data: the events that made it were lost to damage. Its files are kept aside.
         let orphans: BTreeSet<u64> = files
@@ -306,6 +306,11 @@ impl Store {
                 None if f.ends_with(".tmp") => storage.remove(f)?,
                 None => {}
             }
+        }
+        if catalog.frames >= CATALOG_COMPACT_FRAMES {
+            // Only now: until the dropped layers' files are gone, the events that dropped them
+            // must stay in the log. The compaction's directory sync makes the removals durable.
+            catalog = write_compacted_catalog(&storage, catalog.state)?;
         }
         let heads: HashSet<u64> = catalog.state.volumes.values().map(|v| v.head).collect();
         let mut layers = HashMap::new();
@@ -583,8 +588,8 @@ fn layer_holds_data(storage: &Arc<dyn Storage>, id: u64, files: &[String]) -> Re
     Ok(false)
 }
 
-/// Replays the catalog, cuts off a torn tail and compacts a long log; also returns the layers
-/// the replayed events dropped. `files` are the store directory's files: a log without events
+/// Replays the catalog and cuts off a torn tail (a new store gets a fresh log); also returns
+/// the layers the replayed events dropped. `files` are the store directory's files: a log without events
 /// while layers hold data is refused before anything is changed.
 fn open_catalog(storage: &Arc<dyn Storage>, files: &[String]) -> Result<(CatalogFile, BTreeSet<u64>), Error> {
     let file = storage.open(CATALOG_FILE, true)?;
@@ -607,7 +612,7 @@ fn open_catalog(storage: &Arc<dyn Storage>, files: &[String]) -> Result<(Catalog
             }
         }
     }
-    if replayed.valid_len == 0 || replayed.frames >= CATALOG_COMPACT_FRAMES {
+    if replayed.valid_len == 0 {
         return Ok((write_compacted_catalog(storage, replayed.catalog)?, replayed.dropped));
     }
     if replayed.valid_len < len {
@@ -669,7 +674,7 @@ impl StoreInner {
         // The event is durable: from here on nothing may fail. Files that cannot be removed
         // now are orphans that the next open removes, as long as the log still holds this event
         // (after a compaction it does not, and such files are kept aside instead), so they go
-        // before the log is compacted.
+        // before the log is compacted, whose directory sync makes their removal durable.
         let files = if dropped.is_empty() { Vec::new() } else { self.storage.list().unwrap_or_default() };
         {
             let mut layers = self.layers.lock().expect("layers lock");
