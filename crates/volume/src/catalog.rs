@@ -733,15 +733,9 @@ mod tests {
             #[test]
             fn damaged_logs_replay_or_fail_without_panicking(
                 grows in prop::collection::vec(1u64..1000, 0..12),
-                damage in prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..6),
-                cut in any::<prop::sample::Index>(),
+                damage in crate::damage::strategy(),
             ) {
-                let (mut log, _) = grown_log(&grows);
-                for (at, xor) in &damage {
-                    let at = at.index(log.len());
-                    log[at] ^= xor;
-                }
-                log.truncate(cut.index(log.len() + 1));
+                let log = crate::damage::apply(grown_log(&grows).0, &damage);
                 if let Ok(r) = replay(&log) {
                     prop_assert!(r.valid_len <= log.len() as u64);
                 }

@@ -14,6 +14,27 @@ pub mod storage;
 mod store;
 mod view;
 
+/// Damage for the replay property tests of the catalog and the map journal.
+#[cfg(test)]
+mod damage {
+    use proptest::prelude::*;
+
+    /// Bit flips at a few positions, and where the file is then cut.
+    pub fn strategy() -> impl Strategy<Value = (Vec<(prop::sample::Index, u8)>, prop::sample::Index)> {
+        (prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..6), any::<prop::sample::Index>())
+    }
+
+    /// `bytes` with `flips` applied, cut at `cut`: a damaged and possibly torn file.
+    pub fn apply(mut bytes: Vec<u8>, (flips, cut): &(Vec<(prop::sample::Index, u8)>, prop::sample::Index)) -> Vec<u8> {
+        for (at, xor) in flips {
+            let at = at.index(bytes.len());
+            bytes[at] ^= xor;
+        }
+        bytes.truncate(cut.index(bytes.len() + 1));
+        bytes
+    }
+}
+
 pub use blockmap::BLOCK_SIZE;
 pub use store::{
     ChangeTarget, Extent, Footprint, SnapshotId, SnapshotInfo, SnapshotUsage, SnapshotView, Store, StoreOptions,

@@ -283,13 +283,13 @@ impl Store {
                 reason: "missing or empty, but layer files exist".into(),
             });
         }
-        let (mut catalog, dropped) = open_catalog(&storage, &files)?;
+        let (file, replayed) = replay_catalog(&storage)?;
         // A layer the catalog does not name, that no replayed event dropped, and that holds
         // data: the events that made it were lost to damage. Its files are kept aside.
         let orphans: BTreeSet<u64> = files
             .iter()
             .filter_map(|f| layer::layer_of_file(f))
-            .filter(|id| !catalog.state.layers.contains_key(id) && !dropped.contains(id))
+            .filter(|id| !replayed.catalog.layers.contains_key(id) && !replayed.dropped.contains(id))
             .collect();
         let mut lost = BTreeSet::new();
         for id in orphans {
@@ -297,6 +297,16 @@ impl Store {
                 lost.insert(id);
             }
         }
+        if let (0, Some(id)) = (replayed.frames, lost.first()) {
+            // Only a store's very first volume can leave layer files behind a log without
+            // events (a crash between creating its files and logging it), and those never held
+            // data. Refused before the torn tail is cut off: nothing has changed yet.
+            return Err(Error::Corrupt {
+                file: CATALOG_FILE.to_string(),
+                reason: format!("holds no events, but layer {id:016x} holds data"),
+            });
+        }
+        let mut catalog = open_catalog(&storage, file, replayed)?;
         let lost_prefix = format!("lost-{}-", now_ms());
         for f in &files {
             match layer::layer_of_file(f) {
@@ -588,40 +598,34 @@ fn layer_holds_data(storage: &Arc<dyn Storage>, id: u64, files: &[String]) -> Re
     Ok(false)
 }
 
-/// Replays the catalog and cuts off a torn tail (a new store gets a fresh log); also returns
-/// the layers the replayed events dropped. `files` are the store directory's files: a log without events
-/// while layers hold data is refused before anything is changed.
-fn open_catalog(storage: &Arc<dyn Storage>, files: &[String]) -> Result<(CatalogFile, BTreeSet<u64>), Error> {
+/// Reads and replays the catalog, changing nothing.
+fn replay_catalog(storage: &Arc<dyn Storage>) -> Result<(Arc<dyn StorageFile>, catalog::Replayed), Error> {
     let file = storage.open(CATALOG_FILE, true)?;
-    let len = file.size()?;
-    let mut bytes = vec![0u8; len as usize];
+    let mut bytes = vec![0u8; file.size()? as usize];
     file.read_at(&mut bytes, 0)?;
-    let corrupt = |reason: String| Error::Corrupt { file: CATALOG_FILE.to_string(), reason };
     let replayed = catalog::replay(&bytes).map_err(|e| match e {
         catalog::CatalogError::UnsupportedVersion(_) => {
             Error::UnsupportedFormat { file: CATALOG_FILE.to_string(), reason: e.to_string() }
         }
-        e => corrupt(e.to_string()),
+        e => Error::Corrupt { file: CATALOG_FILE.to_string(), reason: e.to_string() },
     })?;
-    if replayed.frames == 0 {
-        // Only a store's very first volume can leave layer files behind a log without events
-        // (a crash between creating its files and logging it), and those never held data.
-        for id in files.iter().filter_map(|f| layer::layer_of_file(f)) {
-            if layer_holds_data(storage, id, files)? {
-                return Err(corrupt(format!("holds no events, but layer {id:016x} holds data")));
-            }
-        }
-    }
+    Ok((file, replayed))
+}
+
+/// The catalog of a replayed log: its torn tail cut off, or a fresh log for a new store.
+fn open_catalog(
+    storage: &Arc<dyn Storage>,
+    file: Arc<dyn StorageFile>,
+    replayed: catalog::Replayed,
+) -> Result<CatalogFile, Error> {
     if replayed.valid_len == 0 {
-        return Ok((write_compacted_catalog(storage, replayed.catalog)?, replayed.dropped));
+        return write_compacted_catalog(storage, replayed.catalog);
     }
-    if replayed.valid_len < len {
+    if replayed.valid_len < file.size()? {
         file.set_len(replayed.valid_len)?;
         file.sync()?;
     }
-    let catalog =
-        CatalogFile { state: replayed.catalog, file, end: replayed.valid_len, frames: replayed.frames, failed: false };
-    Ok((catalog, replayed.dropped))
+    Ok(CatalogFile { state: replayed.catalog, file, end: replayed.valid_len, frames: replayed.frames, failed: false })
 }
 
 /// Replaces the log with one holding the state as a single event, atomically (a new store

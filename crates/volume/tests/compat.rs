@@ -137,11 +137,10 @@ fn options() -> StoreOptions {
 
 /// The layer map format versions in the store directory, one per map file, sorted.
 fn map_versions(dir: &Path) -> Vec<u32> {
-    let mut versions: Vec<u32> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "map"))
-        .map(|p| u32::from_le_bytes(std::fs::read(p).unwrap()[8..12].try_into().unwrap()))
+    let mut versions: Vec<u32> = files_of(dir)
+        .into_iter()
+        .filter(|(name, _)| name.ends_with(".map"))
+        .map(|(_, bytes)| u32::from_le_bytes(bytes[8..12].try_into().unwrap()))
         .collect();
     versions.sort_unstable();
     versions
