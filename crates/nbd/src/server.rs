@@ -61,6 +61,16 @@ const READ_BUFFER: usize = 64 << 10;
 /// it is sent. Reading far ahead (96 MiB) into cold buffers made the server's copies cost
 /// half again as much, and sequential reads 15-25 % slower. A larger request takes all of it.
 const BYTES_IN_FLIGHT: u32 = 1 << 20;
+/// A write at least this large makes the connection start its writer thread (see
+/// [`WriterThread`]). Smaller writes alone cost less than handing them over: 4 KiB random
+/// writes ran 16 % slower through the thread.
+const LARGE_WRITE: u32 = 64 << 10;
+/// Bytes of payloads of changes queued for the writer thread that one connection may hold at
+/// once, apart from [`BYTES_IN_FLIGHT`]: enough to read several requests ahead of the thread.
+/// With one connection, nbdcopy's write of a 1 GiB image took about 460 ms this way, 540 ms
+/// with no writer thread, and 520-580 ms when zeroings or small writes ran on the connection
+/// meanwhile (a hole punched in the file holds the writes back).
+const WRITE_BYTES_IN_FLIGHT: u32 = 8 << 20;
 /// Budget per request beyond its data: headers and chunk overhead.
 const REPLY_OVERHEAD: u32 = 4096;
 /// Requests of one connection that may wait on the blocking pool (flushes, durable writes),
@@ -824,7 +834,9 @@ async fn transmit<S: Stream>(
     let (reader, writer) = tokio::io::split(stream);
     let (replies, queue) = mpsc::unbounded_channel::<Reply>();
     let mut writer = tokio::spawn(write_replies(writer, queue));
-    let result = read_requests(reader, &session, replies, stop.clone()).await;
+    let mut writer_thread = None;
+    let result = read_requests(reader, &session, replies, &mut writer_thread, stop.clone()).await;
+    let writer_thread = writer_thread.map(WriterThread::finish);
     // The writer ends once every reply, including those of blocking requests, is sent. A
     // client that stops reading its replies cannot hold up a shutdown beyond the grace time.
     let grace = async {
@@ -837,10 +849,18 @@ async fn transmit<S: Stream>(
         _ = &mut writer => {}
         _ = grace => writer.abort(),
     }
-    if !session.export.read_only() {
-        let export = session.export.clone();
-        let _ = tokio::task::spawn_blocking(move || export.flush()).await;
-    }
+    let export = session.export.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        // The thread ends once its queued changes are made (at most the write budget). They
+        // are made before the flush, and never after the server has returned.
+        if let Some(thread) = writer_thread {
+            let _ = thread.join();
+        }
+        if !export.read_only() {
+            let _ = export.flush();
+        }
+    })
+    .await;
     result
 }
 
@@ -927,13 +947,65 @@ impl Drop for PooledBuffer {
 }
 
 /// Budget a request takes until its reply is sent: its payload or its read data, plus room
-/// for headers and chunk overhead.
-fn budget_bytes(req: &Request) -> u32 {
+/// for headers and chunk overhead; at most all of a budget of `limit` bytes.
+fn budget_bytes(req: &Request, limit: u32) -> u32 {
     let data = match req.command {
         Command::Read | Command::Write => req.length.min(MAX_PAYLOAD),
         _ => 0,
     };
-    (data + REPLY_OVERHEAD).min(BYTES_IN_FLIGHT)
+    (data + REPLY_OVERHEAD).min(limit)
+}
+
+/// A change that may run on the connection's writer thread: not one that is durable when it
+/// completes (those go to the blocking pool).
+fn is_change(req: &Request) -> bool {
+    matches!(req.command, Command::Write | Command::WriteZeroes | Command::Trim) && !may_block(req)
+}
+
+/// A change that makes the connection start its writer thread: a large write, or a zeroing or
+/// trim (which the file system may take long over).
+fn needs_writer_thread(req: &Request) -> bool {
+    is_change(req) && (req.command != Command::Write || req.length >= LARGE_WRITE)
+}
+
+/// A change waiting for the connection's writer thread.
+type QueuedChange = (Request, Option<Vec<u8>>, OwnedSemaphorePermit);
+
+/// The thread that makes one connection's changes, in the order they arrive, and queues their
+/// replies, so that the connection reads the next requests while a payload is copied into the
+/// volume (a dedicated thread per connection, as nbdkit has). A connection starts it at its
+/// first large write, zeroing or trim; from then on all its changes run there, since a change
+/// made on the connection meanwhile would wait on the file behind the thread's, and stop the
+/// reading. Durable changes still go to the blocking pool. A thread of its own, not the
+/// blocking pool's: it lives as long as the connection, and a pool full of such threads would
+/// leave later connections' changes waiting forever.
+struct WriterThread {
+    changes: mpsc::UnboundedSender<QueuedChange>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl WriterThread {
+    /// `None` if no thread can be started; the caller then makes the changes itself.
+    fn start(session: &Arc<Session>, replies: &mpsc::UnboundedSender<Reply>) -> Option<WriterThread> {
+        let (changes, mut queue) = mpsc::unbounded_channel::<QueuedChange>();
+        let (session, replies) = (session.clone(), replies.clone());
+        let thread = std::thread::Builder::new()
+            .name("nbd-writer".into())
+            .spawn(move || {
+                // Every change read is made, even once its reply can no longer be sent: a
+                // client may send its last writes and a disconnect without reading replies.
+                while let Some((req, payload, budget)) = queue.blocking_recv() {
+                    let _ = replies.send(session.execute(&req, payload, budget));
+                }
+            })
+            .ok()?;
+        Some(WriterThread { changes, thread })
+    }
+
+    /// Ends the thread once the changes queued so far are made; returns it to wait for.
+    fn finish(self) -> std::thread::JoinHandle<()> {
+        self.thread
+    }
 }
 
 /// Reads and dispatches requests until the client leaves, disconnects or the server stops.
@@ -941,9 +1013,11 @@ async fn read_requests<R: AsyncRead + Unpin>(
     reader: R,
     session: &Arc<Session>,
     replies: mpsc::UnboundedSender<Reply>,
+    writer_thread: &mut Option<WriterThread>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ConnectionError> {
     let budget = Arc::new(Semaphore::new(BYTES_IN_FLIGHT as usize));
+    let write_budget = Arc::new(Semaphore::new(WRITE_BYTES_IN_FLIGHT as usize));
     let blocking = Arc::new(Semaphore::new(BLOCKING_IN_FLIGHT));
     let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
     loop {
@@ -959,7 +1033,14 @@ async fn read_requests<R: AsyncRead + Unpin>(
         if req.command == Command::Write && req.length > MAX_PAYLOAD {
             return Err(ConnectionError::PayloadTooLarge(req.length));
         }
-        let Some(Ok(permit)) = until_stopped(&mut stop, budget.clone().acquire_many_owned(budget_bytes(&req))).await
+        if writer_thread.is_none() && needs_writer_thread(&req) {
+            // Connections that only read, or only make small writes, never need it.
+            *writer_thread = WriterThread::start(session, &replies);
+        }
+        let queued = writer_thread.is_some() && is_change(&req);
+        let (pool, limit) = if queued { (&write_budget, WRITE_BYTES_IN_FLIGHT) } else { (&budget, BYTES_IN_FLIGHT) };
+        let Some(Ok(permit)) =
+            until_stopped(&mut stop, pool.clone().acquire_many_owned(budget_bytes(&req, limit))).await
         else {
             return Ok(());
         };
@@ -972,18 +1053,28 @@ async fn read_requests<R: AsyncRead + Unpin>(
         } else {
             None
         };
-        if may_block(&req) {
-            let Some(Ok(slot)) = until_stopped(&mut stop, blocking.clone().acquire_owned()).await else {
-                return Ok(());
-            };
-            let (session, replies) = (session.clone(), replies.clone());
-            tokio::task::spawn_blocking(move || {
-                let reply = session.execute(&req, payload, permit);
-                drop(slot);
-                let _ = replies.send(reply);
-            });
-        } else if replies.send(session.execute(&req, payload, permit)).is_err() {
-            return Ok(());
+        match (writer_thread.as_ref().filter(|_| queued), payload) {
+            (Some(writer), payload) => {
+                if writer.changes.send((req, payload, permit)).is_err() {
+                    return Ok(());
+                }
+            }
+            (_, payload) if may_block(&req) => {
+                let Some(Ok(slot)) = until_stopped(&mut stop, blocking.clone().acquire_owned()).await else {
+                    return Ok(());
+                };
+                let (session, replies) = (session.clone(), replies.clone());
+                tokio::task::spawn_blocking(move || {
+                    let reply = session.execute(&req, payload, permit);
+                    drop(slot);
+                    let _ = replies.send(reply);
+                });
+            }
+            (_, payload) => {
+                if replies.send(session.execute(&req, payload, permit)).is_err() {
+                    return Ok(());
+                }
+            }
         }
     }
 }

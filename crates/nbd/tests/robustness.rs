@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cairn_nbd::proto::{self, Command, Request};
-use cairn_nbd::{ServerConfig, TlsMode};
-use cairn_volume::{Allocation, Store, StoreOptions, VolumeId};
+use cairn_nbd::{Export, ExportError, ExportListing, Exports, LookupError, ServerConfig, TlsMode, VolumeExports};
+use cairn_volume::{AllocExtent, Allocation, DepthExtent, Store, StoreOptions, VolumeId};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const MIB: u64 = 1 << 20;
@@ -1554,6 +1554,211 @@ fn shutdown_answers_flushes_and_closes() {
 
     // No new connections after the stop.
     assert!(UnixStream::connect(&server.socket).is_err(), "connect after stop must fail");
+}
+
+/// A client may send its last changes and a disconnect, then close without reading a reply.
+/// The server still makes every change it read, and its flush at the disconnect covers them
+/// all. Large writes and zeroings run on the connection's writer thread, apart from the
+/// connection, which is what this checks.
+#[test]
+fn changes_sent_before_a_disconnect_are_made_and_flushed_unread() {
+    const SIZE: u64 = 32 * MIB;
+    const LARGE: u64 = 256 * KIB;
+    let mut server = TestServer::start();
+    volume(&server.store, "disk", SIZE);
+    let mut c = Raw::session(&server, "disk", Neg::default());
+    // The acknowledged write starts the thread. The later changes all change the volume's
+    // map, which reaches the disk only at a flush: a flush made before them would miss them.
+    // There are more of them than the thread makes by the time the client has sent them all.
+    let mut expected = vec![0u8; SIZE as usize];
+    let first = pattern((8 * MIB) as usize, 3);
+    assert_eq!(c.write(24 * MIB, &first), 0, "the first, acknowledged, write");
+    expected[(24 * MIB) as usize..].copy_from_slice(&first);
+    let mut wire = Vec::new();
+    let mut cookie = 100;
+    let mut request = |wire: &mut Vec<u8>, command: Command, offset: u64, length: u64| {
+        cookie += 1;
+        wire.extend(proto::encode_request(&Request { flags: 0, command, cookie, offset, length: length as u32 }));
+    };
+    for i in 0..24 * MIB / LARGE {
+        let data = pattern(LARGE as usize, 200 + i);
+        request(&mut wire, Command::Write, i * LARGE, LARGE);
+        wire.extend_from_slice(&data);
+        expected[(i * LARGE) as usize..((i + 1) * LARGE) as usize].copy_from_slice(&data);
+    }
+    request(&mut wire, Command::WriteZeroes, 24 * MIB, 4 * MIB);
+    expected[(24 * MIB) as usize..(28 * MIB) as usize].fill(0);
+    request(&mut wire, Command::Trim, 28 * MIB, 2 * MIB);
+    expected[(28 * MIB) as usize..(30 * MIB) as usize].fill(0);
+    let small = pattern(4096, 300);
+    request(&mut wire, Command::Write, 31 * MIB, 4096);
+    wire.extend_from_slice(&small);
+    expected[(31 * MIB) as usize..(31 * MIB + 4096) as usize].copy_from_slice(&small);
+    request(&mut wire, Command::Disconnect, 0, 0);
+    c.send(&wire);
+    c.s.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(c);
+
+    // The changes land in the shared store as the server makes them; wait for the last.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store_read(&server.store, "disk", 0, SIZE as usize) != expected {
+        assert!(Instant::now() < deadline, "changes sent before the disconnect were not all made");
+        std::thread::yield_now();
+    }
+    // The stop waits for the connection's end, whose flush made them durable.
+    server.stop();
+    let (_dir, copy) = durable_copy(&server);
+    assert!(store_read(&copy, "disk", 0, SIZE as usize) == expected, "the flush at the disconnect missed changes");
+}
+
+/// What [`Choreographed`] saw, and what it waits for.
+#[derive(Default)]
+struct Steps {
+    /// Changes and flushes in the order they were made.
+    log: Vec<String>,
+    client_gone: bool,
+    flushed: bool,
+}
+
+type SharedSteps = Arc<(std::sync::Mutex<Steps>, std::sync::Condvar)>;
+
+/// A volume's export that records the order of changes and flushes, and holds back two kinds
+/// of request, so that a test can put a connection's steps in an order of its choosing: a
+/// read waits until the client is gone, and a write at [`Choreographed::HELD`] waits for a
+/// flush, for at most [`Choreographed::HOLD`].
+struct Choreographed {
+    inner: Arc<dyn Export>,
+    steps: SharedSteps,
+}
+
+impl Choreographed {
+    const HELD: u64 = MIB;
+    const HOLD: Duration = Duration::from_secs(1);
+
+    fn log(&self, step: String) {
+        let (steps, changed) = &*self.steps;
+        let mut steps = steps.lock().unwrap();
+        steps.flushed |= step == "flush";
+        steps.log.push(step);
+        changed.notify_all();
+    }
+
+    fn wait_until(&self, limit: Duration, done: impl Fn(&Steps) -> bool) {
+        let (steps, changed) = &*self.steps;
+        let _ = changed.wait_timeout_while(steps.lock().unwrap(), limit, |s| !done(s)).unwrap();
+    }
+}
+
+impl Export for Choreographed {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_only(&self) -> bool {
+        self.inner.read_only()
+    }
+    fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), ExportError> {
+        self.wait_until(TIMEOUT, |s| s.client_gone);
+        self.inner.read(buf, offset)
+    }
+    fn write(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), ExportError> {
+        if offset == Self::HELD {
+            self.wait_until(Self::HOLD, |s| s.flushed);
+        }
+        self.inner.write(data, offset, fua)?;
+        self.log(format!("write {offset}"));
+        Ok(())
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError> {
+        self.inner.write_zeroes(offset, len, fua)?;
+        self.log(format!("zero {offset}"));
+        Ok(())
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError> {
+        self.inner.trim(offset, len, fua)?;
+        self.log(format!("trim {offset}"));
+        Ok(())
+    }
+    fn flush(&self) -> Result<(), ExportError> {
+        self.log("flush".into());
+        self.inner.flush()
+    }
+    fn allocation(&self, offset: u64, len: u64) -> Result<Vec<AllocExtent>, ExportError> {
+        self.inner.allocation(offset, len)
+    }
+    fn allocation_depth(&self, offset: u64, len: u64) -> Result<Vec<DepthExtent>, ExportError> {
+        self.inner.allocation_depth(offset, len)
+    }
+}
+
+struct ChoreographedExports {
+    inner: VolumeExports,
+    steps: SharedSteps,
+}
+
+impl Exports for ChoreographedExports {
+    fn open(&self, name: &str) -> Result<Arc<dyn Export>, LookupError> {
+        Ok(Arc::new(Choreographed { inner: self.inner.open(name)?, steps: self.steps.clone() }))
+    }
+    fn list(&self) -> Vec<ExportListing> {
+        self.inner.list()
+    }
+}
+
+/// The order behind the test above, made certain: the connection's replies stop (the client
+/// is gone) while a large write still waits on the writer thread, and another is queued
+/// behind it. The server makes both, and only then flushes.
+#[test]
+fn a_disconnect_flushes_after_the_writer_thread_made_every_change() {
+    const LARGE: u64 = 256 * KIB;
+    let steps = SharedSteps::default();
+    let shared = steps.clone();
+    let server = TestServer::start_exporting(ServerConfig::default(), false, move |store| {
+        Arc::new(ChoreographedExports { inner: VolumeExports::new(store), steps: shared })
+    });
+    volume(&server.store, "disk", 4 * MIB);
+    let mut c = Raw::session(&server, "disk", Neg::default());
+    let mut wire = Vec::new();
+    for (cookie, offset) in [(1, 0), (2, Choreographed::HELD), (3, 2 * MIB)] {
+        wire.extend(proto::encode_request(&Request {
+            flags: 0,
+            command: Command::Write,
+            cookie,
+            offset,
+            length: LARGE as u32,
+        }));
+        wire.extend(pattern(LARGE as usize, offset));
+    }
+    // Made on the connection itself, not on the writer thread: its reply is the first the
+    // server sends once the client is gone, so the replies stop while the held write waits.
+    wire.extend(proto::encode_request(&Request {
+        flags: 0,
+        command: Command::Read,
+        cookie: 4,
+        offset: 0,
+        length: 4096,
+    }));
+    wire.extend(proto::encode_request(&Request {
+        flags: 0,
+        command: Command::Disconnect,
+        cookie: 5,
+        offset: 0,
+        length: 0,
+    }));
+    c.send(&wire);
+    c.s.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(c);
+    {
+        let (s, changed) = &*steps;
+        s.lock().unwrap().client_gone = true;
+        changed.notify_all();
+    }
+    // Three writes and the flush at the disconnect; not stopping the server first, as that
+    // would end the connection without reading all its requests.
+    let (s, changed) = &*steps;
+    let log = changed.wait_timeout_while(s.lock().unwrap(), TIMEOUT, |s| s.log.len() < 4).unwrap().0.log.clone();
+    drop(server);
+    let held = Choreographed::HELD;
+    assert_eq!(log, ["write 0".to_string(), format!("write {held}"), format!("write {}", 2 * MIB), "flush".into()]);
 }
 
 /// Runs `server.stop()` on a thread and reports whether it finished within `limit`.

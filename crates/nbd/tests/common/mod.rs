@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cairn_nbd::{Listener, ServerConfig, VolumeExports};
+use cairn_nbd::{Exports, Listener, ServerConfig, VolumeExports};
 pub use cairn_testkit::{have, pattern, run, run_failing};
 use cairn_volume::{Store, StoreOptions};
 
@@ -29,12 +29,21 @@ impl TestServer {
     /// A server with `config`, on a unix socket and, with `tcp`, also on 127.0.0.1:0 — the
     /// TCP listener then serves the same store with the same config.
     pub fn start_with(config: ServerConfig, tcp: bool) -> TestServer {
+        Self::start_exporting(config, tcp, |store| Arc::new(VolumeExports::new(store)))
+    }
+
+    /// A server offering what `exports` makes of the new store.
+    pub fn start_exporting(
+        config: ServerConfig,
+        tcp: bool,
+        exports: impl FnOnce(Arc<Store>) -> Arc<dyn Exports>,
+    ) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(Store::open_dir(dir.path().join("volumes"), StoreOptions::default()).expect("open store"));
         let socket = dir.path().join("nbd.sock");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let exports = Arc::new(VolumeExports::new(store.clone()));
+        let exports = exports(store.clone());
         let sock = socket.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
