@@ -2,9 +2,10 @@
 //! optionally upgrades to TLS, then serves requests until the client leaves or the shutdown
 //! signal fires.
 //!
-//! Per connection one task reads requests and handles the quick ones (reads and writes that
-//! hit the page cache) in place; flushes and durable writes go to the blocking pool, so
-//! their replies may overtake others. One writer task sends replies in batches.
+//! Per connection one task reads requests and handles the quick ones (reads and small writes
+//! that hit the page cache) in place; large writes, zeroings and trims go to the connection's
+//! writer thread once it has one (`WriterThread`); flushes and durable writes go to the
+//! blocking pool, so their replies may overtake others. One task sends replies in batches.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
