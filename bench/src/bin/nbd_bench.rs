@@ -374,6 +374,23 @@ impl Report {
             self.file_system.as_deref().unwrap_or("unknown file system"),
             self.read_ahead_kib.map_or("an unknown amount".to_string(), |kib| format!("{kib} KiB")),
         );
+        if cfg.rounds > 1 {
+            out += "- Lowest and highest round, to show the spread the medians hide:\n";
+            for (test, (name, _, _)) in TESTS.iter().enumerate() {
+                let spreads: Vec<String> = TARGETS
+                    .iter()
+                    .zip(&self.rounds)
+                    .filter(|(_, rounds)| !rounds.is_empty())
+                    .map(|(target, rounds)| {
+                        let values = rounds.iter().map(|r| r[test]);
+                        let low = values.clone().fold(f64::INFINITY, f64::min);
+                        let high = values.fold(f64::NEG_INFINITY, f64::max);
+                        format!("{target} {low:.0}-{high:.0}")
+                    })
+                    .collect();
+                out += &format!("  - {name}: {}\n", spreads.join(", "));
+            }
+        }
         out += &format!("- Load average at the start: {}.\n", self.load);
         out
     }
