@@ -1041,8 +1041,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
             // Connections that only read, or only make small writes, never need it.
             *writer_thread = WriterThread::start(session, &replies);
         }
-        let queued = writer_thread.is_some() && is_change(&req);
-        let (pool, limit) = if queued { (&write_budget, WRITE_BYTES_IN_FLIGHT) } else { (&budget, BYTES_IN_FLIGHT) };
+        let writer = writer_thread.as_ref().filter(|_| is_change(&req));
+        let (pool, limit) =
+            if writer.is_some() { (&write_budget, WRITE_BYTES_IN_FLIGHT) } else { (&budget, BYTES_IN_FLIGHT) };
         let Some(Ok(permit)) =
             until_stopped(&mut stop, pool.clone().acquire_many_owned(budget_bytes(&req, limit))).await
         else {
@@ -1058,28 +1059,22 @@ async fn read_requests<R: AsyncRead + Unpin>(
         } else {
             None
         };
-        match (writer_thread.as_ref().filter(|_| queued), payload) {
-            (Some(writer), payload) => {
-                if writer.changes.send((req, payload, permit)).is_err() {
-                    return Ok(());
-                }
+        if let Some(writer) = writer {
+            if writer.changes.send((req, payload, permit)).is_err() {
+                return Ok(());
             }
-            (_, payload) if may_block(&req) => {
-                let Some(Ok(slot)) = until_stopped(&mut stop, blocking.clone().acquire_owned()).await else {
-                    return Ok(());
-                };
-                let (session, replies) = (session.clone(), replies.clone());
-                tokio::task::spawn_blocking(move || {
-                    let reply = session.execute(&req, payload, permit);
-                    drop(slot);
-                    let _ = replies.send(reply);
-                });
-            }
-            (_, payload) => {
-                if replies.send(session.execute(&req, payload, permit)).is_err() {
-                    return Ok(());
-                }
-            }
+        } else if may_block(&req) {
+            let Some(Ok(slot)) = until_stopped(&mut stop, blocking.clone().acquire_owned()).await else {
+                return Ok(());
+            };
+            let (session, replies) = (session.clone(), replies.clone());
+            tokio::task::spawn_blocking(move || {
+                let reply = session.execute(&req, payload, permit);
+                drop(slot);
+                let _ = replies.send(reply);
+            });
+        } else if replies.send(session.execute(&req, payload, permit)).is_err() {
+            return Ok(());
         }
     }
 }

@@ -1556,6 +1556,11 @@ fn shutdown_answers_flushes_and_closes() {
     assert!(UnixStream::connect(&server.socket).is_err(), "connect after stop must fail");
 }
 
+/// One request without flags, encoded, for tests that send many at once.
+fn request_bytes(command: Command, cookie: u64, offset: u64, length: u64) -> [u8; proto::REQUEST_LEN] {
+    proto::encode_request(&Request { flags: 0, command, cookie, offset, length: length as u32 })
+}
+
 /// A client may send its last changes and a disconnect, then close without reading a reply.
 /// The server still makes every change it read, and its flush at the disconnect covers them
 /// all. Large writes and zeroings run on the connection's writer thread, apart from the
@@ -1575,26 +1580,21 @@ fn changes_sent_before_a_disconnect_are_made_and_flushed_unread() {
     assert_eq!(c.write(24 * MIB, &first), 0, "the first, acknowledged, write");
     expected[(24 * MIB) as usize..].copy_from_slice(&first);
     let mut wire = Vec::new();
-    let mut cookie = 100;
-    let mut request = |wire: &mut Vec<u8>, command: Command, offset: u64, length: u64| {
-        cookie += 1;
-        wire.extend(proto::encode_request(&Request { flags: 0, command, cookie, offset, length: length as u32 }));
-    };
     for i in 0..24 * MIB / LARGE {
         let data = pattern(LARGE as usize, 200 + i);
-        request(&mut wire, Command::Write, i * LARGE, LARGE);
+        wire.extend(request_bytes(Command::Write, 100 + i, i * LARGE, LARGE));
         wire.extend_from_slice(&data);
         expected[(i * LARGE) as usize..((i + 1) * LARGE) as usize].copy_from_slice(&data);
     }
-    request(&mut wire, Command::WriteZeroes, 24 * MIB, 4 * MIB);
+    wire.extend(request_bytes(Command::WriteZeroes, 1, 24 * MIB, 4 * MIB));
     expected[(24 * MIB) as usize..(28 * MIB) as usize].fill(0);
-    request(&mut wire, Command::Trim, 28 * MIB, 2 * MIB);
+    wire.extend(request_bytes(Command::Trim, 2, 28 * MIB, 2 * MIB));
     expected[(28 * MIB) as usize..(30 * MIB) as usize].fill(0);
     let small = pattern(4096, 300);
-    request(&mut wire, Command::Write, 31 * MIB, 4096);
+    wire.extend(request_bytes(Command::Write, 3, 31 * MIB, 4096));
     wire.extend_from_slice(&small);
     expected[(31 * MIB) as usize..(31 * MIB + 4096) as usize].copy_from_slice(&small);
-    request(&mut wire, Command::Disconnect, 0, 0);
+    wire.extend(request_bytes(Command::Disconnect, 4, 0, 0));
     c.send(&wire);
     c.s.shutdown(std::net::Shutdown::Both).unwrap();
     drop(c);
@@ -1719,31 +1719,13 @@ fn a_disconnect_flushes_after_the_writer_thread_made_every_change() {
     let mut c = Raw::session(&server, "disk", Neg::default());
     let mut wire = Vec::new();
     for (cookie, offset) in [(1, 0), (2, Choreographed::HELD), (3, 2 * MIB)] {
-        wire.extend(proto::encode_request(&Request {
-            flags: 0,
-            command: Command::Write,
-            cookie,
-            offset,
-            length: LARGE as u32,
-        }));
+        wire.extend(request_bytes(Command::Write, cookie, offset, LARGE));
         wire.extend(pattern(LARGE as usize, offset));
     }
     // Made on the connection itself, not on the writer thread: its reply is the first the
     // server sends once the client is gone, so the replies stop while the held write waits.
-    wire.extend(proto::encode_request(&Request {
-        flags: 0,
-        command: Command::Read,
-        cookie: 4,
-        offset: 0,
-        length: 4096,
-    }));
-    wire.extend(proto::encode_request(&Request {
-        flags: 0,
-        command: Command::Disconnect,
-        cookie: 5,
-        offset: 0,
-        length: 0,
-    }));
+    wire.extend(request_bytes(Command::Read, 4, 0, 4096));
+    wire.extend(request_bytes(Command::Disconnect, 5, 0, 0));
     c.send(&wire);
     c.s.shutdown(std::net::Shutdown::Both).unwrap();
     drop(c);
