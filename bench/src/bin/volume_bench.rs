@@ -12,6 +12,7 @@ use cairn_bench::{
     file_system_of, human_size, load_average, median as median_of, mounted_with_discard, parse_size, warm_free_memory,
     WorkDir, GIB, KIB, MIB, TIB,
 };
+use cairn_volume::buffer::PageBuffer;
 use cairn_volume::{Allocation, Store, StoreOptions, Volume};
 use serde_json::json;
 use std::fs::File;
@@ -120,9 +121,16 @@ impl Rng {
         ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
     }
 
-    /// A buffer of `len` random bytes.
-    fn bytes(&mut self, len: u64) -> Vec<u8> {
-        (0..len.div_ceil(8)).flat_map(|_| self.next_u64().to_le_bytes()).take(len as usize).collect()
+    /// A page-aligned buffer of `len` random bytes. Every target reads into and writes from
+    /// such buffers, as QEMU does: where a buffer starts within its page changes how fast the
+    /// kernel copies into it up to five-fold (see [`PageBuffer`]), which would otherwise swing
+    /// the read figures with wherever the allocator put the buffer.
+    fn bytes(&mut self, len: u64) -> PageBuffer {
+        let mut buffer = PageBuffer::zeroed(len as usize);
+        for word in buffer.chunks_mut(8) {
+            word.copy_from_slice(&self.next_u64().to_le_bytes()[..word.len()]);
+        }
+        buffer
     }
 }
 

@@ -9,10 +9,12 @@
 
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cairn_volume::buffer::PageBuffer;
 use cairn_volume::Allocation;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, UnixListener};
@@ -635,7 +637,7 @@ impl Session {
             }
             Command::Write => {
                 self.check_writable(offset, len, ErrorCode::NoSpc)?;
-                self.export.write(payload.as_ref().map_or(&[], PooledBuffer::as_slice), offset, fua)?;
+                self.export.write(payload.as_deref().unwrap_or(&[]), offset, fua)?;
             }
             Command::WriteZeroes if req.flags & proto::CMD_FLAG_NO_HOLE != 0 => {
                 if req.flags & proto::CMD_FLAG_FAST_ZERO != 0 {
@@ -730,7 +732,7 @@ impl Session {
     /// Reads into a reused buffer: the common, all-data read then costs one copy.
     fn read_pooled(&self, offset: u64, len: u32) -> Result<PooledBuffer, Failure> {
         let mut data = self.buffers.take(len as usize);
-        self.export.read(data.as_mut_slice(), offset)?;
+        self.export.read(&mut data, offset)?;
         Ok(data)
     }
 
@@ -885,17 +887,9 @@ struct BufferPool {
 
 #[derive(Default)]
 struct FreeBuffers {
-    buffers: Vec<Vec<Page>>,
+    buffers: Vec<PageBuffer>,
     bytes: usize,
 }
-
-/// Buffers are made of whole, page-aligned pages: the kernel copies page-cache pages into
-/// them faster than into unaligned memory.
-#[derive(Clone, Copy)]
-#[repr(C, align(4096))]
-struct Page([u8; PAGE]);
-
-const PAGE: usize = 4096;
 
 /// Idle buffer bytes the server keeps, and the largest buffer it keeps. Enough for a few
 /// clients with many 256 KiB - 2 MiB reads in flight, as nbdcopy and qemu have.
@@ -903,48 +897,46 @@ const POOLED_BYTES: usize = 64 << 20;
 const POOLED_BUFFER_MAX: usize = 2 << 20;
 
 impl BufferPool {
+    /// A buffer of `len` bytes, page-aligned (see [`PageBuffer`] for why that matters).
     fn take(self: &Arc<Self>, len: usize) -> PooledBuffer {
-        let mut pages = {
+        let mut buffer = {
             let mut free = self.free.lock().expect("buffer pool lock");
-            let pages = free.buffers.pop().unwrap_or_default();
-            free.bytes -= pages.len() * PAGE;
-            pages
+            let buffer = free.buffers.pop().unwrap_or_default();
+            free.bytes -= buffer.capacity();
+            buffer
         };
-        if pages.len() * PAGE < len {
-            pages.resize(len.div_ceil(PAGE), Page([0; PAGE]));
-        }
-        PooledBuffer { pages, len, pool: self.clone() }
+        buffer.resize(len);
+        PooledBuffer { buffer, pool: self.clone() }
     }
 }
 
-/// `len` bytes of a pooled buffer; goes back to the pool when dropped.
+/// A buffer of the pool; goes back to the pool when dropped.
 struct PooledBuffer {
-    pages: Vec<Page>,
-    len: usize,
+    buffer: PageBuffer,
     pool: Arc<BufferPool>,
 }
 
-impl PooledBuffer {
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: a Page is PAGE initialised bytes without padding, so the pages are
-        // pages.len() * PAGE contiguous initialised bytes, and len never exceeds that.
-        unsafe { std::slice::from_raw_parts(self.pages.as_ptr().cast::<u8>(), self.len) }
+impl Deref for PooledBuffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buffer
     }
+}
 
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in as_slice; the borrow of self is exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.pages.as_mut_ptr().cast::<u8>(), self.len) }
+impl DerefMut for PooledBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.buffer
     }
 }
 
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
-        let bytes = self.pages.len() * PAGE;
+        let bytes = self.buffer.capacity();
         if bytes <= POOLED_BUFFER_MAX {
             let mut free = self.pool.free.lock().expect("buffer pool lock");
             if free.bytes + bytes <= POOLED_BYTES {
                 free.bytes += bytes;
-                free.buffers.push(std::mem::take(&mut self.pages));
+                free.buffers.push(std::mem::take(&mut self.buffer));
             }
         }
     }
@@ -1086,7 +1078,7 @@ async fn read_payload<R: AsyncRead + Unpin>(
     len: usize,
 ) -> io::Result<PooledBuffer> {
     let mut payload = buffers.take(len);
-    reader.read_exact(payload.as_mut_slice()).await?;
+    reader.read_exact(&mut payload).await?;
     Ok(payload)
 }
 
@@ -1114,7 +1106,7 @@ async fn write_batch<W: AsyncWrite + Unpin>(writer: &mut W, batch: &[Reply]) -> 
     for reply in batch {
         slices.push(IoSlice::new(&reply.head));
         if let Some(data) = &reply.data {
-            slices.push(IoSlice::new(data.as_slice()));
+            slices.push(IoSlice::new(data));
         }
     }
     let mut rest = &mut slices[..];

@@ -7,6 +7,7 @@
 
 mod blockmap;
 mod brlock;
+pub mod buffer;
 mod catalog;
 mod journal;
 mod layer;

@@ -7,6 +7,7 @@
 //! they hold the view's read lock throughout, and chain changes take its write lock.
 
 use crate::blockmap::{BlockRun, BlockSet, BlockState, MapOp, BLOCK_SHIFT, BLOCK_SIZE, PAGE_BLOCKS};
+use crate::buffer::PageBuffer;
 use crate::catalog::{self, Catalog, Event, MergeTask, SnapshotEntry};
 use crate::journal;
 use crate::layer::{self, Layer, LayerKind};
@@ -1158,7 +1159,7 @@ impl StoreInner {
         if let Some(data_into) = data_into {
             let target = self.layer(data_into);
             let pages: Vec<u64> = source.map().map.page_numbers(0, u64::MAX).collect();
-            let mut buf = Vec::new();
+            let mut buf = PageBuffer::default();
             for page_no in pages {
                 if self.merger.lock().expect("merger lock").stop {
                     return Ok(false); // Closing: the merge resumes at the next open.
@@ -1201,7 +1202,7 @@ impl StoreInner {
     }
 
     /// Copies the blocks of one page the target does not hold. Returns bytes copied.
-    fn merge_page(&self, source: &Layer, target: &Layer, page_no: u64, buf: &mut Vec<u8>) -> Result<u64, Error> {
+    fn merge_page(&self, source: &Layer, target: &Layer, page_no: u64, buf: &mut PageBuffer) -> Result<u64, Error> {
         let first = page_no * PAGE_BLOCKS;
         // If the target is a live head, writes to this page wait until the page is done.
         let core = {
@@ -1229,7 +1230,7 @@ impl StoreInner {
             for run in runs.finish() {
                 if state == BlockState::Data {
                     let bytes = (run.count << BLOCK_SHIFT) as usize;
-                    buf.resize(bytes, 0);
+                    buf.resize(bytes);
                     source.read_data(&mut buf[..bytes], run.start << BLOCK_SHIFT)?;
                     target.write_data(&buf[..bytes], run.start << BLOCK_SHIFT)?;
                     copied += bytes as u64;
