@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use cairn_volume::{AllocExtent, DepthExtent, SnapshotId, SnapshotView, Store, Volume, VolumeId};
+use cairn_volume::{AllocExtent, DepthExtent, ReadPart, SnapshotId, SnapshotView, Store, Volume, VolumeId};
 
 use crate::proto::ErrorCode;
 
@@ -50,6 +50,11 @@ pub trait Export: Send + Sync + 'static {
     fn size(&self) -> u64;
     fn read_only(&self) -> bool;
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), ExportError>;
+    /// Where the bytes [`Export::read`] would give are, so the server can send them without
+    /// copying them (see [`ReadPart`]); None where the export cannot say.
+    fn read_parts(&self, _offset: u64, _len: u64) -> Result<Option<Vec<ReadPart>>, ExportError> {
+        Ok(None)
+    }
     fn write(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), ExportError>;
     /// Makes the range read as zeros, freeing space where it can.
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError>;
@@ -161,6 +166,10 @@ impl Export for Volume {
         Ok(Volume::read(self, buf, offset)?)
     }
 
+    fn read_parts(&self, offset: u64, len: u64) -> Result<Option<Vec<ReadPart>>, ExportError> {
+        Ok(Some(Volume::read_parts(self, offset, len)?))
+    }
+
     fn write(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), ExportError> {
         Ok(Volume::write(self, data, offset, fua)?)
     }
@@ -197,6 +206,10 @@ impl Export for SnapshotView {
 
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), ExportError> {
         Ok(SnapshotView::read(self, buf, offset)?)
+    }
+
+    fn read_parts(&self, offset: u64, len: u64) -> Result<Option<Vec<ReadPart>>, ExportError> {
+        Ok(Some(SnapshotView::read_parts(self, offset, len)?))
     }
 
     fn write(&self, _: &[u8], _: u64, _: bool) -> Result<(), ExportError> {

@@ -10,6 +10,7 @@
 use crate::blockmap::{BlockRun, LayerMap, MapOp, BLOCK_SHIFT};
 use crate::journal::{self, Layout, Record, RecordOp};
 use crate::storage::{ReadAhead, Storage, StorageFile};
+use crate::view::ReadPart;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -401,6 +402,19 @@ impl Layer {
                     Ok(())
                 }
             }
+        })
+    }
+
+    /// Where [`Layer::read_data`] would read the data bytes at a volume offset from, as parts
+    /// given to `push` in order.
+    pub fn data_parts(&self, offset: u64, len: u64, push: &mut impl FnMut(ReadPart)) -> io::Result<()> {
+        self.for_each_part(offset, len, false, |at, range| {
+            let len = range.len() as u64;
+            push(match at.and_then(|(seg, within)| Some((self.segments[seg as usize].get()?, within))) {
+                Some((file, within)) => ReadPart::File { file: file.clone(), offset: within, len },
+                None => ReadPart::Zeros(len),
+            });
+            Ok(())
         })
     }
 

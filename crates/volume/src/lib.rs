@@ -41,7 +41,7 @@ pub use store::{
     ChangeTarget, Extent, Footprint, SnapshotId, SnapshotInfo, SnapshotUsage, SnapshotView, Store, StoreOptions,
     Volume, VolumeId, VolumeInfo, MAX_VOLUME_SIZE, SECTOR_SIZE,
 };
-pub use view::{AllocExtent, Allocation, DepthExtent};
+pub use view::{AllocExtent, Allocation, DepthExtent, ReadPart};
 
 /// Everything that can go wrong in the volume engine.
 #[derive(Debug, thiserror::Error)]

@@ -34,6 +34,11 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
     /// Starts writing `[offset, offset+len)` back to the disk without waiting for it, so that
     /// a later sync has less to do. Only a hint, like [`StorageFile::set_read_ahead`].
     fn start_writeback(&self, offset: u64, len: u64);
+    /// The open file's descriptor, for moving its data without a copy (`sendfile`), if the
+    /// backend has one. Wrappers that must see every read (fault injection) leave it out.
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// Read-ahead for one open file.
@@ -151,6 +156,10 @@ impl StorageFile for DirFile {
         // SAFETY: sync_file_range only reads its integer arguments; the descriptor is owned by
         // self. Its result is ignored: the sync that follows writes whatever this did not.
         unsafe { libc::sync_file_range(self.0.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE) };
+    }
+
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.0.as_raw_fd())
     }
 }
 

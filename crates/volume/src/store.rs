@@ -12,7 +12,7 @@ use crate::catalog::{self, Catalog, Event, MergeTask, SnapshotEntry};
 use crate::journal;
 use crate::layer::{self, Layer, LayerKind};
 use crate::storage::{DirStorage, Storage, StorageFile};
-use crate::view::{self, AllocExtent, DepthExtent, ViewLock, ViewState, MAX_CHAIN};
+use crate::view::{self, AllocExtent, DepthExtent, ReadPart, ViewLock, ViewState, MAX_CHAIN};
 use crate::Error;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
@@ -1285,6 +1285,14 @@ impl Volume {
         Ok(view::read(&self.core.view, buf, offset)?)
     }
 
+    /// Where the bytes of `[offset, offset + len)` are, for moving them without a copy (see
+    /// [`ReadPart`]). Reading the parts gives what [`Volume::read`] would have at this moment,
+    /// or the bytes of writes made since, where those overlap.
+    pub fn read_parts(&self, offset: u64, len: u64) -> Result<Vec<ReadPart>, Error> {
+        self.alive()?;
+        Ok(view::read_parts(&self.core.view, offset, len)?)
+    }
+
     /// Writes `data` at `offset`; with `fua` it is durable when this returns.
     pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), Error> {
         self.modify(offset, data.len() as u64, Some(data), fua)
@@ -1465,6 +1473,12 @@ impl SnapshotView {
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
         self.refresh()?;
         Ok(view::read(&self.view, buf, offset)?)
+    }
+
+    /// Where the bytes of `[offset, offset + len)` are, as [`Volume::read_parts`] says.
+    pub fn read_parts(&self, offset: u64, len: u64) -> Result<Vec<ReadPart>, Error> {
+        self.refresh()?;
+        Ok(view::read_parts(&self.view, offset, len)?)
     }
 
     /// Allocation of `[offset, offset+len)`.

@@ -8,6 +8,7 @@
 
 use crate::blockmap::{BlockRun, BLOCK_SHIFT, BLOCK_SIZE, PAGE_BLOCKS};
 use crate::layer::Layer;
+use crate::storage::StorageFile;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -251,19 +252,68 @@ pub enum ReadError {
 }
 
 /// Reads `buf.len()` bytes at `offset` after checking the range against the view's size.
-///
-/// When the pages are resolved already (the common case), the data is read while the view's
-/// read lock is held: the chain cannot change meanwhile, so a reader needs no other lock and
-/// no reference count, both of which cost more than the lookup when threads share a volume.
 pub fn read(view: &ViewLock, buf: &mut [u8], offset: u64) -> Result<(), ReadError> {
-    let len = buf.len() as u64;
+    for_each_run(view, offset, buf.len() as u64, |chain, value, at, len| {
+        let start = (at - offset) as usize;
+        read_run(chain, value, &mut buf[start..start + len], at)
+    })
+}
+
+/// Where the bytes of `[offset, offset + len)` are, in order: ranges of data files and zeros,
+/// adjacent ones joined. A caller can then move the data without copying it through memory of
+/// its own (the NBD server sends it from the page cache to the socket).
+pub fn read_parts(view: &ViewLock, offset: u64, len: u64) -> Result<Vec<ReadPart>, ReadError> {
+    let mut parts: Vec<ReadPart> = Vec::new();
+    for_each_run(view, offset, len, |chain, value, at, len| {
+        let mut push = |part: ReadPart| match (parts.last_mut(), part) {
+            (Some(ReadPart::Zeros(n)), ReadPart::Zeros(more)) => *n += more,
+            (Some(ReadPart::File { file, offset, len }), ReadPart::File { file: next, offset: at, len: more })
+                if Arc::ptr_eq(file, &next) && *offset + *len == at =>
+            {
+                *len += more
+            }
+            (_, part) => parts.push(part),
+        };
+        match value {
+            HOLE | ZERO => {
+                push(ReadPart::Zeros(len as u64));
+                Ok(())
+            }
+            pos => chain[pos as usize - 1].data_parts(at, len as u64, &mut push),
+        }
+    })?;
+    Ok(parts)
+}
+
+/// Where some bytes of a read are.
+#[derive(Debug, Clone)]
+pub enum ReadPart {
+    /// `len` bytes of `file` from `offset`.
+    File { file: Arc<dyn StorageFile>, offset: u64, len: u64 },
+    /// This many zero bytes.
+    Zeros(u64),
+}
+
+/// Calls `each(chain, entry, offset, len)` for the runs of blocks with one flattened entry
+/// that cover `[offset, offset + len)`, in order, after checking the range against the view's
+/// size.
+///
+/// When the pages are resolved already (the common case), `each` runs while the view's read
+/// lock is held: the chain cannot change meanwhile, so a reader needs no other lock and no
+/// reference count, both of which cost more than the lookup when threads share a volume.
+fn for_each_run(
+    view: &ViewLock,
+    offset: u64,
+    len: u64,
+    mut each: impl FnMut(&[Arc<Layer>], u16, u64, usize) -> std::io::Result<()>,
+) -> Result<(), ReadError> {
     let first = offset >> BLOCK_SHIFT;
     {
         let v = view.read();
         if offset.checked_add(len).is_none_or(|end| end > v.size) {
             return Err(ReadError::OutOfRange { offset, len, size: v.size });
         }
-        if buf.is_empty() {
+        if len == 0 {
             return Ok(());
         }
         let count = (offset + len).div_ceil(BLOCK_SIZE) - first;
@@ -272,27 +322,35 @@ pub fn read(view: &ViewLock, buf: &mut [u8], offset: u64) -> Result<(), ReadErro
         let page_no = first / PAGE_BLOCKS;
         if (first + count - 1) / PAGE_BLOCKS == page_no {
             match v.flat.get(&page_no) {
-                Some(FlatPage::Uniform(value)) => return Ok(read_run(&v.chain, *value, buf, offset)?),
+                Some(FlatPage::Uniform(value)) => return Ok(each(&v.chain, *value, offset, len as usize)?),
                 Some(FlatPage::Mixed(entries)) => {
                     let from = (first % PAGE_BLOCKS) as usize;
-                    return Ok(read_entries(&v.chain, &entries[from..from + count as usize], first, buf, offset)?);
+                    return Ok(each_run(&v.chain, &entries[from..from + count as usize], first, offset, len, each)?);
                 }
                 None => {}
             }
         }
         let mut entries = Vec::with_capacity(count as usize);
         if fill_entries(&v, first, count, &mut entries, |_| None) {
-            return Ok(read_entries(&v.chain, &entries, first, buf, offset)?);
+            return Ok(each_run(&v.chain, &entries, first, offset, len, each)?);
         }
     }
-    // Some page must be built first, under the write lock; the data is read after it.
+    // Some page must be built first, under the write lock; the runs are walked after it.
     let count = (offset + len).div_ceil(BLOCK_SIZE) - first;
     let (chain, entries) = lookup(view, first, count);
-    Ok(read_entries(&chain, &entries, first, buf, offset)?)
+    Ok(each_run(&chain, &entries, first, offset, len, each)?)
 }
 
-/// Reads `buf` at `offset` from the layers `entries` (one per block from `first`) point at.
-fn read_entries(chain: &[Arc<Layer>], entries: &[u16], first: u64, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+/// Calls `each` for the runs of equal `entries` (one per block from `first`), clipped to
+/// `[offset, offset + len)`.
+fn each_run(
+    chain: &[Arc<Layer>],
+    entries: &[u16],
+    first: u64,
+    offset: u64,
+    len: u64,
+    mut each: impl FnMut(&[Arc<Layer>], u16, u64, usize) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let mut i = 0usize;
     while i < entries.len() {
         let value = entries[i];
@@ -302,8 +360,8 @@ fn read_entries(chain: &[Arc<Layer>], entries: &[u16], first: u64, buf: &mut [u8
         }
         // Bytes of the request covered by blocks [first+i, first+j).
         let run_start = ((first + i as u64) << BLOCK_SHIFT).max(offset);
-        let run_end = ((first + j as u64) << BLOCK_SHIFT).min(offset + buf.len() as u64);
-        read_run(chain, value, &mut buf[(run_start - offset) as usize..(run_end - offset) as usize], run_start)?;
+        let run_end = ((first + j as u64) << BLOCK_SHIFT).min(offset + len);
+        each(chain, value, run_start, (run_end - run_start) as usize)?;
         i = j;
     }
     Ok(())

@@ -5,7 +5,7 @@
 //! flush or the value of a write made after it.
 
 use cairn_volume::storage::{MemStorage, Storage};
-use cairn_volume::{Allocation, ChangeTarget, SnapshotId, Store, StoreOptions, VolumeId, BLOCK_SIZE};
+use cairn_volume::{Allocation, ChangeTarget, ReadPart, SnapshotId, Store, StoreOptions, VolumeId, BLOCK_SIZE};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -378,6 +378,7 @@ impl Harness {
             let mut actual = vec![0u8; m.content.len()];
             handle.read(&mut actual, 0).unwrap();
             assert!(actual == m.content, "volume {} differs from the model", m.name);
+            check_read_parts(|offset, len| handle.read_parts(offset, len).unwrap(), &m.content);
             check_allocation(&handle.allocation(0, handle.size()).unwrap(), &m.content);
             for (since, touched) in &m.touched {
                 self.check_changes(*since, ChangeTarget::Volume(m.id), &m.content, touched);
@@ -391,6 +392,7 @@ impl Harness {
             let mut actual = vec![0u8; s.content.len()];
             view.read(&mut actual, 0).unwrap();
             assert!(actual == s.content, "snapshot {:?} differs from the model", s.id);
+            check_read_parts(|offset, len| view.read_parts(offset, len).unwrap(), &s.content);
             check_allocation(&view.allocation(0, view.size()).unwrap(), &s.content);
             for (since, touched) in &s.touched {
                 self.check_changes(*since, ChangeTarget::Snapshot(s.id), &s.content, touched);
@@ -421,6 +423,25 @@ impl Harness {
                 assert!(!differs || changed.contains(&b), "block {b} changed since {since:?} but is not listed");
             }
         }
+    }
+}
+
+/// The parts of the whole disk, and of an unaligned range inside it, gather into its bytes.
+fn check_read_parts(read_parts: impl Fn(u64, u64) -> Vec<ReadPart>, content: &[u8]) {
+    let len = content.len() as u64;
+    for (offset, end) in [(0, len), (len / 3 + 1, (2 * len / 3 + 7).min(len))] {
+        let mut gathered = Vec::new();
+        for part in read_parts(offset, end - offset) {
+            match part {
+                ReadPart::Zeros(n) => gathered.resize(gathered.len() + n as usize, 0),
+                ReadPart::File { file, offset, len } => {
+                    let start = gathered.len();
+                    gathered.resize(start + len as usize, 0);
+                    file.read_at(&mut gathered[start..], offset).unwrap();
+                }
+            }
+        }
+        assert!(gathered == content[offset as usize..end as usize], "read parts of {offset}..{end} differ");
     }
 }
 
