@@ -1195,6 +1195,84 @@ fn sixty_four_requests_in_flight() {
     }
 }
 
+/// Reads of 64 KiB and more on a plain socket go from the data files' pages to the socket
+/// with sendfile, in pieces as the socket takes them. Pipelined far past what the socket
+/// buffers hold, every such reply still carries exactly the engine's bytes: data from two
+/// layers, a trimmed range (zeros between file parts) and unaligned ends. A client that
+/// leaves in the middle of such a reply costs nobody else anything.
+#[test]
+fn large_reads_arrive_whole_through_a_full_socket() {
+    let server = TestServer::start();
+    let size = 8 * MIB;
+    let id = volume(&server.store, "disk", size);
+    let disk = server.store.volume(id).unwrap();
+    disk.write(&pattern(size as usize, 81), 0, false).unwrap();
+    server.store.snapshot(id, "under").unwrap();
+    disk.write(&pattern(2 * MIB as usize + 4321, 82), 3 * MIB + 777, false).unwrap();
+    disk.trim(6 * MIB, MIB, false).unwrap();
+    let want = store_read(&server.store, "disk", 0, size as usize);
+    assert!(want[6 * MIB as usize..7 * MIB as usize].iter().all(|&b| b == 0), "the trimmed range reads as zeros");
+
+    // (offset, length): just under and at the threshold, unaligned, across both layers and
+    // the trimmed range, and the whole disk.
+    let reads: Vec<(u64, u32)> = [
+        (4096, 64 * KIB as u32 - 1),
+        (MIB + 1, 64 * KIB as u32),
+        (777, MIB as u32),
+        (3 * MIB - 5, 4 * MIB as u32 + 11),
+        (0, size as u32),
+    ]
+    .repeat(4);
+    // Simple replies; structured with DF (zeros inline); structured, holes as chunks.
+    for (structured, flags) in [(false, 0), (true, proto::CMD_FLAG_DF), (true, 0)] {
+        let mut c = Raw::session(&server, "disk", Neg { structured, meta: false });
+        let mut wire = Vec::new();
+        for (cookie, &(offset, length)) in reads.iter().enumerate() {
+            let request = Request { flags, command: Command::Read, cookie: cookie as u64, offset, length };
+            wire.extend_from_slice(&proto::encode_request(&request));
+        }
+        // About 60 MiB of replies queue up before the first byte is taken.
+        c.send(&wire);
+        let mut chunks: HashMap<u64, Vec<Chunk>> = HashMap::new();
+        let mut answered = HashSet::new();
+        while answered.len() < reads.len() {
+            let (cookie, got) = match c.reply() {
+                Reply::Simple { cookie, error } => {
+                    assert_eq!(error, 0, "read {cookie}");
+                    (cookie, c.read_n(reads[cookie as usize].1 as usize))
+                }
+                Reply::Chunk(chunk) => {
+                    let (cookie, done) = (chunk.cookie, chunk.done());
+                    chunks.entry(cookie).or_default().push(chunk);
+                    if !done {
+                        continue;
+                    }
+                    let (offset, length) = reads[cookie as usize];
+                    let got = assemble_read(&chunks[&cookie], offset, length);
+                    (cookie, got.unwrap_or_else(|e| panic!("read {cookie}: error {e}")))
+                }
+            };
+            let (offset, length) = reads[cookie as usize];
+            let expected = &want[offset as usize..(offset + u64::from(length)) as usize];
+            assert!(
+                got == expected,
+                "read {cookie} ({offset}+{length}, structured {structured}, flags {flags}) differs"
+            );
+            assert!(answered.insert(cookie), "read {cookie} answered twice");
+        }
+        c.disconnect();
+        c.assert_closed("NBD_CMD_DISC");
+    }
+
+    // A client that takes part of a large reply and leaves.
+    let mut quitter = Raw::session(&server, "disk", Neg::default());
+    quitter.send(&same_requests(16, Command::Read, size as u32));
+    assert_eq!(quitter.simple(), (0, 0));
+    quitter.read_n(100 * KIB as usize);
+    drop(quitter);
+    check_fresh(&server, "disk", 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 8. Bad input never crashes or hangs the server.
 
