@@ -1259,6 +1259,8 @@ impl FileSink {
                     offset += n;
                     len -= n;
                 }
+                // A signal during a wait for the file's pages: nothing was sent, try again.
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
             }
