@@ -360,7 +360,7 @@ impl Report {
         out += "- Peers serve raw copies of the image: qemu-nbd --persistent --cache=writeback --shared=16, nbdkit file plugin \
                 with its default threads. cairn runs in this process (tokio, one worker per core).\n";
         out += &format!(
-            "- Before each server's tests: sync and {}; then one untimed nbdcopy read warms the cache through that \
+            "- The servers take turns in an order that rotates from round to round. Before each server's tests: sync and {}; then one untimed nbdcopy read warms the cache through that \
              server. A sync (untimed) follows every test. Before the sequential write, a scratch file of the image's size is \
              written and deleted (untimed), so that new page cache comes from warm memory for every server (on a VM, \
              memory untouched for a while costs a host fault per page; the layered volume's writes need new pages). Clients and servers share the machine's cores. nbdcopy skips the image's holes (about 45 %) \
@@ -460,7 +460,10 @@ fn main() -> Result<()> {
         let dir = work.0.join(format!("round-{round}"));
         std::fs::create_dir(&dir)?;
         let store = Arc::new(Store::open_dir(dir.join("cairn"), StoreOptions::default())?);
-        for &target in &cfg.targets {
+        // Each round starts with another target, so that none always runs right after the
+        // same other one (whose files, deleted or not, the disk may still be busy with).
+        for i in 0..cfg.targets.len() {
+            let target = cfg.targets[(round + i) % cfg.targets.len()];
             eprintln!("round {}: {}", round + 1, TARGETS[target]);
             rounds[target].push(match target {
                 0 => bench_peer(&dir, TARGETS[0], &image, &cfg, qemu_nbd_command)?,
