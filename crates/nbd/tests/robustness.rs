@@ -1231,7 +1231,7 @@ fn large_reads_arrive_whole_through_a_full_socket() {
             let request = Request { flags, command: Command::Read, cookie: cookie as u64, offset, length };
             wire.extend_from_slice(&proto::encode_request(&request));
         }
-        // About 60 MiB of replies queue up before the first byte is taken.
+        // About 52 MiB of replies (in the simple session) queue up before the first byte is taken.
         c.send(&wire);
         let mut chunks: HashMap<u64, Vec<Chunk>> = HashMap::new();
         let mut answered = HashSet::new();
