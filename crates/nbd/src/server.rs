@@ -1189,6 +1189,8 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(writer: &mut W, slices: &mut 
 /// to the same socket, one after the other).
 async fn send_parts<W: AsyncWrite + Unpin>(writer: &mut W, sink: &FileSink, parts: &[ReadPart]) -> io::Result<()> {
     static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    /// 4 MiB of zeros per vectored write, far below the kernel's 1024-slice limit.
+    const ZERO_SLICES: usize = 64;
     for part in parts {
         match part {
             ReadPart::File { file, offset, len } => {
@@ -1198,9 +1200,14 @@ async fn send_parts<W: AsyncWrite + Unpin>(writer: &mut W, sink: &FileSink, part
             ReadPart::Zeros(len) => {
                 let mut left = *len;
                 while left > 0 {
-                    let n = left.min(ZEROS.len() as u64) as usize;
-                    write_all_vectored(writer, &mut [IoSlice::new(&ZEROS[..n])]).await?;
-                    left -= n as u64;
+                    // Up to ZERO_SLICES copies of the buffer per system call.
+                    let mut slices = Vec::with_capacity(ZERO_SLICES);
+                    while left > 0 && slices.len() < ZERO_SLICES {
+                        let n = left.min(ZEROS.len() as u64) as usize;
+                        slices.push(IoSlice::new(&ZEROS[..n]));
+                        left -= n as u64;
+                    }
+                    write_all_vectored(writer, &mut slices).await?;
                 }
             }
         }
