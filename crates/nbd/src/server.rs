@@ -1198,16 +1198,12 @@ async fn send_parts<W: AsyncWrite + Unpin>(writer: &mut W, sink: &FileSink, part
                 sink.send_file(fd, *offset, *len).await?;
             }
             ReadPart::Zeros(len) => {
-                let mut left = *len;
-                while left > 0 {
-                    // Up to ZERO_SLICES copies of the buffer per system call.
-                    let mut slices = Vec::with_capacity(ZERO_SLICES);
-                    while left > 0 && slices.len() < ZERO_SLICES {
-                        let n = left.min(ZEROS.len() as u64) as usize;
-                        slices.push(IoSlice::new(&ZEROS[..n]));
-                        left -= n as u64;
-                    }
-                    write_all_vectored(writer, &mut slices).await?;
+                let (whole, tail) = (*len / ZEROS.len() as u64, (*len % ZEROS.len() as u64) as usize);
+                let mut slices: Vec<IoSlice<'_>> = std::iter::repeat_n(IoSlice::new(&ZEROS), whole as usize)
+                    .chain((tail > 0).then(|| IoSlice::new(&ZEROS[..tail])))
+                    .collect();
+                for batch in slices.chunks_mut(ZERO_SLICES) {
+                    write_all_vectored(writer, batch).await?;
                 }
             }
         }

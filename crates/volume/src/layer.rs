@@ -394,13 +394,11 @@ impl Layer {
     /// Reads data bytes at a volume offset (blocks the layer does not hold read as zeros).
     pub fn read_data(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         // The hot read path: borrow the handle, no lock, no reference count.
-        self.for_each_part(offset, buf.len() as u64, false, |at, range| {
-            match at.and_then(|(seg, within)| Some((self.segments[seg as usize].get()?, within))) {
-                Some((file, within)) => file.read_at(&mut buf[range], within),
-                None => {
-                    buf[range].fill(0);
-                    Ok(())
-                }
+        self.for_each_part(offset, buf.len() as u64, false, |at, range| match self.existing_file(at) {
+            Some((file, within)) => file.read_at(&mut buf[range], within),
+            None => {
+                buf[range].fill(0);
+                Ok(())
             }
         })
     }
@@ -410,12 +408,19 @@ impl Layer {
     pub fn data_parts(&self, offset: u64, len: u64, push: &mut impl FnMut(ReadPart)) -> io::Result<()> {
         self.for_each_part(offset, len, false, |at, range| {
             let len = range.len() as u64;
-            push(match at.and_then(|(seg, within)| Some((self.segments[seg as usize].get()?, within))) {
+            push(match self.existing_file(at) {
                 Some((file, within)) => ReadPart::File { file: file.clone(), offset: within, len },
                 None => ReadPart::Zeros(len),
             });
             Ok(())
         })
+    }
+
+    /// The open segment file and offset in it of a position [`Layer::for_each_part`] gave, if
+    /// the position is placed and its segment file exists (else it reads as zeros).
+    fn existing_file(&self, at: Option<(u64, u64)>) -> Option<(&Arc<dyn StorageFile>, u64)> {
+        let (segment, within) = at?;
+        Some((self.segments[segment as usize].get()?, within))
     }
 
     /// Writes data bytes at a volume offset. The caller records the blocks in the map after.

@@ -264,25 +264,27 @@ pub fn read(view: &ViewLock, buf: &mut [u8], offset: u64) -> Result<(), ReadErro
 /// its own (the NBD server sends it from the page cache to the socket).
 pub fn read_parts(view: &ViewLock, offset: u64, len: u64) -> Result<Vec<ReadPart>, ReadError> {
     let mut parts: Vec<ReadPart> = Vec::new();
-    for_each_run(view, offset, len, |chain, value, at, len| {
-        let mut push = |part: ReadPart| match (parts.last_mut(), part) {
-            (Some(ReadPart::Zeros(n)), ReadPart::Zeros(more)) => *n += more,
-            (Some(ReadPart::File { file, offset, len }), ReadPart::File { file: next, offset: at, len: more })
-                if Arc::ptr_eq(file, &next) && *offset + *len == at =>
-            {
-                *len += more
-            }
-            (_, part) => parts.push(part),
-        };
-        match value {
-            HOLE | ZERO => {
-                push(ReadPart::Zeros(len as u64));
-                Ok(())
-            }
-            pos => chain[pos as usize - 1].data_parts(at, len as u64, &mut push),
+    for_each_run(view, offset, len, |chain, value, at, len| match value {
+        HOLE | ZERO => {
+            push_joined(&mut parts, ReadPart::Zeros(len as u64));
+            Ok(())
         }
+        pos => chain[pos as usize - 1].data_parts(at, len as u64, &mut |part| push_joined(&mut parts, part)),
     })?;
     Ok(parts)
+}
+
+/// Appends `part`, joining it to the last part where the two are adjacent.
+fn push_joined(parts: &mut Vec<ReadPart>, part: ReadPart) {
+    match (parts.last_mut(), part) {
+        (Some(ReadPart::Zeros(n)), ReadPart::Zeros(more)) => *n += more,
+        (Some(ReadPart::File { file, offset, len }), ReadPart::File { file: next, offset: at, len: more })
+            if Arc::ptr_eq(file, &next) && *offset + *len == at =>
+        {
+            *len += more
+        }
+        (_, part) => parts.push(part),
+    }
 }
 
 /// Where some bytes of a read are.
