@@ -369,7 +369,7 @@ impl Report {
         );
         out += &format!(
             "- Data directory: {}; its device reads ahead {}. On ext4 read-ahead sets how large the page cache's \
-             folios grow, and each 4 KiB write into a folio costs in proportion to the folio's size; cairn reads a \
+             folios grow, and each 4 KiB write into a folio costs in proportion to the folio's size; there cairn reads a \
              volume's head without read-ahead (docs/architecture.md).\n",
             self.file_system.as_deref().unwrap_or("unknown file system"),
             self.read_ahead_kib.map_or("an unknown amount".to_string(), |kib| format!("{kib} KiB")),

@@ -9,7 +9,7 @@
 
 use crate::blockmap::{BlockRun, LayerMap, MapOp, BLOCK_SHIFT};
 use crate::journal::{self, Layout, Record, RecordOp};
-use crate::storage::{ReadAhead, Storage, StorageFile};
+use crate::storage::{Access, Storage, StorageFile};
 use crate::view::ReadPart;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,10 +60,10 @@ pub enum LayerKind {
 }
 
 impl LayerKind {
-    fn read_ahead(self) -> ReadAhead {
+    fn access(self) -> Access {
         match self {
-            LayerKind::Head => ReadAhead::Off,
-            LayerKind::Frozen | LayerKind::Ghost => ReadAhead::Default,
+            LayerKind::Head => Access::InPlaceWrites,
+            LayerKind::Frozen | LayerKind::Ghost => Access::ReadOnly,
         }
     }
 }
@@ -185,12 +185,9 @@ pub struct Layer {
     /// A sync failed. The kernel may have dropped the dirty pages and a retry could
     /// "succeed" without them, so the layer takes no more writes until the store is reopened.
     failed: std::sync::atomic::AtomicBool,
-    /// The layer is a volume's head. Its data files then read without read-ahead: a head's
-    /// blocks are overwritten in place by a guest's small writes, and read-ahead fills the
-    /// page cache with folios as large as its window (2 MiB here), each of which a small write
-    /// on ext4 pays for by walking all of the folio's block buffers. Measured over NBD, 4 KiB
-    /// random writes went from 51-64k to 117-135k IOPS. The guest reads ahead itself; frozen
-    /// layers are only read, so they keep the kernel's read-ahead.
+    /// The layer is a volume's head: a guest overwrites its blocks in place, often in 4 KiB
+    /// pieces, so its data files are marked [`Access::InPlaceWrites`] (on ext4 that turns
+    /// read-ahead off; see `storage::in_place_advice`). Frozen layers are only read.
     is_head: std::sync::atomic::AtomicBool,
     placement: Placement,
 }
@@ -272,7 +269,7 @@ impl Layer {
                 storage.remove(f)?;
             } else if let Some(slot) = segments.get(seg) {
                 let file = storage.open(f, false)?;
-                file.set_read_ahead(kind.read_ahead());
+                file.set_access(kind.access());
                 // Each segment has one file name, so each slot is set once.
                 let _ = slot.set(file);
             }
@@ -290,18 +287,18 @@ impl Layer {
         })
     }
 
-    /// The layer stops being a head: its data files get the kernel's read-ahead back.
+    /// The layer stops being a head: its data files are only read from now on.
     /// Called with the volume's writes paused, so no segment is being created meanwhile.
     pub fn freeze(&self) {
         self.is_head.store(false, Ordering::Relaxed);
         for segment in self.segments.iter().filter_map(OnceLock::get) {
-            segment.set_read_ahead(self.read_ahead());
+            segment.set_access(self.access());
         }
     }
 
-    fn read_ahead(&self) -> ReadAhead {
+    fn access(&self) -> Access {
         let kind = if self.is_head.load(Ordering::Relaxed) { LayerKind::Head } else { LayerKind::Frozen };
-        kind.read_ahead()
+        kind.access()
     }
 
     /// The layer's id.
@@ -333,7 +330,7 @@ impl Layer {
             return Ok(Some(seg.clone()));
         }
         let seg = self.storage.open(&data_file_name(self.id, index), true)?;
-        seg.set_read_ahead(self.read_ahead());
+        seg.set_access(self.access());
         // Unset: checked under the creation lock just above.
         let _ = slot.set(seg.clone());
         *new_segments = true;

@@ -28,11 +28,11 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
     fn size(&self) -> io::Result<u64>;
     /// Cuts or extends the file to `len` bytes.
     fn set_len(&self, len: u64) -> io::Result<()>;
-    /// How the page cache should read ahead of this handle's reads. Only a hint: a backend
-    /// without a page cache ignores it, and a failure to apply it changes no byte.
-    fn set_read_ahead(&self, read_ahead: ReadAhead);
+    /// How this handle's file is used, for the backend to set up its caching. Only a hint: a
+    /// backend without a page cache ignores it, and a failure to apply it changes no byte.
+    fn set_access(&self, access: Access);
     /// Starts writing `[offset, offset+len)` back to the disk without waiting for it, so that
-    /// a later sync has less to do. Only a hint, like [`StorageFile::set_read_ahead`].
+    /// a later sync has less to do. Only a hint, like [`StorageFile::set_access`].
     fn start_writeback(&self, offset: u64, len: u64);
     /// The open file's descriptor, for moving its data without a copy (`sendfile`), if the
     /// backend has one. Wrappers that must see every read (fault injection) leave it out.
@@ -41,14 +41,14 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Read-ahead for one open file.
+/// How a file's data is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum ReadAhead {
-    /// The kernel's default read-ahead.
+pub enum Access {
+    /// Only read (a frozen layer's data).
     #[default]
-    Default,
-    /// None: a read brings in only the pages it asks for.
-    Off,
+    ReadOnly,
+    /// Read and written in place, in pieces as small as a block (a head's data).
+    InPlaceWrites,
 }
 
 /// A flat namespace of files: the directory of one store.
@@ -72,13 +72,16 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 pub struct DirStorage {
     dir: PathBuf,
     lock: Mutex<Option<File>>,
+    /// The `posix_fadvise` advice for files written in place, chosen by the file system.
+    in_place_advice: libc::c_int,
 }
 
 impl DirStorage {
     /// Uses `dir`, creating it if needed.
     pub fn new(dir: impl AsRef<Path>) -> io::Result<Self> {
         std::fs::create_dir_all(dir.as_ref())?;
-        Ok(Self { dir: dir.as_ref().to_path_buf(), lock: Mutex::new(None) })
+        let in_place_advice = in_place_advice(file_system_magic(&File::open(dir.as_ref())?));
+        Ok(Self { dir: dir.as_ref().to_path_buf(), lock: Mutex::new(None), in_place_advice })
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -86,13 +89,41 @@ impl DirStorage {
     }
 }
 
+/// The type of the file system `file` is on (`statfs`'s `f_type`), if it can be told.
+fn file_system_magic(file: &File) -> Option<libc::__fsword_t> {
+    // SAFETY: statfs is plain data, for which all zero bytes are a valid value.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes only into `stat`, which lives across the call; the descriptor is
+    // open for as long as `file` is borrowed.
+    (unsafe { libc::fstatfs(file.as_raw_fd(), &mut stat) } == 0).then_some(stat.f_type)
+}
+
+/// Read-ahead for files written in place, on a file system of type `magic`.
+///
+/// Read-ahead grows the page cache's folios up to its window (2 MiB with an 8 MiB
+/// `read_ahead_kb`); without it, reads bring in 4 KiB folios. On ext4 a 4 KiB write into a
+/// large folio walks a buffer for every block of it, so read-ahead is off there. XFS keeps a
+/// folio's block state in bitmaps, small writes into large folios cost it no more, and large
+/// folios make sequential overwrites cheaper: read-ahead stays on. Any other file system (an
+/// overlay too, whatever lies below it) is treated as ext4. Figures in docs/architecture.md.
+fn in_place_advice(magic: Option<libc::__fsword_t>) -> libc::c_int {
+    match magic {
+        Some(libc::XFS_SUPER_MAGIC) => libc::POSIX_FADV_NORMAL,
+        _ => libc::POSIX_FADV_RANDOM,
+    }
+}
+
 #[derive(Debug)]
-struct DirFile(File);
+struct DirFile {
+    file: File,
+    /// [`DirStorage::in_place_advice`].
+    in_place_advice: libc::c_int,
+}
 
 impl StorageFile for DirFile {
     fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
         while !buf.is_empty() {
-            match self.0.read_at(buf, offset) {
+            match self.file.read_at(buf, offset) {
                 Ok(0) => {
                     buf.fill(0);
                     return Ok(());
@@ -109,11 +140,11 @@ impl StorageFile for DirFile {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.0.write_all_at(buf, offset)
+        self.file.write_all_at(buf, offset)
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.0.sync_data()
+        self.file.sync_data()
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -122,7 +153,7 @@ impl StorageFile for DirFile {
         }
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         // SAFETY: fallocate only reads its integer arguments; the descriptor is owned by self.
-        let rc = unsafe { libc::fallocate(self.0.as_raw_fd(), mode, offset as i64, len as i64) };
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) };
         if rc == 0 {
             return Ok(());
         }
@@ -135,31 +166,31 @@ impl StorageFile for DirFile {
     }
 
     fn size(&self) -> io::Result<u64> {
-        Ok(self.0.metadata()?.len())
+        Ok(self.file.metadata()?.len())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.set_len(len)
+        self.file.set_len(len)
     }
 
-    fn set_read_ahead(&self, read_ahead: ReadAhead) {
-        let advice = match read_ahead {
-            ReadAhead::Default => libc::POSIX_FADV_NORMAL,
-            ReadAhead::Off => libc::POSIX_FADV_RANDOM,
+    fn set_access(&self, access: Access) {
+        let advice = match access {
+            Access::ReadOnly => libc::POSIX_FADV_NORMAL,
+            Access::InPlaceWrites => self.in_place_advice,
         };
         // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is owned by
         // self. Its result is ignored: advice that does not apply costs speed, never bytes.
-        unsafe { libc::posix_fadvise(self.0.as_raw_fd(), 0, 0, advice) };
+        unsafe { libc::posix_fadvise(self.file.as_raw_fd(), 0, 0, advice) };
     }
 
     fn start_writeback(&self, offset: u64, len: u64) {
         // SAFETY: sync_file_range only reads its integer arguments; the descriptor is owned by
         // self. Its result is ignored: the sync that follows writes whatever this did not.
-        unsafe { libc::sync_file_range(self.0.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE) };
+        unsafe { libc::sync_file_range(self.file.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE) };
     }
 
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
-        Some(self.0.as_raw_fd())
+        Some(self.file.as_raw_fd())
     }
 }
 
@@ -183,7 +214,7 @@ impl Storage for DirStorage {
             .truncate(false)
             .mode(0o600)
             .open(self.path(name))?;
-        Ok(Arc::new(DirFile(file)))
+        Ok(Arc::new(DirFile { file, in_place_advice: self.in_place_advice }))
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
@@ -324,8 +355,8 @@ struct MemFileState {
 #[derive(Debug, Default)]
 struct MemFile {
     state: Mutex<MemFileState>,
-    /// The read-ahead of the latest handle (in a kernel, each open file has its own).
-    read_ahead: Mutex<ReadAhead>,
+    /// The access hint of the latest handle (in a kernel, each open file has its own).
+    access: Mutex<Access>,
     /// Bytes whose writeback callers asked to start, for tests of that hint.
     writeback_started: AtomicU64,
 }
@@ -371,8 +402,8 @@ impl StorageFile for MemFile {
         Ok(())
     }
 
-    fn set_read_ahead(&self, read_ahead: ReadAhead) {
-        *self.read_ahead.lock().expect("mem file read-ahead") = read_ahead;
+    fn set_access(&self, access: Access) {
+        *self.access.lock().expect("mem file access") = access;
     }
 
     fn start_writeback(&self, _offset: u64, len: u64) {
@@ -403,9 +434,9 @@ impl MemStorage {
         }
     }
 
-    /// The read-ahead of the latest handle on `name`, if the file exists.
-    pub fn read_ahead(&self, name: &str) -> Option<ReadAhead> {
-        self.files().get(name).map(|file| *file.read_ahead.lock().expect("mem file read-ahead"))
+    /// The access hint of the latest handle on `name`, if the file exists.
+    pub fn access(&self, name: &str) -> Option<Access> {
+        self.files().get(name).map(|file| *file.access.lock().expect("mem file access"))
     }
 
     /// Bytes of `name` whose writeback was asked to start ([`StorageFile::start_writeback`]).
@@ -423,8 +454,8 @@ impl Storage for MemStorage {
         let mut files = self.files();
         match files.get(name) {
             Some(file) => {
-                // A new handle starts with the kernel's default, as a new open file does.
-                *file.read_ahead.lock().expect("mem file read-ahead") = ReadAhead::Default;
+                // A new handle starts with no hint, as a new open file does.
+                *file.access.lock().expect("mem file access") = Access::default();
                 Ok(file.clone())
             }
             None if create => {
@@ -580,8 +611,8 @@ impl StorageFile for FaultyFile {
         self.inner.set_len(len)
     }
 
-    fn set_read_ahead(&self, read_ahead: ReadAhead) {
-        self.inner.set_read_ahead(read_ahead)
+    fn set_access(&self, access: Access) {
+        self.inner.set_access(access)
     }
 
     fn start_writeback(&self, offset: u64, len: u64) {
@@ -688,6 +719,20 @@ mod tests {
         let mut buf = [0u8; 3];
         f.read_at(&mut buf, 0).unwrap();
         assert_eq!(&buf, b"old");
+    }
+
+    #[test]
+    fn files_written_in_place_keep_read_ahead_only_on_xfs() {
+        assert_eq!(in_place_advice(Some(libc::XFS_SUPER_MAGIC)), libc::POSIX_FADV_NORMAL);
+        assert_eq!(in_place_advice(Some(libc::EXT4_SUPER_MAGIC)), libc::POSIX_FADV_RANDOM);
+        assert_eq!(in_place_advice(Some(libc::OVERLAYFS_SUPER_MAGIC)), libc::POSIX_FADV_RANDOM, "whatever is below");
+        assert_eq!(in_place_advice(None), libc::POSIX_FADV_RANDOM);
+        // The type read is the one coreutils reports for the same directory.
+        let dir = tempfile::tempdir().unwrap();
+        let magic = file_system_magic(&File::open(dir.path()).unwrap()).expect("statfs of a directory");
+        let out = std::process::Command::new("stat").args(["-f", "--format=%t"]).arg(dir.path()).output().unwrap();
+        let expected = i64::from_str_radix(String::from_utf8(out.stdout).unwrap().trim(), 16).unwrap();
+        assert_eq!(magic as i64, expected);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Edge cases on a real directory: unaligned I/O, the end of the volume, bad input, huge thin
 //! volumes, concurrency, and snapshots that are an exact point in time under load.
 
-use cairn_volume::storage::{FaultyStorage, MemStorage, ReadAhead, Storage};
+use cairn_volume::storage::{Access, FaultyStorage, MemStorage, Storage};
 use cairn_volume::{Allocation, Error, Store, StoreOptions, BLOCK_SIZE};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
@@ -454,7 +454,7 @@ fn large_writes_start_their_writeback_and_small_ones_leave_it_to_the_flush() {
 }
 
 #[test]
-fn heads_read_without_read_ahead_and_frozen_layers_with_it() {
+fn heads_are_marked_for_in_place_writes_and_frozen_layers_read_only() {
     let mem = MemStorage::new();
     let open = || Store::open(Arc::new(mem.clone()) as Arc<dyn Storage>, StoreOptions::default()).unwrap();
     // Layer ids grow, so sorted names list the data files from the oldest layer up.
@@ -463,32 +463,32 @@ fn heads_read_without_read_ahead_and_frozen_layers_with_it() {
         names.sort();
         names
     };
-    let read_ahead = |name: &String| mem.read_ahead(name).unwrap();
+    let access = |name: &String| mem.access(name).unwrap();
     let s = open();
     let id = s.create_volume("v", 1 << 20).unwrap().id;
     let v = s.volume(id).unwrap();
     v.write(&[1u8; 4096], 0, false).unwrap();
     let files = data_files();
     assert_eq!(files.len(), 1);
-    assert_eq!(read_ahead(&files[0]), ReadAhead::Off, "a head's data is read without read-ahead");
+    assert_eq!(access(&files[0]), Access::InPlaceWrites, "a head's data");
     s.snapshot(id, "s").unwrap();
-    assert_eq!(read_ahead(&files[0]), ReadAhead::Default, "a frozen layer reads ahead again");
+    assert_eq!(access(&files[0]), Access::ReadOnly, "a frozen layer's");
     v.write(&[2u8; 4096], 0, false).unwrap();
     let files = data_files();
     assert_eq!(files.len(), 2);
-    assert_eq!(read_ahead(&files[1]), ReadAhead::Off, "the new head");
+    assert_eq!(access(&files[1]), Access::InPlaceWrites, "the new head");
     drop(v);
     s.close().unwrap();
     let s = open();
-    assert_eq!(read_ahead(&files[0]), ReadAhead::Default, "frozen, after a reopen");
-    assert_eq!(read_ahead(&files[1]), ReadAhead::Off, "the head, after a reopen");
+    assert_eq!(access(&files[0]), Access::ReadOnly, "frozen, after a reopen");
+    assert_eq!(access(&files[1]), Access::InPlaceWrites, "the head, after a reopen");
     // A clone's head is a head too.
     let snap = s.list_snapshots(Some(id))[0].id;
     let clone = s.clone_snapshot(snap, "c", None).unwrap().id;
     s.volume(clone).unwrap().write(&[3u8; 4096], 4096, false).unwrap();
     let files = data_files();
     assert_eq!(files.len(), 3);
-    assert_eq!(read_ahead(&files[2]), ReadAhead::Off, "a clone's head");
+    assert_eq!(access(&files[2]), Access::InPlaceWrites, "a clone's head");
     s.close().unwrap();
 }
 

@@ -11,7 +11,7 @@
 //! pages held by the layers' data files, which must equal the model's data blocks; and with no
 //! merge pending, deleting a snapshot must free exactly what its usage reported as exclusive.
 
-use cairn_volume::storage::{MemStorage, ReadAhead, Storage, StorageFile};
+use cairn_volume::storage::{Access, MemStorage, Storage, StorageFile};
 use cairn_volume::{Allocation, Footprint, SnapshotId, SnapshotUsage, Store, StoreOptions, VolumeId, BLOCK_SIZE};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -126,8 +126,8 @@ impl StorageFile for CountingFile {
         Ok(())
     }
 
-    fn set_read_ahead(&self, read_ahead: ReadAhead) {
-        self.inner.set_read_ahead(read_ahead)
+    fn set_access(&self, access: Access) {
+        self.inner.set_access(access)
     }
 
     fn start_writeback(&self, offset: u64, len: u64) {
