@@ -63,7 +63,7 @@ impl LayerKind {
     fn access(self) -> Access {
         match self {
             LayerKind::Head => Access::InPlaceWrites,
-            LayerKind::Frozen | LayerKind::Ghost => Access::ReadOnly,
+            LayerKind::Frozen | LayerKind::Ghost => Access::ReadMostly,
         }
     }
 }
@@ -187,7 +187,7 @@ pub struct Layer {
     failed: std::sync::atomic::AtomicBool,
     /// The layer is a volume's head: a guest overwrites its blocks in place, often in 4 KiB
     /// pieces, so its data files are marked [`Access::InPlaceWrites`] (on ext4 that turns
-    /// read-ahead off; see `storage::in_place_advice`). Frozen layers are only read.
+    /// read-ahead off; see `storage::in_place_advice`). Frozen layers are mostly read.
     is_head: std::sync::atomic::AtomicBool,
     placement: Placement,
 }
@@ -287,7 +287,7 @@ impl Layer {
         })
     }
 
-    /// The layer stops being a head: its data files are only read from now on.
+    /// The layer stops being a head: from now on only merges write into its data files.
     /// Called with the volume's writes paused, so no segment is being created meanwhile.
     pub fn freeze(&self) {
         self.is_head.store(false, Ordering::Relaxed);

@@ -44,9 +44,9 @@ pub trait StorageFile: Send + Sync + std::fmt::Debug {
 /// How a file's data is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Access {
-    /// Only read (a frozen layer's data).
+    /// Not written by guests (a frozen layer's data; a merge only fills in what it lacks).
     #[default]
-    ReadOnly,
+    ReadMostly,
     /// Read and written in place, in pieces as small as a block (a head's data).
     InPlaceWrites,
 }
@@ -175,7 +175,7 @@ impl StorageFile for DirFile {
 
     fn set_access(&self, access: Access) {
         let advice = match access {
-            Access::ReadOnly => libc::POSIX_FADV_NORMAL,
+            Access::ReadMostly => libc::POSIX_FADV_NORMAL,
             Access::InPlaceWrites => self.in_place_advice,
         };
         // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is owned by

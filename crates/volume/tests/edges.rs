@@ -472,7 +472,7 @@ fn heads_are_marked_for_in_place_writes_and_frozen_layers_read_only() {
     assert_eq!(files.len(), 1);
     assert_eq!(access(&files[0]), Access::InPlaceWrites, "a head's data");
     s.snapshot(id, "s").unwrap();
-    assert_eq!(access(&files[0]), Access::ReadOnly, "a frozen layer's");
+    assert_eq!(access(&files[0]), Access::ReadMostly, "a frozen layer's");
     v.write(&[2u8; 4096], 0, false).unwrap();
     let files = data_files();
     assert_eq!(files.len(), 2);
@@ -480,7 +480,7 @@ fn heads_are_marked_for_in_place_writes_and_frozen_layers_read_only() {
     drop(v);
     s.close().unwrap();
     let s = open();
-    assert_eq!(access(&files[0]), Access::ReadOnly, "frozen, after a reopen");
+    assert_eq!(access(&files[0]), Access::ReadMostly, "frozen, after a reopen");
     assert_eq!(access(&files[1]), Access::InPlaceWrites, "the head, after a reopen");
     // A clone's head is a head too.
     let snap = s.list_snapshots(Some(id))[0].id;
