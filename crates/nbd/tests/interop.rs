@@ -67,12 +67,13 @@ fn kind_of(extents: &[AllocExtent], offset: u64, len: u64) -> Allocation {
     e.kind
 }
 
-/// Joins adjacent runs with the same value: tools and the engine may split differently.
+/// Joins runs (in order) with the same value where they touch or overlap: tools and the
+/// engine may split differently.
 fn coalesce<T: PartialEq + Copy>(runs: impl IntoIterator<Item = (u64, u64, T)>) -> Vec<(u64, u64, T)> {
     let mut out: Vec<(u64, u64, T)> = Vec::new();
     for (start, len, v) in runs {
         match out.last_mut() {
-            Some((s, l, last)) if *last == v && *s + *l == start => *l += len,
+            Some((s, l, last)) if *last == v && start <= *s + *l => *l = (start + len).max(*s + *l) - *s,
             _ => out.push((start, len, v)),
         }
     }
@@ -81,15 +82,11 @@ fn coalesce<T: PartialEq + Copy>(runs: impl IntoIterator<Item = (u64, u64, T)>) 
 
 /// `runs` widened to whole MiBs and joined where they then touch or overlap.
 fn mib_runs(runs: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &(start, len) in runs {
-        let (start, end) = (start / MIB * MIB, (start + len).div_ceil(MIB) * MIB);
-        match out.last_mut() {
-            Some((s, l)) if *s + *l >= start => *l = end.max(*s + *l) - *s,
-            _ => out.push((start, end - start)),
-        }
-    }
-    out
+    let widened = runs.iter().map(|&(start, len)| {
+        let first = start / MIB * MIB;
+        (first, (start + len).div_ceil(MIB) * MIB - first, ())
+    });
+    coalesce(widened).into_iter().map(|(start, len, ())| (start, len)).collect()
 }
 
 /// Writes a sparse file of `size` bytes holding `data` at each offset and holes elsewhere,
