@@ -6,14 +6,20 @@
 //! Durability: writers put bytes in the data file first and only then record the blocks in the
 //! in-memory map and the pending list. [`Layer::flush`] syncs the data files before it appends
 //! and syncs the pending records, so a journal never points at data that is not on disk.
+//!
+//! Concurrent flushes sync the data files side by side and queue only for the journal: each
+//! cuts off the records queued so far, under a ticket, before its data sync, and may journal
+//! a cut only once a data sync that began after that cut has finished. Cuts are journaled
+//! oldest first, so batches land in the order their changes were made.
 
 use crate::blockmap::{BlockRun, LayerMap, MapOp, BLOCK_SHIFT};
 use crate::journal::{self, Layout, Record, RecordOp};
 use crate::storage::{Access, Storage, StorageFile};
 use crate::view::ReadPart;
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Bytes per data segment file.
 pub const SEGMENT_SHIFT: u32 = 40;
@@ -72,7 +78,12 @@ impl LayerKind {
 #[derive(Debug, Default)]
 pub struct MapState {
     pub map: LayerMap,
+    /// Changes since the last cut, in order.
     pending: Vec<Record>,
+    /// Changes cut off by flushes still syncing the data they point at, oldest first, each
+    /// under its flush's ticket.
+    cuts: VecDeque<(u64, Vec<Record>)>,
+    next_ticket: u64,
 }
 
 impl MapState {
@@ -81,6 +92,27 @@ impl MapState {
     pub fn apply(&mut self, run: BlockRun, op: MapOp) {
         self.map.set(run, op);
         journal::push_record(&mut self.pending, run, RecordOp::Map(op));
+    }
+
+    /// Cuts off the changes queued so far for a flush about to sync the data, and returns the
+    /// flush's ticket. A separate list also keeps later changes from joining a cut record.
+    fn cut(&mut self) -> u64 {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        if !self.pending.is_empty() {
+            self.cuts.push_back((ticket, std::mem::take(&mut self.pending)));
+        }
+        ticket
+    }
+
+    /// The changes of every cut up to `ticket`'s, oldest first: their data is on disk once
+    /// `ticket`'s data sync has finished.
+    fn take_cuts(&mut self, ticket: u64) -> Vec<Record> {
+        let mut records = Vec::new();
+        while self.cuts.front().is_some_and(|(cut, _)| *cut <= ticket) {
+            records.extend(self.cuts.pop_front().expect("checked").1);
+        }
+        records
     }
 }
 
@@ -165,8 +197,20 @@ impl ChunkTable {
 struct JournalFile {
     file: Arc<dyn StorageFile>,
     end: u64,
-    /// The file is new: its directory entry must be synced once.
-    needs_dir_sync: bool,
+}
+
+impl JournalFile {
+    /// Writes `records` as one batch without syncing it. Returns the file's new end, or `None`
+    /// when there was nothing to write.
+    fn append(&self, records: &[Record]) -> io::Result<Option<u64>> {
+        if records.is_empty() {
+            return Ok(None);
+        }
+        let mut batch = Vec::with_capacity(16 + records.len() * 16);
+        journal::encode_batch(records, &mut batch);
+        self.file.write_at(&batch, self.end)?;
+        Ok(Some(self.end + batch.len() as u64))
+    }
 }
 
 /// A layer: data segments, map and journal.
@@ -177,9 +221,10 @@ pub struct Layer {
     /// One slot per possible segment, set once when the segment's file is opened or created:
     /// readers find a segment with one atomic load, no lock.
     segments: Box<[OnceLock<Arc<dyn StorageFile>>]>,
-    /// Segments created since the last flush, whose directory entries are not yet durable.
-    /// Held while creating a segment, so two writers never create the same one.
-    new_segments: Mutex<bool>,
+    /// Files created since the last flush (data segments, or a new layer's journal) whose
+    /// directory entries are not yet durable. Held while creating a segment, so two writers
+    /// never create the same one.
+    new_files: Mutex<bool>,
     state: RwLock<MapState>,
     journal: Mutex<JournalFile>,
     /// A sync failed. The kernel may have dropped the dirty pages and a retry could
@@ -203,9 +248,9 @@ impl Layer {
             id,
             storage,
             segments: empty_segments(),
-            new_segments: Mutex::new(false),
+            new_files: Mutex::new(true),
             state: RwLock::new(MapState::default()),
-            journal: Mutex::new(JournalFile { file, end: journal::HEADER_LEN as u64, needs_dir_sync: true }),
+            journal: Mutex::new(JournalFile { file, end: journal::HEADER_LEN as u64 }),
             failed: Default::default(),
             is_head: true.into(),
             placement: Placement::Packed(ChunkTable::new(chunk_shift)),
@@ -278,9 +323,9 @@ impl Layer {
             id,
             storage,
             segments,
-            new_segments: Mutex::new(false),
-            state: RwLock::new(MapState { map, pending: Vec::new() }),
-            journal: Mutex::new(JournalFile { file, end, needs_dir_sync: false }),
+            new_files: Mutex::new(false),
+            state: RwLock::new(MapState { map, ..MapState::default() }),
+            journal: Mutex::new(JournalFile { file, end }),
             failed: Default::default(),
             is_head: (kind == LayerKind::Head).into(),
             placement,
@@ -325,7 +370,7 @@ impl Layer {
         if !create {
             return Ok(None);
         }
-        let mut new_segments = self.new_segments.lock().expect("new segments lock");
+        let mut new_files = self.new_files.lock().expect("new files lock");
         if let Some(seg) = slot.get() {
             return Ok(Some(seg.clone()));
         }
@@ -333,7 +378,7 @@ impl Layer {
         seg.set_access(self.access());
         // Unset: checked under the creation lock just above.
         let _ = slot.set(seg.clone());
-        *new_segments = true;
+        *new_files = true;
         Ok(Some(seg))
     }
 
@@ -453,7 +498,8 @@ impl Layer {
 
     /// Records not yet in the journal: about how many writes a flush would sync now.
     pub fn pending_records(&self) -> usize {
-        self.map().pending.len()
+        let state = self.map();
+        state.pending.len() + state.cuts.iter().map(|(_, records)| records.len()).sum::<usize>()
     }
 
     /// [`Layer::flush`], running `overlap` on another thread during the journal's own sync, so
@@ -461,12 +507,17 @@ impl Layer {
     /// written, so whatever it writes reaches the files after the batch. Returns the flush's
     /// result and `overlap`'s; `Err` if the flush failed before `overlap` could start.
     pub fn flush_overlapped<R: Send>(&self, overlap: impl FnOnce() -> R + Send) -> io::Result<(io::Result<()>, R)> {
-        // The journal lock orders concurrent flushes so batches land in the order their
-        // changes were made.
-        let mut journal = self.journal.lock().expect("journal lock");
         self.check_healthy()?;
-        let records = std::mem::take(&mut self.map_mut().pending);
-        let outcome = match self.write_batch(&mut journal, &records) {
+        let ticket = self.map_mut().cut();
+        // Outside the journal lock: a flush arriving while another syncs the data does not
+        // wait for that sync before starting its own (see the module's comment).
+        let data_synced = self.sync_data();
+        let mut journal = self.journal.lock().expect("journal lock");
+        // Possibly none: a flush with a later ticket may have journaled this cut already.
+        let records = self.map_mut().take_cuts(ticket);
+        // Healthy again under the lock: the flush that took this cut may have failed its sync.
+        let written = data_synced.and_then(|()| self.check_healthy()).and_then(|()| journal.append(&records));
+        let outcome = match written {
             Err(e) => Err(e),
             Ok(None) => Ok((Ok(()), overlap())),
             Ok(Some(end)) => Ok(std::thread::scope(|s| {
@@ -478,39 +529,22 @@ impl Layer {
         if matches!(outcome, Err(_) | Ok((Err(_), _))) {
             self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
             // Not durable: keep the records for the next flush, ahead of newer ones.
-            let mut state = self.map_mut();
-            let newer = std::mem::take(&mut state.pending);
-            state.pending = records;
-            state.pending.extend(newer);
+            self.map_mut().cuts.push_front((ticket, records));
         }
         outcome
     }
 
-    /// Syncs the data files (and the directory, for new files), then writes `records` as one
-    /// journal batch without syncing it. Returns the journal's new end, or `None` when there
-    /// was nothing to write.
-    fn write_batch(&self, journal: &mut MutexGuard<'_, JournalFile>, records: &[Record]) -> io::Result<Option<u64>> {
+    /// Syncs the data files, and the directory if files were created since the last flush.
+    fn sync_data(&self) -> io::Result<()> {
         for seg in self.segments.iter().filter_map(OnceLock::get) {
             seg.sync()?;
         }
-        let mut new_segments = self.new_segments.lock().expect("new segments lock");
-        if *new_segments || journal.needs_dir_sync {
-            if journal.needs_dir_sync {
-                journal.file.sync()?;
-            }
+        let mut new_files = self.new_files.lock().expect("new files lock");
+        if *new_files {
             self.storage.sync_dir()?;
-            *new_segments = false;
-            journal.needs_dir_sync = false;
+            *new_files = false;
         }
-        drop(new_segments);
-        if records.is_empty() {
-            return Ok(None);
-        }
-        let mut batch = Vec::with_capacity(16 + records.len() * 16);
-        journal::encode_batch(records, &mut batch);
-        let end = journal.end;
-        journal.file.write_at(&batch, end)?;
-        Ok(Some(end + batch.len() as u64))
+        Ok(())
     }
 
     /// Fails once a sync of this layer has failed.
@@ -549,7 +583,7 @@ impl Layer {
         file.sync()?;
         self.storage.rename(&tmp, &map_file_name(self.id))?;
         // From here the old journal is unlinked: appends must go to the new one.
-        *journal = JournalFile { file, end: bytes.len() as u64, needs_dir_sync: false };
+        *journal = JournalFile { file, end: bytes.len() as u64 };
         if let Err(e) = self.storage.sync_dir() {
             self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
             return Err(e);
@@ -588,7 +622,7 @@ fn empty_segments() -> Box<[OnceLock<Arc<dyn StorageFile>>]> {
 mod tests {
     use super::*;
     use crate::blockmap::{BlockState, BLOCK_SIZE};
-    use crate::storage::MemStorage;
+    use crate::storage::{Fault, FaultControl, FaultyStorage, MemStorage};
 
     const ID: u64 = 9;
     const SHIFT: u32 = journal::DEFAULT_CHUNK_SHIFT;
@@ -617,6 +651,67 @@ mod tests {
     fn reopen(storage: &MemStorage) -> Layer {
         let files = storage.list().unwrap();
         Layer::open(Arc::new(storage.clone()), ID, LayerKind::Head, &files, SHIFT).unwrap()
+    }
+
+    /// A layer on faulty memory with block 0 flushed and block 1 written, whose next sync (the
+    /// next flush's data sync) stalls at the returned barrier.
+    fn layer_with_a_flush_to_stall() -> (MemStorage, Arc<FaultControl>, Layer, Arc<std::sync::Barrier>) {
+        let storage = MemStorage::new();
+        let faulty = FaultyStorage::new(Arc::new(storage.clone()));
+        let control = faulty.control();
+        let layer = Layer::create(Arc::new(faulty), ID, SHIFT).unwrap();
+        write_block(&layer, 0, 1);
+        layer.flush().unwrap();
+        write_block(&layer, 1, 2);
+        let stall = control.stall_next_sync();
+        (storage, control, layer, stall)
+    }
+
+    #[test]
+    fn a_flush_journals_without_waiting_for_an_earlier_flushs_data_sync() {
+        let (storage, _, layer, stall) = layer_with_a_flush_to_stall();
+        std::thread::scope(|s| {
+            let first = s.spawn(|| layer.flush());
+            stall.wait(); // The first flush is syncing the data of block 1.
+            write_block(&layer, 2, 3);
+            let (done, finished) = std::sync::mpsc::channel();
+            let layer = &layer;
+            s.spawn(move || done.send(layer.flush()));
+            let second = finished.recv_timeout(std::time::Duration::from_secs(30));
+            if second.is_err() {
+                stall.wait(); // Let the first flush go, so the scope can end and report.
+                panic!("the second flush waited for the first one's data sync");
+            }
+            second.unwrap().unwrap();
+            // The second flush's data sync began after block 1 was written, so it journaled
+            // the first flush's records as well as its own: a power loss now keeps both.
+            storage.power_loss();
+            let reopened = reopen(&storage);
+            for (block, fill) in [(0, 1), (1, 2), (2, 3)] {
+                assert_eq!(read_block(&reopened, block), vec![fill; BLOCK_SIZE as usize], "block {block}");
+            }
+            stall.wait();
+            first.join().unwrap().unwrap();
+        });
+    }
+
+    #[test]
+    fn a_failed_journal_sync_fails_the_flushes_whose_records_it_held() {
+        let (_, control, layer, stall) = layer_with_a_flush_to_stall();
+        std::thread::scope(|s| {
+            let first = s.spawn(|| layer.flush());
+            stall.wait();
+            write_block(&layer, 2, 3);
+            // The second flush syncs the data and journals both flushes' records; its journal
+            // sync, the next operation after the batch is written, fails.
+            control.fail_after(2, Fault::Io, false);
+            assert!(layer.flush().is_err());
+            control.heal();
+            stall.wait();
+            // The first flush's records went with the failed batch: it must not report them durable.
+            assert!(first.join().unwrap().is_err());
+        });
+        assert!(layer.flush().is_err(), "the layer stays failed until reopened");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 
 /// One open file of a [`Storage`]. Reads past the end of the file return zeros.
 pub trait StorageFile: Send + Sync + std::fmt::Debug {
@@ -527,6 +527,8 @@ pub struct FaultControl {
     fail_after: AtomicU64,
     fault: Mutex<Fault>,
     fail_reads: std::sync::atomic::AtomicBool,
+    /// Set by [`FaultControl::stall_next_sync`].
+    stall: Mutex<Option<Arc<Barrier>>>,
 }
 
 impl FaultControl {
@@ -540,6 +542,15 @@ impl FaultControl {
         *self.fault.lock().expect("fault mutex") = fault;
         self.fail_reads.store(fail_reads, Ordering::SeqCst);
         self.fail_after.store(self.ops().saturating_add(n), Ordering::SeqCst);
+    }
+
+    /// Makes the next file sync stop once it has begun, as on a slow disk, for tests of what
+    /// runs meanwhile. The sync waits at the returned barrier twice: the test's first wait
+    /// returns once the sync is stalled, its second lets the sync go on.
+    pub fn stall_next_sync(&self) -> Arc<Barrier> {
+        let barrier = Arc::new(Barrier::new(2));
+        *self.stall.lock().expect("stall mutex") = Some(barrier.clone());
+        barrier
     }
 
     /// Stops injecting faults.
@@ -564,6 +575,7 @@ impl FaultyStorage {
             fail_after: AtomicU64::new(u64::MAX),
             fault: Mutex::new(Fault::Io),
             fail_reads: std::sync::atomic::AtomicBool::new(true),
+            stall: Mutex::new(None),
         });
         Self { inner, control }
     }
@@ -593,6 +605,11 @@ impl StorageFile for FaultyFile {
 
     fn sync(&self) -> io::Result<()> {
         self.control.check(false)?;
+        let stall = self.control.stall.lock().expect("stall mutex").take();
+        if let Some(barrier) = stall {
+            barrier.wait();
+            barrier.wait();
+        }
         self.inner.sync()
     }
 
