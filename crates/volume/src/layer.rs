@@ -493,7 +493,7 @@ impl Layer {
 
     /// Makes every completed write and map change durable: data first, then the journal.
     pub fn flush(&self) -> io::Result<()> {
-        self.flush_overlapped(|| ()).and_then(|(synced, ())| synced)
+        self.flush_with(None::<fn()>).and_then(|(synced, _)| synced)
     }
 
     /// Records not yet in the journal: about how many writes a flush would sync now.
@@ -507,6 +507,17 @@ impl Layer {
     /// written, so whatever it writes reaches the files after the batch. Returns the flush's
     /// result and `overlap`'s; `Err` if the flush failed before `overlap` could start.
     pub fn flush_overlapped<R: Send>(&self, overlap: impl FnOnce() -> R + Send) -> io::Result<(io::Result<()>, R)> {
+        let (synced, overlapped) = self.flush_with(Some(overlap))?;
+        Ok((synced, overlapped.expect("an overlap runs whenever the flush gets that far")))
+    }
+
+    /// A flush, with or without work to overlap with its journal sync. Without, no thread is
+    /// started: the journal lock is held until the overlap ends, so a plain flush that
+    /// started one would keep the next flush waiting for the thread's start and exit too.
+    fn flush_with<R: Send>(
+        &self,
+        overlap: Option<impl FnOnce() -> R + Send>,
+    ) -> io::Result<(io::Result<()>, Option<R>)> {
         self.check_healthy()?;
         let ticket = self.map_mut().cut();
         // Outside the journal lock: a flush arriving while another syncs the data does not
@@ -517,13 +528,14 @@ impl Layer {
         let records = self.map_mut().take_cuts(ticket);
         // Healthy again under the lock: the flush that took this cut may have failed its sync.
         let written = data_synced.and_then(|()| self.check_healthy()).and_then(|()| journal.append(&records));
-        let outcome = match written {
-            Err(e) => Err(e),
-            Ok(None) => Ok((Ok(()), overlap())),
-            Ok(Some(end)) => Ok(std::thread::scope(|s| {
+        let outcome = match (written, overlap) {
+            (Err(e), _) => Err(e),
+            (Ok(None), overlap) => Ok((Ok(()), overlap.map(|f| f()))),
+            (Ok(Some(end)), None) => Ok((journal.file.sync().map(|()| journal.end = end), None)),
+            (Ok(Some(end)), Some(overlap)) => Ok(std::thread::scope(|s| {
                 let other = s.spawn(overlap);
                 let synced = journal.file.sync().map(|()| journal.end = end);
-                (synced, other.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                (synced, Some(other.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))))
             })),
         };
         if matches!(outcome, Err(_) | Ok((Err(_), _))) {
