@@ -76,6 +76,20 @@ pub fn load_average() -> String {
     }
 }
 
+/// CPU time the hypervisor gave to others while this machine's virtual CPUs were ready to run
+/// ("steal" in /proc/stat), summed over all CPUs since boot; `None` where the kernel does not
+/// report it. Whatever ran on a stolen CPU stopped for that long, unseen by the guest: a lock
+/// holder, a writer in the middle of a write, or the timed call itself.
+pub fn cpu_steal() -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let total = stat.lines().next()?.strip_prefix("cpu ")?;
+    // user nice system idle iowait irq softirq steal, in clock ticks.
+    let ticks: u64 = total.split_whitespace().nth(7)?.parse().ok()?;
+    // SAFETY: sysconf reads a constant of the running system and touches no memory of ours.
+    let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|t| *t > 0)?;
+    Some(std::time::Duration::from_millis(ticks * 1000 / per_second))
+}
+
 /// The file system `path` lives on, as "TYPE on SOURCE (OPTIONS)", from the mount with the
 /// longest mount point that contains it. Mount options change write figures: with `discard`,
 /// blocks freed by deleted files go back to a thin-provisioned host disk, and the first write
@@ -175,6 +189,18 @@ pub fn median(values: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn steal_time_is_read_from_proc_stat_and_never_goes_back() {
+        let first = cpu_steal().expect("Linux reports steal time in /proc/stat");
+        let later = cpu_steal().expect("still there");
+        assert!(later >= first);
+        // The same field read by hand: the 8th number on the "cpu" line, in clock ticks.
+        let stat = std::fs::read_to_string("/proc/stat").unwrap();
+        let ticks: u64 = stat.lines().next().unwrap().split_whitespace().nth(8).unwrap().parse().unwrap();
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        assert!(first.as_millis() as u64 <= ticks * 1000 / per_second);
+    }
 
     #[test]
     fn the_discard_option_is_found_only_as_a_whole_option() {

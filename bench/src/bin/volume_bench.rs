@@ -9,8 +9,8 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use cairn_bench::{
-    file_system_of, human_size, load_average, median as median_of, mounted_with_discard, parse_size, warm_free_memory,
-    WorkDir, GIB, KIB, MIB, TIB,
+    cpu_steal, file_system_of, human_size, load_average, median as median_of, mounted_with_discard, parse_size,
+    warm_free_memory, WorkDir, GIB, KIB, MIB, TIB,
 };
 use cairn_volume::buffer::PageBuffer;
 use cairn_volume::{Allocation, Store, StoreOptions, Volume};
@@ -216,6 +216,9 @@ struct SnapshotResult {
     /// The writer's own flushes meanwhile, sorted: a data sync and a journal sync, the least a
     /// durable snapshot must also wait for, on the same disk at the same time.
     writer_flushes: Vec<Duration>,
+    /// CPU time the hypervisor took from this machine during the test, and the test's length.
+    steal: Option<Duration>,
+    elapsed: Duration,
 }
 
 /// Nearest-rank percentile of sorted durations.
@@ -240,6 +243,7 @@ fn snapshot_latency(dir: &Path, label: &'static str, volume_size: u64, count: us
     let id = store.create_volume("snapshot-bench", volume_size)?.id;
     let volume = store.volume(id)?;
     let stop = AtomicBool::new(false);
+    let (started, steal_before) = (Instant::now(), cpu_steal());
     let (taken, writer) = std::thread::scope(|s| {
         let writer = s.spawn(|| run_writer(&volume, &stop));
         let taken = (0..count)
@@ -254,6 +258,8 @@ fn snapshot_latency(dir: &Path, label: &'static str, volume_size: u64, count: us
         let writes = writer.join().expect("writer thread panicked");
         (taken, writes)
     });
+    let elapsed = started.elapsed();
+    let steal = cpu_steal().zip(steal_before).map(|(after, before)| after.saturating_sub(before));
     let mut latencies = taken?;
     let (writer_writes, mut writer_flushes) = writer?;
     writer_flushes.sort_unstable();
@@ -261,7 +267,7 @@ fn snapshot_latency(dir: &Path, label: &'static str, volume_size: u64, count: us
     let layers = store.layer_count();
     store.close()?;
     std::fs::remove_dir_all(dir)?;
-    Ok(SnapshotResult { label, volume_size, latencies, layers, writer_writes, writer_flushes })
+    Ok(SnapshotResult { label, volume_size, latencies, layers, writer_writes, writer_flushes, steal, elapsed })
 }
 
 /// Random 4 KiB writes with a flush every [`WRITER_FLUSH_EVERY`], until `stop`. Returns the
@@ -478,16 +484,19 @@ impl Report {
         out += "## Snapshot create while a writer runs\n\n";
         out += &format!(
             "Random 4 KiB writes on another thread, a flush every {WRITER_FLUSH_EVERY}; {} ms between snapshots. \
-             The last column times the writer's own flushes, a data sync then a journal sync: the least a \
-             snapshot also waits for to be durable, on the same disk at the same time (not a target).\n\n",
+             The writer flush column times the writer's own flushes, a data sync then a journal sync: the least a \
+             snapshot also waits for to be durable, on the same disk at the same time (not a target). Host steal \
+             is CPU time the hypervisor gave to others, summed over this machine's CPUs, during the test: a \
+             thread on a stolen CPU stops for that long, and a writer stopped while it holds the volume's \
+             gate delays the snapshot as much.\n\n",
             SNAPSHOT_GAP.as_millis()
         );
         out += "| volume | snapshots | p50 ms | p99 ms | max ms | layers reached | writer writes | p99 < 5 ms \
-                | writer flush p50 / p99 ms |\n";
-        out += "|---|---:|---:|---:|---:|---:|---:|---|---:|\n";
+                | writer flush p50 / p99 ms | host steal ms in s |\n";
+        out += "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|\n";
         for s in &self.snapshots {
             out += &format!(
-                "| {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {:.2} / {:.2} |\n",
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {:.2} / {:.2} | {} in {:.1} |\n",
                 s.label,
                 s.latencies.len(),
                 ms(s.percentile(50.0)),
@@ -498,6 +507,8 @@ impl Report {
                 if s.percentile(99.0) < SNAPSHOT_P99_TARGET { "yes" } else { "NO" },
                 ms(percentile(&s.writer_flushes, 50.0)),
                 ms(percentile(&s.writer_flushes, 99.0)),
+                s.steal.map_or("unknown".to_string(), |d| format!("{:.0}", ms(d))),
+                s.elapsed.as_secs_f64(),
             );
         }
         let a = &self.allocation;
@@ -591,6 +602,8 @@ impl Report {
                     "writer_writes": s.writer_writes,
                     "writer_flush_p50_ms": ms(percentile(&s.writer_flushes, 50.0)),
                     "writer_flush_p99_ms": ms(percentile(&s.writer_flushes, 99.0)),
+                    "host_steal_ms": s.steal.map(ms),
+                    "elapsed_s": s.elapsed.as_secs_f64(),
                     "p99_target_ms": ms(SNAPSHOT_P99_TARGET),
                 })
             })
