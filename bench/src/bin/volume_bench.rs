@@ -221,15 +221,20 @@ struct SnapshotResult {
     elapsed: Duration,
 }
 
-/// Nearest-rank percentile of sorted durations.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+/// Nearest-rank percentile of sorted durations; `None` for none.
+fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
     let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
+    sorted.get(rank.clamp(1, sorted.len().max(1)) - 1).copied()
 }
 
 impl SnapshotResult {
     fn percentile(&self, p: f64) -> Duration {
-        percentile(&self.latencies, p)
+        percentile(&self.latencies, p).expect("at least one snapshot")
+    }
+
+    /// The writer's flush p50 and p99 in ms; `None` if a short run left it no time to flush.
+    fn writer_flush_ms(&self) -> Option<(f64, f64)> {
+        Some((ms(percentile(&self.writer_flushes, 50.0)?), ms(percentile(&self.writer_flushes, 99.0)?)))
     }
 
     fn max(&self) -> Duration {
@@ -496,7 +501,7 @@ impl Report {
         out += "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|\n";
         for s in &self.snapshots {
             out += &format!(
-                "| {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {:.2} / {:.2} | {} in {:.1} |\n",
+                "| {} | {} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} in {:.1} |\n",
                 s.label,
                 s.latencies.len(),
                 ms(s.percentile(50.0)),
@@ -505,8 +510,7 @@ impl Report {
                 s.layers,
                 s.writer_writes,
                 if s.percentile(99.0) < SNAPSHOT_P99_TARGET { "yes" } else { "NO" },
-                ms(percentile(&s.writer_flushes, 50.0)),
-                ms(percentile(&s.writer_flushes, 99.0)),
+                s.writer_flush_ms().map_or("none".to_string(), |(p50, p99)| format!("{p50:.2} / {p99:.2}")),
                 s.steal.map_or("unknown".to_string(), |d| format!("{:.0}", ms(d))),
                 s.elapsed.as_secs_f64(),
             );
@@ -600,8 +604,8 @@ impl Report {
                     "max_ms": ms(s.max()),
                     "layers": s.layers,
                     "writer_writes": s.writer_writes,
-                    "writer_flush_p50_ms": ms(percentile(&s.writer_flushes, 50.0)),
-                    "writer_flush_p99_ms": ms(percentile(&s.writer_flushes, 99.0)),
+                    "writer_flush_p50_ms": s.writer_flush_ms().map(|(p50, _)| p50),
+                    "writer_flush_p99_ms": s.writer_flush_ms().map(|(_, p99)| p99),
                     "host_steal_ms": s.steal.map(ms),
                     "elapsed_s": s.elapsed.as_secs_f64(),
                     "p99_target_ms": ms(SNAPSHOT_P99_TARGET),
