@@ -211,6 +211,12 @@ impl JournalFile {
         self.file.write_at(&batch, self.end)?;
         Ok(Some(self.end + batch.len() as u64))
     }
+
+    /// Syncs what [`JournalFile::append`] wrote; the batch counts from then on, so the next
+    /// one goes after it at `end`.
+    fn sync_to(&mut self, end: u64) -> io::Result<()> {
+        self.file.sync().map(|()| self.end = end)
+    }
 }
 
 /// A layer: data segments, map and journal.
@@ -531,10 +537,10 @@ impl Layer {
         let outcome = match (written, overlap) {
             (Err(e), _) => Err(e),
             (Ok(None), overlap) => Ok((Ok(()), overlap.map(|f| f()))),
-            (Ok(Some(end)), None) => Ok((journal.file.sync().map(|()| journal.end = end), None)),
+            (Ok(Some(end)), None) => Ok((journal.sync_to(end), None)),
             (Ok(Some(end)), Some(overlap)) => Ok(std::thread::scope(|s| {
                 let other = s.spawn(overlap);
-                let synced = journal.file.sync().map(|()| journal.end = end);
+                let synced = journal.sync_to(end);
                 (synced, Some(other.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))))
             })),
         };
