@@ -9,8 +9,8 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use cairn_bench::{
-    cpu_steal, file_system_of, human_size, load_average, median as median_of, mounted_with_discard, parse_size,
-    warm_free_memory, WorkDir, GIB, KIB, MIB, TIB,
+    cpu_steal, file_system_of, human_size, load_average, median as median_of, parse_size, warm_free_memory, WorkDir,
+    GIB, KIB, MIB, TIB,
 };
 use cairn_volume::buffer::PageBuffer;
 use cairn_volume::{Allocation, Store, StoreOptions, Volume};
@@ -575,17 +575,19 @@ impl Report {
                 (untimed), so that new page cache comes from warm memory for every target.\n";
         out +=
             &format!("- Load average at the start: {}. Data in {} (removed at the end).\n", self.load, dir.display());
-        match &self.file_system {
-            Some(fs) if mounted_with_discard(fs) => {
-                out += &format!(
-                    "- File system: {fs}. With `discard`, blocks freed by deleted files are discarded to the disk below; on a \
-                     thin-provisioned virtual disk the first write to them then costs an allocation there, which \
-                     overwrites do not pay. The layered volume's sequential write (into its empty head) measures \
-                     that. For the engine alone, run with --dir on a file system mounted without it.\n"
-                )
-            }
-            Some(fs) => out += &format!("- File system: {fs}.\n"),
-            None => {}
+        if let Some(fs) = &self.file_system {
+            out += &format!("- File system: {fs}.\n");
+        }
+        let new_blocks = median_of(&self.raw_new_file_write) / median(&self.raw, SEQ_WRITE);
+        if new_blocks < RATIO_TARGET {
+            out += &format!(
+                "- On this disk a sequential write into new blocks ran at {new_blocks:.2} of an overwrite (the \
+                 last row against the raw file's sequential write): the disk below allocates on first write, as a \
+                 thin-provisioned virtual disk does (and with `discard` the file system hands freed blocks back \
+                 to it). The layered volume's writes into its empty head pay that and the raw file's overwrite \
+                 does not. To measure the engine without it, run with --dir on `bench/provisioned-fs up DIR`, a \
+                 file system whose blocks the disk below already holds.\n"
+            );
         }
         out
     }
