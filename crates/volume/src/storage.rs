@@ -1,11 +1,11 @@
 //! The I/O backend under a store: a flat directory of files.
 //!
 //! The engine never touches the file system directly, so tests can run it on [`MemStorage`]
-//! (which can also simulate a power loss by dropping everything not yet synced) and on
+//! (which can also simulate a power loss, dropping all or part of what was not yet synced) and on
 //! [`FaultyStorage`] (which fails with EIO or ENOSPC after a chosen number of operations).
 //! [`DirStorage`] is the real one: `pread`/`pwrite` on sparse files in one directory.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -412,11 +412,78 @@ impl StorageFile for MemFile {
     }
 }
 
-/// Files in memory. Directory operations are durable at once; file contents only after
-/// [`StorageFile::sync`], so [`MemStorage::power_loss`] can model a crash of the machine.
+/// A change to a [`MemStorage`] directory since its last [`Storage::sync_dir`].
+#[derive(Debug, Clone)]
+enum DirChange {
+    Create(String, Arc<MemFile>),
+    Remove(String),
+    Rename(String, String),
+}
+
+impl DirChange {
+    fn apply(&self, names: &mut HashMap<String, Arc<MemFile>>) {
+        match self {
+            DirChange::Create(name, file) => {
+                names.insert(name.clone(), file.clone());
+            }
+            DirChange::Remove(name) => {
+                names.remove(name);
+            }
+            DirChange::Rename(from, to) => {
+                if let Some(file) = names.remove(from) {
+                    names.insert(to.clone(), file);
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct MemDir {
+    /// The names as the storage's users see them.
+    current: HashMap<String, Arc<MemFile>>,
+    /// The names as of the last directory sync.
+    durable: HashMap<String, Arc<MemFile>>,
+    /// Changes since the last directory sync, oldest first. A power loss keeps a prefix of
+    /// them: a journaling file system commits directory changes in the order they were made.
+    changes: Vec<DirChange>,
+}
+
+impl MemDir {
+    fn change(&mut self, change: DirChange) {
+        change.apply(&mut self.current);
+        self.changes.push(change);
+    }
+}
+
+/// Files in memory, durable as on a real disk: a file's contents only after
+/// [`StorageFile::sync`], and creations, removals and renames only after
+/// [`Storage::sync_dir`]. [`MemStorage::power_loss`] and
+/// [`MemStorage::power_loss_keeping_some`] model a crash of the machine.
 #[derive(Debug, Default, Clone)]
 pub struct MemStorage {
-    files: Arc<Mutex<HashMap<String, Arc<MemFile>>>>,
+    dir: Arc<Mutex<MemDir>>,
+}
+
+/// A deterministic coin (xorshift64) for power losses that keep a random part.
+struct Coin(u64);
+
+impl Coin {
+    fn new(seed: u64) -> Self {
+        // Xorshift stays at zero from zero.
+        Coin(seed | 1 << 63)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn flip(&mut self) -> bool {
+        self.next() >> 32 & 1 == 1
+    }
 }
 
 impl MemStorage {
@@ -425,34 +492,77 @@ impl MemStorage {
         Self::default()
     }
 
-    /// Drops every write that was not synced, as a power loss would. Handles opened before
-    /// keep working on the reverted content, so callers should drop their store first.
+    /// Drops everything not synced, as a power loss may: file contents since their last sync,
+    /// and directory changes since the last directory sync. Handles opened before keep working
+    /// on the reverted content, so callers should drop their store first.
     pub fn power_loss(&self) {
-        for file in self.files().values() {
+        let mut dir = self.dir();
+        dir.current = dir.durable.clone();
+        dir.changes.clear();
+        for file in dir.current.values() {
             let mut state = file.state();
             state.current = state.durable.clone();
         }
     }
 
+    /// A power loss that keeps a random part of what was not synced, chosen by `seed`, as a
+    /// disk that wrote back some of its cache does: a prefix of the directory changes since the
+    /// last directory sync, and of each file, every unsynced 4 KiB page either as written or as
+    /// synced, and either its synced or its current length (bytes past it read as zeros).
+    pub fn power_loss_keeping_some(&self, seed: u64) {
+        let mut rng = Coin::new(seed);
+        let mut dir = self.dir();
+        let kept = (rng.next() % (dir.changes.len() as u64 + 1)) as usize;
+        let mut names = dir.durable.clone();
+        for change in &dir.changes[..kept] {
+            change.apply(&mut names);
+        }
+        let mut files: Vec<(&String, &Arc<MemFile>)> = names.iter().collect();
+        // Sorted, so that the same seed keeps the same pages.
+        files.sort_by(|a, b| a.0.cmp(b.0));
+        for (_, file) in files {
+            let mut state = file.state();
+            let MemFileState { current, durable } = &mut *state;
+            let mut survived = durable.clone();
+            let written: BTreeSet<u64> = current.pages.keys().chain(durable.pages.keys()).copied().collect();
+            for page in written {
+                if current.pages.get(&page) != durable.pages.get(&page) && rng.flip() {
+                    match current.pages.get(&page) {
+                        Some(bytes) => survived.pages.insert(page, bytes.clone()),
+                        None => survived.pages.remove(&page),
+                    };
+                }
+            }
+            let len = if rng.flip() { current.len } else { durable.len };
+            survived.len = current.len.max(durable.len);
+            survived.set_len(len);
+            *current = survived.clone();
+            *durable = survived;
+        }
+        dir.current = names.clone();
+        dir.durable = names;
+        dir.changes.clear();
+    }
+
     /// The access hint of the latest handle on `name`, if the file exists.
     pub fn access(&self, name: &str) -> Option<Access> {
-        self.files().get(name).map(|file| *file.access.lock().expect("mem file access"))
+        self.dir().current.get(name).map(|file| *file.access.lock().expect("mem file access"))
     }
 
     /// Bytes of `name` whose writeback was asked to start ([`StorageFile::start_writeback`]).
     pub fn writeback_started(&self, name: &str) -> Option<u64> {
-        self.files().get(name).map(|file| file.writeback_started.load(Ordering::Relaxed))
+        self.dir().current.get(name).map(|file| file.writeback_started.load(Ordering::Relaxed))
     }
 
-    fn files(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<MemFile>>> {
-        self.files.lock().expect("mem storage mutex")
+    fn dir(&self) -> std::sync::MutexGuard<'_, MemDir> {
+        self.dir.lock().expect("mem storage mutex")
     }
 }
 
 impl Storage for MemStorage {
     fn open(&self, name: &str, create: bool) -> io::Result<Arc<dyn StorageFile>> {
-        let mut files = self.files();
-        match files.get(name) {
+        let mut dir = self.dir();
+        match dir.current.get(name) {
             Some(file) => {
                 // A new handle starts with no hint, as a new open file does.
                 *file.access.lock().expect("mem file access") = Access::default();
@@ -460,7 +570,7 @@ impl Storage for MemStorage {
             }
             None if create => {
                 let file = Arc::new(MemFile::default());
-                files.insert(name.to_string(), file.clone());
+                dir.change(DirChange::Create(name.to_string(), file.clone()));
                 Ok(file)
             }
             None => Err(io::Error::new(io::ErrorKind::NotFound, format!("{name}: no such file"))),
@@ -468,24 +578,30 @@ impl Storage for MemStorage {
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
-        self.files().remove(name);
+        let mut dir = self.dir();
+        if dir.current.contains_key(name) {
+            dir.change(DirChange::Remove(name.to_string()));
+        }
         Ok(())
     }
 
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        let mut files = self.files();
-        let file = files
-            .remove(from)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{from}: no such file")))?;
-        files.insert(to.to_string(), file);
+        let mut dir = self.dir();
+        if !dir.current.contains_key(from) {
+            return Err(io::Error::new(io::ErrorKind::NotFound, format!("{from}: no such file")));
+        }
+        dir.change(DirChange::Rename(from.to_string(), to.to_string()));
         Ok(())
     }
 
     fn list(&self) -> io::Result<Vec<String>> {
-        Ok(self.files().keys().cloned().collect())
+        Ok(self.dir().current.keys().cloned().collect())
     }
 
     fn sync_dir(&self) -> io::Result<()> {
+        let mut dir = self.dir();
+        dir.durable = dir.current.clone();
+        dir.changes.clear();
         Ok(())
     }
 
@@ -729,6 +845,7 @@ mod tests {
     fn mem_power_loss_drops_unsynced_writes() {
         let storage = MemStorage::new();
         let f = storage.open("a", true).unwrap();
+        storage.sync_dir().unwrap();
         f.write_at(b"old", 0).unwrap();
         f.sync().unwrap();
         f.write_at(b"new", 0).unwrap();
@@ -736,6 +853,66 @@ mod tests {
         let mut buf = [0u8; 3];
         f.read_at(&mut buf, 0).unwrap();
         assert_eq!(&buf, b"old");
+    }
+
+    fn names(storage: &MemStorage) -> BTreeSet<String> {
+        storage.list().unwrap().into_iter().collect()
+    }
+
+    #[test]
+    fn mem_power_loss_undoes_directory_changes_since_the_directory_sync() {
+        let storage = MemStorage::new();
+        for name in ["kept", "removed", "renamed"] {
+            storage.open(name, true).unwrap().sync().unwrap();
+        }
+        storage.sync_dir().unwrap();
+        storage.open("created", true).unwrap().sync().unwrap();
+        storage.remove("removed").unwrap();
+        storage.rename("renamed", "new-name").unwrap();
+        assert_eq!(names(&storage), ["created", "kept", "new-name"].map(String::from).into());
+        storage.power_loss();
+        assert_eq!(names(&storage), ["kept", "removed", "renamed"].map(String::from).into());
+    }
+
+    #[test]
+    fn mem_partial_power_loss_keeps_a_prefix_of_directory_changes_and_some_pages() {
+        let page = MEM_PAGE as usize;
+        let (mut prefixes, mut page_outcomes, mut lengths) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+        for seed in 0..64 {
+            let storage = MemStorage::new();
+            let f = storage.open("data", true).unwrap();
+            storage.sync_dir().unwrap();
+            f.write_at(&vec![1u8; 2 * page], 0).unwrap();
+            f.sync().unwrap();
+            f.write_at(&vec![2u8; 3 * page], 0).unwrap();
+            storage.open("first", true).unwrap();
+            storage.open("second", true).unwrap();
+            storage.power_loss_keeping_some(seed);
+            let kept = names(&storage);
+            let prefix = ["data", "first", "second"].iter().take_while(|n| kept.contains(**n)).count();
+            assert_eq!(prefix, kept.len(), "seed {seed}: {kept:?} is not a prefix of the creations");
+            prefixes.insert(prefix);
+            let len = f.size().unwrap();
+            assert!(len == 2 * MEM_PAGE || len == 3 * MEM_PAGE, "seed {seed}: length {len}");
+            lengths.insert(len);
+            let mut buf = vec![0u8; 3 * page];
+            f.read_at(&mut buf, 0).unwrap();
+            for (i, chunk) in buf.chunks(page).enumerate() {
+                let expected: &[u8] = if i < 2 { &[1, 2] } else { &[0, 2] };
+                assert!(expected.contains(&chunk[0]), "seed {seed}: page {i} holds {}", chunk[0]);
+                assert!(chunk.iter().all(|b| *b == chunk[0]), "seed {seed}: page {i} is torn");
+                page_outcomes.insert((i, chunk[0]));
+            }
+            // What survived is now durable: a second power loss changes nothing.
+            storage.power_loss();
+            let mut again = vec![0u8; 3 * page];
+            f.read_at(&mut again, 0).unwrap();
+            assert_eq!(again, buf);
+            assert_eq!(names(&storage), kept);
+        }
+        assert_eq!(prefixes.len(), 3, "every prefix of the creations occurs: {prefixes:?}");
+        assert_eq!(lengths.len(), 2);
+        assert!(page_outcomes.contains(&(0, 1)) && page_outcomes.contains(&(0, 2)), "{page_outcomes:?}");
     }
 
     #[test]

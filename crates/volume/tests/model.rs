@@ -25,7 +25,7 @@ enum Op {
     Grow { vol: usize, sectors: u64 },
     MergeStep,
     Reopen,
-    PowerLoss,
+    PowerLoss { keep: Option<u64> },
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -45,7 +45,8 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => (idx.clone(), 1u64..40).prop_map(|(vol, sectors)| Op::Grow { vol, sectors }),
         2 => Just(Op::MergeStep),
         1 => Just(Op::Reopen),
-        1 => Just(Op::PowerLoss),
+        // A seed keeps a part of what was not synced, chosen by it; `None` keeps nothing.
+        1 => proptest::option::of(any::<u64>()).prop_map(|keep| Op::PowerLoss { keep }),
     ]
 }
 
@@ -323,9 +324,12 @@ impl Harness {
                     m.unflushed.clear();
                 }
             }
-            Op::PowerLoss => {
+            Op::PowerLoss { keep } => {
                 drop(self.store.take());
-                self.storage.power_loss();
+                match keep {
+                    Some(seed) => self.storage.power_loss_keeping_some(seed),
+                    None => self.storage.power_loss(),
+                }
                 self.store = Some(Store::open(Arc::new(self.storage.clone()), options()).unwrap());
                 self.check_power_loss();
             }
@@ -493,7 +497,7 @@ fn long_fixed_history() {
             5 => Op::MergeStep,
             7 => Op::Zero { vol, at: i * 997, len: 9000 },
             8 if i % 4 == 0 => Op::Clone { snap: i as usize },
-            9 if i % 5 == 0 => Op::PowerLoss,
+            9 if i % 5 == 0 => Op::PowerLoss { keep: (i % 2 == 0).then_some(i) },
             10 if i % 7 == 0 => Op::Revert { vol, snap: i as usize },
             _ => Op::Write { vol, at: i * 7919, len: 1 + i * 131 % 20000, seed: i as u8, fua: false },
         });
