@@ -359,6 +359,8 @@ struct MemFile {
     access: Mutex<Access>,
     /// Bytes whose writeback callers asked to start, for tests of that hint.
     writeback_started: AtomicU64,
+    /// The storage's hook, called before every sync.
+    before_sync: Arc<SyncHookCell>,
 }
 
 impl MemFile {
@@ -379,6 +381,7 @@ impl StorageFile for MemFile {
     }
 
     fn sync(&self) -> io::Result<()> {
+        self.before_sync.call();
         let mut state = self.state();
         state.durable = state.current.clone();
         Ok(())
@@ -456,13 +459,38 @@ impl MemDir {
     }
 }
 
+/// A function a [`MemStorage`] calls before every file or directory sync.
+pub type SyncHook = Arc<dyn Fn() + Send + Sync>;
+
+/// The hook of a [`MemStorage`], shared with its files.
+#[derive(Default)]
+struct SyncHookCell(Mutex<Option<SyncHook>>);
+
+impl SyncHookCell {
+    fn call(&self) {
+        // Cloned out first: the hook may use the storage, and must not run under this lock.
+        let hook = self.0.lock().expect("sync hook mutex").clone();
+        if let Some(hook) = hook {
+            hook();
+        }
+    }
+}
+
+impl std::fmt::Debug for SyncHookCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SyncHookCell")
+    }
+}
+
 /// Files in memory, durable as on a real disk: a file's contents only after
 /// [`StorageFile::sync`], and creations, removals and renames only after
 /// [`Storage::sync_dir`]. [`MemStorage::power_loss`] and
-/// [`MemStorage::power_loss_keeping_some`] model a crash of the machine.
+/// [`MemStorage::power_loss_keeping_some`] model a crash of the machine, and
+/// [`MemStorage::crash_image`] what such a crash would leave, at any moment.
 #[derive(Debug, Default, Clone)]
 pub struct MemStorage {
     dir: Arc<Mutex<MemDir>>,
+    before_sync: Arc<SyncHookCell>,
 }
 
 /// A deterministic coin (xorshift64) for power losses that keep a random part.
@@ -486,6 +514,12 @@ impl Coin {
     }
 }
 
+/// What a power loss leaves: the names, and each of their files' content.
+struct Survivors {
+    names: HashMap<String, Arc<MemFile>>,
+    contents: Vec<(Arc<MemFile>, MemContent)>,
+}
+
 impl MemStorage {
     /// An empty storage.
     pub fn new() -> Self {
@@ -496,13 +530,7 @@ impl MemStorage {
     /// and directory changes since the last directory sync. Handles opened before keep working
     /// on the reverted content, so callers should drop their store first.
     pub fn power_loss(&self) {
-        let mut dir = self.dir();
-        dir.current = dir.durable.clone();
-        dir.changes.clear();
-        for file in dir.current.values() {
-            let mut state = file.state();
-            state.current = state.durable.clone();
-        }
+        self.lose_power(None);
     }
 
     /// A power loss that keeps a random part of what was not synced, chosen by `seed`, as a
@@ -510,9 +538,53 @@ impl MemStorage {
     /// last directory sync, and of each file, every unsynced 4 KiB page either as written or as
     /// synced, and either its synced or its current length (bytes past it read as zeros).
     pub fn power_loss_keeping_some(&self, seed: u64) {
-        let mut rng = Coin::new(seed);
+        self.lose_power(Some(seed));
+    }
+
+    /// A new storage holding what a power loss now would leave ([`MemStorage::power_loss`]
+    /// with `keep` `None`, else [`MemStorage::power_loss_keeping_some`] with that seed). This
+    /// one is left as it is, so a test can take an image at any moment, even in the middle of
+    /// an operation (see [`MemStorage::before_each_sync`]), and open a store on it later.
+    pub fn crash_image(&self, keep: Option<u64>) -> MemStorage {
+        let survivors = self.survivors(keep);
+        let mut copies: HashMap<*const MemFile, Arc<MemFile>> = HashMap::new();
+        for (file, content) in survivors.contents {
+            let copy = MemFile::default();
+            *copy.state() = MemFileState { current: content.clone(), durable: content };
+            copies.insert(Arc::as_ptr(&file), Arc::new(copy));
+        }
+        let names: HashMap<String, Arc<MemFile>> =
+            survivors.names.iter().map(|(name, file)| (name.clone(), copies[&Arc::as_ptr(file)].clone())).collect();
+        let dir = MemDir { current: names.clone(), durable: names, changes: Vec::new() };
+        MemStorage { dir: Arc::new(Mutex::new(dir)), before_sync: Arc::default() }
+    }
+
+    /// Calls `hook` before every file and directory sync from now on (`None` stops it): the
+    /// moments where a power loss tells most, as what was written so far is about to become
+    /// durable. The hook may use this storage, [`MemStorage::crash_image`] for one.
+    pub fn before_each_sync(&self, hook: Option<SyncHook>) {
+        *self.before_sync.0.lock().expect("sync hook mutex") = hook;
+    }
+
+    fn lose_power(&self, keep: Option<u64>) {
+        let survivors = self.survivors(keep);
+        for (file, content) in survivors.contents {
+            let mut state = file.state();
+            state.current = content.clone();
+            state.durable = content;
+        }
         let mut dir = self.dir();
-        let kept = (rng.next() % (dir.changes.len() as u64 + 1)) as usize;
+        dir.current = survivors.names.clone();
+        dir.durable = survivors.names;
+        dir.changes.clear();
+    }
+
+    /// What a power loss now would leave: with `keep` `None`, only what was synced; with a
+    /// seed, a random part of the rest too (see [`MemStorage::power_loss_keeping_some`]).
+    fn survivors(&self, keep: Option<u64>) -> Survivors {
+        let mut coin = keep.map(Coin::new);
+        let dir = self.dir();
+        let kept = coin.as_mut().map_or(0, |c| (c.next() % (dir.changes.len() as u64 + 1)) as usize);
         let mut names = dir.durable.clone();
         for change in &dir.changes[..kept] {
             change.apply(&mut names);
@@ -520,28 +592,28 @@ impl MemStorage {
         let mut files: Vec<(&String, &Arc<MemFile>)> = names.iter().collect();
         // Sorted, so that the same seed keeps the same pages.
         files.sort_by(|a, b| a.0.cmp(b.0));
+        let mut contents = Vec::new();
         for (_, file) in files {
-            let mut state = file.state();
-            let MemFileState { current, durable } = &mut *state;
+            let state = file.state();
+            let (current, durable) = (&state.current, &state.durable);
+            let mut flip = || coin.as_mut().is_some_and(Coin::flip);
             let mut survived = durable.clone();
             let written: BTreeSet<u64> = current.pages.keys().chain(durable.pages.keys()).copied().collect();
             for page in written {
-                if current.pages.get(&page) != durable.pages.get(&page) && rng.flip() {
+                if current.pages.get(&page) != durable.pages.get(&page) && flip() {
                     match current.pages.get(&page) {
                         Some(bytes) => survived.pages.insert(page, bytes.clone()),
                         None => survived.pages.remove(&page),
                     };
                 }
             }
-            let len = if rng.flip() { current.len } else { durable.len };
+            let len = if flip() { current.len } else { durable.len };
             survived.len = current.len.max(durable.len);
             survived.set_len(len);
-            *current = survived.clone();
-            *durable = survived;
+            drop(state);
+            contents.push((file.clone(), survived));
         }
-        dir.current = names.clone();
-        dir.durable = names;
-        dir.changes.clear();
+        Survivors { names, contents }
     }
 
     /// The access hint of the latest handle on `name`, if the file exists.
@@ -569,7 +641,7 @@ impl Storage for MemStorage {
                 Ok(file.clone())
             }
             None if create => {
-                let file = Arc::new(MemFile::default());
+                let file = Arc::new(MemFile { before_sync: self.before_sync.clone(), ..MemFile::default() });
                 dir.change(DirChange::Create(name.to_string(), file.clone()));
                 Ok(file)
             }
@@ -599,6 +671,7 @@ impl Storage for MemStorage {
     }
 
     fn sync_dir(&self) -> io::Result<()> {
+        self.before_sync.call();
         let mut dir = self.dir();
         dir.durable = dir.current.clone();
         dir.changes.clear();
@@ -872,6 +945,45 @@ mod tests {
         assert_eq!(names(&storage), ["created", "kept", "new-name"].map(String::from).into());
         storage.power_loss();
         assert_eq!(names(&storage), ["kept", "removed", "renamed"].map(String::from).into());
+    }
+
+    fn contents(storage: &MemStorage, name: &str) -> Vec<u8> {
+        let file = storage.open(name, false).unwrap();
+        let mut buf = vec![0u8; file.size().unwrap() as usize];
+        file.read_at(&mut buf, 0).unwrap();
+        buf
+    }
+
+    #[test]
+    fn a_crash_image_is_what_a_power_loss_would_leave_and_changes_nothing() {
+        for keep in [None, Some(7), Some(8)] {
+            let storage = MemStorage::new();
+            let syncs = Arc::new(AtomicU64::new(0));
+            let counter = syncs.clone();
+            storage.before_each_sync(Some(Arc::new(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+            })));
+            let f = storage.open("a", true).unwrap();
+            storage.sync_dir().unwrap();
+            f.write_at(&[1u8; 8192], 0).unwrap();
+            f.sync().unwrap();
+            assert_eq!(syncs.load(Ordering::SeqCst), 2, "the hook ran before each sync");
+            storage.before_each_sync(None);
+            f.write_at(&[2u8; 12288], 0).unwrap();
+            storage.open("b", true).unwrap();
+            let image = storage.crash_image(keep);
+            assert_eq!(names(&storage), ["a", "b"].map(String::from).into(), "the storage itself is untouched");
+            assert_eq!(contents(&storage, "a"), vec![2u8; 12288]);
+            match keep {
+                Some(seed) => storage.power_loss_keeping_some(seed),
+                None => storage.power_loss(),
+            }
+            assert_eq!(names(&image), names(&storage), "keep {keep:?}");
+            assert_eq!(contents(&image, "a"), contents(&storage, "a"), "keep {keep:?}");
+            // The image is a storage of its own.
+            image.open("a", false).unwrap().write_at(b"x", 0).unwrap();
+            assert_ne!(contents(&image, "a"), contents(&storage, "a"));
+        }
     }
 
     #[test]

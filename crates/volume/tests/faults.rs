@@ -3,6 +3,8 @@
 //! power (keeping none or some of what was not synced), the store opens, every acknowledged
 //! snapshot is intact and every flushed byte is there.
 
+mod common;
+
 use cairn_volume::storage::{Fault, FaultControl, FaultyStorage, MemStorage, Storage};
 use cairn_volume::{Error, SnapshotId, Store, StoreOptions, Volume, VolumeId};
 use std::sync::Arc;
@@ -118,14 +120,7 @@ fn check_after_power_loss(mem: MemStorage, ack: &Acknowledged, keep: Option<u64>
     store.wait_for_merges().unwrap();
     let id = store.volume_id("v").unwrap();
     let actual = read_all(&store.volume(id).unwrap()).unwrap();
-    for (i, byte) in actual.iter().enumerate() {
-        let ok = *byte == ack.durable[i]
-            || ack.maybe.iter().any(|(at, d)| {
-                let at = *at as usize;
-                i >= at && i < at + d.len() && d[i - at] == *byte
-            });
-        assert!(ok, "byte {i} = {byte}: not flushed, not written since");
-    }
+    common::assert_survived(&actual, &ack.durable, &ack.maybe, "the volume");
     let listed: Vec<SnapshotId> = store.list_snapshots(None).iter().map(|s| s.id).collect();
     for (snap, content) in &ack.snapshots {
         if !listed.contains(snap) {

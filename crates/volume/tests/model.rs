@@ -1,8 +1,10 @@
 //! Property test: random sequences of volume operations against an in-memory reference model,
 //! comparing every byte of every volume and snapshot, change tracking and allocation maps.
-//! Runs on `MemStorage`, whose power loss drops everything not synced, so the durability
-//! contract is checked here too: after a power loss each byte is either its value at the last
-//! flush or the value of a write made after it.
+//! Runs on `MemStorage`, whose power loss drops all or a random part of what was not synced,
+//! so the durability contract is checked here too: after a power loss each byte is either its
+//! value at the last flush or the value of a write made after it.
+
+mod common;
 
 use cairn_volume::storage::{MemStorage, Storage};
 use cairn_volume::{Allocation, ChangeTarget, ReadPart, SnapshotId, Store, StoreOptions, VolumeId, BLOCK_SIZE};
@@ -342,14 +344,7 @@ impl Harness {
         for m in &mut self.volumes {
             let mut actual = vec![0u8; m.content.len()];
             store.volume(m.id).unwrap().read(&mut actual, 0).unwrap();
-            for (i, byte) in actual.iter().enumerate() {
-                let ok = *byte == m.durable[i]
-                    || m.unflushed.iter().any(|(at, data)| {
-                        let at = *at as usize;
-                        i >= at && i < at + data.len() && data[i - at] == *byte
-                    });
-                assert!(ok, "volume {} byte {i}: {byte} is neither flushed nor written since", m.name);
-            }
+            common::assert_survived(&actual, &m.durable, &m.unflushed, &format!("volume {}", m.name));
             m.content = actual.clone();
             m.durable = actual;
             m.unflushed.clear();
