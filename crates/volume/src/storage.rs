@@ -12,7 +12,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier, Mutex, RwLock};
 
 /// One open file of a [`Storage`]. Reads past the end of the file return zeros.
 pub trait StorageFile: Send + Sync + std::fmt::Debug {
@@ -359,8 +359,9 @@ struct MemFile {
     access: Mutex<Access>,
     /// Bytes whose writeback callers asked to start, for tests of that hint.
     writeback_started: AtomicU64,
-    /// The storage's hook, called before every sync.
-    before_sync: Arc<SyncHookCell>,
+    /// What the file shares with its storage: the sync hook, and the lock that makes syncs
+    /// and crash images exclude each other.
+    syncs: Arc<SyncShared>,
 }
 
 impl MemFile {
@@ -381,7 +382,8 @@ impl StorageFile for MemFile {
     }
 
     fn sync(&self) -> io::Result<()> {
-        self.before_sync.call();
+        self.syncs.call_hook();
+        let _syncing = self.syncs.syncing.read().expect("syncing lock");
         let mut state = self.state();
         state.durable = state.current.clone();
         Ok(())
@@ -462,23 +464,29 @@ impl MemDir {
 /// A function a [`MemStorage`] calls before every file or directory sync.
 pub type SyncHook = Arc<dyn Fn() + Send + Sync>;
 
-/// The hook of a [`MemStorage`], shared with its files.
+/// What a [`MemStorage`] shares with its files about syncs.
 #[derive(Default)]
-struct SyncHookCell(Mutex<Option<SyncHook>>);
+struct SyncShared {
+    hook: Mutex<Option<SyncHook>>,
+    /// Held to read by a sync while it makes content durable, and to write by a crash image,
+    /// so that an image sees each sync of other threads whole or not at all, in every file at
+    /// once. Taken before the directory's lock.
+    syncing: RwLock<()>,
+}
 
-impl SyncHookCell {
-    fn call(&self) {
+impl SyncShared {
+    fn call_hook(&self) {
         // Cloned out first: the hook may use the storage, and must not run under this lock.
-        let hook = self.0.lock().expect("sync hook mutex").clone();
+        let hook = self.hook.lock().expect("sync hook mutex").clone();
         if let Some(hook) = hook {
             hook();
         }
     }
 }
 
-impl std::fmt::Debug for SyncHookCell {
+impl std::fmt::Debug for SyncShared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SyncHookCell")
+        f.write_str("SyncShared")
     }
 }
 
@@ -490,7 +498,7 @@ impl std::fmt::Debug for SyncHookCell {
 #[derive(Debug, Default, Clone)]
 pub struct MemStorage {
     dir: Arc<Mutex<MemDir>>,
-    before_sync: Arc<SyncHookCell>,
+    syncs: Arc<SyncShared>,
 }
 
 /// A deterministic coin (xorshift64) for power losses that keep a random part.
@@ -556,14 +564,14 @@ impl MemStorage {
         let names: HashMap<String, Arc<MemFile>> =
             survivors.names.iter().map(|(name, file)| (name.clone(), copies[&Arc::as_ptr(file)].clone())).collect();
         let dir = MemDir { current: names.clone(), durable: names, changes: Vec::new() };
-        MemStorage { dir: Arc::new(Mutex::new(dir)), before_sync: Arc::default() }
+        MemStorage { dir: Arc::new(Mutex::new(dir)), syncs: Arc::default() }
     }
 
     /// Calls `hook` before every file and directory sync from now on (`None` stops it): the
     /// moments where a power loss tells most, as what was written so far is about to become
     /// durable. The hook may use this storage, [`MemStorage::crash_image`] for one.
     pub fn before_each_sync(&self, hook: Option<SyncHook>) {
-        *self.before_sync.0.lock().expect("sync hook mutex") = hook;
+        *self.syncs.hook.lock().expect("sync hook mutex") = hook;
     }
 
     fn lose_power(&self, keep: Option<u64>) {
@@ -583,6 +591,7 @@ impl MemStorage {
     /// seed, a random part of the rest too (see [`MemStorage::power_loss_keeping_some`]).
     fn survivors(&self, keep: Option<u64>) -> Survivors {
         let mut coin = keep.map(Coin::new);
+        let _no_sync_meanwhile = self.syncs.syncing.write().expect("syncing lock");
         let dir = self.dir();
         let kept = coin.as_mut().map_or(0, |c| (c.next() % (dir.changes.len() as u64 + 1)) as usize);
         let mut names = dir.durable.clone();
@@ -641,7 +650,7 @@ impl Storage for MemStorage {
                 Ok(file.clone())
             }
             None if create => {
-                let file = Arc::new(MemFile { before_sync: self.before_sync.clone(), ..MemFile::default() });
+                let file = Arc::new(MemFile { syncs: self.syncs.clone(), ..MemFile::default() });
                 dir.change(DirChange::Create(name.to_string(), file.clone()));
                 Ok(file)
             }
@@ -671,7 +680,8 @@ impl Storage for MemStorage {
     }
 
     fn sync_dir(&self) -> io::Result<()> {
-        self.before_sync.call();
+        self.syncs.call_hook();
+        let _syncing = self.syncs.syncing.read().expect("syncing lock");
         let mut dir = self.dir();
         dir.durable = dir.current.clone();
         dir.changes.clear();

@@ -2,9 +2,9 @@
 //! volumes, concurrency, and snapshots that are an exact point in time under load.
 
 use cairn_volume::storage::{Access, FaultyStorage, MemStorage, Storage};
-use cairn_volume::{Allocation, Error, Store, StoreOptions, BLOCK_SIZE};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier};
+use cairn_volume::{Allocation, Error, SnapshotId, Store, StoreOptions, BLOCK_SIZE};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
 
 fn store(dir: &tempfile::TempDir) -> Store {
     Store::open_dir(dir.path(), StoreOptions::default()).unwrap()
@@ -160,91 +160,134 @@ fn concurrent_writers_on_disjoint_bytes_of_shared_blocks() {
     }
 }
 
+/// Snapshots taken in a concurrent test: id, each block's stamp before it began, and after it
+/// returned.
+type Taken = Vec<(SnapshotId, Vec<u8>, Vec<u8>)>;
+
+/// A crash image taken while a concurrent test ran, with the flushed stamps and the snapshots
+/// it must hold.
+type Cut = (MemStorage, Vec<u8>, Taken);
+
+fn stamps(from: &[AtomicU8]) -> Vec<u8> {
+    from.iter().map(|a| a.load(Ordering::SeqCst)).collect()
+}
+
+/// Opens `storage` after a power loss and checks that every block holds at least the stamp
+/// `flushed` says it had at its thread's last successful flush, and that every snapshot in
+/// `taken` holds, per block, a stamp between what was written before it began and one round
+/// after it returned.
+fn check_stamps(storage: MemStorage, blocks: u64, stride: u64, flushed: &[u8], taken: &Taken, what: &str) {
+    let s = Store::open(Arc::new(storage) as Arc<dyn Storage>, StoreOptions::default())
+        .unwrap_or_else(|e| panic!("{what}: the store does not open: {e}"));
+    let read_stamps = |read: &dyn Fn(&mut [u8], u64)| -> Vec<u8> {
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        (0..blocks)
+            .map(|b| {
+                read(&mut buf, b * stride);
+                assert!(buf.iter().all(|byte| *byte == buf[0]), "{what}: block {b} is torn");
+                buf[0]
+            })
+            .collect()
+    };
+    let v = s.volume(s.volume_id("v").unwrap()).unwrap();
+    let now = read_stamps(&|buf, at| v.read(buf, at).unwrap());
+    for (block, (now, flushed)) in now.iter().zip(flushed).enumerate() {
+        assert!(now >= flushed, "{what}: block {block} lost a flushed write: {now} < {flushed}");
+    }
+    for (snap, low, high) in taken {
+        let view = s.open_snapshot(*snap).unwrap_or_else(|e| panic!("{what}: snapshot {snap:?}: {e}"));
+        for (block, stamp) in read_stamps(&|buf, at| view.read(buf, at).unwrap()).into_iter().enumerate() {
+            // A write that completed just before the snapshot returned may be in it, though its
+            // thread had not noted it yet: one round more.
+            let range = low[block]..=high[block].saturating_add(1);
+            assert!(range.contains(&stamp), "{what}: snapshot {snap:?} block {block}: {stamp} outside {range:?}");
+        }
+    }
+}
+
 #[test]
 fn concurrent_flushes_and_snapshots_keep_what_they_acknowledged_through_a_power_loss() {
     // Writers on four threads stamp their own blocks round after round and flush often, so
     // flushes overlap each other and the snapshots taken meanwhile; each flush's data sync may
     // find its records journaled by another. Each block sits in a chunk of its own, so the
     // chunks' placements race too, and a journal batch out of order would misplace them.
-    // After a power loss every block holds at least the stamp it had before its thread's last
-    // successful flush, and every snapshot holds, per block, a stamp between what was written
-    // before it began and what was written when it returned.
+    // Power is cut (as crash images) before every 16th sync while they run, and for good at
+    // the end: each time, every block holds at least the stamp it had before its thread's last
+    // flush that had returned, and every snapshot that had returned holds, per block, a stamp
+    // between what was written before it began and what was written when it returned.
     const THREADS: usize = 4;
     const BLOCKS_PER_THREAD: u64 = 32;
     const ROUNDS: u8 = 40;
     const STRIDE: u64 = 2 << 20;
+    const CUT_EVERY: u64 = 16;
     let blocks = THREADS as u64 * BLOCKS_PER_THREAD;
     let mem = MemStorage::new();
-    let open = || Store::open(Arc::new(mem.clone()) as Arc<dyn Storage>, StoreOptions::default()).unwrap();
-    let s = open();
+    let s = Store::open(Arc::new(mem.clone()) as Arc<dyn Storage>, StoreOptions::default()).unwrap();
     let id = s.create_volume("v", blocks * STRIDE).unwrap().id;
     let v = s.volume(id).unwrap();
     let written: Vec<AtomicU8> = (0..blocks).map(|_| AtomicU8::new(0)).collect();
-    let stamps = |from: &[AtomicU8]| from.iter().map(|a| a.load(Ordering::SeqCst)).collect::<Vec<u8>>();
+    // Each block's stamp as of its thread's last flush that returned, and the snapshots that
+    // returned: what a cut must keep.
+    let flushed: Arc<Vec<AtomicU8>> = Arc::new((0..blocks).map(|_| AtomicU8::new(0)).collect());
+    let taken: Arc<Mutex<Taken>> = Arc::default();
+    let cuts: Arc<Mutex<Vec<Cut>>> = Arc::default();
+    let syncs = Arc::new(AtomicU64::new(0));
+    mem.before_each_sync(Some(Arc::new({
+        let (mem, flushed, taken, cuts) = (mem.clone(), flushed.clone(), taken.clone(), cuts.clone());
+        move || {
+            let n = syncs.fetch_add(1, Ordering::SeqCst);
+            if n.is_multiple_of(CUT_EVERY) {
+                // What had returned before the image: synced before it, so in it.
+                let (flushed, taken) = (stamps(&flushed), taken.lock().unwrap().clone());
+                let image = mem.crash_image(Some(n));
+                cuts.lock().unwrap().push((image, flushed, taken));
+            }
+        }
+    })));
     let running = AtomicUsize::new(THREADS);
-    let (flushed, snapshots) = std::thread::scope(|scope| {
-        let writers: Vec<_> = (0..THREADS as u64)
-            .map(|t| {
-                let (v, written, running) = (&v, &written, &running);
-                scope.spawn(move || {
-                    let mine = (t * BLOCKS_PER_THREAD) as usize..((t + 1) * BLOCKS_PER_THREAD) as usize;
-                    let mut flushed = vec![0u8; BLOCKS_PER_THREAD as usize];
-                    for round in 1..=ROUNDS {
-                        for b in mine.clone() {
-                            v.write(&[round; BLOCK_SIZE as usize], b as u64 * STRIDE, false).unwrap();
-                            written[b].store(round, Ordering::SeqCst);
-                            if b % 8 == 7 {
-                                let before = stamps(&written[mine.clone()]);
-                                v.flush().unwrap();
-                                flushed = before;
+    std::thread::scope(|scope| {
+        for t in 0..THREADS as u64 {
+            let (v, written, flushed, running) = (&v, &written, &flushed, &running);
+            scope.spawn(move || {
+                let mine = (t * BLOCKS_PER_THREAD) as usize..((t + 1) * BLOCKS_PER_THREAD) as usize;
+                for round in 1..=ROUNDS {
+                    for b in mine.clone() {
+                        v.write(&[round; BLOCK_SIZE as usize], b as u64 * STRIDE, false).unwrap();
+                        written[b].store(round, Ordering::SeqCst);
+                        if b % 8 == 7 {
+                            let before = stamps(&written[mine.clone()]);
+                            v.flush().unwrap();
+                            for (block, stamp) in mine.clone().zip(before) {
+                                flushed[block].store(stamp, Ordering::SeqCst);
                             }
                         }
                     }
-                    running.fetch_sub(1, Ordering::SeqCst);
-                    flushed
-                })
-            })
-            .collect();
-        let mut snapshots = Vec::new();
-        while running.load(Ordering::SeqCst) > 0 && snapshots.len() < 100 {
-            let low = stamps(&written);
-            let snap = s.snapshot(id, &format!("s{}", snapshots.len())).unwrap().id;
-            snapshots.push((snap, low, stamps(&written)));
+                }
+                running.fetch_sub(1, Ordering::SeqCst);
+            });
         }
-        let flushed: Vec<u8> = writers.into_iter().flat_map(|w| w.join().unwrap()).collect();
-        (flushed, snapshots)
+        let mut count = 0;
+        while running.load(Ordering::SeqCst) > 0 && count < 100 {
+            let low = stamps(&written);
+            let snap = s.snapshot(id, &format!("s{count}")).unwrap().id;
+            taken.lock().unwrap().push((snap, low, stamps(&written)));
+            count += 1;
+        }
     });
-    assert!(snapshots.len() > 1, "snapshots overlapped the writers");
+    mem.before_each_sync(None);
+    let taken = taken.lock().unwrap().clone();
+    assert!(taken.len() > 1, "snapshots overlapped the writers");
+    let cuts = std::mem::take(&mut *cuts.lock().unwrap());
+    assert!(cuts.len() > 20, "power was cut while they ran ({} cuts)", cuts.len());
+    for (i, (image, flushed, taken)) in cuts.into_iter().enumerate() {
+        check_stamps(image, blocks, STRIDE, &flushed, &taken, &format!("cut {i}"));
+    }
     drop(v);
     drop(s);
     // One that keeps a part of what was not synced: blocks written since a thread's last flush
     // may come back with any stamp they had since, never with less than the flushed one.
     mem.power_loss_keeping_some(0x5eed);
-    let s = open();
-    let read_stamps = |read: &dyn Fn(&mut [u8], u64)| -> Vec<u8> {
-        let mut buf = vec![0u8; BLOCK_SIZE as usize];
-        (0..blocks)
-            .map(|b| {
-                read(&mut buf, b * STRIDE);
-                assert!(buf.iter().all(|byte| *byte == buf[0]), "block {b} is torn");
-                buf[0]
-            })
-            .collect()
-    };
-    let v = s.volume(id).unwrap();
-    let now = read_stamps(&|buf, at| v.read(buf, at).unwrap());
-    for (block, (now, flushed)) in now.iter().zip(&flushed).enumerate() {
-        assert!(now >= flushed, "block {block} lost a flushed write: {now} < {flushed}");
-    }
-    for (snap, low, high) in snapshots {
-        let view = s.open_snapshot(snap).unwrap();
-        for (block, stamp) in read_stamps(&|buf, at| view.read(buf, at).unwrap()).into_iter().enumerate() {
-            // A write that completed just before the snapshot returned may be in it, though its
-            // thread had not noted it yet: one round more.
-            let range = low[block]..=high[block].saturating_add(1);
-            assert!(range.contains(&stamp), "snapshot {snap:?} block {block}: {stamp} outside {range:?}");
-        }
-    }
+    check_stamps(mem, blocks, STRIDE, &stamps(&flushed), &taken, "the end");
 }
 
 #[test]
