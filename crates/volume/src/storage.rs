@@ -555,16 +555,17 @@ impl MemStorage {
     /// an operation (see [`MemStorage::before_each_sync`]), and open a store on it later.
     pub fn crash_image(&self, keep: Option<u64>) -> MemStorage {
         let survivors = self.survivors(keep);
+        let syncs = Arc::<SyncShared>::default();
         let mut copies: HashMap<*const MemFile, Arc<MemFile>> = HashMap::new();
         for (file, content) in survivors.contents {
-            let copy = MemFile::default();
+            let copy = MemFile { syncs: syncs.clone(), ..MemFile::default() };
             *copy.state() = MemFileState { current: content.clone(), durable: content };
             copies.insert(Arc::as_ptr(&file), Arc::new(copy));
         }
         let names: HashMap<String, Arc<MemFile>> =
             survivors.names.iter().map(|(name, file)| (name.clone(), copies[&Arc::as_ptr(file)].clone())).collect();
         let dir = MemDir { current: names.clone(), durable: names, changes: Vec::new() };
-        MemStorage { dir: Arc::new(Mutex::new(dir)), syncs: Arc::default() }
+        MemStorage { dir: Arc::new(Mutex::new(dir)), syncs }
     }
 
     /// Calls `hook` before every file and directory sync from now on (`None` stops it): the
@@ -990,8 +991,16 @@ mod tests {
             }
             assert_eq!(names(&image), names(&storage), "keep {keep:?}");
             assert_eq!(contents(&image, "a"), contents(&storage, "a"), "keep {keep:?}");
-            // The image is a storage of its own.
-            image.open("a", false).unwrap().write_at(b"x", 0).unwrap();
+            // The image is a storage of its own, its files with its hook.
+            let image_syncs = Arc::new(AtomicU64::new(0));
+            let counter = image_syncs.clone();
+            image.before_each_sync(Some(Arc::new(move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+            })));
+            let copied = image.open("a", false).unwrap();
+            copied.write_at(b"x", 0).unwrap();
+            copied.sync().unwrap();
+            assert_eq!(image_syncs.load(Ordering::SeqCst), 1);
             assert_ne!(contents(&image, "a"), contents(&storage, "a"));
         }
     }

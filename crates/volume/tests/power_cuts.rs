@@ -2,8 +2,9 @@
 //! crash image of the storage (`MemStorage::crash_image`) taken just before a file or directory
 //! sync, once keeping nothing that was not synced and once keeping a random part of it. Each
 //! image must open, hold every flushed byte, every acknowledged snapshot exactly, and of the
-//! operation it cut, either all or nothing: a snapshot being taken is absent or exact, one being
-//! deleted is present and intact or gone.
+//! operation it cut, what the format allows: a snapshot being taken is absent, or holds its
+//! moment's bytes but for writes never flushed (format.md §7); one being deleted is present
+//! and intact, or gone.
 
 mod common;
 
@@ -27,8 +28,8 @@ struct Expected {
     maybe: Vec<(u64, Vec<u8>)>,
     /// Acknowledged snapshots and their content.
     snapshots: Vec<(SnapshotId, Vec<u8>)>,
-    /// The content of a snapshot being taken.
-    taking: Option<Vec<u8>>,
+    /// Whether a snapshot is being taken.
+    taking: bool,
     /// A snapshot being deleted.
     deleting: Option<SnapshotId>,
     /// Snapshots whose deletion was acknowledged.
@@ -74,10 +75,10 @@ fn cuts() -> Vec<(MemStorage, Expected)> {
             });
         }
         if step % 3 == 2 {
-            update(&|e| e.taking = Some(content.clone()));
+            update(&|e| e.taking = true);
             let snapshot = store.snapshot(id, &format!("s{step}")).unwrap().id;
             update(&|e| {
-                e.taking = None;
+                e.taking = false;
                 e.snapshots.push((snapshot, content.clone()));
                 e.durable = content.clone();
                 e.maybe.clear();
@@ -131,9 +132,11 @@ fn check(image: MemStorage, expected: &Expected, cut: usize) {
     for snapshot in &listed {
         assert!(!expected.deleted.contains(snapshot), "cut {cut}: deleted snapshot {snapshot:?} came back");
         if !expected.snapshots.iter().any(|s| s.0 == *snapshot) {
-            let taking = expected.taking.as_ref();
-            let taking = taking.unwrap_or_else(|| panic!("cut {cut}: snapshot {snapshot:?} nobody took"));
-            assert!(content_of(*snapshot) == *taking, "cut {cut}: the snapshot being taken is not its moment");
+            assert!(expected.taking, "cut {cut}: snapshot {snapshot:?} nobody took");
+            // Its event may be durable while the head's last journal batch is not: then it
+            // misses writes that were never flushed, as the volume does (format.md §7).
+            let what = format!("cut {cut}: the snapshot being taken");
+            common::assert_survived(&content_of(*snapshot), &expected.durable, &expected.maybe, &what);
         }
     }
 }
@@ -142,7 +145,7 @@ fn check(image: MemStorage, expected: &Expected, cut: usize) {
 fn a_power_cut_before_any_sync_keeps_what_was_acknowledged() {
     let cuts = cuts();
     assert!(cuts.len() > 100, "the workload syncs often ({} cuts)", cuts.len() / 2);
-    assert!(cuts.iter().any(|(_, e)| e.taking.is_some()), "some cuts fall inside a snapshot");
+    assert!(cuts.iter().any(|(_, e)| e.taking), "some cuts fall inside a snapshot");
     assert!(cuts.iter().any(|(_, e)| e.deleting.is_some()), "some cuts fall inside a deletion");
     for (cut, (image, expected)) in cuts.into_iter().enumerate() {
         check(image, &expected, cut);
