@@ -615,6 +615,58 @@ mod tests {
         assert_eq!(cat.layers.len(), 3, "s2's layer stays for its snapshot");
     }
 
+    /// docs/format.md, whose examples pin the bytes the encoder writes.
+    const FORMAT_DOC: &str = include_str!("../../../docs/format.md");
+
+    /// The lines of the fenced blocks that open with `fence` in the doc's section `section`
+    /// (from its heading to the next one of the same level).
+    fn doc_blocks(section: &str, fence: &str) -> Vec<&'static str> {
+        let start = FORMAT_DOC.find(section).expect("the section is in format.md");
+        let rest = &FORMAT_DOC[start + section.len()..];
+        let body = &rest[..rest.find("\n### ").unwrap_or(rest.len())];
+        let mut lines = Vec::new();
+        let mut inside = false;
+        for line in body.lines() {
+            match line {
+                l if l == fence => inside = true,
+                "```" => inside = false,
+                l if inside => lines.push(l),
+                _ => {}
+            }
+        }
+        lines
+    }
+
+    #[test]
+    fn encodes_the_documented_example() {
+        // §5.2: the header and one grow event, as `hexdump -C` shows them.
+        let hexdump = doc_blocks("### 5.2 Frames", "```");
+        let documented: Vec<u8> = hexdump
+            .iter()
+            .flat_map(|line| line[10..58].split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()))
+            .collect();
+        let mut encoded = encode_header().to_vec();
+        encode_frame(&Event::Grow { volume: 1, size: 20 << 30 }, &mut encoded);
+        assert_eq!(encoded, documented);
+    }
+
+    #[test]
+    fn encodes_every_documented_event_as_written_there() {
+        // §5.3 gives each event as JSON, fields in the order writers emit them.
+        let examples = doc_blocks("### 5.3 Events", "```json");
+        let named: std::collections::BTreeSet<&str> =
+            examples.iter().filter_map(|json| json.split('"').nth(3)).collect();
+        let every_event = ["create_volume", "snapshot", "revert", "grow", "delete_snapshot", "delete_volume"];
+        let every_event = every_event.into_iter().chain(["forget_checkpoint", "merged", "state"]);
+        assert_eq!(named, every_event.collect(), "an example of every event");
+        for json in examples {
+            let event: Event = serde_json::from_str(json).unwrap_or_else(|e| panic!("{json}: {e}"));
+            let mut frame = Vec::new();
+            encode_frame(&event, &mut frame);
+            assert_eq!(std::str::from_utf8(&frame[8..]).unwrap(), json);
+        }
+    }
+
     #[test]
     fn log_round_trip_with_torn_tail() {
         let mut cat = Catalog::default();
