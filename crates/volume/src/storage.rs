@@ -493,7 +493,7 @@ impl std::fmt::Debug for SyncShared {
 /// Files in memory, durable as on a real disk: a file's contents only after
 /// [`StorageFile::sync`], and creations, removals and renames only after
 /// [`Storage::sync_dir`]. [`MemStorage::power_loss`] and
-/// [`MemStorage::power_loss_keeping_some`] model a crash of the machine, and
+/// [`MemStorage::power_loss_keeping`] model a crash of the machine, and
 /// [`MemStorage::crash_image`] what such a crash would leave, at any moment.
 #[derive(Debug, Default, Clone)]
 pub struct MemStorage {
@@ -522,12 +522,6 @@ impl Coin {
     }
 }
 
-/// What a power loss leaves: the names, and each of their files' content.
-struct Survivors {
-    names: HashMap<String, Arc<MemFile>>,
-    contents: Vec<(Arc<MemFile>, MemContent)>,
-}
-
 impl MemStorage {
     /// An empty storage.
     pub fn new() -> Self {
@@ -538,32 +532,37 @@ impl MemStorage {
     /// and directory changes since the last directory sync. Handles opened before keep working
     /// on the reverted content, so callers should drop their store first.
     pub fn power_loss(&self) {
-        self.lose_power(None);
+        self.power_loss_keeping(None);
     }
 
-    /// A power loss that keeps a random part of what was not synced, chosen by `seed`, as a
-    /// disk that wrote back some of its cache does: a prefix of the directory changes since the
-    /// last directory sync, and of each file, every unsynced 4 KiB page either as written or as
+    /// A power loss that keeps nothing that was not synced (`keep` `None`, as
+    /// [`MemStorage::power_loss`]), or a random part of it chosen by the seed, as a disk that
+    /// wrote back some of its cache does: a prefix of the directory changes since the last
+    /// directory sync, and of each file, every unsynced 4 KiB page either as written or as
     /// synced, and either its synced or its current length (bytes past it read as zeros).
-    pub fn power_loss_keeping_some(&self, seed: u64) {
-        self.lose_power(Some(seed));
+    pub fn power_loss_keeping(&self, keep: Option<u64>) {
+        let survivors = self.survivors(keep);
+        let mut names = HashMap::new();
+        for (name, file, content) in survivors {
+            *file.state() = MemFileState { current: content.clone(), durable: content };
+            names.insert(name, file);
+        }
+        let mut dir = self.dir();
+        *dir = MemDir { current: names.clone(), durable: names, changes: Vec::new() };
     }
 
-    /// A new storage holding what a power loss now would leave ([`MemStorage::power_loss`]
-    /// with `keep` `None`, else [`MemStorage::power_loss_keeping_some`] with that seed). This
-    /// one is left as it is, so a test can take an image at any moment, even in the middle of
-    /// an operation (see [`MemStorage::before_each_sync`]), and open a store on it later.
+    /// A new storage holding what [`MemStorage::power_loss_keeping`] with `keep` would leave.
+    /// This one is left as it is, so a test can take an image at any moment, even in the
+    /// middle of an operation (see [`MemStorage::before_each_sync`]), and open a store on it
+    /// later.
     pub fn crash_image(&self, keep: Option<u64>) -> MemStorage {
-        let survivors = self.survivors(keep);
         let syncs = Arc::<SyncShared>::default();
-        let mut copies: HashMap<*const MemFile, Arc<MemFile>> = HashMap::new();
-        for (file, content) in survivors.contents {
+        let mut names = HashMap::new();
+        for (name, _, content) in self.survivors(keep) {
             let copy = MemFile { syncs: syncs.clone(), ..MemFile::default() };
             *copy.state() = MemFileState { current: content.clone(), durable: content };
-            copies.insert(Arc::as_ptr(&file), Arc::new(copy));
+            names.insert(name, Arc::new(copy));
         }
-        let names: HashMap<String, Arc<MemFile>> =
-            survivors.names.iter().map(|(name, file)| (name.clone(), copies[&Arc::as_ptr(file)].clone())).collect();
         let dir = MemDir { current: names.clone(), durable: names, changes: Vec::new() };
         MemStorage { dir: Arc::new(Mutex::new(dir)), syncs }
     }
@@ -575,22 +574,10 @@ impl MemStorage {
         *self.syncs.hook.lock().expect("sync hook mutex") = hook;
     }
 
-    fn lose_power(&self, keep: Option<u64>) {
-        let survivors = self.survivors(keep);
-        for (file, content) in survivors.contents {
-            let mut state = file.state();
-            state.current = content.clone();
-            state.durable = content;
-        }
-        let mut dir = self.dir();
-        dir.current = survivors.names.clone();
-        dir.durable = survivors.names;
-        dir.changes.clear();
-    }
-
-    /// What a power loss now would leave: with `keep` `None`, only what was synced; with a
-    /// seed, a random part of the rest too (see [`MemStorage::power_loss_keeping_some`]).
-    fn survivors(&self, keep: Option<u64>) -> Survivors {
+    /// What a power loss now would leave, file by file (name, file, content): with `keep`
+    /// `None`, only what was synced; with a seed, a random part of the rest too (see
+    /// [`MemStorage::power_loss_keeping`]).
+    fn survivors(&self, keep: Option<u64>) -> Vec<(String, Arc<MemFile>, MemContent)> {
         let mut coin = keep.map(Coin::new);
         let _no_sync_meanwhile = self.syncs.syncing.write().expect("syncing lock");
         let dir = self.dir();
@@ -599,11 +586,11 @@ impl MemStorage {
         for change in &dir.changes[..kept] {
             change.apply(&mut names);
         }
-        let mut files: Vec<(&String, &Arc<MemFile>)> = names.iter().collect();
+        let mut files: Vec<(String, Arc<MemFile>)> = names.into_iter().collect();
         // Sorted, so that the same seed keeps the same pages.
-        files.sort_by(|a, b| a.0.cmp(b.0));
-        let mut contents = Vec::new();
-        for (_, file) in files {
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut survivors = Vec::new();
+        for (name, file) in files {
             let state = file.state();
             let (current, durable) = (&state.current, &state.durable);
             let mut flip = || coin.as_mut().is_some_and(Coin::flip);
@@ -621,9 +608,9 @@ impl MemStorage {
             survived.len = current.len.max(durable.len);
             survived.set_len(len);
             drop(state);
-            contents.push((file.clone(), survived));
+            survivors.push((name, file, survived));
         }
-        Survivors { names, contents }
+        survivors
     }
 
     /// The access hint of the latest handle on `name`, if the file exists.
@@ -985,10 +972,7 @@ mod tests {
             let image = storage.crash_image(keep);
             assert_eq!(names(&storage), ["a", "b"].map(String::from).into(), "the storage itself is untouched");
             assert_eq!(contents(&storage, "a"), vec![2u8; 12288]);
-            match keep {
-                Some(seed) => storage.power_loss_keeping_some(seed),
-                None => storage.power_loss(),
-            }
+            storage.power_loss_keeping(keep);
             assert_eq!(names(&image), names(&storage), "keep {keep:?}");
             assert_eq!(contents(&image, "a"), contents(&storage, "a"), "keep {keep:?}");
             // The image is a storage of its own, its files with its hook.
@@ -1018,7 +1002,7 @@ mod tests {
             f.write_at(&vec![2u8; 3 * page], 0).unwrap();
             storage.open("first", true).unwrap();
             storage.open("second", true).unwrap();
-            storage.power_loss_keeping_some(seed);
+            storage.power_loss_keeping(Some(seed));
             let kept = names(&storage);
             let prefix = ["data", "first", "second"].iter().take_while(|n| kept.contains(**n)).count();
             assert_eq!(prefix, kept.len(), "seed {seed}: {kept:?} is not a prefix of the creations");

@@ -286,7 +286,7 @@ fn concurrent_flushes_and_snapshots_keep_what_they_acknowledged_through_a_power_
     drop(s);
     // One that keeps a part of what was not synced: blocks written since a thread's last flush
     // may come back with any stamp they had since, never with less than the flushed one.
-    mem.power_loss_keeping_some(0x5eed);
+    mem.power_loss_keeping(Some(0x5eed));
     check_stamps(mem, blocks, STRIDE, &stamps(&flushed), &taken, "the end");
 }
 

@@ -112,10 +112,7 @@ fn read_all(vol: &cairn_volume::Volume) -> Option<Vec<u8>> {
 /// seed: a sync that failed may still have written some of its pages, as a crash in the
 /// middle of a flush would leave them.
 fn check_after_power_loss(mem: MemStorage, ack: &Acknowledged, keep: Option<u64>) {
-    match keep {
-        Some(seed) => mem.power_loss_keeping_some(seed),
-        None => mem.power_loss(),
-    }
+    mem.power_loss_keeping(keep);
     let store = Store::open(Arc::new(mem) as Arc<dyn Storage>, options()).expect("the store always reopens");
     store.wait_for_merges().unwrap();
     let id = store.volume_id("v").unwrap();

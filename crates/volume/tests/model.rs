@@ -328,10 +328,7 @@ impl Harness {
             }
             Op::PowerLoss { keep } => {
                 drop(self.store.take());
-                match keep {
-                    Some(seed) => self.storage.power_loss_keeping_some(seed),
-                    None => self.storage.power_loss(),
-                }
+                self.storage.power_loss_keeping(keep);
                 self.store = Some(Store::open(Arc::new(self.storage.clone()), options()).unwrap());
                 self.check_power_loss();
             }
