@@ -140,7 +140,10 @@ fn concurrent_writers_on_disjoint_bytes_of_shared_blocks() {
                 }
             });
         }
-        // A reader meanwhile sees each sector either old or new, never anything else.
+        // A reader meanwhile sees every byte either old or new, never anything else (zeros
+        // from a block copied up too early, or a neighbour's bytes). Not each sector whole: a
+        // read racing the in-place write of the same sector copies the page cache while that
+        // write copies into it (one run in about 400 saw 64 new bytes, then 448 old ones).
         let v = v.clone();
         scope.spawn(move || {
             let mut buf = vec![0u8; 64 * BLOCK_SIZE as usize];
@@ -148,7 +151,8 @@ fn concurrent_writers_on_disjoint_bytes_of_shared_blocks() {
                 v.read(&mut buf, 0).unwrap();
                 for (sector, chunk) in buf.chunks(512).enumerate() {
                     let new = (sector as u64 % threads) as u8 + 1;
-                    assert!(chunk.iter().all(|b| *b == 0xEE) || chunk.iter().all(|b| *b == new));
+                    let stray = chunk.iter().find(|b| **b != 0xEE && **b != new);
+                    assert_eq!(stray, None, "sector {sector} holds a byte that was never written there");
                 }
             }
         });
