@@ -173,6 +173,13 @@ impl Catalog {
         self.next_id
     }
 
+    /// The size of the largest volume or snapshot, checkpoints included: no layer holds data
+    /// past it.
+    pub fn largest_size(&self) -> u64 {
+        let volumes = self.volumes.values().map(|v| v.size);
+        volumes.chain(self.snapshots.values().map(|s| s.size)).max().unwrap_or(0)
+    }
+
     fn bump_ids(&mut self, ids: &[u64]) {
         for id in ids {
             self.next_id = self.next_id.max(*id);

@@ -37,6 +37,11 @@ pub fn max_chunks(chunk_shift: u32) -> u64 {
     crate::store::MAX_VOLUME_SIZE >> chunk_shift
 }
 
+/// The chunks that cover `size` bytes of a volume.
+fn chunks_of(size: u64, chunk_shift: u32) -> u64 {
+    size.div_ceil(1 << chunk_shift).min(max_chunks(chunk_shift))
+}
+
 /// Why a journal cannot be read.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum JournalError {
@@ -58,6 +63,10 @@ pub enum JournalError {
     /// A batch passed its checksum but holds an impossible record.
     #[error("invalid record at byte {offset}")]
     BadRecord { offset: u64 },
+    /// A placement names a chunk past the largest volume or snapshot of the store, or more
+    /// chunks than that one has: no layer ever places those.
+    #[error("the placement at byte {offset} needs {needs} chunks, more than the {limit} of the store's largest volume or snapshot")]
+    PlacementTooFar { offset: u64, needs: u64, limit: u64 },
 }
 
 /// One journal entry: `op` applied to `run`.
@@ -166,8 +175,11 @@ pub struct Replayed {
 }
 
 /// Replays a whole journal file. An empty or short file (its header never reached the disk)
-/// is an empty layer.
-pub fn replay(bytes: &[u8], layer_id: u64) -> Result<Replayed, JournalError> {
+/// is an empty layer. `size_limit` is the size of the store's largest volume or snapshot: a
+/// layer only places chunks of the volumes and snapshots that read it, none larger (sizes only
+/// grow, and clones and reverts start at their snapshot's size), so a placement past it is
+/// damage. It also bounds the memory a crafted placement of billions of chunks could take.
+pub fn replay(bytes: &[u8], layer_id: u64, size_limit: u64) -> Result<Replayed, JournalError> {
     if bytes.len() < HEADER_LEN || bytes[..HEADER_LEN].iter().all(|b| *b == 0) {
         // A header the disk never got: nothing was flushed after it either, unless the
         // header itself was damaged.
@@ -227,11 +239,13 @@ pub fn replay(bytes: &[u8], layer_id: u64) -> Result<Replayed, JournalError> {
                 OP_ZERO => MapOp::Set { state: BlockState::Zero, written },
                 OP_MARK_WRITTEN => MapOp::MarkWritten,
                 // A placement names chunks of the largest volume, and no more slots than it has.
-                OP_PLACE
-                    if packed
-                        && start.checked_add(count).is_some_and(|end| end <= max_chunks(chunk_shift))
-                        && placed.len() as u64 + count <= max_chunks(chunk_shift) =>
-                {
+                OP_PLACE if packed => {
+                    let limit = chunks_of(size_limit, chunk_shift);
+                    // Chunks up to `start + count`, in as many slots as placed so far and these.
+                    let needs = start.saturating_add(count).max(placed.len() as u64 + count);
+                    if needs > limit {
+                        return Err(JournalError::PlacementTooFar { offset: at as u64, needs, limit });
+                    }
                     placed.extend(start..start + count);
                     continue;
                 }
@@ -306,6 +320,9 @@ pub fn snapshot_records(map: &LayerMap, placed: &[u64]) -> Vec<Record> {
 mod tests {
     use super::*;
 
+    /// The bound of a store holding a volume of the largest size.
+    const ANY_SIZE: u64 = crate::store::MAX_VOLUME_SIZE;
+
     fn packed(placed: &[u64]) -> Layout {
         Layout::Packed { chunk_shift: DEFAULT_CHUNK_SHIFT, placed: placed.to_vec() }
     }
@@ -325,7 +342,7 @@ mod tests {
         encode_batch(&[data(100, 1)], &mut file);
         // A torn second batch: its last bytes never reached the disk.
         file.truncate(file.len() - 3);
-        let r = replay(&file, 7).unwrap();
+        let r = replay(&file, 7, ANY_SIZE).unwrap();
         assert_eq!(r.valid_len, good as u64);
         assert_eq!(r.map.get(2), Some(BlockState::Data));
         assert_eq!(r.map.get(100), None);
@@ -339,9 +356,9 @@ mod tests {
         encode_batch(&[data(5, 1)], &mut file);
         let last = file.len() - 10;
         file[last] ^= 0xff;
-        assert_eq!(replay(&file, 1).unwrap().valid_len, good as u64, "the last batch may be torn");
+        assert_eq!(replay(&file, 1, ANY_SIZE).unwrap().valid_len, good as u64, "the last batch may be torn");
         encode_batch(&[data(9, 1)], &mut file);
-        assert_eq!(replay(&file, 1).unwrap_err(), JournalError::Damaged { offset: good as u64 });
+        assert_eq!(replay(&file, 1, ANY_SIZE).unwrap_err(), JournalError::Damaged { offset: good as u64 });
     }
 
     #[test]
@@ -355,32 +372,36 @@ mod tests {
         for (at, what) in [(good, "batch magic"), (good + 4, "record count")] {
             let mut damaged = file.clone();
             damaged[at] ^= 0x40;
-            assert_eq!(replay(&damaged, 1).unwrap_err(), JournalError::Damaged { offset: good as u64 }, "{what}");
+            assert_eq!(
+                replay(&damaged, 1, ANY_SIZE).unwrap_err(),
+                JournalError::Damaged { offset: good as u64 },
+                "{what}"
+            );
         }
         // A header of zeros is a layer whose header never reached the disk, unless flushed
         // batches follow it.
         let mut zeroed = file.clone();
         zeroed[..HEADER_LEN].fill(0);
-        assert_eq!(replay(&zeroed, 1).unwrap_err(), JournalError::Damaged { offset: 0 });
+        assert_eq!(replay(&zeroed, 1, ANY_SIZE).unwrap_err(), JournalError::Damaged { offset: 0 });
         zeroed.truncate(HEADER_LEN + 5);
-        assert_eq!(replay(&zeroed, 1).unwrap().valid_len, 0);
+        assert_eq!(replay(&zeroed, 1, ANY_SIZE).unwrap().valid_len, 0);
         // A last batch whose end reads as zeros (the file grew before its data arrived) is
         // still a torn tail.
         let mut torn = file.clone();
         let len = torn.len();
         torn[len - 5..].fill(0);
-        assert_eq!(replay(&torn, 1).unwrap().valid_len, (len - BATCH_HEADER_LEN - RECORD_LEN) as u64);
+        assert_eq!(replay(&torn, 1, ANY_SIZE).unwrap().valid_len, (len - BATCH_HEADER_LEN - RECORD_LEN) as u64);
     }
 
     #[test]
     fn header_checks() {
         let mut file = encode_header(1, Some(DEFAULT_CHUNK_SHIFT)).to_vec();
-        assert_eq!(replay(&file, 2).unwrap_err(), JournalError::WrongLayer { expected: 2, found: 1 });
+        assert_eq!(replay(&file, 2, ANY_SIZE).unwrap_err(), JournalError::WrongLayer { expected: 2, found: 1 });
         file[8] = 9;
-        assert_eq!(replay(&file, 1).unwrap_err(), JournalError::UnsupportedVersion(9));
+        assert_eq!(replay(&file, 1, ANY_SIZE).unwrap_err(), JournalError::UnsupportedVersion(9));
         file[0] = b'X';
-        assert_eq!(replay(&file, 1).unwrap_err(), JournalError::BadMagic);
-        assert_eq!(replay(&[], 1).unwrap().valid_len, 0);
+        assert_eq!(replay(&file, 1, ANY_SIZE).unwrap_err(), JournalError::BadMagic);
+        assert_eq!(replay(&[], 1, ANY_SIZE).unwrap().valid_len, 0);
     }
 
     #[test]
@@ -402,7 +423,7 @@ mod tests {
         let placed = [7, 8, 2, 3, 4, 100];
         let mut file = encode_header(3, Some(DEFAULT_CHUNK_SHIFT)).to_vec();
         encode_batch(&snapshot_records(&map, &placed), &mut file);
-        let replayed = replay(&file, 3).unwrap();
+        let replayed = replay(&file, 3, ANY_SIZE).unwrap();
         assert_eq!(replayed.map, map);
         assert_eq!(replayed.layout, Some(packed(&placed)));
     }
@@ -416,7 +437,7 @@ mod tests {
         let mut file = encode_header(5, Some(DEFAULT_CHUNK_SHIFT)).to_vec();
         encode_batch(&[place(9, 2), data(9 << 9, 1)], &mut file);
         encode_batch(&[place(3, 1)], &mut file);
-        assert_eq!(replay(&file, 5).unwrap().layout, Some(packed(&[9, 10, 3])));
+        assert_eq!(replay(&file, 5, ANY_SIZE).unwrap().layout, Some(packed(&[9, 10, 3])));
     }
 
     #[test]
@@ -424,16 +445,39 @@ mod tests {
         let mut file = encode_header(5, None).to_vec();
         assert_eq!(file[8], 1);
         encode_batch(&[data(0, 4)], &mut file);
-        assert_eq!(replay(&file, 5).unwrap().layout, Some(Layout::Identity));
+        assert_eq!(replay(&file, 5, ANY_SIZE).unwrap().layout, Some(Layout::Identity));
         encode_batch(&[place(0, 1)], &mut file);
-        assert!(matches!(replay(&file, 5).unwrap_err(), JournalError::BadRecord { .. }));
+        assert!(matches!(replay(&file, 5, ANY_SIZE).unwrap_err(), JournalError::BadRecord { .. }));
     }
 
     #[test]
     fn placement_past_the_largest_volume_is_corrupt() {
         let mut file = encode_header(5, Some(DEFAULT_CHUNK_SHIFT)).to_vec();
         encode_batch(&[place(max_chunks(DEFAULT_CHUNK_SHIFT) - 1, 2)], &mut file);
-        assert!(matches!(replay(&file, 5).unwrap_err(), JournalError::BadRecord { .. }));
+        assert!(matches!(replay(&file, 5, ANY_SIZE).unwrap_err(), JournalError::PlacementTooFar { .. }));
+    }
+
+    #[test]
+    fn placements_stay_within_the_stores_largest_volume() {
+        // 3 MiB: two 2 MiB chunks, the second one partly.
+        let size = 3 << 20;
+        let placements = |records: &[Record]| {
+            let mut file = encode_header(5, Some(DEFAULT_CHUNK_SHIFT)).to_vec();
+            encode_batch(records, &mut file);
+            replay(&file, 5, size)
+        };
+        assert_eq!(placements(&[place(1, 1), place(0, 1)]).unwrap().layout, Some(packed(&[1, 0])));
+        let offset = (HEADER_LEN + BATCH_HEADER_LEN) as u64;
+        assert_eq!(
+            placements(&[place(2, 1)]).unwrap_err(),
+            JournalError::PlacementTooFar { offset, needs: 3, limit: 2 }
+        );
+        // A crafted count fails before anything is allocated for it, even at chunk 0.
+        let offset = offset + RECORD_LEN as u64;
+        assert_eq!(
+            placements(&[place(0, 1), place(0, u64::from(u32::MAX))]).unwrap_err(),
+            JournalError::PlacementTooFar { offset, needs: 1 + u64::from(u32::MAX), limit: 2 }
+        );
     }
 
     /// The example of docs/format.md §4.5, byte for byte: an accidental format change fails here.
@@ -463,7 +507,7 @@ mod tests {
         let mut file = encode_header(0x2a, Some(DEFAULT_CHUNK_SHIFT)).to_vec();
         encode_batch(&records, &mut file);
         assert_eq!(file, expected);
-        let replayed = replay(&file, 0x2a).unwrap();
+        let replayed = replay(&file, 0x2a, ANY_SIZE).unwrap();
         assert_eq!(replayed.layout, Some(packed(&[0, 2048])));
         assert_eq!(replayed.map.get(1 << 20), Some(BlockState::Data));
     }
@@ -472,7 +516,7 @@ mod tests {
     fn version_2_refuses_reserved_bytes_and_unused_flags() {
         let mut good = encode_header(5, Some(DEFAULT_CHUNK_SHIFT)).to_vec();
         encode_batch(&[place(0, 1), data(0, 1)], &mut good);
-        replay(&good, 5).unwrap();
+        replay(&good, 5, ANY_SIZE).unwrap();
         let records = HEADER_LEN + BATCH_HEADER_LEN;
         let (place_at, data_at) = (records, records + RECORD_LEN);
         // Header and batch header reserved bytes, a record's reserved bytes, a data record's
@@ -483,21 +527,24 @@ mod tests {
             // Re-seal the batch, so that only the byte set above is wrong.
             let crc = crc32c::crc32c_append(crc32c::crc32c(&file[HEADER_LEN + 4..HEADER_LEN + 8]), &file[records..]);
             file[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&crc.to_le_bytes());
-            assert!(matches!(replay(&file, 5), Err(JournalError::BadRecord { .. })), "byte {at}");
+            assert!(matches!(replay(&file, 5, ANY_SIZE), Err(JournalError::BadRecord { .. })), "byte {at}");
         }
         // Version 1 files were never checked, and still open with reserved bytes set.
         let mut old = encode_header(5, None).to_vec();
         old[30] = 1;
         encode_batch(&[data(0, 1)], &mut old);
-        replay(&old, 5).unwrap();
+        replay(&old, 5, ANY_SIZE).unwrap();
     }
 
     #[test]
     fn chunk_size_is_in_the_header_and_checked() {
         let mut file = encode_header(5, Some(13)).to_vec();
-        assert_eq!(replay(&file, 5).unwrap().layout, Some(Layout::Packed { chunk_shift: 13, placed: Vec::new() }));
+        assert_eq!(
+            replay(&file, 5, ANY_SIZE).unwrap().layout,
+            Some(Layout::Packed { chunk_shift: 13, placed: Vec::new() })
+        );
         file[24] = 12;
-        assert_eq!(replay(&file, 5).unwrap_err(), JournalError::BadRecord { offset: 24 });
+        assert_eq!(replay(&file, 5, ANY_SIZE).unwrap_err(), JournalError::BadRecord { offset: 24 });
     }
 
     mod damaged_journals {
@@ -546,7 +593,7 @@ mod tests {
             fn a_cut_journal_replays_as_its_whole_batches(batches in prop::collection::vec(records(), 0..6), cut in any::<prop::sample::Index>()) {
                 let (file, states) = journal(&batches);
                 let cut = HEADER_LEN + cut.index(file.len() - HEADER_LEN + 1);
-                let r = replay(&file[..cut], 1).unwrap();
+                let r = replay(&file[..cut], 1, ANY_SIZE).unwrap();
                 let (end, map, placed) = states.iter().rev().find(|(end, ..)| *end <= cut).unwrap();
                 prop_assert_eq!(r.valid_len, *end as u64);
                 prop_assert_eq!(&r.map, map);
@@ -561,7 +608,7 @@ mod tests {
                 damage in crate::damage::strategy(),
             ) {
                 let file = crate::damage::apply(journal(&batches).0, &damage);
-                if let Ok(r) = replay(&file, 1) {
+                if let Ok(r) = replay(&file, 1, ANY_SIZE) {
                     prop_assert!(r.valid_len <= file.len() as u64);
                 }
             }

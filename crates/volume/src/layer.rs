@@ -265,13 +265,15 @@ impl Layer {
 
     /// Opens a layer, replaying its journal and cutting off a torn tail. A ghost keeps only
     /// its change tracking. A layer that never flushed starts again with chunks of
-    /// `1 << chunk_shift` bytes.
+    /// `1 << chunk_shift` bytes. `size_limit`: the store's largest volume or snapshot, past
+    /// which no layer holds chunks (see [`journal::replay`]).
     pub fn open(
         storage: Arc<dyn Storage>,
         id: u64,
         kind: LayerKind,
         files: &[String],
         chunk_shift: u32,
+        size_limit: u64,
     ) -> Result<Layer, crate::Error> {
         let ghost = kind == LayerKind::Ghost;
         let name = map_file_name(id);
@@ -280,7 +282,7 @@ impl Layer {
         let mut bytes = vec![0u8; len as usize];
         file.read_at(&mut bytes, 0)?;
         let corrupt = |reason: String| crate::Error::Corrupt { file: name.clone(), reason };
-        let replayed = journal::replay(&bytes, id).map_err(|e| match e {
+        let replayed = journal::replay(&bytes, id, size_limit).map_err(|e| match e {
             journal::JournalError::UnsupportedVersion(_) => {
                 crate::Error::UnsupportedFormat { file: name.clone(), reason: e.to_string() }
             }
@@ -641,6 +643,7 @@ mod tests {
     use super::*;
     use crate::blockmap::{BlockState, BLOCK_SIZE};
     use crate::storage::{Fault, FaultControl, FaultyStorage, MemStorage};
+    use crate::store::MAX_VOLUME_SIZE;
 
     const ID: u64 = 9;
     const SHIFT: u32 = journal::DEFAULT_CHUNK_SHIFT;
@@ -668,7 +671,7 @@ mod tests {
 
     fn reopen(storage: &MemStorage) -> Layer {
         let files = storage.list().unwrap();
-        Layer::open(Arc::new(storage.clone()), ID, LayerKind::Head, &files, SHIFT).unwrap()
+        Layer::open(Arc::new(storage.clone()), ID, LayerKind::Head, &files, SHIFT, MAX_VOLUME_SIZE).unwrap()
     }
 
     /// A layer on faulty memory with block 0 flushed and block 1 written, whose next sync (the
@@ -815,7 +818,8 @@ mod tests {
         journal::encode_batch(&[place, place], &mut journal_bytes);
         storage.open(&map_file_name(ID), true).unwrap().write_at(&journal_bytes, 0).unwrap();
         let files = storage.list().unwrap();
-        let err = Layer::open(Arc::new(storage.clone()), ID, LayerKind::Head, &files, SHIFT).unwrap_err();
+        let err =
+            Layer::open(Arc::new(storage.clone()), ID, LayerKind::Head, &files, SHIFT, MAX_VOLUME_SIZE).unwrap_err();
         assert!(err.to_string().contains("placed twice"), "{err}");
     }
 

@@ -324,6 +324,7 @@ impl Store {
             catalog = write_compacted_catalog(&storage, catalog.state)?;
         }
         let heads: HashSet<u64> = catalog.state.volumes.values().map(|v| v.head).collect();
+        let size_limit = catalog.state.largest_size();
         let mut layers = HashMap::new();
         for (id, rec) in &catalog.state.layers {
             let kind = match (rec.ghost, heads.contains(id)) {
@@ -331,7 +332,10 @@ impl Store {
                 (false, true) => LayerKind::Head,
                 (false, false) => LayerKind::Frozen,
             };
-            layers.insert(*id, Arc::new(Layer::open(storage.clone(), *id, kind, &files, options.chunk_shift)?));
+            layers.insert(
+                *id,
+                Arc::new(Layer::open(storage.clone(), *id, kind, &files, options.chunk_shift, size_limit)?),
+            );
         }
         // Files created before a crash may not have durable directory entries yet; flushes
         // after this open only sync the directory for files they create themselves.
@@ -1529,4 +1533,39 @@ fn settled_data_blocks(stack: &[Arc<Layer>]) -> u64 {
         }
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{Record, RecordOp};
+    use crate::storage::MemStorage;
+
+    /// A layer's journal that places a chunk past every volume and snapshot of the store, its
+    /// checksum intact (crafted, or written by a bug), makes the store refuse to open instead
+    /// of allocating for it; while a volume as large exists, it opens.
+    #[test]
+    fn a_placement_past_every_volume_is_refused() {
+        let storage = MemStorage::new();
+        let options = StoreOptions { chunk_shift: 21, ..StoreOptions::default() };
+        let open = || Store::open(Arc::new(storage.clone()) as Arc<dyn Storage>, options.clone());
+        let s = open().unwrap();
+        let small = s.create_volume("small", 4 << 20).unwrap().id;
+        let large = s.create_volume("large", 8 << 20).unwrap().id;
+        s.volume(small).unwrap().write(&[1; 4096], 0, true).unwrap();
+        let small_head = s.inner.catalog().state.volumes[&small.0].head;
+        s.close().unwrap();
+        // Chunk 3: inside the large volume, past the small one (chunks 0 and 1).
+        let map = storage.open(&layer::map_file_name(small_head), false).unwrap();
+        let mut batch = Vec::new();
+        journal::encode_batch(&[Record { run: BlockRun { start: 3, count: 1 }, op: RecordOp::Place }], &mut batch);
+        map.write_at(&batch, map.size().unwrap()).unwrap();
+        let s = open().unwrap();
+        s.delete_volume(large).unwrap();
+        s.close().unwrap();
+        let Err(err) = open() else { panic!("opened, though the placement is past the largest volume now") };
+        let reason =
+            "the placement at byte 96 needs 4 chunks, more than the 2 of the store's largest volume or snapshot";
+        assert!(matches!(&err, Error::Corrupt { reason: r, .. } if r == reason), "{err}");
+    }
 }
