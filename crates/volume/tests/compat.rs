@@ -1,12 +1,14 @@
-//! Format compatibility: a store written by the last build of layer map format version 1
-//! (commit 6c253b7, before chunk placement) opens in this build with every byte where it was.
-//! The fixture in `tests/fixtures/v1/` is checked-in bytes, not the output of today's encoder;
-//! its README says how it was made.
+//! Format compatibility: stores written by earlier builds open in this build with every byte
+//! where it was. `tests/fixtures/v1/` was written by the last build of layer map format
+//! version 1 (commit 6c253b7, before chunk placement); `tests/fixtures/v2/` by a version 2
+//! build, with every catalog event and journal op and what a crash leaves behind. Fixtures are
+//! checked-in bytes, not the output of today's encoder; their READMEs say how they were made.
 
-use cairn_volume::{Store, StoreOptions, BLOCK_SIZE};
+use cairn_volume::{AllocExtent, ChangeTarget, SnapshotId, Store, StoreOptions, VolumeId, BLOCK_SIZE};
 use std::path::Path;
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v1");
+const FIXTURE_V2: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/v2");
 /// Reaches into the second data segment (1 TiB each), so the fixture has a `.d1` file.
 const VOLUME_SIZE: u64 = (1 << 40) + (8 << 20);
 const SEGMENT_1: u64 = 1 << 40;
@@ -102,11 +104,12 @@ fn expected() -> Vec<(&'static str, Content)> {
     all
 }
 
-fn copy_fixture(to: &Path) {
-    for entry in std::fs::read_dir(FIXTURE).unwrap() {
+/// Copies the store files of `fixture`, not its README and answers, into `to`.
+fn copy_fixture(fixture: &str, to: &Path) {
+    for entry in std::fs::read_dir(fixture).unwrap() {
         let entry = entry.unwrap();
         let name = entry.file_name().into_string().unwrap();
-        if name != "README.md" {
+        if name != "README.md" && name != "answers.txt" {
             std::fs::copy(entry.path(), to.join(name)).unwrap();
         }
     }
@@ -149,7 +152,7 @@ fn map_versions(dir: &Path) -> Vec<u32> {
 #[test]
 fn a_version_1_store_reads_back_and_keeps_working() {
     let dir = tempfile::tempdir().unwrap();
-    copy_fixture(dir.path());
+    copy_fixture(FIXTURE, dir.path());
     assert_eq!(map_versions(dir.path()), vec![1; 4], "the fixture is four version 1 layers");
     let mut expected = expected();
     let store = Store::open_dir(dir.path(), options()).unwrap();
@@ -178,8 +181,8 @@ fn a_version_1_store_reads_back_and_keeps_working() {
 }
 
 /// Every file of the store directory and its bytes, the lock file aside.
-fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+fn files_of(dir: &Path) -> Files {
+    let mut files: Files = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap())
         .filter(|e| e.file_name() != "store.lock")
@@ -189,26 +192,241 @@ fn files_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
     files
 }
 
+/// A store directory's files and their bytes, by name.
+type Files = Vec<(String, Vec<u8>)>;
+
+/// Sets the version field of `file` to `version`, opens the store, which must refuse with the
+/// version error, and puts the file back. Returns the directory's files before and after.
+fn refused_as_newer(dir: &Path, file: &str, version: u32) -> (Files, Files) {
+    let path = dir.join(file);
+    let original = std::fs::read(&path).unwrap();
+    let mut newer = original.clone();
+    newer[8..12].copy_from_slice(&version.to_le_bytes());
+    std::fs::write(&path, &newer).unwrap();
+    let before = files_of(dir);
+    let err = Store::open_dir(dir, options()).unwrap_err();
+    assert!(
+        matches!(&err, cairn_volume::Error::UnsupportedFormat { file: f, reason } if f == file && reason.contains(&format!("version {version}"))),
+        "{file}: {err}"
+    );
+    assert!(err.to_string().contains("newer cairn"), "{err}");
+    let after = files_of(dir);
+    std::fs::write(&path, &original).unwrap();
+    (before, after)
+}
+
 #[test]
 fn a_newer_format_version_is_refused_as_such_and_nothing_changes() {
     let dir = tempfile::tempdir().unwrap();
-    copy_fixture(dir.path());
+    copy_fixture(FIXTURE, dir.path());
     let map = files_of(dir.path()).into_iter().map(|(name, _)| name).find(|n| n.ends_with(".map")).unwrap();
     for (file, version) in [(map.as_str(), 3u32), ("catalog.log", 2)] {
-        let path = dir.path().join(file);
-        let original = std::fs::read(&path).unwrap();
-        let mut newer = original.clone();
-        newer[8..12].copy_from_slice(&version.to_le_bytes());
-        std::fs::write(&path, &newer).unwrap();
-        let before = files_of(dir.path());
-        let err = Store::open_dir(dir.path(), options()).unwrap_err();
-        assert!(
-            matches!(&err, cairn_volume::Error::UnsupportedFormat { file: f, reason } if f == file && reason.contains(&format!("version {version}"))),
-            "{file}: {err}"
-        );
-        assert!(err.to_string().contains("newer cairn"), "{err}");
-        assert!(files_of(dir.path()) == before, "opening {file} of version {version} changed the store");
-        std::fs::write(&path, &original).unwrap();
+        let (before, after) = refused_as_newer(dir.path(), file, version);
+        assert!(after == before, "opening {file} of version {version} changed the store");
     }
     check(&Store::open_dir(dir.path(), options()).unwrap(), &expected());
+}
+
+// The version 2 fixture: its generator's history, in its README, and the answers it recorded.
+
+const KIB: u64 = 1024;
+/// Volume and snapshot ids of the fixture (its generator printed them).
+const A: VolumeId = VolumeId(3);
+const B: VolumeId = VolumeId(5);
+const C: VolumeId = VolumeId(19);
+const B_G1: SnapshotId = SnapshotId(11);
+const B_S5: SnapshotId = SnapshotId(21);
+/// Layers of the fixture: c's head (its last batch torn), e's head (map file empty), m's head
+/// (map file missing).
+const C_HEAD: &str = "layer-0000000000000014.map";
+const E_HEAD: &str = "layer-0000000000000019.map";
+const M_HEAD: &str = "layer-000000000000001b.map";
+/// What a crash left that opening deletes: the files of a layer a logged event dropped, a map
+/// whose layer's creation was never logged, and temporary files.
+const LEFTOVERS: [&str; 5] = [
+    "layer-0000000000000002.map",
+    "layer-0000000000000002.d0",
+    "layer-000000000000001c.map",
+    "catalog.log.tmp",
+    "layer-0000000000000012.map.tmp",
+];
+/// The catalog's valid length: a torn frame of 6 bytes follows.
+const CATALOG_VALID: usize = 2327;
+
+/// Writes of the generator, as (seed, offset, length); a seed of 0 is write-zeroes or trim.
+fn replay_writes(content: &mut [u8], writes: &[(u8, u64, u64)]) {
+    for (seed, at, len) in writes {
+        let bytes = if *seed == 0 { vec![0; *len as usize] } else { pattern(*seed, *at, *len) };
+        content[*at as usize..(at + len) as usize].copy_from_slice(&bytes);
+    }
+}
+
+/// Every volume and live snapshot of the version 2 fixture, as the generator's history leaves
+/// it: (name, content).
+fn expected_v2() -> Vec<(&'static str, Vec<u8>)> {
+    let mut a = vec![0; 1024 * KIB as usize];
+    // Snapshot s0 (deleted, a checkpoint) between the two writes.
+    replay_writes(&mut a, &[(1, 0, 40_000), (2, 300_000, 9000)]);
+    // Snapshot g1 of a and b; a: a write, zeroed whole blocks, zeroed bytes, a trim over g1's data.
+    replay_writes(&mut a, &[(4, 20_000, 5000), (0, 8192, 16384), (0, 50_000, 100), (0, 303_104, 4096)]);
+    let s2 = a.clone();
+    replay_writes(&mut a, &[(5, 0, 4096), (0, 90_112, 8192)]);
+    // Snapshot s3 (deleted, a checkpoint), then s4 (deleted, its merge pending).
+    replay_writes(&mut a, &[(6, 12_288, 8192)]);
+    let mut c = s2;
+    c.resize(1536 * KIB as usize, 0);
+    replay_writes(&mut c, &[(7, 1_200_000, 4096)]);
+    let mut b = vec![0; 512 * KIB as usize];
+    replay_writes(&mut b, &[(3, 4096, 8192)]);
+    let g1 = b.clone();
+    b.resize(768 * KIB as usize, 0);
+    replay_writes(&mut b, &[(8, 700_000, 3000)]);
+    let s5 = b;
+    let mut b = g1.clone();
+    replay_writes(&mut b, &[(9, 0, 512)]);
+    let empty = vec![0; 64 * KIB as usize];
+    vec![("a", a), ("b", b), ("c", c), ("e", empty.clone()), ("m", empty), ("b@g1", g1), ("b@s5", s5)]
+}
+
+/// Reads every volume and live snapshot of the version 2 fixture and compares it with `expected`.
+fn check_v2(store: &Store, expected: &[(&'static str, Vec<u8>)]) {
+    for (name, content) in expected {
+        let mut found = vec![0; content.len()];
+        match name.split_once('@') {
+            Some((volume, snapshot)) => {
+                let id = store.snapshot_id(store.volume_id(volume).unwrap(), snapshot).unwrap();
+                let view = store.open_snapshot(id).unwrap();
+                assert_eq!(view.size(), content.len() as u64, "{name}");
+                view.read(&mut found, 0).unwrap();
+            }
+            None => {
+                let volume = store.volume(store.volume_id(name).unwrap()).unwrap();
+                assert_eq!(volume.size(), content.len() as u64, "{name}");
+                volume.read(&mut found, 0).unwrap();
+            }
+        }
+        assert!(found == *content, "{name} differs from the model");
+    }
+}
+
+/// The store's answer to one line of the fixture's `answers.txt`: everything up to the colon
+/// is the question (allocation, depth, usage or changes of an id), the rest what the build that
+/// wrote the fixture answered.
+fn answer(store: &Store, question: &str) -> String {
+    let words: Vec<&str> = question.split(' ').collect();
+    let id = |at: usize| words[at].parse::<u64>().unwrap();
+    let list = |items: Vec<String>| items.join(", ");
+    let allocation = |extents: Vec<AllocExtent>| {
+        list(extents.iter().map(|e| format!("{}+{} {:?}", e.offset, e.length, e.kind)).collect())
+    };
+    let answer = match words[..] {
+        ["allocation", "volume", _] => {
+            let v = store.volume(VolumeId(id(2))).unwrap();
+            allocation(v.allocation(0, v.size()).unwrap())
+        }
+        ["depth", "volume", _] => {
+            let v = store.volume(VolumeId(id(2))).unwrap();
+            let extents = v.allocation_depth(0, v.size()).unwrap();
+            list(extents.iter().map(|e| format!("{}+{} {}", e.offset, e.length, e.depth)).collect())
+        }
+        ["allocation", "snapshot", _] => {
+            let view = store.open_snapshot(SnapshotId(id(2))).unwrap();
+            allocation(view.allocation(0, view.size()).unwrap())
+        }
+        ["usage", "snapshot", _] => {
+            let u = store.snapshot_usage(SnapshotId(id(2))).unwrap();
+            let (l, a, e, s) = (u.logical_bytes, u.allocated_bytes, u.exclusive_bytes, u.shared_bytes);
+            format!("logical {l} allocated {a} exclusive {e} shared {s}")
+        }
+        ["changes", _, kind, _] => {
+            let target = match kind {
+                "volume" => ChangeTarget::Volume(VolumeId(id(3))),
+                _ => ChangeTarget::Snapshot(SnapshotId(id(3))),
+            };
+            let extents = store.changed_extents(SnapshotId(id(1)), target).unwrap();
+            list(extents.iter().map(|e| format!("{}+{}", e.offset, e.length)).collect())
+        }
+        _ => panic!("unknown question {question:?}"),
+    };
+    format!("{question}: {answer}")
+}
+
+fn check_answers(store: &Store) {
+    let answers = std::fs::read_to_string(Path::new(FIXTURE_V2).join("answers.txt")).unwrap();
+    assert_eq!(answers.lines().count(), 18, "the answers file is whole");
+    for line in answers.lines() {
+        let (question, _) = line.split_once(": ").unwrap();
+        assert_eq!(answer(store, question), line);
+    }
+}
+
+#[test]
+fn a_version_2_store_with_crash_leftovers_reads_back_and_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_fixture(FIXTURE_V2, dir.path());
+    let file = |name: &str| std::fs::read(dir.path().join(name)).ok();
+    // The fixture holds what its README says: a log whose first frame is a state, a torn
+    // frame after it, a torn batch, an empty and a missing map, the leftovers.
+    let catalog = file("catalog.log").unwrap();
+    assert!(catalog[24..].starts_with(br#"{"event":"state""#));
+    assert_eq!(catalog.len(), CATALOG_VALID + 6);
+    let torn_map_len = file(C_HEAD).unwrap().len();
+    assert_eq!((file(E_HEAD).map(|f| f.len()), file(M_HEAD)), (Some(0), None));
+    assert!(LEFTOVERS.iter().all(|name| file(name).is_some()));
+    let maps = files_of(dir.path()).into_iter().filter(|(name, bytes)| name.ends_with(".map") && !bytes.is_empty());
+    assert!(maps.map(|(_, bytes)| bytes[8]).all(|version| version == 2), "every layer map is version 2");
+
+    let mut expected = expected_v2();
+    let store = Store::open_dir(dir.path(), options()).unwrap();
+    check_v2(&store, &expected);
+    check_answers(&store);
+    // Opening cut the torn tails, gave e and m their headers and deleted the leftovers.
+    assert_eq!(file("catalog.log").unwrap().len(), CATALOG_VALID);
+    assert_eq!(file(C_HEAD).unwrap().len(), torn_map_len - 24);
+    assert_eq!((file(E_HEAD).map(|f| f.len()), file(M_HEAD).map(|f| f.len())), (Some(32), Some(32)));
+    assert_eq!(LEFTOVERS.iter().filter(|name| file(name).is_some()).collect::<Vec<_>>(), Vec::<&&str>::new());
+
+    // The pending merge of s4 into a's head runs; nothing reads differently.
+    let layers = store.layer_count();
+    while store.merge_step().unwrap() {}
+    assert_eq!(store.layer_count(), layers - 1);
+    check_v2(&store, &expected);
+
+    // Every volume takes writes, including the heads whose maps were empty and missing.
+    for (i, (name, content)) in expected.iter_mut().enumerate().filter(|(_, (name, _))| !name.contains('@')) {
+        let volume = store.volume(store.volume_id(name).unwrap()).unwrap();
+        let (at, len) = (content.len() as u64 / 2 - 1000, 6000);
+        let bytes = pattern(20 + i as u8, at, len);
+        volume.write(&bytes, at, false).unwrap();
+        volume.flush().unwrap();
+        content[at as usize..(at + len) as usize].copy_from_slice(&bytes);
+    }
+    store.snapshot(A, "after").unwrap();
+    store.close().unwrap();
+    let store = Store::open_dir(dir.path(), options()).unwrap();
+    check_v2(&store, &expected);
+    assert_eq!(store.changed_extents(B_G1, ChangeTarget::Snapshot(B_S5)).unwrap().len(), 1);
+    assert_eq!(store.volume(C).unwrap().size(), 1536 * KIB);
+    assert_eq!(store.volume(B).unwrap().size(), 512 * KIB);
+}
+
+#[test]
+fn a_newer_format_version_in_a_version_2_store_is_refused_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_fixture(FIXTURE_V2, dir.path());
+    // The catalog is read first: nothing changes.
+    let (before, after) = refused_as_newer(dir.path(), "catalog.log", 2);
+    assert!(after == before, "opening a catalog of version 2 changed the store");
+    // A layer map is read after the catalog's torn tail is cut and the leftovers that every
+    // build deletes are gone (format.md §12); no other file changes.
+    let (before, after) = refused_as_newer(dir.path(), "layer-000000000000000a.map", 3);
+    let cleaned: Vec<_> = before
+        .into_iter()
+        .filter(|(name, _)| !LEFTOVERS.contains(&name.as_str()))
+        .map(
+            |(name, bytes)| if name == "catalog.log" { (name, bytes[..CATALOG_VALID].to_vec()) } else { (name, bytes) },
+        )
+        .collect();
+    assert!(after == cleaned, "opening a layer map of version 3 changed more than the leftovers");
+    check_v2(&Store::open_dir(dir.path(), options()).unwrap(), &expected_v2());
 }
