@@ -272,6 +272,8 @@ impl Storage for DirStorage {
 pub const LOCK_FILE: &str = "store.lock";
 
 const MEM_PAGE: u64 = 4096;
+/// What a disk writes whole: a power loss may keep some sectors of a page and not others.
+const SECTOR: usize = 512;
 
 /// Sparse in-memory file content: 4 KiB pages, absent pages read as zeros.
 #[derive(Debug, Clone, Default)]
@@ -538,8 +540,9 @@ impl MemStorage {
     /// A power loss that keeps nothing that was not synced (`keep` `None`, as
     /// [`MemStorage::power_loss`]), or a random part of it chosen by the seed, as a disk that
     /// wrote back some of its cache does: a prefix of the directory changes since the last
-    /// directory sync, and of each file, every unsynced 4 KiB page either as written or as
-    /// synced, and either its synced or its current length (bytes past it read as zeros).
+    /// directory sync, and of each file, every unsynced 4 KiB page as written, as synced or
+    /// torn (each 512-byte sector one or the other), and either its synced or its current
+    /// length (bytes past it read as zeros).
     pub fn power_loss_keeping(&self, keep: Option<u64>) {
         let survivors = self.survivors(keep);
         let mut names = HashMap::new();
@@ -593,18 +596,38 @@ impl MemStorage {
         for (name, file) in files {
             let state = file.state();
             let (current, durable) = (&state.current, &state.durable);
-            let mut flip = || coin.as_mut().is_some_and(Coin::flip);
             let mut survived = durable.clone();
             let written: BTreeSet<u64> = current.pages.keys().chain(durable.pages.keys()).copied().collect();
             for page in written {
-                if current.pages.get(&page) != durable.pages.get(&page) && flip() {
-                    match current.pages.get(&page) {
-                        Some(bytes) => survived.pages.insert(page, bytes.clone()),
-                        None => survived.pages.remove(&page),
-                    };
+                let (now, synced) = (current.pages.get(&page), durable.pages.get(&page));
+                if now == synced {
+                    continue;
+                }
+                // As synced, as written, or torn: each 512-byte sector one or the other, as a
+                // disk that writes sectors atomically but not a page's sectors together.
+                match coin.as_mut().map(|c| c.next() % 3) {
+                    None | Some(0) => {}
+                    Some(1) => {
+                        match now {
+                            Some(bytes) => survived.pages.insert(page, bytes.clone()),
+                            None => survived.pages.remove(&page),
+                        };
+                    }
+                    Some(_) => {
+                        let coin = coin.as_mut().expect("a seed chose tearing");
+                        let zeros = [0u8; MEM_PAGE as usize];
+                        let (now, synced) = (now.map_or(&zeros[..], |b| b), synced.map_or(&zeros[..], |b| b));
+                        let torn: Vec<u8> = now
+                            .chunks(SECTOR)
+                            .zip(synced.chunks(SECTOR))
+                            .flat_map(|(now, synced)| if coin.flip() { now } else { synced })
+                            .copied()
+                            .collect();
+                        survived.pages.insert(page, torn.into_boxed_slice());
+                    }
                 }
             }
-            let len = if flip() { current.len } else { durable.len };
+            let len = if coin.as_mut().is_some_and(Coin::flip) { current.len } else { durable.len };
             survived.len = current.len.max(durable.len);
             survived.set_len(len);
             drop(state);
@@ -990,7 +1013,7 @@ mod tests {
     }
 
     #[test]
-    fn mem_partial_power_loss_keeps_a_prefix_of_directory_changes_and_some_pages() {
+    fn mem_partial_power_loss_keeps_a_prefix_of_directory_changes_and_some_sectors() {
         let page = MEM_PAGE as usize;
         let (mut prefixes, mut page_outcomes, mut lengths) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
         for seed in 0..64 {
@@ -1014,9 +1037,12 @@ mod tests {
             f.read_at(&mut buf, 0).unwrap();
             for (i, chunk) in buf.chunks(page).enumerate() {
                 let expected: &[u8] = if i < 2 { &[1, 2] } else { &[0, 2] };
-                assert!(expected.contains(&chunk[0]), "seed {seed}: page {i} holds {}", chunk[0]);
-                assert!(chunk.iter().all(|b| *b == chunk[0]), "seed {seed}: page {i} is torn");
-                page_outcomes.insert((i, chunk[0]));
+                for sector in chunk.chunks(SECTOR) {
+                    assert!(expected.contains(&sector[0]), "seed {seed}: page {i} holds {}", sector[0]);
+                    assert!(sector.iter().all(|b| *b == sector[0]), "seed {seed}: a sector of page {i} is torn");
+                }
+                let torn = chunk.chunks(SECTOR).any(|sector| sector[0] != chunk[0]);
+                page_outcomes.insert((i, if torn { 3 } else { chunk[0] }));
             }
             // What survived is now durable: a second power loss changes nothing.
             storage.power_loss();
@@ -1027,7 +1053,9 @@ mod tests {
         }
         assert_eq!(prefixes.len(), 3, "every prefix of the creations occurs: {prefixes:?}");
         assert_eq!(lengths.len(), 2);
-        assert!(page_outcomes.contains(&(0, 1)) && page_outcomes.contains(&(0, 2)), "{page_outcomes:?}");
+        for outcome in [1, 2, 3] {
+            assert!(page_outcomes.contains(&(0, outcome)), "page 0 synced, written and torn: {page_outcomes:?}");
+        }
     }
 
     #[test]
