@@ -30,7 +30,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Set in the child's environment to `<seed>:<first seq>:<dir>`.
@@ -39,6 +39,10 @@ const CHILD_ENV: &str = "CAIRN_CRASH_CHILD";
 const CHILD_TEST: &str = "crash_child";
 /// Starts every log record, so the harness's own output on stdout is skipped.
 const MARK: &str = "@cairn ";
+/// Set in the child's environment to a file that receives every log record too: the power-loss
+/// harness (`tests/power_loss_fs.py`) logs the writes of the child's file system and these
+/// records in one stream, so it knows which operations had completed at any write.
+const MARKERS_ENV: &str = "CAIRN_CRASH_MARKERS";
 const VOLUME_SIZE: u64 = 8 << 20;
 const ROUNDS_PER_DIR: u64 = 50;
 const DEFAULT_ROUNDS: u64 = 30;
@@ -262,9 +266,18 @@ fn crash_child() {
 
 /// Writes one log record. It is whole in the pipe (one `write(2)` of less than PIPE_BUF bytes,
 /// flushed at once) before the child takes its next step, so a kill cuts the log only between
-/// records and the parent reads every record written before the kill.
+/// records and the parent reads every record written before the kill. With [`MARKERS_ENV`]
+/// set, the record also goes to that file first, in one `write(2)` as well.
 fn emit(record: &str) {
+    static MARKERS: OnceLock<Option<std::fs::File>> = OnceLock::new();
     let line = format!("{MARK}{record}\n");
+    let markers = MARKERS.get_or_init(|| {
+        let path = std::env::var_os(MARKERS_ENV)?;
+        Some(std::fs::OpenOptions::new().write(true).open(path).expect("open the marker file"))
+    });
+    if let Some(mut file) = markers.as_ref() {
+        file.write_all(line.as_bytes()).expect("write a marker");
+    }
     let mut out = std::io::stdout().lock();
     // A failed write means the parent is gone: stop rather than run on forever.
     out.write_all(line.as_bytes()).and_then(|()| out.flush()).expect("log pipe closed");
@@ -899,7 +912,14 @@ fn create_store(dir: &Path) -> Result<Model, String> {
 /// One crash: run the child, kill it, check what survived, let merges finish, check again.
 fn crash_round(dir: &Path, model: &mut Model, rng: &mut Rng, first_seq: u64) -> Result<(), String> {
     let lines = run_child(dir, rng, first_seq)?;
-    let log = parse_log(&lines)?;
+    check_survivor(dir, model, &lines)
+}
+
+/// Checks the store in `dir`, which a child left when it died with `lines` logged, against
+/// `model` (the store before the child), which becomes the model of what survived; then lets
+/// the merges finish and checks again.
+fn check_survivor(dir: &Path, model: &mut Model, lines: &[String]) -> Result<(), String> {
+    let log = parse_log(lines)?;
     let context = |e: String| {
         let shown: Vec<String> = log[log.len().saturating_sub(8)..]
             .iter()
@@ -940,6 +960,30 @@ fn crash_dir(seed: u64, rounds: u64) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The entry points of the power-loss harness `tests/power_loss_fs.py`, which runs the child
+/// on ext4 over a block device that logs every write and flush, then replays the log cut at
+/// many points and checks each image: with `CAIRN_POWER_SETUP=<dir>` this creates the store
+/// the child works on; with `CAIRN_POWER_CHECK=<dir>` and `CAIRN_POWER_LOG=<file>` (the
+/// records logged before the cut) it checks the store a cut left, as a crash round does. In a
+/// normal test run it returns at once.
+#[test]
+fn power_cut_entry() {
+    if let Some(dir) = std::env::var_os("CAIRN_POWER_SETUP") {
+        create_store(Path::new(&dir)).unwrap_or_else(|e| panic!("create the store: {e}"));
+    }
+    if let Some(dir) = std::env::var_os("CAIRN_POWER_CHECK") {
+        let log = std::env::var("CAIRN_POWER_LOG").expect("CAIRN_POWER_LOG names the records");
+        let text = std::fs::read_to_string(&log).unwrap_or_else(|e| panic!("{log}: {e}"));
+        let lines: Vec<String> = text.lines().filter_map(|l| l.strip_prefix(MARK)).map(str::to_string).collect();
+        // A fresh store gets the same ids, so its model is the one the child started from.
+        let scratch = tempfile::tempdir().expect("tempdir");
+        let mut model = create_store(scratch.path()).unwrap_or_else(|e| panic!("base model: {e}"));
+        if let Err(e) = check_survivor(Path::new(&dir), &mut model, &lines) {
+            panic!("after the cut: {e}");
+        }
+    }
 }
 
 fn env_u64(name: &str) -> Option<u64> {
