@@ -1,11 +1,11 @@
 #!/usr/bin/python3
 """Power cuts on a real file system: the crash test's child (tests/crash.rs) runs random
-volume operations on ext4 over a block device that logs every write and every flush in order,
+volume operations on ext4 or XFS over a block device that logs every write and every flush in order,
 together with the child's own records of each operation's start and end. Then the log is
 replayed cut at many points, each into a disk image as a power loss at that point could leave
 it: every write before the last flush, and of the writes after it none, all, a random half,
 or all torn (a random half of each one's 512-byte sectors). Each image is
-mounted (ext4 replays its journal), and the crash test checks the store on it against the
+mounted (the file system replays its journal), and the crash test checks the store on it against the
 records logged before the cut: every flushed byte, every completed snapshot and deletion.
 
 The block device is a loop device (direct I/O) on a file that this script serves over FUSE,
@@ -13,7 +13,7 @@ so the kernel's loop driver hands it every write, and every flush as an fsync, o
 Run by hand, as root (loop devices, mount, FUSE), with python3-fusepy installed:
 
     cargo test --release -p cairn-volume --test crash --no-run
-    sudo /usr/bin/python3 crates/volume/tests/power_loss_fs.py [--seconds 20] [--cuts 60] [--seed N]
+    sudo /usr/bin/python3 crates/volume/tests/power_loss_fs.py [--fs ext4|xfs] [--seconds 20] [--cuts 60] [--seed N]
 
 It prints one line per cut and a summary; a failing cut keeps its image and records in the
 work directory (default /var/tmp/cairn-power-loss) and exits non-zero. Not part of CI: CI
@@ -134,7 +134,7 @@ def crash_binary(root):
 
 
 class Mounted:
-    """ext4 on a loop device over `image`, mounted at `at`."""
+    """The file system on a loop device over `image`, mounted at `at`."""
 
     def __init__(self, image, at, direct_io=False):
         self.at = at
@@ -150,14 +150,21 @@ class Mounted:
 
 # --- recording ------------------------------------------------------------------------------
 
-def record(work, binary, seconds, seed):
+# How to make each file system: everything initialised at once, so that the log holds the
+# store's writes, not the file system's lazy initialisation.
+MKFS = {
+    "ext4": ["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"],
+    "xfs": ["mkfs.xfs", "-q", "-f"],
+}
+
+
+def record(work, binary, fs, seconds, seed):
     """Makes the file system, runs the child on it for `seconds` and kills it. Returns the base
     image (before any logged write) and the log."""
     base, disk, log = (os.path.join(work, n) for n in ("base.img", "disk.img", "log.bin"))
     with open(base, "wb") as f:
         f.truncate(IMAGE_SIZE)
-    # Everything initialised now, so the log holds the store's writes, not ext4's lazy init.
-    run("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", base)
+    run(*MKFS[fs], base)
     run("cp", "--sparse=always", base, disk)
     fuse_dir = os.path.join(work, "device")
     os.makedirs(fuse_dir, exist_ok=True)
@@ -267,6 +274,7 @@ def main():
     parser.add_argument("--seconds", type=float, default=20, help="how long the child runs (default 20)")
     parser.add_argument("--cuts", type=int, default=60, help="cut points to check (default 60)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the child's operations and of the cuts")
+    parser.add_argument("--fs", choices=sorted(MKFS), default="ext4", help="the file system (default ext4)")
     parser.add_argument("--work", default="/var/tmp/cairn-power-loss", help="work directory (emptied first)")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -276,9 +284,9 @@ def main():
     seed = args.seed if args.seed is not None else random.randrange(1 << 63)
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
-    print(f"seed {seed}; crash test binary {binary}; work directory {args.work}", flush=True)
+    print(f"{args.fs}, seed {seed}; crash test binary {binary}; work directory {args.work}", flush=True)
     started = time.monotonic()
-    base, records = record(args.work, binary, args.seconds, seed)
+    base, records = record(args.work, binary, args.fs, args.seconds, seed)
     writes = sum(1 for r in records if r[0] == b"W")
     flushes = sum(1 for r in records if r[0] == b"F")
     done = sum(1 for r in records if r[0] == b"M" and b" done " in r[2])
