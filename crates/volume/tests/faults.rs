@@ -172,3 +172,79 @@ fn after_a_failed_sync_the_disk_refuses_work_until_reopened() {
     vol.write(&[7u8; 512], 0, true).unwrap();
     store.snapshot(id, "s").unwrap();
 }
+
+/// A store on memory whose next catalog event makes the log compact (format.md §5.5: at 1000
+/// frames), everything synced, and the size of its volume "v", whose first 4 KiB hold
+/// `pattern(7, 4096)`, flushed.
+fn store_one_event_short_of_compaction() -> (MemStorage, VolumeId, u64) {
+    let build = |grows: Option<u64>| {
+        let mem = MemStorage::new();
+        let store = Store::open(Arc::new(mem.clone()) as Arc<dyn Storage>, options()).unwrap();
+        let id = store.create_volume("v", SIZE).unwrap().id;
+        store.volume(id).unwrap().write(&pattern(7, 4096), 0, true).unwrap();
+        let log_len = || mem.open("catalog.log", false).unwrap().size().unwrap();
+        let mut size = SIZE;
+        for grown in 0.. {
+            if grows == Some(grown) {
+                break;
+            }
+            let before = log_len();
+            size += 512;
+            store.grow(id, size).unwrap();
+            if grows.is_none() && log_len() < before {
+                // This grow compacted the log: one fewer leaves it one event short.
+                return (mem, id, grown);
+            }
+        }
+        store.close().unwrap();
+        (mem, id, size)
+    };
+    let (_, _, grows) = build(None);
+    build(Some(grows))
+}
+
+#[test]
+fn every_failure_point_of_a_catalog_compaction_is_clean() {
+    let (base, id, size) = store_one_event_short_of_compaction();
+    let mut compacted_cleanly = false;
+    for fail_after in 0.. {
+        let mem = base.crash_image(None);
+        let faulty = FaultyStorage::new(Arc::new(mem.clone()));
+        let control = faulty.control();
+        let store = Store::open(Arc::new(faulty) as Arc<dyn Storage>, options()).unwrap();
+        let start = control.ops();
+        control.fail_after(fail_after, Fault::Io, true);
+        let grown = store.grow(id, size + 512);
+        let fired = control.ops() - start > fail_after;
+        control.heal();
+        // After a fault no event is acknowledged until the store is reopened: the compaction
+        // may have renamed the old log away.
+        let next = store.grow(id, size + 1024);
+        assert_eq!(next.is_err(), fired, "failure point {fail_after}: {next:?} after {grown:?}");
+        drop(store);
+        for keep in [None, Some(fail_after)] {
+            let image = mem.crash_image(keep);
+            let store = Store::open(Arc::new(image) as Arc<dyn Storage>, options())
+                .unwrap_or_else(|e| panic!("failure point {fail_after}, keep {keep:?}: the store does not open: {e}"));
+            let vol = store.volume(id).unwrap();
+            let now = vol.size();
+            let allowed: &[u64] = match (&grown, &next) {
+                (Ok(()), Ok(())) => &[size + 1024],
+                (Ok(()), Err(_)) => &[size + 512],
+                (Err(_), _) => &[size, size + 512],
+            };
+            assert!(allowed.contains(&now), "failure point {fail_after}, keep {keep:?}: size {now}, {grown:?}");
+            let mut buf = vec![0u8; 4096];
+            vol.read(&mut buf, 0).unwrap();
+            assert_eq!(buf, pattern(7, 4096), "failure point {fail_after}: the flushed write");
+            // The store goes on: another event, and a reopen after it.
+            store.grow(id, now + 512).unwrap();
+        }
+        if !fired {
+            let log_len = |mem: &MemStorage| mem.open("catalog.log", false).unwrap().size().unwrap();
+            compacted_cleanly = grown.is_ok() && log_len(&mem) < log_len(&base);
+            break;
+        }
+    }
+    assert!(compacted_cleanly, "the last run compacted the log without a fault");
+}
