@@ -547,7 +547,7 @@ impl Layer {
             })),
         };
         if matches!(outcome, Err(_) | Ok((Err(_), _))) {
-            self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.poison();
             // Not durable: keep the records for the next flush, ahead of newer ones.
             self.map_mut().cuts.push_front((ticket, records));
         }
@@ -565,6 +565,12 @@ impl Layer {
             *new_files = false;
         }
         Ok(())
+    }
+
+    /// Makes every later write and flush of this layer fail until the store is reopened: after
+    /// a failed sync, what this layer acknowledged may not be on the disk, whatever a retry says.
+    pub fn poison(&self) {
+        self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Fails once a sync of this layer has failed.
@@ -605,7 +611,7 @@ impl Layer {
         // From here the old journal is unlinked: appends must go to the new one.
         *journal = JournalFile { file, end: bytes.len() as u64 };
         if let Err(e) = self.storage.sync_dir() {
-            self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
+            self.poison();
             return Err(e);
         }
         Ok(())

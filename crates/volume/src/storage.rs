@@ -737,6 +737,8 @@ pub struct FaultControl {
     fail_after: AtomicU64,
     fault: Mutex<Fault>,
     fail_reads: std::sync::atomic::AtomicBool,
+    /// Set by [`FaultControl::fail_once`]: the first failure heals the storage.
+    once: std::sync::atomic::AtomicBool,
     /// Set by [`FaultControl::stall_next_sync`].
     stall: Mutex<Option<Arc<Barrier>>>,
 }
@@ -749,8 +751,19 @@ impl FaultControl {
 
     /// Fails every operation after `n` more have succeeded.
     pub fn fail_after(&self, n: u64, fault: Fault, fail_reads: bool) {
+        self.arm(n, fault, fail_reads, false);
+    }
+
+    /// Fails the one operation after `n` more have succeeded, and no other: a transient
+    /// fault, after which the storage works again.
+    pub fn fail_once(&self, n: u64, fault: Fault, fail_reads: bool) {
+        self.arm(n, fault, fail_reads, true);
+    }
+
+    fn arm(&self, n: u64, fault: Fault, fail_reads: bool, once: bool) {
         *self.fault.lock().expect("fault mutex") = fault;
         self.fail_reads.store(fail_reads, Ordering::SeqCst);
+        self.once.store(once, Ordering::SeqCst);
         self.fail_after.store(self.ops().saturating_add(n), Ordering::SeqCst);
     }
 
@@ -771,6 +784,9 @@ impl FaultControl {
     fn check(&self, is_read: bool) -> io::Result<()> {
         let op = self.ops.fetch_add(1, Ordering::SeqCst);
         if op >= self.fail_after.load(Ordering::SeqCst) && (!is_read || self.fail_reads.load(Ordering::SeqCst)) {
+            if self.once.load(Ordering::SeqCst) {
+                self.heal();
+            }
             return Err(self.fault.lock().expect("fault mutex").error());
         }
         Ok(())
@@ -785,6 +801,7 @@ impl FaultyStorage {
             fail_after: AtomicU64::new(u64::MAX),
             fault: Mutex::new(Fault::Io),
             fail_reads: std::sync::atomic::AtomicBool::new(true),
+            once: std::sync::atomic::AtomicBool::new(false),
             stall: Mutex::new(None),
         });
         Self { inner, control }

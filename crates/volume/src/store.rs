@@ -31,8 +31,6 @@ const REGION_STRIPES: usize = 256;
 const CATALOG_COMPACT_FRAMES: u64 = 1000;
 /// How long the background merge waits before retrying after an error.
 const MERGE_RETRY: Duration = Duration::from_secs(1);
-/// Compact a head's journal once it is this large and 4× its size after the last compaction.
-const JOURNAL_COMPACT_MIN: u64 = 8 << 20;
 /// Unflushed map records above which a snapshot flushes the head before pausing writes.
 const PRE_FLUSH_RECORDS: usize = 256;
 
@@ -54,11 +52,20 @@ pub struct StoreOptions {
     /// log2 of the chunk size new layers place their data in (13 to 30: 8 KiB to 1 GiB).
     /// Layers keep the chunk size they were made with.
     pub chunk_shift: u32,
+    /// A flush rewrites its head's map journal as the map once the journal is larger than this
+    /// and than 4× its size after the last rewrite (default 8 MiB). The rewrite pauses the
+    /// volume's I/O; tests make it small so that their workloads rewrite often.
+    pub journal_compact_min: u64,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { background_merge: true, merge_bytes_per_sec: Some(256 << 20), chunk_shift: journal::DEFAULT_CHUNK_SHIFT }
+        Self {
+            background_merge: true,
+            merge_bytes_per_sec: Some(256 << 20),
+            chunk_shift: journal::DEFAULT_CHUNK_SHIFT,
+            journal_compact_min: 8 << 20,
+        }
     }
 }
 
@@ -208,6 +215,8 @@ struct VolumeCore {
     deleted: AtomicBool,
     /// Journal size of the head right after its last compaction.
     compacted_journal: AtomicU64,
+    /// [`StoreOptions::journal_compact_min`].
+    journal_compact_min: u64,
 }
 
 impl std::fmt::Debug for VolumeCore {
@@ -217,7 +226,7 @@ impl std::fmt::Debug for VolumeCore {
 }
 
 impl VolumeCore {
-    fn new(id: u64, chain: Vec<Arc<Layer>>, size: u64) -> Self {
+    fn new(id: u64, chain: Vec<Arc<Layer>>, size: u64, journal_compact_min: u64) -> Self {
         Self {
             id,
             gate: RwLock::new(()),
@@ -225,6 +234,7 @@ impl VolumeCore {
             view: ViewLock::new(ViewState::new(chain, size)),
             deleted: AtomicBool::new(false),
             compacted_journal: AtomicU64::new(0),
+            journal_compact_min,
         }
     }
 
@@ -343,7 +353,7 @@ impl Store {
         let mut volumes = HashMap::new();
         for (id, rec) in &catalog.state.volumes {
             let chain = catalog.state.read_chain(rec.head).iter().map(|l| layers[l].clone()).collect();
-            volumes.insert(*id, Arc::new(VolumeCore::new(*id, chain, rec.size)));
+            volumes.insert(*id, Arc::new(VolumeCore::new(*id, chain, rec.size, options.journal_compact_min)));
         }
         let inner = Arc::new(StoreInner {
             storage,
@@ -752,7 +762,10 @@ impl StoreInner {
         }
         let chain = self.chain_layers(&cat.state, head.id());
         drop(cat);
-        self.volumes.write().expect("volumes lock").insert(id, Arc::new(VolumeCore::new(id, chain, size)));
+        self.volumes
+            .write()
+            .expect("volumes lock")
+            .insert(id, Arc::new(VolumeCore::new(id, chain, size, self.options.journal_compact_min)));
         Ok(VolumeInfo { id: VolumeId(id), name: name.to_string(), size, created_ms })
     }
 
@@ -826,6 +839,14 @@ impl StoreInner {
         };
         for old_head in &heads {
             old_head.freeze();
+        }
+        if late_error.is_some() {
+            // The snapshot exists, but its layer's last journal batch may not have reached the
+            // disk, and with it writes the guest completed before. A flush of the new head
+            // must not report those durable: it refuses work until reopen, as the old one does.
+            for head in &new_heads {
+                head.poison();
+            }
         }
         let mut infos = Vec::new();
         for ((core, head), entry) in cores.iter().zip(new_heads).zip(&entries) {
@@ -1410,7 +1431,7 @@ impl Volume {
         };
         head.flush()?;
         let compacted = self.core.compacted_journal.load(Ordering::Relaxed);
-        if head.journal_len() > JOURNAL_COMPACT_MIN.max(compacted * 4) {
+        if head.journal_len() > self.core.journal_compact_min.max(compacted * 4) {
             // Rare: pause I/O on this volume while the journal is rewritten as its map.
             let _gate = self.core.gate.write().expect("gate lock");
             if Arc::ptr_eq(&head, &self.core.head()) {

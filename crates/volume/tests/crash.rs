@@ -57,7 +57,7 @@ const MAX_WRITE: u64 = 256 << 10;
 
 fn options() -> StoreOptions {
     // 64 KiB chunks: an 8 MiB volume spans 128, placed in the order the random writes reach them.
-    StoreOptions { background_merge: true, merge_bytes_per_sec: None, chunk_shift: 16 }
+    StoreOptions { background_merge: true, merge_bytes_per_sec: None, chunk_shift: 16, journal_compact_min: 256 }
 }
 
 // ---------------------------------------------------------------------------------------------

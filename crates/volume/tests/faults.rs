@@ -13,7 +13,7 @@ const SIZE: u64 = 256 * 1024;
 
 fn options() -> StoreOptions {
     // 8 KiB chunks: a failure can fall between placing a chunk and writing into it.
-    StoreOptions { background_merge: false, merge_bytes_per_sec: None, chunk_shift: 13 }
+    StoreOptions { background_merge: false, merge_bytes_per_sec: None, chunk_shift: 13, journal_compact_min: 128 }
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
@@ -44,13 +44,24 @@ fn faulty_store() -> (MemStorage, Arc<FaultControl>, Store, VolumeId, Volume) {
     (mem, control, store, id, vol)
 }
 
-/// Runs a fixed workload, failing from the `fail_after`-th storage operation on.
-fn run(fail_after: u64, fault: Fault, fail_reads: bool) -> (MemStorage, Acknowledged, u64) {
+/// How the storage fails: from the chosen operation on, or that operation alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lasting {
+    Permanent,
+    Transient,
+}
+
+/// Runs a fixed workload, failing from the `fail_after`-th storage operation on, or at that
+/// one alone.
+fn run(fail_after: u64, fault: Fault, fail_reads: bool, lasting: Lasting) -> (MemStorage, Acknowledged, u64) {
     let (mem, control, store, id, vol) = faulty_store();
     let mut ack = Acknowledged { durable: vec![0; SIZE as usize], ..Default::default() };
     let mut content = vec![0u8; SIZE as usize];
     let start = control.ops();
-    control.fail_after(fail_after, fault, fail_reads);
+    match lasting {
+        Lasting::Permanent => control.fail_after(fail_after, fault, fail_reads),
+        Lasting::Transient => control.fail_once(fail_after, fault, fail_reads),
+    }
     for step in 0..12u64 {
         let at = (step * 20_011) % (SIZE - 30_000);
         let data = pattern(step as u8, 10_000 + step as usize * 1000);
@@ -136,12 +147,19 @@ fn check_after_power_loss(mem: MemStorage, ack: &Acknowledged, keep: Option<u64>
 
 #[test]
 fn every_failure_point_is_clean() {
-    let (_, _, total) = run(u64::MAX, Fault::Io, true);
+    let (_, _, total) = run(u64::MAX, Fault::Io, true, Lasting::Permanent);
     assert!(total > 50, "the workload does real I/O ({total} operations)");
+    let kinds = [
+        (Fault::Io, true, Lasting::Permanent),
+        (Fault::NoSpace, false, Lasting::Permanent),
+        // After a transient fault the rest of the workload runs on working storage, so what
+        // the engine acknowledges after the failure is checked too.
+        (Fault::Io, true, Lasting::Transient),
+    ];
     for fail_after in 0..total {
-        for (fault, fail_reads) in [(Fault::Io, true), (Fault::NoSpace, false)] {
+        for (fault, fail_reads, lasting) in kinds {
             for keep in [None, Some(fail_after)] {
-                let (mem, ack, _) = run(fail_after, fault, fail_reads);
+                let (mem, ack, _) = run(fail_after, fault, fail_reads, lasting);
                 check_after_power_loss(mem, &ack, keep);
             }
         }

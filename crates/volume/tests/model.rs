@@ -87,7 +87,7 @@ struct Harness {
 fn options() -> StoreOptions {
     // 8 KiB chunks: the small volumes here span many, so the order in which chunks are placed
     // (and replayed after a power loss) is exercised, not only the first chunk.
-    StoreOptions { background_merge: false, merge_bytes_per_sec: None, chunk_shift: 13 }
+    StoreOptions { background_merge: false, merge_bytes_per_sec: None, chunk_shift: 13, journal_compact_min: 128 }
 }
 
 fn pattern(seed: u8, at: u64, len: u64) -> Vec<u8> {

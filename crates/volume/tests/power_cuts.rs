@@ -16,7 +16,7 @@ const SIZE: u64 = 256 * 1024;
 
 fn options() -> StoreOptions {
     // 8 KiB chunks: the workload places many, so cuts fall between placements and data.
-    StoreOptions { background_merge: false, merge_bytes_per_sec: None, chunk_shift: 13 }
+    StoreOptions { background_merge: false, merge_bytes_per_sec: None, chunk_shift: 13, journal_compact_min: 128 }
 }
 
 /// What a crash at some moment may leave, as the workload knew it then.
