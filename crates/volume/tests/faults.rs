@@ -155,6 +155,8 @@ fn every_failure_point_is_clean() {
         // After a transient fault the rest of the workload runs on working storage, so what
         // the engine acknowledges after the failure is checked too.
         (Fault::Io, true, Lasting::Transient),
+        // A full disk that gets space back.
+        (Fault::NoSpace, false, Lasting::Transient),
     ];
     for fail_after in 0..total {
         for (fault, fail_reads, lasting) in kinds {
