@@ -683,7 +683,7 @@ impl StoreInner {
         catalog::encode_frame(&event, &mut frame);
         let written = cat.file.write_at(&frame, cat.end).and_then(|()| cat.file.sync());
         if let Err(e) = written {
-            cat.failed = true;
+            self.fail_catalog(cat);
             return Err(e.into());
         }
         cat.end += frame.len() as u64;
@@ -711,6 +711,17 @@ impl StoreInner {
             }
         }
         Ok(())
+    }
+
+    /// After a failed append, whether the event reached the disk is unknown, and one that did
+    /// (a revert, a volume's deletion) would drop the writes that later flushes acknowledged
+    /// into the old head. So the catalog refuses further events and every layer refuses writes
+    /// and flushes until the store is reopened and replay settles it.
+    fn fail_catalog(&self, cat: &mut CatalogFile) {
+        cat.failed = true;
+        for layer in self.layers.lock().expect("layers lock").values() {
+            layer.poison();
+        }
     }
 
     fn layer(&self, id: u64) -> Arc<Layer> {
