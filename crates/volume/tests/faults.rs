@@ -20,29 +20,44 @@ fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| seed ^ (i % 253) as u8 | 1).collect()
 }
 
-/// What the run acknowledged, to check after the crash.
-#[derive(Default)]
-struct Acknowledged {
-    /// Volume content at the last successful flush.
+/// What the run acknowledged of one volume, to check after the crash.
+#[derive(Debug, Clone)]
+struct Tracked {
+    /// Its content at the last successful flush.
     durable: Vec<u8>,
     /// Writes tried since then (successful or not): each may or may not have landed.
     maybe: Vec<(u64, Vec<u8>)>,
-    snapshots: Vec<(SnapshotId, Vec<u8>)>,
-    deleted: Vec<SnapshotId>,
-    /// Snapshots whose deletion failed: each may be gone or intact.
-    maybe_deleted: Vec<SnapshotId>,
     /// The content of the snapshot a failed revert went to: its event may have reached the
     /// disk, so the volume may read so after the crash, unless a later flush succeeded (which
     /// claims the writes since are durable: a revert coming back would lose them).
     maybe_reverted: Option<Vec<u8>>,
 }
 
-impl Acknowledged {
+impl Tracked {
+    fn new(content: Vec<u8>) -> Self {
+        Tracked { durable: content, maybe: Vec::new(), maybe_reverted: None }
+    }
+
     /// The volume's content is durable as it is now.
     fn durable_now(&mut self, content: &[u8]) {
-        self.durable = content.to_vec();
-        self.maybe.clear();
-        self.maybe_reverted = None;
+        *self = Tracked::new(content.to_vec());
+    }
+}
+
+/// What the run acknowledged, to check after the crash.
+#[derive(Default)]
+struct Acknowledged {
+    volumes: Vec<(VolumeId, Tracked)>,
+    /// Each snapshot, the volume it was taken of, and its content.
+    snapshots: Vec<(SnapshotId, VolumeId, Vec<u8>)>,
+    deleted: Vec<SnapshotId>,
+    /// Snapshots whose deletion failed: each may be gone or intact.
+    maybe_deleted: Vec<SnapshotId>,
+}
+
+impl Acknowledged {
+    fn volume(&mut self, id: VolumeId) -> &mut Tracked {
+        &mut self.volumes.iter_mut().find(|(v, _)| *v == id).expect("a tracked volume").1
     }
 }
 
@@ -64,42 +79,54 @@ enum Lasting {
     Transient,
 }
 
+/// A volume of the workload: handle and content as last read or written.
+struct Live {
+    id: VolumeId,
+    vol: Volume,
+    content: Vec<u8>,
+}
+
 /// Runs a fixed workload, failing from the `fail_after`-th storage operation on, or at that
-/// one alone.
+/// one alone. It writes, flushes, snapshots, reverts and deletes snapshots of "v", clones one
+/// of its snapshots as "c", and from then on alternates between the two and takes group
+/// snapshots of both.
 fn run(fail_after: u64, fault: Fault, fail_reads: bool, lasting: Lasting) -> (MemStorage, Acknowledged, u64) {
     let (mem, control, store, id, vol) = faulty_store();
-    let mut ack = Acknowledged { durable: vec![0; SIZE as usize], ..Default::default() };
-    let mut content = vec![0u8; SIZE as usize];
+    let mut ack = Acknowledged { volumes: vec![(id, Tracked::new(vec![0; SIZE as usize]))], ..Default::default() };
+    let mut live = vec![Live { id, vol, content: vec![0u8; SIZE as usize] }];
     let start = control.ops();
     match lasting {
         Lasting::Permanent => control.fail_after(fail_after, fault, fail_reads),
         Lasting::Transient => control.fail_once(fail_after, fault, fail_reads),
     }
-    for step in 0..12u64 {
+    for step in 0..16u64 {
         let at = (step * 20_011) % (SIZE - 30_000);
         let data = pattern(step as u8, 10_000 + step as usize * 1000);
+        let which = step as usize % live.len();
         let result: Result<(), Error> = (|| {
-            ack.maybe.push((at, data.clone()));
+            let Live { id, vol, content } = &mut live[which];
+            let id = *id;
+            ack.volume(id).maybe.push((at, data.clone()));
             vol.write(&data, at, false)?;
             content[at as usize..at as usize + data.len()].copy_from_slice(&data);
             if step % 2 == 1 {
                 vol.flush()?;
-                ack.durable_now(&content);
+                ack.volume(id).durable_now(content);
             }
             if step % 3 == 2 {
                 let snap = store.snapshot(id, &format!("s{step}"))?;
-                ack.durable_now(&content);
-                ack.snapshots.push((snap.id, content.clone()));
+                ack.volume(id).durable_now(content);
+                ack.snapshots.push((snap.id, id, content.clone()));
             }
             if step % 5 == 4 {
-                if let Some((snap, at_snap)) = ack.snapshots.last().cloned() {
-                    store.revert(id, snap).inspect_err(|_| ack.maybe_reverted = Some(at_snap.clone()))?;
-                    content = at_snap;
-                    ack.durable_now(&content);
+                if let Some((snap, _, at_snap)) = ack.snapshots.iter().rev().find(|(_, of, _)| *of == id).cloned() {
+                    store.revert(id, snap).inspect_err(|_| ack.volume(id).maybe_reverted = Some(at_snap.clone()))?;
+                    *content = at_snap;
+                    ack.volume(id).durable_now(content);
                 }
             }
             if step % 4 == 3 && !ack.snapshots.is_empty() {
-                let (victim, _) = ack.snapshots[0];
+                let (victim, ..) = ack.snapshots[0];
                 store.delete_snapshot(victim, false).inspect_err(|_| ack.maybe_deleted.push(victim))?;
                 ack.snapshots.remove(0);
                 ack.deleted.push(victim);
@@ -107,6 +134,26 @@ fn run(fail_after: u64, fault: Fault, fail_reads: bool, lasting: Lasting) -> (Me
             }
             Ok(())
         })();
+        let result = result.and_then(|()| match (step, live.len()) {
+            // The clone: a new volume on v's newest snapshot, durable when it returns.
+            (5, 1) => {
+                let Some((snap, _, at_snap)) = ack.snapshots.last().cloned() else { return Ok(()) };
+                let clone = store.clone_snapshot(snap, "c", None)?;
+                ack.volumes.push((clone.id, Tracked::new(at_snap.clone())));
+                live.push(Live { id: clone.id, vol: store.volume(clone.id)?, content: at_snap });
+                Ok(())
+            }
+            (_, 2) if step % 4 == 0 => {
+                let name = format!("g{step}");
+                let snaps = store.snapshot_group(&[(live[0].id, &name), (live[1].id, &name)])?;
+                for (snap, l) in snaps.iter().zip(&live) {
+                    ack.volume(l.id).durable_now(&l.content);
+                    ack.snapshots.push((snap.id, l.id, l.content.clone()));
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        });
         if let Err(e) = result {
             // The error is the storage's, reported as such.
             assert!(matches!(e, Error::Io(_) | Error::Merge(_)), "unexpected error {e}");
@@ -115,12 +162,14 @@ fn run(fail_after: u64, fault: Fault, fail_reads: bool, lasting: Lasting) -> (Me
                 _ => None,
             };
             assert!(errno.is_none() || errno == Some(libc_errno(fault)), "{e}");
-            // When the write itself failed, what it did to the content is unknown.
-            content = read_all(&vol).unwrap_or(content);
+            // When a write itself failed, what it did to the content is unknown.
+            for l in &mut live {
+                l.content = read_all(&l.vol).unwrap_or(std::mem::take(&mut l.content));
+            }
         }
     }
     let ops = control.ops() - start;
-    drop(vol);
+    drop(live);
     drop(store);
     (mem, ack, ops)
 }
@@ -137,20 +186,34 @@ fn read_all(vol: &cairn_volume::Volume) -> Option<Vec<u8>> {
     vol.read(&mut buf, 0).ok().map(|_| buf)
 }
 
-/// After a power loss that keeps nothing unsynced (`keep` `None`) or a part chosen by the
-/// seed: a sync that failed may still have written some of its pages, as a crash in the
-/// middle of a flush would leave them.
-fn check_after_power_loss(mem: MemStorage, ack: &Acknowledged, keep: Option<u64>) {
-    mem.power_loss_keeping(keep);
-    let store = Store::open(Arc::new(mem) as Arc<dyn Storage>, options()).expect("the store always reopens");
+/// How the machine stops after the workload.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    /// Power fails, keeping nothing unsynced (`None`) or a part chosen by the seed: a sync
+    /// that failed may still have written some of its pages, as a crash in the middle of a
+    /// flush would leave them.
+    PowerLoss(Option<u64>),
+    /// The process dies: everything it wrote stays, synced or not, a failed sync's pages too.
+    ProcessCrash,
+}
+
+/// Opens what `stop` leaves of `mem` and checks it against what the run acknowledged. A
+/// process crash opens `mem` itself, so it goes last.
+fn check_after(mem: &MemStorage, ack: &Acknowledged, stop: Stop) {
+    let storage = match stop {
+        Stop::PowerLoss(keep) => mem.crash_image(keep),
+        Stop::ProcessCrash => mem.clone(),
+    };
+    let store = Store::open(Arc::new(storage) as Arc<dyn Storage>, options()).expect("the store always reopens");
     store.wait_for_merges().unwrap();
-    let id = store.volume_id("v").unwrap();
-    let actual = read_all(&store.volume(id).unwrap()).unwrap();
-    if ack.maybe_reverted.as_ref() != Some(&actual) {
-        common::assert_survived(&actual, &ack.durable, &ack.maybe, "the volume");
+    for (id, tracked) in &ack.volumes {
+        let actual = read_all(&store.volume(*id).expect("an acknowledged volume is there")).unwrap();
+        if tracked.maybe_reverted.as_ref() != Some(&actual) {
+            common::assert_survived(&actual, &tracked.durable, &tracked.maybe, &format!("volume {id:?}"));
+        }
     }
     let listed: Vec<SnapshotId> = store.list_snapshots(None).iter().map(|s| s.id).collect();
-    for (snap, content) in &ack.snapshots {
+    for (snap, _, content) in &ack.snapshots {
         if !listed.contains(snap) {
             // Its deletion's event may have reached the disk though the call failed.
             assert!(ack.maybe_deleted.contains(snap), "acknowledged snapshot {snap:?} lost");
@@ -167,8 +230,10 @@ fn check_after_power_loss(mem: MemStorage, ack: &Acknowledged, keep: Option<u64>
 
 #[test]
 fn every_failure_point_is_clean() {
-    let (_, _, total) = run(u64::MAX, Fault::Io, true, Lasting::Permanent);
+    let (_, clean, total) = run(u64::MAX, Fault::Io, true, Lasting::Permanent);
     assert!(total > 50, "the workload does real I/O ({total} operations)");
+    let clone = clean.volumes.get(1).expect("the workload clones").0;
+    assert!(clean.snapshots.iter().any(|(_, of, _)| *of == clone), "the workload snapshots the clone");
     let kinds = [
         (Fault::Io, true, Lasting::Permanent),
         (Fault::NoSpace, false, Lasting::Permanent),
@@ -180,9 +245,9 @@ fn every_failure_point_is_clean() {
     ];
     for fail_after in 0..total {
         for (fault, fail_reads, lasting) in kinds {
-            for keep in [None, Some(fail_after)] {
-                let (mem, ack, _) = run(fail_after, fault, fail_reads, lasting);
-                check_after_power_loss(mem, &ack, keep);
+            let (mem, ack, _) = run(fail_after, fault, fail_reads, lasting);
+            for stop in [Stop::PowerLoss(None), Stop::PowerLoss(Some(fail_after)), Stop::ProcessCrash] {
+                check_after(&mem, &ack, stop);
             }
         }
     }
