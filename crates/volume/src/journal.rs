@@ -177,7 +177,7 @@ pub struct Replayed {
 /// Replays a whole journal file. An empty or short file (its header never reached the disk)
 /// is an empty layer. `size_limit` is the size of the store's largest volume or snapshot: a
 /// layer only places chunks of the volumes and snapshots that read it, none larger (sizes only
-/// grow, and clones and reverts start at their snapshot's size), so a placement past it is
+/// grow, a revert starts at its snapshot's size and a clone at that or larger), so a placement past it is
 /// damage. It also bounds the memory a crafted placement of billions of chunks could take.
 pub fn replay(bytes: &[u8], layer_id: u64, size_limit: u64) -> Result<Replayed, JournalError> {
     if bytes.len() < HEADER_LEN || bytes[..HEADER_LEN].iter().all(|b| *b == 0) {

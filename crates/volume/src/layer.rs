@@ -567,8 +567,10 @@ impl Layer {
         Ok(())
     }
 
-    /// Makes every later write and flush of this layer fail until the store is reopened: after
-    /// a failed sync, what this layer acknowledged may not be on the disk, whatever a retry says.
+    /// Makes every later write and flush of this layer fail until the store is reopened: once
+    /// what it acknowledged may not be on the disk (its sync failed, whatever a retry says; or
+    /// a failed snapshot or catalog write left what lies under it unknown), a flush that
+    /// succeeds would claim too much.
     pub fn poison(&self) {
         self.failed.store(true, std::sync::atomic::Ordering::SeqCst);
     }

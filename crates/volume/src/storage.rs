@@ -754,8 +754,8 @@ impl FaultControl {
         self.arm(n, fault, fail_reads, false);
     }
 
-    /// Fails the one operation after `n` more have succeeded, and no other: a transient
-    /// fault, after which the storage works again.
+    /// Fails the first operation after `n` more have succeeded (the first write, if reads do
+    /// not fail), and no other: a transient fault, after which the storage works again.
     pub fn fail_once(&self, n: u64, fault: Fault, fail_reads: bool) {
         self.arm(n, fault, fail_reads, true);
     }
@@ -783,9 +783,12 @@ impl FaultControl {
 
     fn check(&self, is_read: bool) -> io::Result<()> {
         let op = self.ops.fetch_add(1, Ordering::SeqCst);
-        if op >= self.fail_after.load(Ordering::SeqCst) && (!is_read || self.fail_reads.load(Ordering::SeqCst)) {
-            if self.once.load(Ordering::SeqCst) {
-                self.heal();
+        let armed = self.fail_after.load(Ordering::SeqCst);
+        if op >= armed && (!is_read || self.fail_reads.load(Ordering::SeqCst)) {
+            // Once: of operations racing past the armed point, only the one that heals fails.
+            let once = self.once.load(Ordering::SeqCst);
+            if once && self.fail_after.compare_exchange(armed, u64::MAX, Ordering::SeqCst, Ordering::SeqCst).is_err() {
+                return Ok(());
             }
             return Err(self.fault.lock().expect("fault mutex").error());
         }

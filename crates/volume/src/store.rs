@@ -759,6 +759,9 @@ impl StoreInner {
             if !cat.state.snapshots.get(&snapshot.0).is_some_and(|s| !s.checkpoint_only && s.layer == layer) {
                 return Err(snap_not_found(snapshot));
             }
+            // A layer whose last sync failed may not hold on the disk what it reads: a volume
+            // on it would flush successfully over data that a power loss takes away.
+            self.layer(layer).check_healthy()?;
         }
         let id = cat.state.allocate_id();
         let head = self.new_layer(&mut cat)?;
@@ -852,12 +855,12 @@ impl StoreInner {
             old_head.freeze();
         }
         if late_error.is_some() {
-            // The snapshot exists, but its layer's last journal batch may not have reached the
-            // disk, and with it writes the guest completed before. A flush of the new head
-            // must not report those durable: it refuses work until reopen, as the old one does.
-            for head in &new_heads {
-                head.poison();
-            }
+            // The snapshot exists, but the last volume's old head (flushed last, while the
+            // event was committed) may not have its last journal batch on the disk, and with
+            // it writes the guest completed before. A flush of that volume's new head must not
+            // report those durable: it refuses work until reopen, as the old head does. The
+            // other volumes' old heads were flushed before the event.
+            new_heads.last().expect("at least one volume").poison();
         }
         let mut infos = Vec::new();
         for ((core, head), entry) in cores.iter().zip(new_heads).zip(&entries) {
@@ -900,6 +903,8 @@ impl StoreInner {
                 snapshot.0, volume.0
             )));
         }
+        // As for a clone (see `create_volume`).
+        self.layer(snap.layer).check_healthy()?;
         let head = self.new_layer(&mut cat)?;
         let gate = core.gate.write().expect("gate lock");
         self.layers.lock().expect("layers lock").insert(head.id(), head.clone());

@@ -252,6 +252,8 @@ const LEFTOVERS: [&str; 5] = [
 ];
 /// The catalog's valid length: a torn frame of 6 bytes follows.
 const CATALOG_VALID: usize = 2327;
+/// The bytes of a torn batch after the last whole one of c's head.
+const TORN_BATCH: usize = 24;
 
 /// Writes of the generator, as (seed, offset, length); a seed of 0 is write-zeroes or trim.
 fn replay_writes(content: &mut [u8], writes: &[(u8, u64, u64)]) {
@@ -382,7 +384,7 @@ fn a_version_2_store_with_crash_leftovers_reads_back_and_keeps_working() {
     check_answers(&store);
     // Opening cut the torn tails, gave e and m their headers and deleted the leftovers.
     assert_eq!(file("catalog.log").unwrap().len(), CATALOG_VALID);
-    assert_eq!(file(C_HEAD).unwrap().len(), torn_map_len - 24);
+    assert_eq!(file(C_HEAD).unwrap().len(), torn_map_len - TORN_BATCH);
     assert_eq!((file(E_HEAD).map(|f| f.len()), file(M_HEAD).map(|f| f.len())), (Some(32), Some(32)));
     assert_eq!(LEFTOVERS.iter().filter(|name| file(name).is_some()).collect::<Vec<_>>(), Vec::<&&str>::new());
 

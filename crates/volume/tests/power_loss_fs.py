@@ -174,13 +174,13 @@ def record(work, binary, fs, seconds, seed):
         wait_for(lambda: os.path.exists(os.path.join(fuse_dir, "marker")), "the FUSE device")
         mounted = Mounted(os.path.join(fuse_dir, "disk"), os.path.join(work, "fs"), direct_io=True)
         store = os.path.join(mounted.at, "store")
-        run(binary, "power_cut_entry", "--exact", "--nocapture", env={**os.environ, "CAIRN_POWER_SETUP": store},
+        run(binary, "power_cut_entry", "--exact", "--ignored", "--nocapture", env={**os.environ, "CAIRN_POWER_SETUP": store},
             stdout=subprocess.DEVNULL)
         marker = os.path.join(fuse_dir, "marker")
         with open(marker, "wb", buffering=0) as f:
             f.write(READY)
         env = {**os.environ, "CAIRN_CRASH_CHILD": f"{seed}:1000000:{store}", "CAIRN_CRASH_MARKERS": marker}
-        child = subprocess.Popen([binary, "crash_child", "--exact", "--nocapture", "--test-threads=1"], env=env,
+        child = subprocess.Popen([binary, "crash_child", "--exact", "--ignored", "--nocapture", "--test-threads=1"], env=env,
                                  stdout=subprocess.DEVNULL)
         time.sleep(seconds)
         if child.poll() is not None:
@@ -229,7 +229,7 @@ def check_cut(work, binary, durable, records, last_flush, cut, keep, rng):
     mounted = Mounted(image, os.path.join(work, "check"))
     try:
         env = {**os.environ, "CAIRN_POWER_CHECK": os.path.join(mounted.at, "store"), "CAIRN_POWER_LOG": log}
-        result = subprocess.run([binary, "power_cut_entry", "--exact", "--nocapture"], env=env,
+        result = subprocess.run([binary, "power_cut_entry", "--exact", "--ignored", "--nocapture"], env=env,
                                 capture_output=True, text=True)
     finally:
         mounted.close()
