@@ -56,6 +56,7 @@ struct Acknowledged {
     /// Snapshots deleted but kept as change-tracking checkpoints, with their volume and
     /// content: changes since each must list every block that differs from it.
     checkpoints: Vec<(SnapshotId, VolumeId, Vec<u8>)>,
+    deleted_volumes: Vec<VolumeId>,
 }
 
 impl Acknowledged {
@@ -112,6 +113,13 @@ fn run(fail_after: u64, fault: Fault, fail_reads: bool, lasting: Lasting) -> (Me
             ack.volume(id).maybe.push((at, data.clone()));
             vol.write(&data, at, false)?;
             content[at as usize..at as usize + data.len()].copy_from_slice(&data);
+            if step % 6 == 0 {
+                // Whole blocks and partial ones at both ends.
+                let (zero_at, zeros) = (at + 3000, vec![0u8; 9000]);
+                ack.volume(id).maybe.push((zero_at, zeros.clone()));
+                vol.write_zeroes(zero_at, zeros.len() as u64, false)?;
+                content[zero_at as usize..zero_at as usize + zeros.len()].copy_from_slice(&zeros);
+            }
             if step % 2 == 1 {
                 vol.flush()?;
                 ack.volume(id).durable_now(content);
@@ -133,7 +141,7 @@ fn run(fail_after: u64, fault: Fault, fail_reads: bool, lasting: Lasting) -> (Me
             if step % 4 == 3 && !ack.snapshots.is_empty() {
                 // Every other deletion keeps a checkpoint, whose layer's merge folds in the
                 // change tracking the checkpoint needs.
-                let keep_checkpoint = step % 8 == 7;
+                let keep_checkpoint = step % 8 == 3;
                 let (victim, of, at_victim) = ack.snapshots[0].clone();
                 store.delete_snapshot(victim, keep_checkpoint).inspect_err(|_| ack.maybe_deleted.push(victim))?;
                 ack.snapshots.remove(0);
@@ -141,6 +149,12 @@ fn run(fail_after: u64, fault: Fault, fail_reads: bool, lasting: Lasting) -> (Me
                 if keep_checkpoint {
                     ack.checkpoints.push((victim, of, at_victim));
                 }
+                store.merge_step()?;
+            }
+            if step == 14 && !ack.checkpoints.is_empty() {
+                // Whether or not this succeeds, the checkpoint is no longer checked.
+                let (checkpoint, ..) = ack.checkpoints.remove(0);
+                store.forget_checkpoint(checkpoint)?;
                 store.merge_step()?;
             }
             Ok(())
@@ -164,6 +178,14 @@ fn run(fail_after: u64, fault: Fault, fail_reads: bool, lasting: Lasting) -> (Me
                     ack.volume(l.id).durable_now(&l.content);
                     ack.snapshots.push((snap.id, l.id, l.content.clone()));
                 }
+                Ok(())
+            }
+            // The clone goes at the end; until the call returns it may or may not be gone.
+            (15, 2) => {
+                let clone = live.pop().expect("two volumes").id;
+                ack.volumes.retain(|(id, _)| *id != clone);
+                store.delete_volume(clone)?;
+                ack.deleted_volumes.push(clone);
                 Ok(())
             }
             _ => Ok(()),
@@ -240,7 +262,13 @@ fn check_after(mem: &MemStorage, ack: &Acknowledged, stop: Stop) {
     for snap in &ack.deleted {
         assert!(!listed.contains(snap), "deleted snapshot {snap:?} came back");
     }
+    for id in &ack.deleted_volumes {
+        assert!(matches!(store.volume(*id), Err(Error::NotFound { .. })), "deleted volume {id:?} came back");
+    }
     for (checkpoint, of, at_checkpoint) in &ack.checkpoints {
+        if !ack.volumes.iter().any(|(id, _)| id == of) {
+            continue; // Its volume is deleted, or may be.
+        }
         let changes = match store.changed_extents(*checkpoint, ChangeTarget::Volume(*of)) {
             Ok(changes) => changes,
             // A revert to an older snapshot took the checkpoint out of the volume's history.
@@ -262,9 +290,10 @@ fn check_after(mem: &MemStorage, ack: &Acknowledged, stop: Stop) {
 fn every_failure_point_is_clean() {
     let (_, clean, total) = run(u64::MAX, Fault::Io, true, Lasting::Permanent);
     assert!(total > 50, "the workload does real I/O ({total} operations)");
-    let clone = clean.volumes.get(1).expect("the workload clones").0;
+    let clone = *clean.deleted_volumes.first().expect("the workload clones a volume and deletes it");
     assert!(clean.snapshots.iter().any(|(_, of, _)| *of == clone), "the workload snapshots the clone");
-    assert!(!clean.checkpoints.is_empty(), "the workload keeps a checkpoint");
+    let checked = clean.checkpoints.iter().any(|(_, of, _)| clean.volumes.iter().any(|(id, _)| id == of));
+    assert!(checked, "the workload keeps a checkpoint of a volume it keeps");
     let kinds = [
         (Fault::Io, true, Lasting::Permanent),
         (Fault::NoSpace, false, Lasting::Permanent),
