@@ -966,6 +966,37 @@ fn simple_replies_and_errors() {
     c.assert_closed("after NBD_CMD_DISC");
 }
 
+#[test]
+fn a_disk_error_fails_that_disks_requests_and_the_sessions_go_on() {
+    use cairn_volume::storage::{Fault, FaultyStorage, MemStorage, Storage};
+    const EIO: u32 = 5;
+    let faulty = FaultyStorage::new(Arc::new(MemStorage::new()));
+    let control = faulty.control();
+    let store = Store::open(Arc::new(faulty) as Arc<dyn Storage>, StoreOptions::default()).unwrap();
+    let server =
+        TestServer::start_on(tempfile::tempdir().unwrap(), Arc::new(store), ServerConfig::default(), false, |s| {
+            Arc::new(VolumeExports::new(s))
+        });
+    volume(&server.store, "disk", 4 * MIB);
+    volume(&server.store, "other", 4 * MIB);
+    let mut c = Raw::session(&server, "disk", Neg::default());
+    let mut o = Raw::session(&server, "other", Neg::default());
+    let data = pattern(8192, 3);
+    assert_eq!(c.write(0, &data), 0);
+    // The flush's first storage operation, the data sync, fails once: the disk may have
+    // dropped those pages, so the volume refuses writes and flushes until the store is
+    // reopened, though the storage works again. Reads go on.
+    control.fail_once(0, Fault::Io, true);
+    assert_eq!(c.command(0, Command::Flush, 0, 0), EIO);
+    assert_eq!(c.write(0, b"retry"), EIO);
+    assert_eq!(c.command(0, Command::Flush, 0, 0), EIO, "a retried flush does not claim what may be lost");
+    assert_eq!(c.read_simple(0, data.len() as u32), Ok(data.clone()));
+    // The other disk, in a session of its own, is not affected.
+    assert_eq!(o.write(0, b"fine"), 0);
+    assert_eq!(o.command(0, Command::Flush, 0, 0), 0);
+    assert_eq!(store_read(&server.store, "other", 0, 4), b"fine");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Structured replies: sparse reads, DF, block status, error chunks.
 

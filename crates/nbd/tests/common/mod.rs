@@ -40,6 +40,18 @@ impl TestServer {
     ) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(Store::open_dir(dir.path().join("volumes"), StoreOptions::default()).expect("open store"));
+        Self::start_on(dir, store, config, tcp, exports)
+    }
+
+    /// A server on `store`, which may live anywhere (on fault-injecting storage, say), with
+    /// its socket in `dir`.
+    pub fn start_on(
+        dir: tempfile::TempDir,
+        store: Arc<Store>,
+        config: ServerConfig,
+        tcp: bool,
+        exports: impl FnOnce(Arc<Store>) -> Arc<dyn Exports>,
+    ) -> TestServer {
         let socket = dir.path().join("nbd.sock");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
