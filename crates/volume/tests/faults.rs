@@ -90,11 +90,21 @@ struct Live {
     content: Vec<u8>,
 }
 
-/// Runs a fixed workload, failing from the `fail_after`-th storage operation on, or at that
-/// one alone. It writes, flushes, snapshots, reverts and deletes snapshots of "v", clones one
-/// of its snapshots as "c", and from then on alternates between the two and takes group
-/// snapshots of both.
-fn run(fail_after: u64, fault: Fault, fail_reads: bool, lasting: Lasting) -> (MemStorage, Acknowledged, u64) {
+/// Where a run fails: from the `fail_after`-th storage operation on, or at that one alone.
+#[derive(Debug, Clone, Copy)]
+struct Failure {
+    fail_after: u64,
+    fault: Fault,
+    fail_reads: bool,
+    lasting: Lasting,
+}
+
+/// Runs a fixed workload, with `failure`. It writes, flushes, snapshots, reverts and deletes
+/// snapshots of "v", clones one of its snapshots as "c", and from then on alternates between
+/// the two and takes group snapshots of both. `variant` moves and resizes its writes (0: the
+/// workload every test run checks; others: `CAIRN_FAULT_VARIANTS`).
+fn run(variant: u64, failure: Failure) -> (MemStorage, Acknowledged, u64) {
+    let Failure { fail_after, fault, fail_reads, lasting } = failure;
     let (mem, control, store, id, vol) = faulty_store();
     let mut ack = Acknowledged { volumes: vec![(id, Tracked::new(vec![0; SIZE as usize]))], ..Default::default() };
     let mut live = vec![Live { id, vol, content: vec![0u8; SIZE as usize] }];
@@ -104,8 +114,8 @@ fn run(fail_after: u64, fault: Fault, fail_reads: bool, lasting: Lasting) -> (Me
         Lasting::Transient => control.fail_once(fail_after, fault, fail_reads),
     }
     for step in 0..16u64 {
-        let at = (step * 20_011) % (SIZE - 30_000);
-        let data = pattern(step as u8, 10_000 + step as usize * 1000);
+        let at = (step * 20_011 + variant * 7_919) % (SIZE - 30_000);
+        let data = pattern(step as u8, 10_000 + ((step + variant * 5) % 16) as usize * 1000);
         let which = step as usize % live.len();
         let result: Result<(), Error> = (|| {
             let Live { id, vol, content } = &mut live[which];
@@ -288,7 +298,17 @@ fn check_after(mem: &MemStorage, ack: &Acknowledged, stop: Stop) {
 
 #[test]
 fn every_failure_point_is_clean() {
-    let (_, clean, total) = run(u64::MAX, Fault::Io, true, Lasting::Permanent);
+    // More variants of the workload: `CAIRN_FAULT_VARIANTS=N` runs N (default 1).
+    let variants =
+        std::env::var("CAIRN_FAULT_VARIANTS").map_or(1, |n| n.parse().expect("CAIRN_FAULT_VARIANTS is a number"));
+    for variant in 0..variants {
+        every_failure_point_of(variant);
+    }
+}
+
+fn every_failure_point_of(variant: u64) {
+    let no_failure = Failure { fail_after: u64::MAX, fault: Fault::Io, fail_reads: true, lasting: Lasting::Permanent };
+    let (_, clean, total) = run(variant, no_failure);
     assert!(total > 50, "the workload does real I/O ({total} operations)");
     let clone = *clean.deleted_volumes.first().expect("the workload clones a volume and deletes it");
     assert!(clean.snapshots.iter().any(|(_, of, _)| *of == clone), "the workload snapshots the clone");
@@ -305,7 +325,7 @@ fn every_failure_point_is_clean() {
     ];
     for fail_after in 0..total {
         for (fault, fail_reads, lasting) in kinds {
-            let (mem, ack, _) = run(fail_after, fault, fail_reads, lasting);
+            let (mem, ack, _) = run(variant, Failure { fail_after, fault, fail_reads, lasting });
             for stop in [Stop::PowerLoss(None), Stop::PowerLoss(Some(fail_after)), Stop::ProcessCrash] {
                 check_after(&mem, &ack, stop);
             }
