@@ -31,11 +31,14 @@ struct Tracked {
     /// disk, so the volume may read so after the crash, unless a later flush succeeded (which
     /// claims the writes since are durable: a revert coming back would lose them).
     maybe_reverted: Option<Vec<u8>>,
+    /// The size a failed grow asked for: its event may have reached the disk. (After it the
+    /// catalog and every layer refuse work, so no later success clears it.)
+    maybe_grown: Option<u64>,
 }
 
 impl Tracked {
     fn new(content: Vec<u8>) -> Self {
-        Tracked { durable: content, maybe: Vec::new(), maybe_reverted: None }
+        Tracked { durable: content, maybe: Vec::new(), maybe_reverted: None, maybe_grown: None }
     }
 
     /// The volume's content is durable as it is now.
@@ -161,6 +164,13 @@ fn run(variant: u64, failure: Failure) -> (MemStorage, Acknowledged, u64) {
                 }
                 store.merge_step()?;
             }
+            if step == 10 {
+                // Durable when it returns, but it flushes nothing: unflushed writes stay maybe.
+                let size = content.len() as u64 + 64 * 1024;
+                store.grow(id, size).inspect_err(|_| ack.volume(id).maybe_grown = Some(size))?;
+                content.resize(size as usize, 0);
+                ack.volume(id).durable.resize(size as usize, 0);
+            }
             if step == 14 && !ack.checkpoints.is_empty() {
                 // Whether or not this succeeds, the checkpoint is no longer checked.
                 let (checkpoint, ..) = ack.checkpoints.remove(0);
@@ -254,9 +264,15 @@ fn check_after(mem: &MemStorage, ack: &Acknowledged, stop: Stop) {
     store.wait_for_merges().unwrap();
     for (id, tracked) in &ack.volumes {
         let actual = read_all(&store.volume(*id).expect("an acknowledged volume is there")).unwrap();
-        if tracked.maybe_reverted.as_ref() != Some(&actual) {
-            common::assert_survived(&actual, &tracked.durable, &tracked.maybe, &format!("volume {id:?}"));
+        if tracked.maybe_reverted.as_ref() == Some(&actual) {
+            continue;
         }
+        let (kept, grown) = actual.split_at(tracked.durable.len().min(actual.len()));
+        if actual.len() != tracked.durable.len() {
+            assert_eq!(Some(actual.len() as u64), tracked.maybe_grown, "volume {id:?}: its size");
+            assert!(grown.iter().all(|b| *b == 0), "volume {id:?}: grown space that is not zeros");
+        }
+        common::assert_survived(kept, &tracked.durable, &tracked.maybe, &format!("volume {id:?}"));
     }
     let listed: Vec<SnapshotId> = store.list_snapshots(None).iter().map(|s| s.id).collect();
     for (snap, _, content) in &ack.snapshots {
@@ -265,7 +281,7 @@ fn check_after(mem: &MemStorage, ack: &Acknowledged, stop: Stop) {
             assert!(ack.maybe_deleted.contains(snap), "acknowledged snapshot {snap:?} lost");
             continue;
         }
-        let mut buf = vec![0u8; SIZE as usize];
+        let mut buf = vec![0u8; content.len()];
         store.open_snapshot(*snap).unwrap().read(&mut buf, 0).unwrap();
         assert!(&buf == content, "snapshot {snap:?} corrupt");
     }
@@ -312,6 +328,8 @@ fn every_failure_point_of(variant: u64) {
     assert!(total > 50, "the workload does real I/O ({total} operations)");
     let clone = *clean.deleted_volumes.first().expect("the workload clones a volume and deletes it");
     assert!(clean.snapshots.iter().any(|(_, of, _)| *of == clone), "the workload snapshots the clone");
+    let grown = clean.volumes.iter().any(|(_, v)| v.durable.len() as u64 > SIZE);
+    assert!(grown, "the workload grows a volume");
     let checked = clean.checkpoints.iter().any(|(_, of, _)| clean.volumes.iter().any(|(id, _)| id == of));
     assert!(checked, "the workload keeps a checkpoint of a volume it keeps");
     let kinds = [
