@@ -43,6 +43,7 @@ const RO_FLAGS: u16 = proto::FLAG_HAS_FLAGS
     | proto::FLAG_CAN_MULTI_CONN;
 
 const EPERM: u32 = 1;
+const EIO: u32 = 5;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
 
@@ -969,7 +970,6 @@ fn simple_replies_and_errors() {
 #[test]
 fn a_disk_error_fails_that_disks_requests_and_the_sessions_go_on() {
     use cairn_volume::storage::{Fault, FaultyStorage, MemStorage, Storage};
-    const EIO: u32 = 5;
     let faulty = FaultyStorage::new(Arc::new(MemStorage::new()));
     let control = faulty.control();
     let store = Store::open(Arc::new(faulty) as Arc<dyn Storage>, StoreOptions::default()).unwrap();

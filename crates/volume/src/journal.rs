@@ -214,6 +214,9 @@ pub fn replay(bytes: &[u8], layer_id: u64, size_limit: u64) -> Result<Replayed, 
     if strict && bytes[28..32] != [0; 4] {
         return Err(JournalError::BadRecord { offset: 28 });
     }
+    // Placements (version 2 only: a version 1 header's chunk shift is not checked) name chunks
+    // of the largest volume, and no more slots than it has.
+    let limit = if packed { chunks_of(size_limit, chunk_shift) } else { 0 };
     let mut map = LayerMap::new();
     let mut placed = Vec::new();
     let mut pos = HEADER_LEN;
@@ -238,9 +241,7 @@ pub fn replay(bytes: &[u8], layer_id: u64, size_limit: u64) -> Result<Replayed, 
                 OP_DATA => MapOp::Set { state: BlockState::Data, written },
                 OP_ZERO => MapOp::Set { state: BlockState::Zero, written },
                 OP_MARK_WRITTEN => MapOp::MarkWritten,
-                // A placement names chunks of the largest volume, and no more slots than it has.
                 OP_PLACE if packed => {
-                    let limit = chunks_of(size_limit, chunk_shift);
                     // Chunks up to `start + count`, in as many slots as placed so far and these.
                     let needs = start.saturating_add(count).max(placed.len() as u64 + count);
                     if needs > limit {

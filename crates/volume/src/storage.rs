@@ -354,6 +354,13 @@ struct MemFileState {
     durable: MemContent,
 }
 
+impl MemFileState {
+    /// Content that is all durable, as after a power loss.
+    fn settled(content: MemContent) -> Self {
+        MemFileState { current: content.clone(), durable: content }
+    }
+}
+
 #[derive(Debug, Default)]
 struct MemFile {
     state: Mutex<MemFileState>,
@@ -457,6 +464,11 @@ struct MemDir {
 }
 
 impl MemDir {
+    /// A directory whose names are all durable, as after a power loss.
+    fn settled(names: HashMap<String, Arc<MemFile>>) -> Self {
+        MemDir { current: names.clone(), durable: names, changes: Vec::new() }
+    }
+
     fn change(&mut self, change: DirChange) {
         change.apply(&mut self.current);
         self.changes.push(change);
@@ -547,11 +559,10 @@ impl MemStorage {
         let survivors = self.survivors(keep);
         let mut names = HashMap::new();
         for (name, file, content) in survivors {
-            *file.state() = MemFileState { current: content.clone(), durable: content };
+            *file.state() = MemFileState::settled(content);
             names.insert(name, file);
         }
-        let mut dir = self.dir();
-        *dir = MemDir { current: names.clone(), durable: names, changes: Vec::new() };
+        *self.dir() = MemDir::settled(names);
     }
 
     /// A new storage holding what [`MemStorage::power_loss_keeping`] with `keep` would leave.
@@ -563,11 +574,10 @@ impl MemStorage {
         let mut names = HashMap::new();
         for (name, _, content) in self.survivors(keep) {
             let copy = MemFile { syncs: syncs.clone(), ..MemFile::default() };
-            *copy.state() = MemFileState { current: content.clone(), durable: content };
+            *copy.state() = MemFileState::settled(content);
             names.insert(name, Arc::new(copy));
         }
-        let dir = MemDir { current: names.clone(), durable: names, changes: Vec::new() };
-        MemStorage { dir: Arc::new(Mutex::new(dir)), syncs }
+        MemStorage { dir: Arc::new(Mutex::new(MemDir::settled(names))), syncs }
     }
 
     /// Calls `hook` before every file and directory sync from now on (`None` stops it): the
@@ -597,39 +607,41 @@ impl MemStorage {
             let state = file.state();
             let (current, durable) = (&state.current, &state.durable);
             let mut survived = durable.clone();
-            let written: BTreeSet<u64> = current.pages.keys().chain(durable.pages.keys()).copied().collect();
-            for page in written {
-                let (now, synced) = (current.pages.get(&page), durable.pages.get(&page));
-                if now == synced {
-                    continue;
-                }
-                // As synced, as written, or torn: each 512-byte sector one or the other, as a
-                // disk that writes sectors atomically but not a page's sectors together.
-                match coin.as_mut().map(|c| c.next() % 3) {
-                    None | Some(0) => {}
-                    Some(1) => {
-                        match now {
-                            Some(bytes) => survived.pages.insert(page, bytes.clone()),
-                            None => survived.pages.remove(&page),
-                        };
+            // Without a seed nothing unsynced survives.
+            if let Some(coin) = coin.as_mut() {
+                let written: BTreeSet<u64> = current.pages.keys().chain(durable.pages.keys()).copied().collect();
+                for page in written {
+                    let (now, synced) = (current.pages.get(&page), durable.pages.get(&page));
+                    if now == synced {
+                        continue;
                     }
-                    Some(_) => {
-                        let coin = coin.as_mut().expect("a seed chose tearing");
-                        let zeros = [0u8; MEM_PAGE as usize];
-                        let (now, synced) = (now.map_or(&zeros[..], |b| b), synced.map_or(&zeros[..], |b| b));
-                        let torn: Vec<u8> = now
-                            .chunks(SECTOR)
-                            .zip(synced.chunks(SECTOR))
-                            .flat_map(|(now, synced)| if coin.flip() { now } else { synced })
-                            .copied()
-                            .collect();
-                        survived.pages.insert(page, torn.into_boxed_slice());
+                    // As synced, as written, or torn: each 512-byte sector one or the other, as
+                    // a disk that writes sectors atomically but not a page's sectors together.
+                    match coin.next() % 3 {
+                        0 => {}
+                        1 => {
+                            match now {
+                                Some(bytes) => survived.pages.insert(page, bytes.clone()),
+                                None => survived.pages.remove(&page),
+                            };
+                        }
+                        _ => {
+                            let zeros = [0u8; MEM_PAGE as usize];
+                            let (now, synced) = (now.map_or(&zeros[..], |b| b), synced.map_or(&zeros[..], |b| b));
+                            let torn: Vec<u8> = now
+                                .chunks(SECTOR)
+                                .zip(synced.chunks(SECTOR))
+                                .flat_map(|(now, synced)| if coin.flip() { now } else { synced })
+                                .copied()
+                                .collect();
+                            survived.pages.insert(page, torn.into_boxed_slice());
+                        }
                     }
                 }
+                let len = if coin.flip() { current.len } else { durable.len };
+                survived.len = current.len.max(durable.len);
+                survived.set_len(len);
             }
-            let len = if coin.as_mut().is_some_and(Coin::flip) { current.len } else { durable.len };
-            survived.len = current.len.max(durable.len);
-            survived.set_len(len);
             drop(state);
             survivors.push((name, file, survived));
         }

@@ -854,16 +854,14 @@ impl StoreInner {
         for old_head in &heads {
             old_head.freeze();
         }
-        if late_error.is_some() {
-            // The snapshot exists, but the last volume's old head (flushed last, while the
-            // event was committed) may not have its last journal batch on the disk, and with
-            // it writes the guest completed before. A flush of that volume's new head must not
-            // report those durable: it refuses work until reopen, as the old head does. The
-            // other volumes' old heads were flushed before the event.
-            new_heads.last().expect("at least one volume").poison();
-        }
         let mut infos = Vec::new();
-        for ((core, head), entry) in cores.iter().zip(new_heads).zip(&entries) {
+        for (((core, head), old_head), entry) in cores.iter().zip(new_heads).zip(&heads).zip(&entries) {
+            // A new head inherits its old head's poison: a sync of the old head that failed
+            // after the event was durable (the late error) may have lost writes the guest
+            // completed before, and a flush of the new head must not report them durable.
+            if old_head.check_healthy().is_err() {
+                head.poison();
+            }
             let mut v = core.view.write();
             v.push_top(head);
             core.compacted_journal.store(0, Ordering::Relaxed);

@@ -23,6 +23,8 @@
 //! directory; `CAIRN_CRASH_SEED=S CAIRN_CRASH_ROUNDS=R` replays the same operations, though
 //! the moment of each kill depends on timing and may differ.
 
+mod common;
+
 use cairn_volume::{ChangeTarget, Error, SnapshotId, Store, StoreOptions, VolumeId, BLOCK_SIZE};
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -802,7 +804,6 @@ fn check_change_tracking(store: &Store, model: &Model) -> Result<(), String> {
     let volumes = model.volumes.iter().map(|(id, v)| (ChangeTarget::Volume(VolumeId(*id)), &v.current[..]));
     let snapshots = model.snapshots.iter().map(|(id, s)| (ChangeTarget::Snapshot(SnapshotId(*id)), &s.content[..]));
     let targets: Vec<(ChangeTarget, &[u8])> = volumes.chain(snapshots).collect();
-    let block = BLOCK_SIZE as usize;
     for (since, base) in &model.snapshots {
         for (target, content) in &targets {
             if *target == ChangeTarget::Snapshot(SnapshotId(*since)) {
@@ -813,13 +814,7 @@ fn check_change_tracking(store: &Store, model: &Model) -> Result<(), String> {
                 Err(Error::InvalidRequest(_)) => continue, // Not an ancestor.
                 Err(e) => return Err(format!("changes since snapshot {since}: {e}")),
             };
-            let mut listed = vec![false; content.len().div_ceil(block)];
-            for e in extents {
-                let (first, end) = (e.offset as usize / block, (e.offset + e.length) as usize);
-                listed[first..end.div_ceil(block)].fill(true);
-            }
-            let blocks = base.content.chunks(block).zip(content.chunks(block));
-            if let Some(b) = blocks.enumerate().position(|(b, (x, y))| x != y && !listed[b]) {
+            if let Some(b) = common::unlisted_change(&extents, &base.content, content) {
                 return Err(format!(
                     "block {b} differs between snapshot {since} and {target:?} but is not \
                      listed as changed"
