@@ -90,6 +90,10 @@ const BLOCKING_IN_FLIGHT: usize = 16;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// A client that takes no reply bytes for this long is dropped.
 const REPLY_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Once replies can no longer be sent, how long the server waits for each further request.
+/// What a client sent before it went away is in the socket already and is read at once; a
+/// client that sends nothing more in this time is gone.
+const NO_REPLIES_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Replies gathered into one vectored write.
 const REPLY_BATCH: usize = 64;
 
@@ -317,7 +321,7 @@ async fn connection<S: Stream>(
 
 /// The greeting, the client's flags and option haggling up to its outcome.
 async fn handshake<S: Stream>(stream: &mut S, shared: &Shared) -> Result<(Outcome, Negotiation), ConnectionError> {
-    stream.write_all(&proto::greeting()).await?;
+    write_in_time(stream, &proto::greeting()).await?;
     let mut flags = [0u8; 4];
     read_in_time(stream, &mut flags).await?;
     let client = proto::parse_client_flags(flags)?;
@@ -337,6 +341,13 @@ async fn until_stopped<F: Future>(stop: &mut watch::Receiver<bool>, work: F) -> 
 
 async fn read_in_time<S: Stream>(stream: &mut S, buf: &mut [u8]) -> Result<(), ConnectionError> {
     tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.read_exact(buf)).await.map_err(|_| ConnectionError::Timeout)??;
+    Ok(())
+}
+
+/// Option replies have the same deadline as option reads: a client that sends options but
+/// never reads the replies cannot hold a handshake open either.
+async fn write_in_time<S: Stream>(stream: &mut S, buf: &[u8]) -> Result<(), ConnectionError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.write_all(buf)).await.map_err(|_| ConnectionError::Timeout)??;
     Ok(())
 }
 
@@ -398,6 +409,10 @@ async fn negotiate<S: Stream>(
         read_in_time(stream, &mut header).await?;
         let header = proto::parse_option_header(&header)?;
         let option = header.option;
+        if option == proto::OPT_SET_META_CONTEXT {
+            // A SET replaces the previous selection even when it fails, however it fails.
+            state.contexts = None;
+        }
         let mut out = Vec::new();
         // FORCEDTLS: every option but these is refused until TLS is up, malformed or not.
         let tls_missing = tls.is_some_and(|t| t.required)
@@ -421,7 +436,7 @@ async fn negotiate<S: Stream>(
             } else {
                 proto::option_error(&mut out, option, proto::REP_ERR_TOO_BIG, "option data too long");
             }
-            stream.write_all(&out).await?;
+            write_in_time(stream, &out).await?;
             continue;
         }
         let mut data = vec![0u8; header.len as usize];
@@ -431,14 +446,14 @@ async fn negotiate<S: Stream>(
             Err(_) if option == proto::OPT_EXPORT_NAME => return Ok(Outcome::Close),
             Err(e) => {
                 proto::option_error(&mut out, option, proto::REP_ERR_INVALID, &e.to_string());
-                stream.write_all(&out).await?;
+                write_in_time(stream, &out).await?;
                 continue;
             }
         };
         match parsed {
             ClientOption::Abort => {
                 proto::option_reply(&mut out, option, proto::REP_ACK, &[]);
-                stream.write_all(&out).await?;
+                write_in_time(stream, &out).await?;
                 return Ok(Outcome::Close);
             }
             ClientOption::StartTls => match tls {
@@ -448,7 +463,7 @@ async fn negotiate<S: Stream>(
                 }
                 Some(t) => {
                     proto::option_reply(&mut out, option, proto::REP_ACK, &[]);
-                    stream.write_all(&out).await?;
+                    write_in_time(stream, &out).await?;
                     return Ok(Outcome::StartTls(t.acceptor.clone()));
                 }
             },
@@ -457,9 +472,8 @@ async fn negotiate<S: Stream>(
                     return Ok(Outcome::Close);
                 };
                 let session = Session::new(export, state, &name, shared);
-                stream
-                    .write_all(&proto::export_name_reply(session.export.size(), session.flags(), state.no_zeroes))
-                    .await?;
+                let reply = proto::export_name_reply(session.export.size(), session.flags(), state.no_zeroes);
+                write_in_time(stream, &reply).await?;
                 return Ok(Outcome::Transmit(session));
             }
             ClientOption::List => {
@@ -495,7 +509,7 @@ async fn negotiate<S: Stream>(
                     );
                     proto::option_reply(&mut out, option, proto::REP_ACK, &[]);
                     if go {
-                        stream.write_all(&out).await?;
+                        write_in_time(stream, &out).await?;
                         return Ok(Outcome::Transmit(session));
                     }
                 }
@@ -508,10 +522,6 @@ async fn negotiate<S: Stream>(
                 proto::option_reply(&mut out, option, proto::REP_ACK, &[]);
             }
             ClientOption::MetaContext { set, name, queries } => {
-                if set {
-                    // A SET replaces the previous selection even when it fails.
-                    state.contexts = None;
-                }
                 if !state.structured {
                     proto::option_error(&mut out, option, proto::REP_ERR_INVALID, "negotiate structured replies first");
                 } else if let Err(e) = shared.exports.open(&name) {
@@ -543,7 +553,7 @@ async fn negotiate<S: Stream>(
                 proto::option_error(&mut out, option, proto::REP_ERR_UNSUP, "unsupported option")
             }
         }
-        stream.write_all(&out).await?;
+        write_in_time(stream, &out).await?;
     }
 }
 
@@ -1058,8 +1068,23 @@ async fn read_requests<R: AsyncRead + Unpin>(
     let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
     loop {
         let mut header = [0u8; proto::REQUEST_LEN];
+        let read = {
+            let read = until_stopped(&mut stop, reader.read_exact(&mut header));
+            tokio::pin!(read);
+            tokio::select! {
+                biased;
+                read = &mut read => read,
+                // The reply writer gave up and closed its side (see `write_replies`). Requests
+                // the client sent before it went away are still carried out, so changes it
+                // sent are made; but a client that sends nothing more is not waited for.
+                () = replies.closed() => match tokio::time::timeout(NO_REPLIES_READ_TIMEOUT, &mut read).await {
+                    Ok(read) => read,
+                    Err(_) => return Ok(()),
+                },
+            }
+        };
         // A read error means the client went away; what it sent before still completes.
-        let Some(Ok(_)) = until_stopped(&mut stop, reader.read_exact(&mut header)).await else {
+        let Some(Ok(_)) = read else {
             return Ok(());
         };
         let req = proto::parse_request(&header)?;
@@ -1137,7 +1162,11 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             }
         }
         if write_batch(&mut writer, sink.as_ref(), &batch).await.is_err() {
-            // Dropping the queue makes the reader stop too.
+            // A reply could not be sent whole: its data failed midway (a file that ends or
+            // fails under sendfile), the client took no bytes for too long, or it is gone.
+            // Closing this side tells a client still waiting for the rest that it will not
+            // come; dropping the queue tells the reader (see `read_requests`).
+            let _ = tokio::time::timeout(NO_REPLIES_READ_TIMEOUT, writer.shutdown()).await;
             return;
         }
         batch.clear();

@@ -828,6 +828,19 @@ fn meta_context_negotiation() {
     c.context = Some(id);
     assert_eq!(c.block_status(0, 0, 4096), Err(EINVAL));
 
+    // A SET that fails as malformed also clears the selection.
+    let mut c = Raw::haggling(&server);
+    c.option(proto::OPT_STRUCTURED_REPLY, &[]);
+    c.opt_final();
+    c.option(set, &meta_data("disk", &[proto::BASE_ALLOCATION]));
+    let id = be32(&c.opt_final()[0].data);
+    c.option(set, &[0, 0, 0, 9, b'd']);
+    assert_eq!(c.opt_final()[0].kind, proto::REP_ERR_INVALID);
+    c.option(proto::OPT_GO, &go_data("disk", &[]));
+    assert_eq!(c.opt_final().last().unwrap().kind, proto::REP_ACK);
+    c.context = Some(id);
+    assert_eq!(c.block_status(0, 0, 4096), Err(EINVAL));
+
     // And with the context on the export it goes to, BLOCK_STATUS answers with that id.
     let mut c = Raw::session(&server, "disk", Neg { structured: true, meta: true });
     assert_eq!(c.block_status(0, 0, 4096), Ok(vec![(4096, proto::STATE_HOLE | proto::STATE_ZERO)]));
@@ -995,6 +1008,40 @@ fn a_disk_error_fails_that_disks_requests_and_the_sessions_go_on() {
     assert_eq!(o.write(0, b"fine"), 0);
     assert_eq!(o.command(0, Command::Flush, 0, 0), 0);
     assert_eq!(store_read(&server.store, "other", 0, 4), b"fine");
+}
+
+#[test]
+fn a_reply_that_cannot_be_sent_whole_ends_the_connection() {
+    let server = TestServer::start();
+    volume(&server.store, "disk", 4 * MIB);
+    let mut c = Raw::session(&server, "disk", Neg::default());
+    let data = pattern(MIB as usize, 5);
+    assert_eq!(c.write(0, &data), 0);
+    assert_eq!(c.command(0, Command::Flush, 0, 0), 0);
+    // The volume's data files lose all but their first 4 KiB behind the engine's back, as a
+    // failing disk might. A large read goes out from the page cache by sendfile, after its
+    // reply header: the data stops midway, and the client must not be left waiting for it.
+    let mut cut = 0;
+    for entry in std::fs::read_dir(server.dir.path().join("volumes")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e.to_string_lossy().starts_with('d')) {
+            std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(4096).unwrap();
+            cut += 1;
+        }
+    }
+    assert!(cut > 0, "the volume has a data file");
+    let cookie = c.cookie();
+    c.request(0, Command::Read, cookie, 0, MIB as u32);
+    // The server closes its side as soon as the data fails. Its own give-up on a client that
+    // sends nothing more comes later (5 s), so this bound tells the two apart.
+    c.s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut got = Vec::new();
+    let end = c.s.read_to_end(&mut got);
+    assert!(end.is_ok(), "the connection stays open with the reply unfinished: {end:?} after {} bytes", got.len());
+    assert!(got.len() < 16 + MIB as usize, "the reply cannot have been whole");
+    // The server and its other connections are fine.
+    let mut other = Raw::session(&server, "disk", Neg::default());
+    assert_eq!(other.read_simple(0, 4096), Ok(data[..4096].to_vec()));
 }
 
 // ---------------------------------------------------------------------------------------------
