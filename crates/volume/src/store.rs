@@ -775,11 +775,13 @@ impl StoreInner {
             return Err(e);
         }
         let chain = self.chain_layers(&cat.state, head.id());
-        drop(cat);
+        // Listed before the catalog is let go, so that a merge committing next updates its
+        // chain like every other volume's.
         self.volumes
             .write()
             .expect("volumes lock")
             .insert(id, Arc::new(VolumeCore::new(id, chain, size, self.options.journal_compact_min)));
+        drop(cat);
         Ok(VolumeInfo { id: VolumeId(id), name: name.to_string(), size, created_ms })
     }
 
@@ -913,12 +915,14 @@ impl StoreInner {
         }
         let chain = self.chain_layers(&cat.state, head.id());
         let size = cat.state.volumes[&volume.0].size;
-        drop(cat);
+        // The new chain goes in before the catalog is let go: a merge committing in between
+        // would otherwise rebuild this volume's chain from the head the revert just dropped.
         let mut v = core.view.write();
         v.set_chain(chain);
         v.size = size;
         core.compacted_journal.store(0, Ordering::Relaxed);
         drop(v);
+        drop(cat);
         drop(gate);
         self.wake_merger();
         Ok(())
@@ -939,12 +943,15 @@ impl StoreInner {
     }
 
     fn delete_volume(&self, volume: VolumeId) -> Result<(), Error> {
-        let cat = self.catalog();
+        let mut cat = self.catalog();
         let core = self.volume_core(volume)?;
         let gate = core.gate.write().expect("gate lock");
-        self.commit(cat, Event::DeleteVolume { volume: volume.0 })?;
+        self.commit_locked(&mut cat, Event::DeleteVolume { volume: volume.0 })?;
         core.deleted.store(true, Ordering::SeqCst);
+        // Unlisted before the catalog is let go: a merge committing next has no chain of this
+        // volume to rebuild.
         self.volumes.write().expect("volumes lock").remove(&volume.0);
+        drop(cat);
         drop(gate);
         self.wake_merger();
         Ok(())
@@ -1190,13 +1197,17 @@ impl StoreInner {
     /// then commits. A crash anywhere before the commit leaves the source intact; the merge
     /// restarts and skips blocks already copied.
     fn merge_once(&self) -> Result<bool, Error> {
-        let Some(task) = self.catalog().state.merge_tasks().first().copied() else {
-            return Ok(false);
+        let (task, source, child, target) = {
+            // The layers are looked up under the catalog lock, with the task: once it is let
+            // go, a delete or revert may drop them (the commit below then finds the task gone).
+            let cat = self.catalog();
+            let Some(task) = cat.state.merge_tasks().first().copied() else {
+                return Ok(false);
+            };
+            (task, self.layer(task.layer), self.layer(task.into), task.data_into.map(|id| self.layer(id)))
         };
-        let MergeTask { layer, into, data_into, keep_tracking } = task;
-        let (source, child) = (self.layer(layer), self.layer(into));
-        if let Some(data_into) = data_into {
-            let target = self.layer(data_into);
+        let MergeTask { layer, into, keep_tracking, .. } = task;
+        if let Some(target) = target {
             let pages: Vec<u64> = source.map().map.page_numbers(0, u64::MAX).collect();
             let mut buf = PageBuffer::default();
             for page_no in pages {
