@@ -187,20 +187,25 @@ impl LayerMap {
     /// Runs of blocks with state `state` (in order), coalesced across pages.
     pub fn state_runs(&self, state: BlockState) -> Vec<BlockRun> {
         self.runs(|p| match state {
-            BlockState::Data => &p.data,
-            BlockState::Zero => &p.zero,
+            BlockState::Data => p.data,
+            BlockState::Zero => p.zero,
         })
     }
 
     /// Runs of written blocks, in order.
     pub fn written_runs(&self) -> Vec<BlockRun> {
-        self.runs(|p| &p.written)
+        self.runs(|p| p.written)
     }
 
-    fn runs(&self, bits: impl Fn(&Page) -> &[u64; WORDS]) -> Vec<BlockRun> {
+    /// Runs of data blocks not marked written (a merge copied them in), in order.
+    pub fn unwritten_data_runs(&self) -> Vec<BlockRun> {
+        self.runs(|p| std::array::from_fn(|w| p.data[w] & !p.written[w]))
+    }
+
+    fn runs(&self, bits: impl Fn(&Page) -> [u64; WORDS]) -> Vec<BlockRun> {
         let mut runs = RunBuilder::default();
         for (page_no, page) in &self.pages {
-            push_bitmap_runs(&mut runs, page_no * PAGE_BLOCKS, bits(page));
+            push_bitmap_runs(&mut runs, page_no * PAGE_BLOCKS, &bits(page));
         }
         runs.finish()
     }

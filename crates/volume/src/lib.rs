@@ -66,6 +66,9 @@ pub enum Error {
     UnsupportedFormat { file: String, reason: String },
     #[error("background merge failed: {0}")]
     Merge(String),
+    /// A change or flush through a volume handle kept after [`Store::close`].
+    #[error("the store is closed")]
+    Closed,
     #[error("catalog: {0}")]
     Catalog(#[from] catalog::CatalogError),
     #[error("I/O error: {0}")]

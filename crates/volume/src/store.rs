@@ -25,6 +25,11 @@ pub const MAX_VOLUME_SIZE: u64 = 1 << 48;
 /// Sizes are multiples of this.
 pub const SECTOR_SIZE: u64 = 512;
 const CATALOG_FILE: &str = "catalog.log";
+/// Written by [`Store::close`] once everything is durable, removed by [`Store::open`]: its
+/// absence at an open means the store was not closed cleanly (docs/format.md §2).
+const CLEAN_CLOSE_FILE: &str = "clean-close";
+/// The whole content of [`CLEAN_CLOSE_FILE`]: magic, version 1, four reserved zero bytes.
+const CLEAN_CLOSE_MARK: [u8; 16] = *b"CAIRNCLS\x01\x00\x00\x00\x00\x00\x00\x00";
 const REGION_SHIFT: u32 = 4;
 const REGION_STRIPES: usize = 256;
 /// Compact the catalog log on open once it holds this many events.
@@ -213,6 +218,8 @@ struct VolumeCore {
     regions: Box<[Mutex<()>]>,
     view: ViewLock,
     deleted: AtomicBool,
+    /// Set by [`Store::close`]: changes and flushes fail from then on.
+    closed: AtomicBool,
     /// Journal size of the head right after its last compaction.
     compacted_journal: AtomicU64,
     /// [`StoreOptions::journal_compact_min`].
@@ -233,6 +240,7 @@ impl VolumeCore {
             regions: (0..REGION_STRIPES).map(|_| Mutex::new(())).collect(),
             view: ViewLock::new(ViewState::new(chain, size)),
             deleted: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             compacted_journal: AtomicU64::new(0),
             journal_compact_min,
         }
@@ -347,9 +355,16 @@ impl Store {
                 Arc::new(Layer::open(storage.clone(), *id, kind, &files, options.chunk_shift, size_limit)?),
             );
         }
+        let closed_cleanly = take_clean_close_mark(&storage, &files)?;
         // Files created before a crash may not have durable directory entries yet; flushes
-        // after this open only sync the directory for files they create themselves.
+        // after this open only sync the directory for files they create themselves. This sync
+        // also makes the clean-close mark's removal durable before anything is written.
         storage.sync_dir()?;
+        if !closed_cleanly {
+            for id in &heads {
+                mark_merged_blocks_changed(&layers[id])?;
+            }
+        }
         let mut volumes = HashMap::new();
         for (id, rec) in &catalog.state.volumes {
             let chain = catalog.state.read_chain(rec.head).iter().map(|l| layers[l].clone()).collect();
@@ -379,14 +394,22 @@ impl Store {
         Ok(Store { inner, merger })
     }
 
-    /// Flushes every volume, then stops the background merge (its progress is kept: it
-    /// resumes on the next open).
+    /// Stops the background merge (its progress is kept: it resumes on the next open),
+    /// flushes every volume and marks the store closed cleanly. Volume handles kept past this
+    /// still read, but their changes and flushes fail with [`Error::Closed`]. A store dropped
+    /// without `close` counts as crashed at its next open.
     pub fn close(mut self) -> Result<(), Error> {
+        self.stop_merger();
         let volumes: Vec<_> = self.inner.volumes.read().expect("volumes lock").values().cloned().collect();
-        for v in volumes {
+        for v in &volumes {
+            // Under the gate: a change in progress completes first and none starts after.
+            let _gate = v.gate.write().expect("gate lock");
+            v.closed.store(true, Ordering::SeqCst);
+        }
+        for v in &volumes {
             v.head().flush()?;
         }
-        self.stop_merger();
+        write_clean_close_mark(&self.inner.storage)?;
         Ok(())
     }
 
@@ -596,6 +619,51 @@ impl Drop for Store {
     fn drop(&mut self) {
         self.stop_merger();
     }
+}
+
+/// Whether the store was closed cleanly: [`CLEAN_CLOSE_FILE`] exists and holds exactly
+/// [`CLEAN_CLOSE_MARK`]. Removes the file either way; the caller syncs the directory before
+/// anything is written, so that a crash from then on finds no mark.
+fn take_clean_close_mark(storage: &Arc<dyn Storage>, files: &[String]) -> Result<bool, Error> {
+    if !files.iter().any(|f| f == CLEAN_CLOSE_FILE) {
+        return Ok(false);
+    }
+    let file = storage.open(CLEAN_CLOSE_FILE, false)?;
+    let mut content = [0u8; CLEAN_CLOSE_MARK.len()];
+    let clean =
+        file.size()? == content.len() as u64 && file.read_at(&mut content, 0).is_ok() && content == CLEAN_CLOSE_MARK;
+    drop(file);
+    storage.remove(CLEAN_CLOSE_FILE)?;
+    Ok(clean)
+}
+
+/// Written last by [`Store::close`]: the file, its sync, then the directory's.
+fn write_clean_close_mark(storage: &Arc<dyn Storage>) -> Result<(), Error> {
+    let file = storage.open(CLEAN_CLOSE_FILE, true)?;
+    file.set_len(0)?;
+    file.write_at(&CLEAN_CLOSE_MARK, 0)?;
+    file.sync()?;
+    storage.sync_dir()?;
+    Ok(())
+}
+
+/// After a crash, the blocks a merge copied into a head (data not marked written) count as
+/// changed since every checkpoint below it. A guest write lands on such a block in place, and
+/// its mark reaches the journal only at the next flush: the process may have died with the new
+/// bytes on the disk and the mark lost. Change tracking may list blocks that did not change,
+/// never miss one that did; this lists at most what merged into the head since its snapshot.
+fn mark_merged_blocks_changed(head: &Layer) -> Result<(), Error> {
+    let runs = head.map().map.unwritten_data_runs();
+    if runs.is_empty() {
+        return Ok(());
+    }
+    {
+        let mut state = head.map_mut();
+        for run in runs {
+            state.apply(run, MapOp::MarkWritten);
+        }
+    }
+    Ok(head.flush()?)
 }
 
 fn snap_not_found(snapshot: SnapshotId) -> Error {
@@ -1327,6 +1395,16 @@ impl Volume {
         Ok(())
     }
 
+    /// [`Volume::alive`], and the store not closed: nothing may change after its clean-close
+    /// mark is written.
+    fn changeable(&self) -> Result<(), Error> {
+        self.alive()?;
+        if self.core.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read(&self, buf: &mut [u8], offset: u64) -> Result<(), Error> {
         // No gate: the read holds the view's lock, which every change of the chain (snapshot,
@@ -1362,7 +1440,7 @@ impl Volume {
     fn modify(&self, offset: u64, len: u64, data: Option<&[u8]>, fua: bool) -> Result<(), Error> {
         {
             let _gate = self.core.gate.read().expect("gate lock");
-            self.alive()?;
+            self.changeable()?;
             check_range(offset, len, self.core.size())?;
             if len > 0 {
                 self.modify_locked(offset, len, data)?;
@@ -1451,7 +1529,7 @@ impl Volume {
     pub fn flush(&self) -> Result<(), Error> {
         let head = {
             let _gate = self.core.gate.read().expect("gate lock");
-            self.alive()?;
+            self.changeable()?;
             self.core.head()
         };
         head.flush()?;

@@ -435,6 +435,60 @@ fn change_tracking_survives_snapshot_deletion_and_restart() {
     assert_eq!(s.layer_count(), 1);
 }
 
+/// A merge copies a deleted snapshot's blocks into the live head as unchanged since its
+/// checkpoint. A guest write over such a block lands in place, and its "changed" mark reaches
+/// the journal only at the next flush. If the process dies before that, the new bytes are on
+/// the disk (the page cache survives a process crash) and may be after a power loss too, so
+/// the next incremental backup must still be told the block changed.
+#[test]
+fn a_merged_block_overwritten_before_a_crash_is_still_listed_as_changed() {
+    for power_loss in [None, Some(7)] {
+        let mem = MemStorage::new();
+        let open = |mem: &MemStorage| Store::open(Arc::new(mem.clone()) as Arc<dyn Storage>, StoreOptions::default());
+        let s = open(&mem).unwrap();
+        let id = s.create_volume("v", 1 << 20).unwrap().id;
+        let v = s.volume(id).unwrap();
+        v.write(&[1u8; 8192], 0, true).unwrap();
+        // A clean close and open first: the mark of that close must not outlive the open.
+        s.close().unwrap();
+        assert!(matches!(v.write(&[5u8; 512], 0, false), Err(Error::Closed)), "a change after the close");
+        assert!(matches!(v.flush(), Err(Error::Closed)), "a flush after the close");
+        let mut kept = [0u8; 512];
+        v.read(&mut kept, 0).unwrap();
+        assert_eq!(kept, [1u8; 512], "a handle kept past the close still reads");
+        let s = open(&mem).unwrap();
+        let v = s.volume(id).unwrap();
+        let backup = s.snapshot(id, "backup").unwrap().id;
+        s.delete_snapshot(backup, true).unwrap();
+        s.wait_for_merges().unwrap();
+        v.write(&[9u8; 4096], 4096, false).unwrap();
+        // The process dies (no close): nothing more is flushed.
+        drop(v);
+        drop(s);
+        let after = match power_loss {
+            None => mem.clone(),
+            Some(seed) => mem.crash_image(Some(seed)),
+        };
+        let s = open(&after).unwrap();
+        let mut now = vec![0u8; 8192];
+        s.volume(id).unwrap().read(&mut now, 0).unwrap();
+        let changed = s.changed_extents(backup, cairn_volume::ChangeTarget::Volume(id)).unwrap();
+        let listed = |offset: u64| changed.iter().any(|e| e.offset <= offset && offset < e.offset + e.length);
+        assert!(now[..4096].iter().all(|b| *b == 1), "{power_loss:?}: block 0 was not written");
+        // An unflushed write may survive torn: each byte is old or new.
+        assert!(now[4096..].iter().all(|b| *b == 1 || *b == 9), "{power_loss:?}: block 1 is not old or new");
+        if now[4096..].contains(&9) {
+            assert!(
+                listed(4096),
+                "{power_loss:?}: block 1 changed since the checkpoint but is not listed: {changed:?}"
+            );
+        }
+        if power_loss.is_none() {
+            assert!(now[4096..].iter().all(|b| *b == 9), "a process crash keeps what was written");
+        }
+    }
+}
+
 #[test]
 fn merge_is_invisible_to_readers_and_writers() {
     // Readers compare every byte while a deleted snapshot merges into the live head, which a
