@@ -492,6 +492,10 @@ struct SnapshotModel {
 struct Model {
     volumes: BTreeMap<u64, VolumeModel>,
     snapshots: BTreeMap<u64, SnapshotModel>,
+    /// The content of each snapshot deleted keeping its checkpoint, for checking change
+    /// tracking since it. Deleting a volume may drop a checkpoint, and an interrupted delete
+    /// may or may not have made one: the store tells which still exist.
+    checkpoints: BTreeMap<u64, Arc<Vec<u8>>>,
 }
 
 /// What the operation the kill interrupted may have done. Writes, flushes, reopens and
@@ -649,13 +653,17 @@ impl Model {
                     self.snapshots.insert(*id, snap);
                 }
             }
-            Op::DeleteSnapshot { snap, .. } => {
-                if self.snapshots.remove(snap).is_none() {
+            Op::DeleteSnapshot { snap, keep_checkpoint } => {
+                let Some(deleted) = self.snapshots.remove(snap) else {
                     return Err(format!("deleted snapshot {snap} is not in the model"));
+                };
+                if *keep_checkpoint {
+                    self.checkpoints.insert(*snap, deleted.content);
                 }
             }
-            // A checkpoint holds no content the model tracks.
-            Op::ForgetCheckpoint { .. } => {}
+            Op::ForgetCheckpoint { snap } => {
+                self.checkpoints.remove(snap);
+            }
             Op::Revert { vol, snap } => {
                 let content = self.snapshot(*snap)?;
                 self.volume(*vol)?.reset(&content);
@@ -751,12 +759,17 @@ fn verify(store: &Store, model: &Model, pending: &Pending) -> Result<Model, Stri
         diff(&actual, &expected.content).map_err(|e| format!("snapshot {id}: {e}"))?;
         next.snapshots.insert(id, expected);
     }
-    for id in model.snapshots.keys() {
+    for (id, snap) in &model.snapshots {
         let may_be_gone = matches!(pending, Pending::DeleteSnapshot(s) if s == id);
-        if !next.snapshots.contains_key(id) && !may_be_gone {
-            return Err(format!("snapshot {id} is lost"));
+        if !next.snapshots.contains_key(id) {
+            if !may_be_gone {
+                return Err(format!("snapshot {id} is lost"));
+            }
+            // Its deletion happened; it may have kept a checkpoint.
+            next.checkpoints.insert(*id, snap.content.clone());
         }
     }
+    next.checkpoints.extend(model.checkpoints.iter().map(|(id, content)| (*id, content.clone())));
     if let Pending::Snapshot(entries) = pending {
         if !exact.is_empty() && exact.len() != entries.len() {
             return Err(format!("{} of {} snapshots of a group exist", exact.len(), entries.len()));
@@ -798,23 +811,28 @@ impl Pending {
 }
 
 /// Change tracking must survive the crash too: every block that differs between a snapshot
-/// and a later state (a volume or snapshot it is an ancestor of) must be listed as changed.
-/// Listing more is allowed.
+/// or checkpoint and a later state (a volume or snapshot it is an ancestor of) must be listed
+/// as changed. Listing more is allowed.
 fn check_change_tracking(store: &Store, model: &Model) -> Result<(), String> {
     let volumes = model.volumes.iter().map(|(id, v)| (ChangeTarget::Volume(VolumeId(*id)), &v.current[..]));
     let snapshots = model.snapshots.iter().map(|(id, s)| (ChangeTarget::Snapshot(SnapshotId(*id)), &s.content[..]));
     let targets: Vec<(ChangeTarget, &[u8])> = volumes.chain(snapshots).collect();
-    for (since, base) in &model.snapshots {
+    let live = model.snapshots.iter().map(|(id, s)| (*id, &s.content, false));
+    let bases: Vec<(u64, &Arc<Vec<u8>>, bool)> =
+        live.chain(model.checkpoints.iter().map(|(id, content)| (*id, content, true))).collect();
+    for (since, base, checkpoint) in bases {
         for (target, content) in &targets {
-            if *target == ChangeTarget::Snapshot(SnapshotId(*since)) {
+            if *target == ChangeTarget::Snapshot(SnapshotId(since)) {
                 continue;
             }
-            let extents = match store.changed_extents(SnapshotId(*since), *target) {
+            let extents = match store.changed_extents(SnapshotId(since), *target) {
                 Ok(extents) => extents,
                 Err(Error::InvalidRequest(_)) => continue, // Not an ancestor.
+                // A checkpoint that was forgotten, went with its volume, or was never made.
+                Err(Error::NotFound { .. }) if checkpoint => continue,
                 Err(e) => return Err(format!("changes since snapshot {since}: {e}")),
             };
-            if let Some(b) = common::unlisted_change(&extents, &base.content, content) {
+            if let Some(b) = common::unlisted_change(&extents, base, content) {
                 return Err(format!(
                     "block {b} differs between snapshot {since} and {target:?} but is not \
                      listed as changed"
