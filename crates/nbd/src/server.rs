@@ -1107,9 +1107,14 @@ async fn read_requests<R: AsyncRead + Unpin>(
             return Ok(());
         };
         let payload = if req.command == Command::Write {
-            let Some(Ok(payload)) =
-                until_stopped(&mut stop, read_payload(&mut reader, &session.buffers, req.length as usize)).await
-            else {
+            let read = until_stopped(&mut stop, read_payload(&mut reader, &session.buffers, req.length as usize));
+            // Once replies are gone, a payload gets the same deadline as a request.
+            let read = if replies.is_closed() {
+                tokio::time::timeout(NO_REPLIES_READ_TIMEOUT, read).await.ok().flatten()
+            } else {
+                read.await
+            };
+            let Some(Ok(payload)) = read else {
                 return Ok(());
             };
             Some(payload)
@@ -1130,8 +1135,10 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 drop(slot);
                 let _ = replies.send(reply);
             });
-        } else if replies.send(session.execute(&req, payload, permit)).is_err() {
-            return Ok(());
+        } else {
+            // Once replies are gone this one goes nowhere, but its change is made, like those
+            // the client sent before it and those it sent after (until it goes quiet).
+            let _ = replies.send(session.execute(&req, payload, permit));
         }
     }
 }

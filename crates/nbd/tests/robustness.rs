@@ -1030,6 +1030,10 @@ fn a_reply_that_cannot_be_sent_whole_ends_the_connection() {
         }
     }
     assert!(cut > 0, "the volume has a data file");
+    // A new session, which has made no large write: its small writes run inline, not on a
+    // writer thread.
+    drop(c);
+    let mut c = Raw::session(&server, "disk", Neg::default());
     let cookie = c.cookie();
     c.request(0, Command::Read, cookie, 0, MIB as u32);
     // The server closes its side as soon as the data fails. Its own give-up on a client that
@@ -1039,9 +1043,28 @@ fn a_reply_that_cannot_be_sent_whole_ends_the_connection() {
     let end = c.s.read_to_end(&mut got);
     assert!(end.is_ok(), "the connection stays open with the reply unfinished: {end:?} after {} bytes", got.len());
     assert!(got.len() < 16 + MIB as usize, "the reply cannot have been whole");
+    // Changes the client sends after that are still made (their replies go nowhere), each of
+    // them, then flushed at the disconnect.
+    let mut wire = Vec::new();
+    let mut expected = data[..1536].to_vec();
+    for i in 0..3u64 {
+        let small = pattern(512, 40 + i);
+        wire.extend(request_bytes(Command::Write, 50 + i, i * 512, 512));
+        wire.extend_from_slice(&small);
+        expected[(i * 512) as usize..((i + 1) * 512) as usize].copy_from_slice(&small);
+    }
+    wire.extend(request_bytes(Command::Disconnect, 60, 0, 0));
+    c.s.write_all(&wire).unwrap();
+    drop(c);
+    let deadline = Instant::now() + TIMEOUT;
+    while store_read(&server.store, "disk", 0, 1536) != expected {
+        assert!(Instant::now() < deadline, "changes sent after the failed reply were not all made");
+        std::thread::yield_now();
+    }
     // The server and its other connections are fine.
+    expected.extend_from_slice(&data[1536..4096]);
     let mut other = Raw::session(&server, "disk", Neg::default());
-    assert_eq!(other.read_simple(0, 4096), Ok(data[..4096].to_vec()));
+    assert_eq!(other.read_simple(0, 4096), Ok(expected));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -361,7 +361,13 @@ impl Store {
         // also makes the clean-close mark's removal durable before anything is written.
         storage.sync_dir()?;
         if !closed_cleanly {
-            for id in &heads {
+            // Each head, and the layer below it: a snapshot that froze that layer may have its
+            // event durable and the layer's last journal batch lost (its sync overlaps the
+            // event's, or failed late), and with it the written marks of in-place writes.
+            let state = &catalog.state;
+            let below = |head: &u64| state.layers[head].parent.filter(|p| !state.layers[p].ghost);
+            let marked: BTreeSet<u64> = heads.iter().flat_map(|h| std::iter::once(*h).chain(below(h))).collect();
+            for id in &marked {
                 mark_merged_blocks_changed(&layers[id])?;
             }
         }
@@ -651,7 +657,8 @@ fn write_clean_close_mark(storage: &Arc<dyn Storage>) -> Result<(), Error> {
 /// changed since every checkpoint below it. A guest write lands on such a block in place, and
 /// its mark reaches the journal only at the next flush: the process may have died with the new
 /// bytes on the disk and the mark lost. Change tracking may list blocks that did not change,
-/// never miss one that did; this lists at most what merged into the head since its snapshot.
+/// never miss one that did; this lists at most what merged into the layer while it was a head
+/// or since.
 fn mark_merged_blocks_changed(head: &Layer) -> Result<(), Error> {
     let runs = head.map().map.unwritten_data_runs();
     if runs.is_empty() {
@@ -1537,7 +1544,9 @@ impl Volume {
         if head.journal_len() > self.core.journal_compact_min.max(compacted * 4) {
             // Rare: pause I/O on this volume while the journal is rewritten as its map.
             let _gate = self.core.gate.write().expect("gate lock");
-            if Arc::ptr_eq(&head, &self.core.head()) {
+            // Not for a volume deleted meanwhile (its files are gone: a rewrite would put a
+            // map back) or a store closed meanwhile (nothing is written after its mark).
+            if Arc::ptr_eq(&head, &self.core.head()) && self.changeable().is_ok() {
                 head.flush()?;
                 head.compact_journal()?;
                 self.core.compacted_journal.store(head.journal_len(), Ordering::Relaxed);

@@ -80,7 +80,8 @@ struct Harness {
     store: Option<Store>,
     volumes: Vec<ModelVolume>,
     snapshots: Vec<ModelSnapshot>,
-    checkpoints: Vec<SnapshotId>,
+    /// Checkpoints and the content of the snapshot each was.
+    checkpoints: Vec<(SnapshotId, Vec<u8>)>,
     counter: u64,
 }
 
@@ -96,6 +97,20 @@ fn pattern(seed: u8, at: u64, len: u64) -> Vec<u8> {
 
 fn blocks(at: u64, len: u64) -> std::ops::Range<u64> {
     at / BLOCK_SIZE..(at + len).div_ceil(BLOCK_SIZE)
+}
+
+/// After a crash the store counts the blocks merges copied into a head, or into the layer
+/// below it, as changed since the checkpoints below: a lost write may have landed on them.
+/// Which blocks those are depends on when merges ran, so since a checkpoint any block may be
+/// listed from then on; that every block that differs from the checkpoint is listed is still
+/// checked. Since live snapshots nothing changes: a merged block there was written after the
+/// snapshot anyway.
+fn widen_since_checkpoints(touched: &mut TouchedSince, live: &BTreeSet<SnapshotId>, len: usize) {
+    for (since, set) in touched.iter_mut() {
+        if !live.contains(since) {
+            set.extend(blocks(0, len as u64));
+        }
+    }
 }
 
 impl Harness {
@@ -270,7 +285,7 @@ impl Harness {
                 let snap = self.snapshots.remove(s);
                 self.store().delete_snapshot(snap.id, keep_checkpoint).unwrap();
                 if keep_checkpoint {
-                    self.checkpoints.push(snap.id);
+                    self.checkpoints.push((snap.id, snap.content));
                 } else {
                     self.forget(snap.id);
                 }
@@ -279,7 +294,7 @@ impl Harness {
                 if self.checkpoints.is_empty() {
                     return;
                 }
-                let id = self.checkpoints.remove(snap % self.checkpoints.len());
+                let (id, _) = self.checkpoints.remove(snap % self.checkpoints.len());
                 // A checkpoint whose layers all went (its volume and clones deleted) is gone.
                 let known = self.volumes.iter().any(|v| v.touched.contains_key(&id))
                     || self.snapshots.iter().any(|s| s.touched.contains_key(&id));
@@ -302,8 +317,8 @@ impl Harness {
                         || h.snapshots.iter().any(|s| s.touched.contains_key(id))
                 };
                 let gone: Vec<SnapshotId> =
-                    self.checkpoints.iter().filter(|c| !still_known(c, self)).copied().collect();
-                self.checkpoints.retain(|c| !gone.contains(c));
+                    self.checkpoints.iter().map(|(c, _)| *c).filter(|c| !still_known(c, self)).collect();
+                self.checkpoints.retain(|(c, _)| !gone.contains(c));
             }
             Op::Grow { vol, sectors } => {
                 let Some(v) = self.pick_volume(vol) else {
@@ -338,21 +353,18 @@ impl Harness {
     /// Every byte is its flushed value or one written since; the model adopts what survived.
     fn check_power_loss(&mut self) {
         let store = self.store.take().unwrap();
+        let live: BTreeSet<SnapshotId> = self.snapshots.iter().map(|s| s.id).collect();
         for m in &mut self.volumes {
             let mut actual = vec![0u8; m.content.len()];
             store.volume(m.id).unwrap().read(&mut actual, 0).unwrap();
             common::assert_survived(&actual, &m.durable, &m.unflushed, &format!("volume {}", m.name));
-            // After a crash the store counts the blocks merges copied into a head as changed
-            // since every checkpoint below it: a lost write may have landed on them. Which
-            // blocks those are depends on when merges ran, so here any block may be listed;
-            // that every changed block is listed is still checked.
-            let all_blocks = blocks(0, actual.len() as u64);
-            for set in m.touched.values_mut() {
-                set.extend(all_blocks.clone());
-            }
+            widen_since_checkpoints(&mut m.touched, &live, actual.len());
             m.content = actual.clone();
             m.durable = actual;
             m.unflushed.clear();
+        }
+        for s in &mut self.snapshots {
+            widen_since_checkpoints(&mut s.touched, &live, s.content.len());
         }
         self.store = Some(store);
     }
@@ -409,7 +421,8 @@ impl Harness {
 
     /// Change tracking lists every block that differs and nothing that was not touched.
     fn check_changes(&self, since: SnapshotId, target: ChangeTarget, content: &[u8], touched: &BTreeSet<u64>) {
-        let base = self.snapshots.iter().find(|s| s.id == since).map(|s| &s.content);
+        let live = self.snapshots.iter().find(|s| s.id == since).map(|s| &s.content);
+        let base = live.or_else(|| self.checkpoints.iter().find(|(c, _)| *c == since).map(|(_, content)| content));
         let extents = self.store().changed_extents(since, target).unwrap();
         let mut changed = BTreeSet::new();
         for e in &extents {
