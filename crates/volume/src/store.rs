@@ -1339,6 +1339,11 @@ impl StoreInner {
             id.and_then(|id| self.volumes.read().expect("volumes lock").get(&id).cloned())
         };
         let _gate = core.as_ref().map(|c| c.gate.read().expect("gate lock"));
+        if core.as_ref().is_some_and(|c| c.deleted.load(Ordering::SeqCst) || c.head().id() != target.id()) {
+            // A revert or delete dropped the head between the check and the gate: writing
+            // would make its deleted files again. The commit will see the task is gone.
+            return Ok(0);
+        }
         let _regions = core.as_ref().map(|c| c.lock_regions(first, first + PAGE_BLOCKS));
         let Some(src) = source.map().map.page(page_no).cloned() else {
             return Ok(0);
