@@ -654,23 +654,23 @@ fn write_clean_close_mark(storage: &Arc<dyn Storage>) -> Result<(), Error> {
 }
 
 /// After a crash, the blocks a merge copied into a head (data not marked written) count as
-/// changed since every checkpoint below it. A guest write lands on such a block in place, and
-/// its mark reaches the journal only at the next flush: the process may have died with the new
-/// bytes on the disk and the mark lost. Change tracking may list blocks that did not change,
-/// never miss one that did; this lists at most what merged into the layer while it was a head
-/// or since.
-fn mark_merged_blocks_changed(head: &Layer) -> Result<(), Error> {
-    let runs = head.map().map.unwritten_data_runs();
+/// changed since every checkpoint below it; so do those of the layer a snapshot froze last
+/// (see the caller). A guest write lands on such a block in place, and its mark reaches the
+/// journal only at the next flush: the process may have died with the new bytes on the disk
+/// and the mark lost. Change tracking may list blocks that did not change, never miss one
+/// that did; this lists at most what merges copied into `layer`.
+fn mark_merged_blocks_changed(layer: &Layer) -> Result<(), Error> {
+    let runs = layer.map().map.unwritten_data_runs();
     if runs.is_empty() {
         return Ok(());
     }
     {
-        let mut state = head.map_mut();
+        let mut state = layer.map_mut();
         for run in runs {
             state.apply(run, MapOp::MarkWritten);
         }
     }
-    Ok(head.flush()?)
+    Ok(layer.flush()?)
 }
 
 fn snap_not_found(snapshot: SnapshotId) -> Error {
