@@ -1068,23 +1068,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
     let mut reader = BufReader::with_capacity(READ_BUFFER, reader);
     loop {
         let mut header = [0u8; proto::REQUEST_LEN];
-        let read = {
-            let read = until_stopped(&mut stop, reader.read_exact(&mut header));
-            tokio::pin!(read);
-            tokio::select! {
-                biased;
-                read = &mut read => read,
-                // The reply writer gave up and closed its side (see `write_replies`). Requests
-                // the client sent before it went away are still carried out, so changes it
-                // sent are made; but a client that sends nothing more is not waited for.
-                () = replies.closed() => match tokio::time::timeout(NO_REPLIES_READ_TIMEOUT, &mut read).await {
-                    Ok(read) => read,
-                    Err(_) => return Ok(()),
-                },
-            }
-        };
+        let read = read_while_answerable(&replies, until_stopped(&mut stop, reader.read_exact(&mut header))).await;
         // A read error means the client went away; what it sent before still completes.
-        let Some(Ok(_)) = read else {
+        let Some(Some(Ok(_))) = read else {
             return Ok(());
         };
         let req = proto::parse_request(&header)?;
@@ -1108,13 +1094,7 @@ async fn read_requests<R: AsyncRead + Unpin>(
         };
         let payload = if req.command == Command::Write {
             let read = until_stopped(&mut stop, read_payload(&mut reader, &session.buffers, req.length as usize));
-            // Once replies are gone, a payload gets the same deadline as a request.
-            let read = if replies.is_closed() {
-                tokio::time::timeout(NO_REPLIES_READ_TIMEOUT, read).await.ok().flatten()
-            } else {
-                read.await
-            };
-            let Some(Ok(payload)) = read else {
+            let Some(Some(Ok(payload))) = read_while_answerable(&replies, read).await else {
                 return Ok(());
             };
             Some(payload)
@@ -1140,6 +1120,19 @@ async fn read_requests<R: AsyncRead + Unpin>(
             // the client sent before it and those it sent after (until it goes quiet).
             let _ = replies.send(session.execute(&req, payload, permit));
         }
+    }
+}
+
+/// Runs a read of the client's bytes. Once the reply writer has given up and closed its side
+/// (see `write_replies`), requests the client sent before it went away are still carried
+/// out, so changes it sent are made; but a client that sends nothing more is not waited for:
+/// `None` if the read takes [`NO_REPLIES_READ_TIMEOUT`] longer.
+async fn read_while_answerable<F: Future>(replies: &mpsc::UnboundedSender<Reply>, read: F) -> Option<F::Output> {
+    tokio::pin!(read);
+    tokio::select! {
+        biased;
+        out = &mut read => Some(out),
+        () = replies.closed() => tokio::time::timeout(NO_REPLIES_READ_TIMEOUT, read).await.ok(),
     }
 }
 

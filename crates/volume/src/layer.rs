@@ -369,6 +369,14 @@ impl Layer {
         self.state.write().expect("layer map lock")
     }
 
+    /// Marks `runs` written (changed since the layer below), journaled at the next flush.
+    pub fn mark_written(&self, runs: impl IntoIterator<Item = BlockRun>) {
+        let mut state = self.map_mut();
+        for run in runs {
+            state.apply(run, MapOp::MarkWritten);
+        }
+    }
+
     /// The segment `index` (below MAX_SEGMENTS: volumes are at most MAX_VOLUME_SIZE).
     fn segment(&self, index: u64, create: bool) -> io::Result<Option<Arc<dyn StorageFile>>> {
         let slot = &self.segments[index as usize];

@@ -407,12 +407,12 @@ impl Store {
     pub fn close(mut self) -> Result<(), Error> {
         self.stop_merger();
         let volumes: Vec<_> = self.inner.volumes.read().expect("volumes lock").values().cloned().collect();
-        for v in &volumes {
-            // Under the gate: a change in progress completes first and none starts after.
-            let _gate = v.gate.write().expect("gate lock");
-            v.closed.store(true, Ordering::SeqCst);
-        }
-        for v in &volumes {
+        for v in volumes {
+            {
+                // Under the gate: a change in progress completes first and none starts after.
+                let _gate = v.gate.write().expect("gate lock");
+                v.closed.store(true, Ordering::SeqCst);
+            }
             v.head().flush()?;
         }
         write_clean_close_mark(&self.inner.storage)?;
@@ -664,12 +664,7 @@ fn mark_merged_blocks_changed(layer: &Layer) -> Result<(), Error> {
     if runs.is_empty() {
         return Ok(());
     }
-    {
-        let mut state = layer.map_mut();
-        for run in runs {
-            state.apply(run, MapOp::MarkWritten);
-        }
-    }
+    layer.mark_written(runs);
     Ok(layer.flush()?)
 }
 
@@ -1299,10 +1294,7 @@ impl StoreInner {
             // The boundary between the two layers is forgotten: the child now also answers
             // for the blocks written while the source was a head.
             let runs = source.map().map.written_runs();
-            let mut state = child.map_mut();
-            for run in runs {
-                state.apply(run, MapOp::MarkWritten);
-            }
+            child.mark_written(runs);
         }
         child.flush()?;
         let cat = self.catalog();

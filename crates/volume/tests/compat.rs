@@ -4,7 +4,10 @@
 //! build, with every catalog event and journal op and what a crash leaves behind. Fixtures are
 //! checked-in bytes, not the output of today's encoder; their READMEs say how they were made.
 
+mod common;
+
 use cairn_volume::{AllocExtent, ChangeTarget, SnapshotId, Store, StoreOptions, VolumeId, BLOCK_SIZE};
+use common::blocks;
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -374,11 +377,6 @@ fn check_answers(store: &Store, exact: bool) {
         let (_, listed) = given.split_once(": ").unwrap();
         assert!(blocks(recorded).is_subset(&blocks(listed)), "{question}: {listed} misses some of {recorded}");
     }
-}
-
-/// The blocks of `[at, at + len)`.
-fn blocks(at: u64, len: u64) -> std::ops::Range<u64> {
-    at / BLOCK_SIZE..(at + len).div_ceil(BLOCK_SIZE)
 }
 
 /// What a clean close leaves (format.md §2): the build that wrote the fixtures had no such

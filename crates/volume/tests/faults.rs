@@ -451,74 +451,81 @@ fn every_failure_point_of_a_catalog_compaction_is_clean() {
     assert!(compacted_cleanly, "the last run compacted the log without a fault");
 }
 
-#[test]
-fn a_snapshot_whose_layer_failed_its_last_journal_sync_is_not_reverted_to_or_cloned() {
-    // Some failure point fails the old head's journal sync after the snapshot's event is
-    // durable: the call fails, the snapshot exists, and its layer may lack what it reads. The
-    // sync and the event's append run on two threads, so which of them a failure point hits
-    // varies: each point is tried a few times.
+/// For each failure point that fails the snapshot "s" of a new store's volume after the
+/// snapshot's event is durable (the old head's journal sync fails: the call fails and the
+/// snapshot exists), calls `check` with the failure point and what the failed snapshot left.
+/// `prepare` sets the volume up before the fault is armed; what it returns goes to `check`.
+/// The sync and the event's append run on two threads, so which of them a failure point hits
+/// varies: each point is tried a few times. Fails if no failure point does it.
+fn for_each_snapshot_failing_after_its_event<T>(
+    prepare: impl Fn(&Store, VolumeId, &Volume) -> T,
+    mut check: impl FnMut(u64, MemStorage, Store, VolumeId, Volume, T),
+) {
     let mut found = false;
     for fail_after in (0..).flat_map(|n| std::iter::repeat_n(n, 8)) {
-        let (_mem, control, store, id, vol) = faulty_store();
-        vol.write(&[5u8; 8192], 0, false).unwrap();
+        let (mem, control, store, id, vol) = faulty_store();
+        let prepared = prepare(&store, id, &vol);
         control.fail_once(fail_after, Fault::Io, true);
-        let taken = store.snapshot(id, "s");
-        match (taken, store.list_snapshots(Some(id)).first()) {
-            (Ok(_), _) => break, // Past the snapshot's last storage operation.
-            (Err(_), Some(snap)) => {
+        match store.snapshot(id, "s") {
+            Ok(_) => break, // Past the snapshot's last storage operation.
+            Err(_) if store.snapshot_id(id, "s").is_ok() => {
                 found = true;
-                let what = format!("failure point {fail_after}");
-                assert!(matches!(store.revert(id, snap.id), Err(Error::Io(_))), "{what}: revert");
-                assert!(matches!(store.clone_snapshot(snap.id, "c", None), Err(Error::Io(_))), "{what}: clone");
-                assert!(matches!(vol.flush(), Err(Error::Io(_))), "{what}: the volume still flushes");
+                check(fail_after, mem, store, id, vol, prepared);
             }
-            (Err(_), None) => {}
+            Err(_) => {}
         }
     }
     assert!(found, "no failure point failed a snapshot after its event");
 }
 
 #[test]
+fn a_snapshot_whose_layer_failed_its_last_journal_sync_is_not_reverted_to_or_cloned() {
+    // The snapshot's layer may lack what it reads.
+    for_each_snapshot_failing_after_its_event(
+        |_, _, vol| vol.write(&[5u8; 8192], 0, false).unwrap(),
+        |fail_after, _, store, id, vol, ()| {
+            let snap = store.snapshot_id(id, "s").unwrap();
+            let what = format!("failure point {fail_after}");
+            assert!(matches!(store.revert(id, snap), Err(Error::Io(_))), "{what}: revert");
+            assert!(matches!(store.clone_snapshot(snap, "c", None), Err(Error::Io(_))), "{what}: clone");
+            assert!(matches!(vol.flush(), Err(Error::Io(_))), "{what}: the volume still flushes");
+        },
+    );
+}
+
+#[test]
 fn a_merged_block_overwritten_before_a_snapshot_that_lost_its_journal_batch_is_listed() {
-    // As above, some failure point fails the old head's journal sync after the snapshot's
-    // event is durable. Here the old head held a block that a merge had copied in and that the
-    // guest overwrote in place just before: the new bytes were synced with the head's data,
-    // the block's written mark was in the batch that a power loss then takes. The snapshot's
-    // layer, no longer a head, reads the new bytes; change tracking must still list them.
-    let mut found = false;
-    for fail_after in (0..).flat_map(|n| std::iter::repeat_n(n, 8)) {
-        let (mem, control, store, id, vol) = faulty_store();
-        vol.write(&[1u8; 8192], 0, true).unwrap();
-        let backup = store.snapshot(id, "backup").unwrap().id;
-        store.delete_snapshot(backup, true).unwrap();
-        store.wait_for_merges().unwrap();
-        vol.write(&[9u8; 4096], 4096, false).unwrap();
-        control.fail_once(fail_after, Fault::Io, true);
-        let taken = store.snapshot(id, "s");
-        let stands = store.list_snapshots(Some(id)).iter().any(|s| s.name == "s");
-        drop(vol);
-        drop(store);
-        if taken.is_ok() {
-            break; // Past the snapshot's last storage operation.
-        }
-        if !stands {
-            continue;
-        }
-        found = true;
-        mem.power_loss();
-        let store = Store::open(Arc::new(mem) as Arc<dyn Storage>, options()).unwrap();
-        let snap = store.snapshot_id(id, "s").unwrap();
-        let mut block = vec![0u8; 4096];
-        store.open_snapshot(snap).unwrap().read(&mut block, 4096).unwrap();
-        if block.contains(&9) {
-            for target in [ChangeTarget::Snapshot(snap), ChangeTarget::Volume(id)] {
-                let changed = store.changed_extents(backup, target).unwrap();
-                assert!(
-                    changed.iter().any(|e| e.offset <= 4096 && 4096 < e.offset + e.length),
-                    "failure point {fail_after}: block 1 changed since the checkpoint but {target:?} does not list it"
-                );
+    // Here the old head held a block that a merge had copied in and that the guest overwrote
+    // in place just before: the new bytes were synced with the head's data, the block's
+    // written mark was in the batch that a power loss then takes. The snapshot's layer, no
+    // longer a head, reads the new bytes; change tracking must still list them.
+    for_each_snapshot_failing_after_its_event(
+        |store, id, vol| {
+            vol.write(&[1u8; 8192], 0, true).unwrap();
+            let backup = store.snapshot(id, "backup").unwrap().id;
+            store.delete_snapshot(backup, true).unwrap();
+            store.wait_for_merges().unwrap();
+            vol.write(&[9u8; 4096], 4096, false).unwrap();
+            backup
+        },
+        |fail_after, mem, store, id, vol, backup| {
+            drop(vol);
+            drop(store);
+            mem.power_loss();
+            let store = Store::open(Arc::new(mem) as Arc<dyn Storage>, options()).unwrap();
+            let snap = store.snapshot_id(id, "s").unwrap();
+            let mut block = vec![0u8; 4096];
+            store.open_snapshot(snap).unwrap().read(&mut block, 4096).unwrap();
+            if block.contains(&9) {
+                for target in [ChangeTarget::Snapshot(snap), ChangeTarget::Volume(id)] {
+                    let changed = store.changed_extents(backup, target).unwrap();
+                    assert!(
+                        changed.iter().any(|e| e.offset <= 4096 && 4096 < e.offset + e.length),
+                        "failure point {fail_after}: block 1 changed since the checkpoint but {target:?} does \
+                         not list it"
+                    );
+                }
             }
-        }
-    }
-    assert!(found, "no failure point failed a snapshot after its event");
+        },
+    );
 }

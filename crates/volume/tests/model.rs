@@ -8,6 +8,7 @@ mod common;
 
 use cairn_volume::storage::{MemStorage, Storage};
 use cairn_volume::{Allocation, ChangeTarget, ReadPart, SnapshotId, Store, StoreOptions, VolumeId, BLOCK_SIZE};
+use common::blocks;
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -93,10 +94,6 @@ fn options() -> StoreOptions {
 
 fn pattern(seed: u8, at: u64, len: u64) -> Vec<u8> {
     (0..len).map(|i| seed.wrapping_add(((at + i) * 7 % 251) as u8) | 1).collect()
-}
-
-fn blocks(at: u64, len: u64) -> std::ops::Range<u64> {
-    at / BLOCK_SIZE..(at + len).div_ceil(BLOCK_SIZE)
 }
 
 /// After a crash the store counts the blocks merges copied into a head, or into the layer

@@ -1,7 +1,12 @@
-//! Checks shared by the tests that cut power or kill the process.
+//! Checks shared by the tests that cut power or kill the process, and block arithmetic.
 #![allow(dead_code)] // each test binary uses a different part
 
 use cairn_volume::{Extent, BLOCK_SIZE};
+
+/// The blocks of `[at, at + len)`.
+pub fn blocks(at: u64, len: u64) -> std::ops::Range<u64> {
+    at / BLOCK_SIZE..(at + len).div_ceil(BLOCK_SIZE)
+}
 
 /// Where `byte` at offset `i` may come from after a power loss: the content as of the last
 /// flush (`durable`), or any write made since (`maybe`: offset and bytes), finished or not.
