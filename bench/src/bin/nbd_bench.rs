@@ -187,6 +187,11 @@ fn measure(socket: &Path, export: &str, image: &Path, cfg: &Config) -> Result<Fi
     };
     let seq_read = settled(nbdcopy(cfg.size, &uri, "null:", false))?;
     let rand_read = settled(fio(&uri, cfg.size, cfg.seconds, false))?;
+    // The source image comes from the page cache: read cold, the disk's read of it took
+    // 317-753 ms of a copy that lasts about 700 ms, varied more than any server did, and
+    // competed for the disk with whichever server writes while it receives. Read before the
+    // warming below, or its pages would take the warmed memory.
+    std::io::copy(&mut std::fs::File::open(image)?, &mut std::io::sink())?;
     // The peers and the fresh volume overwrite cached pages; the layered volume's empty head
     // needs new ones.
     warm_free_memory(&socket.with_extension("warm"), cfg.size)?;
@@ -361,7 +366,7 @@ impl Report {
                 with its default threads. cairn runs in this process (tokio, one worker per core).\n";
         out += &format!(
             "- The servers take turns in an order that rotates from round to round. Before each server's tests: sync and {}; then one untimed nbdcopy read warms the cache through that \
-             server. A sync (untimed) follows every test. Before the sequential write, a scratch file of the image's size is \
+             server. A sync (untimed) follows every test. Before the sequential write, the source image is read into the page cache (untimed; read cold, the disk's read of it varied more than any server), then a scratch file of the image's size is \
              written and deleted (untimed), so that new page cache comes from warm memory for every server (on a VM, \
              memory untouched for a while costs a host fault per page; the layered volume's writes need new pages). Clients and servers share the machine's cores. nbdcopy skips the image's holes (about 45 %) \
              using block status, on every server alike.\n",
